@@ -1,0 +1,337 @@
+//! Chunk storage: append-only pack files of compressed blocks.
+//!
+//! Invariants: a pack file is written by exactly one writer (its name is fresh and created with
+//! `O_EXCL`), only appended to, and fsynced before any metadata that points into it commits.
+//! Bytes past the last committed block (a torn tail) are never read and are reclaimed by `gc`.
+//! Small chunks are grouped into blocks of about [`BLOCK_TARGET`] bytes compressed as one zstd
+//! frame, which compresses a rootfs of small files nearly as well as a whole-stream compressor;
+//! a block that does not shrink is stored raw. The pack knows nothing of names or references:
+//! locations live in the metadata database.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::digest::Blake3;
+use crate::error::{Error, IoContext, Result};
+
+/// Blocks are cut at about this many uncompressed bytes.
+pub const BLOCK_TARGET: usize = 128 * 1024;
+/// Pack file header: magic and format version.
+pub const PACK_MAGIC: &[u8; 8] = b"LSPACK01";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+}
+
+impl Codec {
+    pub fn from_u8(v: u8) -> Result<Self> {
+        match v {
+            0 => Ok(Codec::Raw),
+            1 => Ok(Codec::Zstd),
+            _ => Err(Error::Corrupt(format!("unknown block codec {v}"))),
+        }
+    }
+}
+
+/// Where one chunk lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub digest: Blake3,
+    pub pack: String,
+    /// Offset and stored length of the block holding the chunk.
+    pub block_offset: u64,
+    pub block_len: u64,
+    pub codec: Codec,
+    /// Offset of the chunk inside the uncompressed block, and its length.
+    pub inner_offset: u32,
+    pub len: u32,
+}
+
+/// A block being filled.
+#[derive(Default)]
+struct OpenBlock {
+    data: Vec<u8>,
+    chunks: Vec<(Blake3, u32, u32)>,
+}
+
+/// Appends chunks to one fresh pack file. Blocks are compressed in parallel batches.
+pub struct PackWriter {
+    dir: PathBuf,
+    name: String,
+    file: Option<File>,
+    offset: u64,
+    level: i32,
+    open: OpenBlock,
+    sealed: Vec<OpenBlock>,
+    locs: Vec<ChunkLoc>,
+    stored_bytes: u64,
+}
+
+/// Blocks compressed together in one parallel batch.
+const BATCH_BLOCKS: usize = 16;
+
+impl PackWriter {
+    /// `level` 0 stores blocks raw.
+    pub fn new(dir: &Path, name: String, level: i32) -> Self {
+        PackWriter {
+            dir: dir.to_path_buf(),
+            name,
+            file: None,
+            offset: 0,
+            level,
+            open: OpenBlock::default(),
+            sealed: Vec::new(),
+            locs: Vec::new(),
+            stored_bytes: 0,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// Add a chunk (the caller has already made sure it is new).
+    pub fn add(&mut self, digest: Blake3, data: &[u8]) -> Result<()> {
+        if !self.open.data.is_empty() && self.open.data.len() + data.len() > BLOCK_TARGET {
+            self.seal();
+        }
+        let inner = self.open.data.len() as u32;
+        self.open.data.extend_from_slice(data);
+        self.open.chunks.push((digest, inner, data.len() as u32));
+        if self.open.data.len() >= BLOCK_TARGET {
+            self.seal();
+        }
+        if self.sealed.len() >= BATCH_BLOCKS {
+            self.write_sealed()?;
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self) {
+        let block = std::mem::take(&mut self.open);
+        if !block.chunks.is_empty() {
+            self.sealed.push(block);
+        }
+    }
+
+    fn file(&mut self) -> Result<&mut File> {
+        if self.file.is_none() {
+            let path = self.path();
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .ctx(|| format!("creating pack {}", path.display()))?;
+            f.write_all(PACK_MAGIC).ctx(|| "writing pack header".into())?;
+            self.offset = PACK_MAGIC.len() as u64;
+            self.file = Some(f);
+        }
+        Ok(self.file.as_mut().expect("just opened"))
+    }
+
+    fn write_sealed(&mut self) -> Result<()> {
+        if self.sealed.is_empty() {
+            return Ok(());
+        }
+        let level = self.level;
+        let blocks = std::mem::take(&mut self.sealed);
+        let encoded: Vec<(Codec, Vec<u8>)> = blocks
+            .par_iter()
+            .map(|b| encode_block(&b.data, level))
+            .collect::<Result<_>>()?;
+        self.file()?;
+        for (block, (codec, bytes)) in blocks.iter().zip(encoded) {
+            let offset = self.offset;
+            let name = &self.name;
+            let file = self.file.as_mut().expect("opened above");
+            file.write_all(&bytes).ctx(|| format!("writing pack {name}"))?;
+            self.offset = offset + bytes.len() as u64;
+            self.stored_bytes += bytes.len() as u64;
+            for &(digest, inner_offset, len) in &block.chunks {
+                self.locs.push(ChunkLoc {
+                    digest,
+                    pack: self.name.clone(),
+                    block_offset: offset,
+                    block_len: bytes.len() as u64,
+                    codec,
+                    inner_offset,
+                    len,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Write everything out and fsync the pack (and its directory). Returns the locations and
+    /// the committed length of the pack, or `None` when no chunk was added (no file exists).
+    pub fn finish(mut self, crash: impl Fn(&str)) -> Result<Option<(Vec<ChunkLoc>, u64)>> {
+        self.seal();
+        self.write_sealed()?;
+        let Some(file) = self.file.take() else { return Ok(None) };
+        crash("after-pack-write");
+        file.sync_all().ctx(|| format!("syncing pack {}", self.name))?;
+        sync_dir(&self.dir)?;
+        crash("after-sync");
+        Ok(Some((std::mem::take(&mut self.locs), self.offset)))
+    }
+
+    /// Bytes written to the pack so far (compressed).
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        // Not finished (an error or a cancel): the pack is garbage; nothing points into it.
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(self.path());
+        }
+    }
+}
+
+fn encode_block(data: &[u8], level: i32) -> Result<(Codec, Vec<u8>)> {
+    if level > 0 {
+        let z = zstd::bulk::compress(data, level).ctx(|| "compressing a block".into())?;
+        if z.len() < data.len() {
+            return Ok((Codec::Zstd, z));
+        }
+    }
+    Ok((Codec::Raw, data.to_vec()))
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Reads chunks back, verifying each against its digest. Keeps pack files open and the last
+/// decoded block, since consecutive chunks of a layer usually share a block.
+pub struct PackReader {
+    dir: PathBuf,
+    files: HashMap<String, File>,
+    cache: Option<(String, u64, Arc<Vec<u8>>)>,
+}
+
+impl PackReader {
+    pub fn new(dir: &Path) -> Self {
+        PackReader { dir: dir.to_path_buf(), files: HashMap::new(), cache: None }
+    }
+
+    fn block(&mut self, loc: &ChunkLoc) -> Result<Arc<Vec<u8>>> {
+        if let Some((pack, off, data)) = &self.cache {
+            if *pack == loc.pack && *off == loc.block_offset {
+                return Ok(data.clone());
+            }
+        }
+        if !self.files.contains_key(&loc.pack) {
+            let path = self.dir.join(&loc.pack);
+            let f = File::open(&path).ctx(|| format!("opening pack {}", path.display()))?;
+            self.files.insert(loc.pack.clone(), f);
+        }
+        let f = self.files.get_mut(&loc.pack).expect("inserted above");
+        let mut raw = vec![0u8; loc.block_len as usize];
+        f.seek(SeekFrom::Start(loc.block_offset))
+            .and_then(|_| f.read_exact(&mut raw))
+            .map_err(|e| Error::Corrupt(format!("pack {} block at {}: {e}", loc.pack, loc.block_offset)))?;
+        let data = match loc.codec {
+            Codec::Raw => raw,
+            Codec::Zstd => zstd::stream::decode_all(&raw[..]).map_err(|e| {
+                Error::Corrupt(format!("pack {} block at {}: {e}", loc.pack, loc.block_offset))
+            })?,
+        };
+        let data = Arc::new(data);
+        self.cache = Some((loc.pack.clone(), loc.block_offset, data.clone()));
+        Ok(data)
+    }
+
+    /// Read one chunk and check its BLAKE3.
+    pub fn read(&mut self, loc: &ChunkLoc, out: &mut Vec<u8>) -> Result<()> {
+        let block = self.block(loc)?;
+        let start = loc.inner_offset as usize;
+        let end = start + loc.len as usize;
+        let data = block.get(start..end).ok_or_else(|| {
+            Error::Corrupt(format!("chunk {} lies outside its block", loc.digest))
+        })?;
+        if Blake3::of(data) != loc.digest {
+            return Err(Error::Corrupt(format!("chunk {} does not match its digest", loc.digest)));
+        }
+        out.clear();
+        out.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Forget open files (e.g. after a pack was compacted away).
+    pub fn reset(&mut self) {
+        self.files.clear();
+        self.cache = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_back_small_and_large_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::new(dir.path(), "p1.pack".into(), 3);
+        let mut chunks = Vec::new();
+        for i in 0..300u32 {
+            let data: Vec<u8> = (0..(i * 997 % 70_000)).map(|j| (j * i) as u8).collect();
+            let d = Blake3::of(&data);
+            w.add(d, &data).unwrap();
+            chunks.push((d, data));
+        }
+        let (locs, len) = w.finish(|_| {}).unwrap().unwrap();
+        assert_eq!(locs.len(), 300);
+        assert_eq!(std::fs::metadata(dir.path().join("p1.pack")).unwrap().len(), len);
+        let mut r = PackReader::new(dir.path());
+        let mut buf = Vec::new();
+        for (loc, (d, data)) in locs.iter().zip(&chunks) {
+            assert_eq!(loc.digest, *d);
+            r.read(loc, &mut buf).unwrap();
+            assert_eq!(&buf, data);
+        }
+    }
+
+    #[test]
+    fn unfinished_writer_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut w = PackWriter::new(dir.path(), "p.pack".into(), 1);
+            for i in 0..40u8 {
+                w.add(Blake3::of(&[i]), &vec![i; 100_000]).unwrap();
+            }
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn corrupt_block_is_an_integrity_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::new(dir.path(), "p.pack".into(), 0);
+        let data = vec![7u8; 1000];
+        w.add(Blake3::of(&data), &data).unwrap();
+        let (locs, _) = w.finish(|_| {}).unwrap().unwrap();
+        let path = dir.path().join("p.pack");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let err = PackReader::new(dir.path()).read(&locs[0], &mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Integrity);
+    }
+}

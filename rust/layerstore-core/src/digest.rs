@@ -1,0 +1,214 @@
+//! Digests: BLAKE3 names everything inside the store; sha256 (and sha512 when verifying) is what
+//! OCI artefacts carry.
+//!
+//! Invariants: a [`Blake3`] is always 32 bytes and prints as `blake3:<64 hex>`; an OCI digest string
+//! is `algorithm:hex` with a registered algorithm. The store never trusts a digest it did not
+//! compute itself.
+
+use std::fmt;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::error::{Error, Result};
+
+/// A BLAKE3 digest: the name of a chunk, a layer (`layer.id`) or a tree (`layer.tree_id`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Blake3(pub [u8; 32]);
+
+impl Blake3 {
+    pub fn of(data: &[u8]) -> Self {
+        Blake3(*blake3::hash(data).as_bytes())
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parse `blake3:<hex>` (or bare hex).
+    pub fn parse(s: &str) -> Result<Self> {
+        let h = s.strip_prefix("blake3:").unwrap_or(s);
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(h, &mut out)
+            .map_err(|_| Error::InvalidLayer(format!("not a blake3 digest: {s:?}")))?;
+        Ok(Blake3(out))
+    }
+}
+
+impl From<blake3::Hash> for Blake3 {
+    fn from(h: blake3::Hash) -> Self {
+        Blake3(*h.as_bytes())
+    }
+}
+
+impl fmt::Display for Blake3 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "blake3:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for Blake3 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "blake3:{}…", &self.hex()[..12])
+    }
+}
+
+/// Format a sha256 output as an OCI digest string.
+pub fn sha256_string(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(bytes))
+}
+
+/// An OCI digest string to compare against (`sha256:` or `sha512:`), validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OciDigest {
+    pub algorithm: OciAlgorithm,
+    pub hex: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OciAlgorithm {
+    Sha256,
+    Sha512,
+}
+
+impl OciDigest {
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidLayer(format!("not a valid digest: {s:?}"));
+        let (alg, hex) = s.split_once(':').ok_or_else(bad)?;
+        let (algorithm, len) = match alg {
+            "sha256" => (OciAlgorithm::Sha256, 64),
+            "sha512" => (OciAlgorithm::Sha512, 128),
+            _ => return Err(bad()),
+        };
+        if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(bad());
+        }
+        Ok(OciDigest { algorithm, hex: hex.to_string() })
+    }
+}
+
+impl fmt::Display for OciDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let alg = match self.algorithm {
+            OciAlgorithm::Sha256 => "sha256",
+            OciAlgorithm::Sha512 => "sha512",
+        };
+        write!(f, "{alg}:{}", self.hex)
+    }
+}
+
+/// Digests of one whole byte stream.
+#[derive(Clone, Debug)]
+pub struct StreamDigests {
+    pub blake3: Blake3,
+    pub sha256: String,
+    /// Only when requested (verifying a `sha512:` expectation).
+    pub sha512: Option<String>,
+    pub len: u64,
+}
+
+/// Hashes a stream on its own thread: the sha256 of a layer costs more than everything else in an
+/// import, so it runs beside the parser instead of in front of it.
+pub struct StreamHasher {
+    tx: Option<Sender<std::sync::Arc<[u8]>>>,
+    handle: Option<JoinHandle<StreamDigests>>,
+}
+
+impl StreamHasher {
+    pub fn spawn(with_sha512: bool) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<std::sync::Arc<[u8]>>(64);
+        let handle = std::thread::Builder::new()
+            .name("layerstore-hash".into())
+            .spawn(move || {
+                let mut sha = sha2::Sha256::new();
+                let mut sha512 = with_sha512.then(sha2::Sha512::new);
+                let mut b3 = blake3::Hasher::new();
+                let mut len = 0u64;
+                for block in rx {
+                    sha.update(&block);
+                    if let Some(s) = sha512.as_mut() {
+                        s.update(&block);
+                    }
+                    b3.update(&block);
+                    len += block.len() as u64;
+                }
+                StreamDigests {
+                    blake3: b3.finalize().into(),
+                    sha256: sha256_string(&sha.finalize()),
+                    sha512: sha512.map(|s| format!("sha512:{}", hex::encode(s.finalize()))),
+                    len,
+                }
+            })
+            .expect("spawn hasher thread");
+        StreamHasher { tx: Some(tx), handle: Some(handle) }
+    }
+
+    pub fn update(&self, block: std::sync::Arc<[u8]>) {
+        if let Some(tx) = &self.tx {
+            // The receiver only stops when we drop the sender, so this cannot fail.
+            let _ = tx.send(block);
+        }
+    }
+
+    pub fn finish(mut self) -> StreamDigests {
+        drop(self.tx.take());
+        self.handle.take().expect("finish once").join().expect("hasher thread panicked")
+    }
+}
+
+impl Drop for StreamHasher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Check an optional expected OCI digest against computed digests.
+pub fn check_expected(what: &str, expected: &OciDigest, got: &StreamDigests) -> Result<()> {
+    let found = match expected.algorithm {
+        OciAlgorithm::Sha256 => got.sha256.clone(),
+        OciAlgorithm::Sha512 => got.sha512.clone().unwrap_or_default(),
+    };
+    if found != expected.to_string() {
+        return Err(Error::DigestMismatch { what: what.into(), expected: expected.to_string(), found });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_hasher_matches_one_shot() {
+        let h = StreamHasher::spawn(true);
+        h.update(b"hello "[..].into());
+        h.update(b"world"[..].into());
+        let d = h.finish();
+        assert_eq!(d.len, 11);
+        assert_eq!(d.blake3, Blake3::of(b"hello world"));
+        assert_eq!(
+            d.sha256,
+            "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
+        assert!(d.sha512.unwrap().starts_with("sha512:309ecc489c12d6eb4cc40f50c902f2b4"));
+    }
+
+    #[test]
+    fn oci_digest_parse_rejects_garbage() {
+        assert!(OciDigest::parse("sha256:abc").is_err());
+        assert!(OciDigest::parse("md5:00").is_err());
+        assert!(OciDigest::parse(&format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(OciDigest::parse(&format!("sha256:{}", "a".repeat(64))).is_ok());
+    }
+
+    #[test]
+    fn blake3_roundtrip() {
+        let d = Blake3::of(b"x");
+        assert_eq!(Blake3::parse(&d.to_string()).unwrap(), d);
+    }
+}

@@ -1,0 +1,114 @@
+//! The one error type of the core.
+//!
+//! Every failure is a structured variant; callers match on [`ErrorKind`], never on message text.
+//! Bindings map kinds to their own exception types in exactly one place.
+
+use std::io;
+
+/// What went wrong, for matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The input is not a valid layer (bad tar, bad whiteout, escaping path, limit exceeded).
+    InvalidLayer,
+    /// A digest or size did not match, or a stored object is corrupt.
+    Integrity,
+    /// A named object (layer, tag, chunk) does not exist.
+    NotFound,
+    /// A stack would exceed the configured depth.
+    StackDepth,
+    /// A lock, reference or concurrent change prevented the operation.
+    Conflict,
+    /// The caller cancelled the operation (e.g. Ctrl-C).
+    Cancelled,
+    /// An operating-system I/O error.
+    Io,
+    /// The metadata database failed.
+    Database,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid layer: {reason} (entry {entry}, byte offset {offset})")]
+    InvalidTar { reason: String, entry: u64, offset: u64 },
+    #[error("invalid layer: {0}")]
+    InvalidLayer(String),
+    #[error("limit exceeded: {what} is {found}, limit {limit} (entry {entry}, byte offset {offset})")]
+    LimitExceeded { what: &'static str, found: u64, limit: u64, entry: u64, offset: u64 },
+    #[error("digest mismatch for {what}: expected {expected}, found {found}")]
+    DigestMismatch { what: String, expected: String, found: String },
+    #[error("corrupt object: {0}")]
+    Corrupt(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("stack depth {depth} exceeds the limit of {limit} layers")]
+    StackDepth { depth: usize, limit: usize },
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("metadata database: {0}")]
+    Database(#[from] rusqlite::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidTar { .. } | Error::InvalidLayer(_) | Error::LimitExceeded { .. } => {
+                ErrorKind::InvalidLayer
+            }
+            Error::DigestMismatch { .. } | Error::Corrupt(_) => ErrorKind::Integrity,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::StackDepth { .. } => ErrorKind::StackDepth,
+            Error::Conflict(_) => ErrorKind::Conflict,
+            Error::Cancelled => ErrorKind::Cancelled,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Database(_) => ErrorKind::Database,
+        }
+    }
+
+    /// The underlying I/O error, if this is one (bindings map it by `io::ErrorKind`).
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(source: io::Error) -> Self {
+        // A reader adapter may smuggle a core error through `io::Error` (e.g. a cancelled read).
+        if source.get_ref().is_some_and(|e| e.is::<Error>()) {
+            let inner = source.into_inner().expect("checked above");
+            return *inner.downcast::<Error>().expect("checked above");
+        }
+        Error::Io { context: "I/O".into(), source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attach a context string to an I/O result.
+pub trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| {
+            if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+                Error::from(e)
+            } else {
+                Error::io(context(), e)
+            }
+        })
+    }
+}

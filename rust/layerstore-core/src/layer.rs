@@ -1,0 +1,130 @@
+//! Layers: the parsed changeset of one tar (its entries) and its identity.
+//!
+//! Invariants: `id` is the BLAKE3 and `diff_id` the sha256 of the same uncompressed tar bytes;
+//! `tree_id` is the BLAKE3 of the canonical entry list ([`tree_id`]), equal for two tars that
+//! encode the same entries differently (order, header format). Entry paths are normalised:
+//! relative, `/`-separated, no `.`/`..`, the root being the empty path.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Blake3;
+
+/// What an entry is. Whiteouts and opaque markers are kinds of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+    Char,
+    Block,
+    Fifo,
+    /// `.wh.NAME`: hides `NAME` in lower layers.
+    Whiteout,
+    /// `.wh..wh..opq`: hides every lower child of its directory.
+    Opaque,
+    /// A typeflag we do not interpret (kept for export).
+    Other(u8),
+}
+
+impl Kind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Dir => "dir",
+            Kind::Symlink => "symlink",
+            Kind::Hardlink => "hardlink",
+            Kind::Char => "char",
+            Kind::Block => "block",
+            Kind::Fifo => "fifo",
+            Kind::Whiteout => "whiteout",
+            Kind::Opaque => "opaque",
+            Kind::Other(_) => "other",
+        }
+    }
+}
+
+/// A reference to one stored chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub digest: Blake3,
+    pub len: u32,
+}
+
+/// One entry of a layer, with every piece of metadata the tar carried.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: Vec<u8>,
+    pub kind: Kind,
+    /// The typeflag as archived (after the pre-POSIX trailing-slash rule).
+    pub typeflag: u8,
+    /// Permission bits including setuid/setgid/sticky.
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub uname: Vec<u8>,
+    pub gname: Vec<u8>,
+    pub mtime_ns: i64,
+    /// Content size in bytes (0 for entries without data).
+    pub size: u64,
+    /// Symlink target as archived, or the normalised hardlink target.
+    pub link: Vec<u8>,
+    pub devmajor: u32,
+    pub devminor: u32,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub chunks: Vec<ChunkRef>,
+    /// BLAKE3 of the content (entries with data only).
+    pub digest: Option<Blake3>,
+    pub sparse: bool,
+}
+
+/// A stored layer's identity and summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub id: Blake3,
+    pub diff_id: String,
+    pub tree_id: Blake3,
+    pub size: u64,
+    pub entry_count: u64,
+    /// Digest of the compressed stream it was imported from, if it was compressed.
+    pub compressed_digest: Option<String>,
+    pub compression: Option<String>,
+    pub created_unix: i64,
+}
+
+/// BLAKE3 of the canonical entry list: entries sorted by path (stable, so duplicates keep their
+/// order), each encoded field by field with explicit lengths.
+pub fn tree_id(entries: &[Entry]) -> Blake3 {
+    let mut order: Vec<&Entry> = entries.iter().collect();
+    order.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut h = blake3::Hasher::new();
+    h.update(b"layerstore-tree-v1\0");
+    let bytes = |h: &mut blake3::Hasher, b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    for e in order {
+        bytes(&mut h, &e.path);
+        bytes(&mut h, e.kind.name().as_bytes());
+        h.update(&[e.typeflag]);
+        h.update(&e.mode.to_le_bytes());
+        h.update(&e.uid.to_le_bytes());
+        h.update(&e.gid.to_le_bytes());
+        bytes(&mut h, &e.uname);
+        bytes(&mut h, &e.gname);
+        h.update(&e.mtime_ns.to_le_bytes());
+        h.update(&e.size.to_le_bytes());
+        bytes(&mut h, &e.link);
+        h.update(&e.devmajor.to_le_bytes());
+        h.update(&e.devminor.to_le_bytes());
+        h.update(&(e.xattrs.len() as u64).to_le_bytes());
+        for (k, v) in &e.xattrs {
+            bytes(&mut h, k);
+            bytes(&mut h, v);
+        }
+        h.update(e.digest.map_or([0u8; 32], |d| d.0).as_slice());
+    }
+    h.finalize().into()
+}

@@ -1,0 +1,20 @@
+//! layerstore core: a content-addressed store of container-image layers.
+//!
+//! Data flows one way: bytes in (tar, directory) → [`tar`] splitter → [`chunk`]er + BLAKE3 →
+//! [`cas`] (pack files) + [`layer`] entries → [`meta`] (SQLite) → bytes out. [`store`] ties the
+//! pieces together; every other module owns exactly one concept and knows nothing of Python.
+#![forbid(unsafe_code)]
+
+pub mod cas;
+pub mod chunk;
+pub mod compress;
+pub mod digest;
+pub mod error;
+pub mod fsio;
+pub mod layer;
+pub mod meta;
+pub mod store;
+pub mod tar;
+
+pub use error::{Error, ErrorKind, Result};
+pub use store::Store;

@@ -1,0 +1,379 @@
+//! Metadata: an SQLite database (WAL, `BEGIN IMMEDIATE`, `busy_timeout`) holding chunk
+//! locations, layers, references between them, and import leases.
+//!
+//! Invariants: a row only ever points at pack bytes that were fsynced before the transaction
+//! inserting it committed (`synchronous=FULL`). A layer's chunk set (`layer_chunks`) is written
+//! in the same transaction as the layer. `gc` deletes a chunk only when no layer references it
+//! and no live import holds a lease. Blob names know nothing of layers: this module owns
+//! references and garbage collection, the pack files only bytes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::cas::{ChunkLoc, Codec};
+use crate::digest::Blake3;
+use crate::error::{Error, Result};
+use crate::layer::LayerInfo;
+
+/// Version of the on-disk format (docs/format.md). Bump on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL              -- committed length; bytes beyond are a torn tail
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    digest BLOB PRIMARY KEY,
+    pack TEXT NOT NULL REFERENCES packs(name),
+    block_offset INTEGER NOT NULL,
+    block_len INTEGER NOT NULL,
+    codec INTEGER NOT NULL,
+    inner_offset INTEGER NOT NULL,
+    len INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,               -- blake3:<hex> of the uncompressed tar
+    diff_id TEXT NOT NULL UNIQUE,      -- sha256:<hex> of the same bytes
+    tree_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    entry_count INTEGER NOT NULL,
+    compressed_digest TEXT,
+    compression TEXT,
+    created INTEGER NOT NULL,
+    entries BLOB NOT NULL,             -- zstd(postcard(Vec<Entry>))
+    split BLOB NOT NULL                -- zstd(postcard(TarSplit))
+);
+CREATE TABLE IF NOT EXISTS layer_chunks (
+    layer TEXT NOT NULL REFERENCES layers(id),
+    digest BLOB NOT NULL,
+    PRIMARY KEY (layer, digest)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS layer_chunks_by_digest ON layer_chunks(digest);
+CREATE TABLE IF NOT EXISTS blob_digests (
+    digest TEXT PRIMARY KEY,           -- a compressed blob this layer was imported from
+    layer TEXT NOT NULL REFERENCES layers(id),
+    compression TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stacks (
+    id INTEGER PRIMARY KEY,
+    chain_id TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS stack_layers (
+    stack INTEGER NOT NULL REFERENCES stacks(id),
+    position INTEGER NOT NULL,
+    layer TEXT NOT NULL REFERENCES layers(id),
+    PRIMARY KEY (stack, position)
+);
+CREATE INDEX IF NOT EXISTS stack_layers_by_layer ON stack_layers(layer);
+CREATE TABLE IF NOT EXISTS refs (
+    name TEXT PRIMARY KEY,
+    stack INTEGER NOT NULL REFERENCES stacks(id)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    id INTEGER PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    start_time INTEGER NOT NULL,       -- the process's start time, so a reused pid is not alive
+    pack TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+";
+
+/// Open (creating if needed) the database at `path` with the pragmas the store relies on.
+pub fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(60))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+/// Create the schema and settings on first use; check the format version afterwards.
+pub fn init(conn: &mut Connection, defaults: &[(&str, String)]) -> Result<Vec<(String, String)>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    let version: Option<String> = tx
+        .query_row("SELECT value FROM settings WHERE key = 'format_version'", [], |r| r.get(0))
+        .optional()?;
+    match version {
+        None => {
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES ('format_version', ?1)",
+                [FORMAT_VERSION.to_string()],
+            )?;
+            for (k, v) in defaults {
+                tx.execute("INSERT INTO settings (key, value) VALUES (?1, ?2)", params![k, v])?;
+            }
+        }
+        Some(v) if v == FORMAT_VERSION.to_string() => {}
+        Some(v) => {
+            return Err(Error::Conflict(format!(
+                "store format version {v} is not supported (this build reads version {FORMAT_VERSION})"
+            )))
+        }
+    }
+    let mut stmt = tx.prepare("SELECT key, value FROM settings")?;
+    let settings = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    drop(stmt);
+    tx.commit()?;
+    Ok(settings)
+}
+
+pub fn chunk_exists(conn: &Connection, digest: &Blake3) -> Result<bool> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM chunks WHERE digest = ?1")?;
+    Ok(stmt.exists([&digest.0[..]])?)
+}
+
+fn loc_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, String, u64, u64, u8, u32, u32)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+}
+
+fn make_loc(row: (Vec<u8>, String, u64, u64, u8, u32, u32)) -> Result<ChunkLoc> {
+    let (digest, pack, block_offset, block_len, codec, inner_offset, len) = row;
+    let digest: [u8; 32] = digest
+        .try_into()
+        .map_err(|_| Error::Corrupt("chunk digest of the wrong length".into()))?;
+    Ok(ChunkLoc {
+        digest: Blake3(digest),
+        pack,
+        block_offset,
+        block_len,
+        codec: Codec::from_u8(codec)?,
+        inner_offset,
+        len,
+    })
+}
+
+const LOC_COLUMNS: &str = "digest, pack, block_offset, block_len, codec, inner_offset, len";
+
+pub fn chunk_loc(conn: &Connection, digest: &Blake3) -> Result<Option<ChunkLoc>> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {LOC_COLUMNS} FROM chunks WHERE digest = ?1"))?;
+    stmt.query_row([&digest.0[..]], loc_from_row).optional()?.map(make_loc).transpose()
+}
+
+pub fn all_chunk_locs(conn: &Connection) -> Result<Vec<ChunkLoc>> {
+    let mut stmt = conn.prepare(&format!("SELECT {LOC_COLUMNS} FROM chunks ORDER BY pack, block_offset"))?;
+    let rows = stmt.query_map([], loc_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(make_loc).collect()
+}
+
+pub fn insert_chunks(conn: &Connection, locs: &[ChunkLoc]) -> Result<()> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO chunks ({LOC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    ))?;
+    for l in locs {
+        stmt.execute(params![
+            &l.digest.0[..],
+            l.pack,
+            l.block_offset,
+            l.block_len,
+            l.codec as u8,
+            l.inner_offset,
+            l.len
+        ])?;
+    }
+    Ok(())
+}
+
+/// A layer row as stored.
+pub struct LayerRow {
+    pub info: LayerInfo,
+    pub entries: Vec<u8>,
+    pub split: Vec<u8>,
+}
+
+const LAYER_COLUMNS: &str =
+    "id, diff_id, tree_id, size, entry_count, compressed_digest, compression, created";
+
+fn info_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, u64, u64, Option<String>, Option<String>, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+}
+
+type InfoRow = (String, String, String, u64, u64, Option<String>, Option<String>, i64);
+
+fn make_info(row: InfoRow) -> Result<LayerInfo> {
+    let (id, diff_id, tree_id, size, entry_count, compressed_digest, compression, created) = row;
+    Ok(LayerInfo {
+        id: Blake3::parse(&id).map_err(|_| Error::Corrupt(format!("bad layer id {id:?}")))?,
+        diff_id,
+        tree_id: Blake3::parse(&tree_id).map_err(|_| Error::Corrupt(format!("bad tree id {tree_id:?}")))?,
+        size,
+        entry_count,
+        compressed_digest,
+        compression,
+        created_unix: created,
+    })
+}
+
+pub fn layer_exists(conn: &Connection, id: &Blake3) -> Result<bool> {
+    Ok(conn.prepare_cached("SELECT 1 FROM layers WHERE id = ?1")?.exists([id.to_string()])?)
+}
+
+pub fn insert_layer(conn: &Connection, row: &LayerRow, chunk_set: &[Blake3]) -> Result<()> {
+    let i = &row.info;
+    conn.execute(
+        &format!("INSERT INTO layers ({LAYER_COLUMNS}, entries, split) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+        params![
+            i.id.to_string(),
+            i.diff_id,
+            i.tree_id.to_string(),
+            i.size,
+            i.entry_count,
+            i.compressed_digest,
+            i.compression,
+            i.created_unix,
+            row.entries,
+            row.split
+        ],
+    )?;
+    let mut stmt = conn.prepare_cached("INSERT OR IGNORE INTO layer_chunks (layer, digest) VALUES (?1, ?2)")?;
+    let id = i.id.to_string();
+    for d in chunk_set {
+        stmt.execute(params![id, &d.0[..]])?;
+    }
+    Ok(())
+}
+
+pub fn insert_blob_digest(conn: &Connection, digest: &str, layer: &Blake3, compression: &str) -> Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO blob_digests (digest, layer, compression) VALUES (?1, ?2, ?3)",
+        params![digest, layer.to_string(), compression],
+    )?;
+    Ok(())
+}
+
+/// Find a layer by `blake3:` id, `sha256:` diff_id, or the digest of a compressed blob it was
+/// imported from. A unique hex prefix of the id or diff_id also works.
+pub fn find_layer(conn: &Connection, key: &str) -> Result<LayerInfo> {
+    let sql = format!(
+        "SELECT {LAYER_COLUMNS} FROM layers WHERE id = ?1 OR diff_id = ?1
+         UNION SELECT {cols} FROM layers JOIN blob_digests b ON b.layer = layers.id WHERE b.digest = ?1",
+        cols = LAYER_COLUMNS.split(", ").map(|c| format!("layers.{c}")).collect::<Vec<_>>().join(", ")
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    if let Some(row) = stmt.query_row([key], info_from_row).optional()? {
+        return make_info(row);
+    }
+    let hex_prefix = key.rsplit(':').next().unwrap_or(key);
+    if hex_prefix.len() >= 6 && hex_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {LAYER_COLUMNS} FROM layers WHERE substr(id, 8, ?2) = ?1 OR substr(diff_id, 8, ?2) = ?1 LIMIT 2"
+        ))?;
+        let rows = stmt
+            .query_map(params![hex_prefix, hex_prefix.len()], info_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        match rows.len() {
+            1 => return make_info(rows.into_iter().next().expect("one row")),
+            2 => return Err(Error::NotFound(format!("layer prefix {key:?} is ambiguous"))),
+            _ => {}
+        }
+    }
+    Err(Error::NotFound(format!("no layer {key:?}")))
+}
+
+pub fn list_layers(conn: &Connection) -> Result<Vec<LayerInfo>> {
+    let mut stmt = conn.prepare(&format!("SELECT {LAYER_COLUMNS} FROM layers ORDER BY created, id"))?;
+    let rows = stmt.query_map([], info_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(make_info).collect()
+}
+
+pub fn layer_blobs(conn: &Connection, id: &Blake3) -> Result<(Vec<u8>, Vec<u8>)> {
+    conn.query_row("SELECT entries, split FROM layers WHERE id = ?1", [id.to_string()], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()?
+    .ok_or_else(|| Error::NotFound(format!("no layer {id}")))
+}
+
+pub fn layer_chunk_set(conn: &Connection, id: &Blake3) -> Result<Vec<Blake3>> {
+    let mut stmt = conn.prepare("SELECT digest FROM layer_chunks WHERE layer = ?1")?;
+    let rows = stmt
+        .query_map([id.to_string()], |r| r.get::<_, Vec<u8>>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|d| d.try_into().map(Blake3).map_err(|_| Error::Corrupt("bad digest in layer_chunks".into())))
+        .collect()
+}
+
+/// Delete a layer unless a stack or tag uses it. Its chunks stay until `gc`.
+pub fn delete_layer(conn: &mut Connection, id: &Blake3) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let key = id.to_string();
+    let users: i64 = tx.query_row("SELECT count(*) FROM stack_layers WHERE layer = ?1", [&key], |r| r.get(0))?;
+    if users > 0 {
+        return Err(Error::Conflict(format!("layer {id} is used by {users} stack(s); untag or delete them first")));
+    }
+    tx.execute("DELETE FROM layer_chunks WHERE layer = ?1", [&key])?;
+    tx.execute("DELETE FROM blob_digests WHERE layer = ?1", [&key])?;
+    if tx.execute("DELETE FROM layers WHERE id = ?1", [&key])? == 0 {
+        return Err(Error::NotFound(format!("no layer {id}")));
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+pub fn insert_pack(conn: &Connection, name: &str, size: u64) -> Result<()> {
+    conn.execute("INSERT INTO packs (name, size) VALUES (?1, ?2)", params![name, size])?;
+    Ok(())
+}
+
+pub fn packs(conn: &Connection) -> Result<Vec<(String, u64)>> {
+    let mut stmt = conn.prepare("SELECT name, size FROM packs ORDER BY name")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Identity of a live process: its pid and start time (from /proc), so a reused pid differs.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22, counted after the parenthesised command name (which may contain spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+pub fn acquire_lease(conn: &Connection, pack: &str) -> Result<i64> {
+    let pid = std::process::id();
+    let start = process_start_time(pid).unwrap_or(0);
+    conn.execute(
+        "INSERT INTO leases (pid, start_time, pack, created) VALUES (?1, ?2, ?3, ?4)",
+        params![pid, start, pack, now()],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+pub fn release_lease(conn: &Connection, id: i64) -> Result<()> {
+    conn.execute("DELETE FROM leases WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// Drop leases whose process is gone; return the live ones' packs.
+pub fn live_leases(conn: &Connection) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT id, pid, start_time, pack FROM leases")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, u32>(1)?, r.get::<_, u64>(2)?, r.get::<_, String>(3)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut live = Vec::new();
+    for (id, pid, start, pack) in rows {
+        if process_start_time(pid) == Some(start) {
+            live.push(pack);
+        } else {
+            conn.execute("DELETE FROM leases WHERE id = ?1", [id])?;
+        }
+    }
+    Ok(live)
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

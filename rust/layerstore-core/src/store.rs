@@ -1,0 +1,887 @@
+//! The store: ties the splitter, chunker, packs and metadata together.
+//!
+//! Invariants: an import either commits whole (pack synced, then one metadata transaction
+//! inserting chunks, layer and its chunk set) or leaves nothing visible; its lease keeps `gc`
+//! from sweeping chunks it deduplicated against. Layer identity is computed by the store from
+//! the bytes it read, never taken from the caller.
+//!
+//! Threads of an import: a reader (source → decompressor → 1 MiB blocks), a hasher (sha256 and
+//! BLAKE3 of the uncompressed stream, the most expensive per-byte work), and the caller's thread
+//! (split → chunk → BLAKE3 → dedup), which compresses new blocks on the rayon pool.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Receiver;
+use rusqlite::{Connection, TransactionBehavior};
+use sha2::Digest as _;
+
+use crate::cas::{self, PackReader, PackWriter};
+use crate::chunk::{ChunkParams, Chunker};
+use crate::compress::{self, Compression, Encoder};
+use crate::digest::{self, Blake3, OciDigest, StreamDigests, StreamHasher};
+use crate::error::{Error, IoContext, Result};
+use crate::fsio;
+use crate::layer::{self, ChunkRef, Entry, LayerInfo};
+use crate::meta;
+use crate::tar::{EntrySink, Limits, Op, SplitOutput, Splitter, TarSplit};
+
+/// Settings fixed when a store is created.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// zstd level for chunk blocks; 0 stores them uncompressed.
+    pub compression_level: i32,
+    pub chunk: ChunkParams,
+    /// Maximum layers in one stack.
+    pub max_depth: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { compression_level: 3, chunk: ChunkParams::default(), max_depth: 127 }
+    }
+}
+
+/// Per-import options.
+#[derive(Default)]
+pub struct ImportOptions {
+    pub expected_diff_id: Option<String>,
+    pub expected_digest: Option<String>,
+    pub limits: Option<Limits>,
+}
+
+/// Called with the number of uncompressed bytes read so far; an error cancels the operation.
+pub type Progress<'a> = &'a (dyn Fn(u64) -> Result<()> + Sync);
+
+pub fn no_progress(_: u64) -> Result<()> {
+    Ok(())
+}
+
+/// What an import produced.
+#[derive(Debug)]
+pub struct Imported {
+    pub layer: LayerInfo,
+    /// True when the layer was already in the store.
+    pub existed: bool,
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub layers: u64,
+    pub chunks: u64,
+    pub packs: u64,
+    pub logical_bytes: u64,
+    pub content_bytes: u64,
+    pub stored_bytes: u64,
+    pub metadata_bytes: u64,
+    pub disk_bytes: u64,
+    pub dedup_ratio: f64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct GcReport {
+    pub chunks_removed: u64,
+    pub packs_removed: u64,
+    pub packs_rewritten: u64,
+    pub bytes_reclaimed: u64,
+    /// Live imports held leases, so no chunk was swept this time.
+    pub deferred: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct FsckReport {
+    pub chunks_checked: u64,
+    pub layers_checked: u64,
+    pub problems: Vec<String>,
+    /// Files nothing points at (left by an interrupted import; `gc` removes them).
+    pub garbage: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// Digest of the bytes written (equals the diff_id when uncompressed).
+    pub digest: String,
+    pub size: u64,
+}
+
+pub struct Store {
+    root: PathBuf,
+    options: StoreOptions,
+    limits: Limits,
+    pool: Mutex<Vec<Connection>>,
+}
+
+/// A pooled connection, returned on drop.
+struct Conn<'a> {
+    store: &'a Store,
+    conn: Option<Connection>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn.as_ref().expect("present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.conn.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let (Some(c), Ok(mut pool)) = (self.conn.take(), self.store.pool.lock()) {
+            pool.push(c);
+        }
+    }
+}
+
+fn crash_point(name: &str) {
+    // Deterministic crash injection for the durability tests.
+    if std::env::var("LAYERSTORE_CRASH_AT").is_ok_and(|v| v == name) {
+        std::process::abort();
+    }
+}
+
+impl Store {
+    /// Open the store at `root`, creating it with `options` if it does not exist. The options
+    /// of an existing store are the ones it was created with.
+    pub fn open(root: &Path, options: StoreOptions, limits: Limits) -> Result<Self> {
+        options.chunk.validate()?;
+        fs::create_dir_all(root.join("packs")).ctx(|| format!("creating store {}", root.display()))?;
+        fs::create_dir_all(root.join("tmp")).ctx(|| format!("creating store {}", root.display()))?;
+        let mut conn = meta::open(&root.join("meta.db"))?;
+        let defaults = vec![
+            ("compression_level", options.compression_level.to_string()),
+            ("chunk_min", options.chunk.min.to_string()),
+            ("chunk_avg", options.chunk.avg.to_string()),
+            ("chunk_max", options.chunk.max.to_string()),
+            ("chunker", "fastcdc-2020-level1".to_string()),
+            ("max_depth", options.max_depth.to_string()),
+        ];
+        let settings = meta::init(&mut conn, &defaults)?;
+        let get = |k: &str| -> Result<String> {
+            settings
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| Error::Corrupt(format!("store setting {k} missing")))
+        };
+        let num = |k: &str| -> Result<u64> {
+            get(k)?.parse().map_err(|_| Error::Corrupt(format!("store setting {k} is not a number")))
+        };
+        let options = StoreOptions {
+            compression_level: num("compression_level")? as i32,
+            chunk: ChunkParams { min: num("chunk_min")? as u32, avg: num("chunk_avg")? as u32, max: num("chunk_max")? as u32 },
+            max_depth: num("max_depth")? as usize,
+        };
+        Ok(Store { root: root.to_path_buf(), options, limits, pool: Mutex::new(vec![conn]) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn conn(&self) -> Result<Conn<'_>> {
+        let pooled = self.pool.lock().map_err(|_| Error::Conflict("connection pool poisoned".into()))?.pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => meta::open(&self.root.join("meta.db"))?,
+        };
+        Ok(Conn { store: self, conn: Some(conn) })
+    }
+
+    fn packs_dir(&self) -> PathBuf {
+        self.root.join("packs")
+    }
+
+    /// Import a tar (plain, gzip or zstd) from `src`.
+    pub fn import_tar(
+        &self,
+        src: Box<dyn Read + Send>,
+        opts: &ImportOptions,
+        progress: Progress<'_>,
+    ) -> Result<Imported> {
+        let expected_diff_id = opts.expected_diff_id.as_deref().map(OciDigest::parse).transpose()?;
+        let expected_digest = opts.expected_digest.as_deref().map(OciDigest::parse).transpose()?;
+        let want_sha512 = [&expected_diff_id, &expected_digest]
+            .iter()
+            .any(|d| d.as_ref().is_some_and(|d| d.algorithm == digest::OciAlgorithm::Sha512));
+        let limits = opts.limits.unwrap_or(self.limits);
+
+        let pack_name = format!("{}.pack", unique_name());
+        let mut conn = self.conn()?;
+        let lease = meta::acquire_lease(&conn, &pack_name)?;
+        let result = self.import_leased(src, &mut conn, &pack_name, lease, limits, want_sha512, progress, |d, c| {
+            if let Some(e) = &expected_diff_id {
+                digest::check_expected("diff_id", e, d)?;
+            }
+            if let Some(e) = &expected_digest {
+                digest::check_expected("blob digest", e, c.unwrap_or(d))?;
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            let _ = meta::release_lease(&conn, lease);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn import_leased(
+        &self,
+        src: Box<dyn Read + Send>,
+        conn: &mut Connection,
+        pack_name: &str,
+        lease: i64,
+        limits: Limits,
+        want_sha512: bool,
+        progress: Progress<'_>,
+        check: impl FnOnce(&StreamDigests, Option<&StreamDigests>) -> Result<()>,
+    ) -> Result<Imported> {
+        let (blocks, reader) = spawn_reader(src, want_sha512);
+        let mut sink = ImportSink {
+            chunker: Chunker::new(self.options.chunk),
+            conn,
+            known: HashSet::new(),
+            writer: PackWriter::new(&self.packs_dir(), pack_name.to_string(), self.options.compression_level),
+            new_chunks: 0,
+            new_bytes: 0,
+        };
+        let input = ChannelReader { rx: blocks, cur: Arc::from(&[][..]), pos: 0, total: 0, reported: 0, progress };
+        let split = Splitter::new(input, limits, &mut sink).run();
+        // Stop the reader (it may be blocked sending) before looking at its result.
+        let reader_out = reader.join().map_err(|_| Error::Corrupt("reader thread panicked".into()))?;
+        let SplitOutput { split, entries, warnings } = split?;
+        let ReaderOut { compression, compressed, uncompressed } = reader_out?;
+        check(&uncompressed, compressed.as_ref())?;
+
+        let ImportSink { writer, new_chunks, new_bytes, conn, .. } = sink;
+        let info = LayerInfo {
+            id: uncompressed.blake3,
+            diff_id: uncompressed.sha256.clone(),
+            tree_id: layer::tree_id(&entries),
+            size: uncompressed.len,
+            entry_count: entries.len() as u64,
+            compressed_digest: compressed.as_ref().map(|c| c.sha256.clone()),
+            compression: compression.name().map(str::to_string),
+            created_unix: meta::now(),
+        };
+        let chunk_set: Vec<Blake3> = {
+            let mut set: Vec<Blake3> = entries.iter().flat_map(|e| e.chunks.iter().map(|c| c.digest)).collect();
+            set.sort_unstable();
+            set.dedup();
+            set
+        };
+        let row = meta::LayerRow { info: info.clone(), entries: encode_blob(&entries)?, split: encode_blob(&split)? };
+        let pack = writer.finish(crash_point)?;
+
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some((locs, size)) = &pack {
+            meta::insert_pack(&tx, pack_name, *size)?;
+            meta::insert_chunks(&tx, locs)?;
+        }
+        let existed = meta::layer_exists(&tx, &info.id)?;
+        if !existed {
+            meta::insert_layer(&tx, &row, &chunk_set)?;
+        }
+        if let (Some(c), Some(name)) = (&compressed, compression.name()) {
+            meta::insert_blob_digest(&tx, &c.sha256, &info.id, name)?;
+        }
+        meta::release_lease(&tx, lease)?;
+        crash_point("before-commit");
+        tx.commit()?;
+        crash_point("after-commit");
+        // An existing layer keeps its record, but the caller learns about the blob it gave us.
+        let layer = if existed {
+            LayerInfo {
+                compressed_digest: info.compressed_digest,
+                compression: info.compression,
+                ..meta::find_layer(conn, &info.id.to_string())?
+            }
+        } else {
+            info
+        };
+        Ok(Imported { layer, existed, new_chunks, new_bytes, warnings })
+    }
+
+    /// Import a directory tree as one layer (a canonical tar made on the fly).
+    pub fn import_dir(
+        &self,
+        path: &Path,
+        dir_opts: &fsio::DirOptions,
+        opts: &ImportOptions,
+        progress: Progress<'_>,
+    ) -> Result<Imported> {
+        let meta = fs::metadata(path).ctx(|| format!("reading {}", path.display()))?;
+        if !meta.is_dir() {
+            return Err(Error::InvalidLayer(format!("{} is not a directory", path.display())));
+        }
+        let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
+        let root = path.to_path_buf();
+        let dir_opts = fsio::DirOptions { exclude_xattrs: dir_opts.exclude_xattrs.clone() };
+        let producer: JoinHandle<Result<Vec<String>>> = std::thread::spawn(move || {
+            let mut warnings = Vec::new();
+            let out = io::BufWriter::with_capacity(1 << 20, writer);
+            fsio::write_dir_tar(&root, &dir_opts, out, &mut warnings)?;
+            Ok(warnings)
+        });
+        let imported = self.import_tar(Box::new(reader), opts, progress);
+        let produced = producer.join().map_err(|_| Error::Corrupt("directory walker panicked".into()))?;
+        // The walker's error explains an import failure (a broken pipe) better than the import's.
+        let walk_warnings = produced?;
+        let mut imported = imported?;
+        imported.warnings.extend(walk_warnings);
+        Ok(imported)
+    }
+
+    pub fn layers(&self) -> Result<Vec<LayerInfo>> {
+        meta::list_layers(&*self.conn()?)
+    }
+
+    pub fn layer(&self, key: &str) -> Result<LayerInfo> {
+        meta::find_layer(&*self.conn()?, key)
+    }
+
+    pub fn delete(&self, id: &Blake3) -> Result<()> {
+        meta::delete_layer(&mut *self.conn()?, id)
+    }
+
+    /// The layer's entries and reconstruction recipe.
+    pub fn load(&self, id: &Blake3) -> Result<(Vec<Entry>, TarSplit)> {
+        let (entries, split) = meta::layer_blobs(&*self.conn()?, id)?;
+        Ok((decode_blob(&entries)?, decode_blob(&split)?))
+    }
+
+    pub fn entries(&self, id: &Blake3) -> Result<Vec<Entry>> {
+        let (entries, _) = meta::layer_blobs(&*self.conn()?, id)?;
+        decode_blob(&entries)
+    }
+
+    /// Write the layer's tar to `out`, compressed as asked. Every chunk is verified on read.
+    pub fn export_tar(&self, id: &Blake3, out: &mut dyn Write, compression: Compression, progress: Progress<'_>) -> Result<Exported> {
+        let info = meta::find_layer(&*self.conn()?, &id.to_string())?;
+        let (entries, split) = self.load(id)?;
+        let conn = self.conn()?;
+        let mut reader = PackReader::new(&self.packs_dir());
+        let mut counted = HashingWriter { inner: out, sha: (compression != Compression::None).then(sha2::Sha256::new), len: 0 };
+        let mut enc = Encoder::new(compression, &mut counted).ctx(|| "starting the encoder".into())?;
+        let mut raw_pos = 0usize;
+        let mut buf = Vec::new();
+        let mut done = 0u64;
+        for op in &split.ops {
+            match *op {
+                Op::Raw(n) => {
+                    let end = raw_pos + n as usize;
+                    let bytes = split.raw.get(raw_pos..end).ok_or_else(|| Error::Corrupt(format!("layer {id}: raw segment out of range")))?;
+                    enc.write_all(bytes).ctx(|| "writing the export".into())?;
+                    raw_pos = end;
+                    done += n;
+                }
+                Op::Payload(i) => {
+                    let entry = entries.get(i as usize).ok_or_else(|| Error::Corrupt(format!("layer {id}: payload of missing entry {i}")))?;
+                    for c in &entry.chunks {
+                        let loc = meta::chunk_loc(&conn, &c.digest)?
+                            .ok_or_else(|| Error::Corrupt(format!("layer {id}: chunk {} is missing", c.digest)))?;
+                        reader.read(&loc, &mut buf)?;
+                        enc.write_all(&buf).ctx(|| "writing the export".into())?;
+                        done += buf.len() as u64;
+                    }
+                    progress(done)?;
+                }
+            }
+        }
+        enc.finish().ctx(|| "finishing the export".into())?;
+        if done != info.size {
+            return Err(Error::Corrupt(format!("layer {id}: rebuilt {done} bytes, expected {}", info.size)));
+        }
+        let digest = match counted.sha.take() {
+            Some(sha) => digest::sha256_string(&sha.finalize()),
+            None => info.diff_id.clone(),
+        };
+        Ok(Exported { digest, size: counted.len })
+    }
+
+    /// Export to a path atomically (a temporary file renamed into place).
+    pub fn export_tar_to_path(&self, id: &Blake3, dest: &Path, compression: Compression, progress: Progress<'_>) -> Result<Exported> {
+        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{}.layerstore-tmp", unique_name()));
+        let result = (|| {
+            let f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+            let mut w = io::BufWriter::with_capacity(1 << 20, f);
+            let exported = self.export_tar(id, &mut w, compression, progress)?;
+            w.into_inner().map_err(|e| Error::io("flushing the export", e.into_error()))?;
+            fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))?;
+            Ok(exported)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        let conn = self.conn()?;
+        let one = |sql: &str| -> Result<u64> { Ok(conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?.unwrap_or(0) as u64) };
+        let mut s = Stats {
+            layers: one("SELECT count(*) FROM layers")?,
+            chunks: one("SELECT count(*) FROM chunks")?,
+            packs: one("SELECT count(*) FROM packs")?,
+            logical_bytes: one("SELECT sum(size) FROM layers")?,
+            content_bytes: one("SELECT sum(len) FROM chunks")?,
+            stored_bytes: one("SELECT sum(block_len) FROM (SELECT DISTINCT pack, block_offset, block_len FROM chunks)")?,
+            metadata_bytes: one("SELECT sum(length(entries) + length(split)) FROM layers")?,
+            disk_bytes: dir_size(&self.root)?,
+            dedup_ratio: 0.0,
+        };
+        let stored = s.stored_bytes + s.metadata_bytes;
+        s.dedup_ratio = if stored == 0 { 1.0 } else { s.logical_bytes as f64 / stored as f64 };
+        Ok(s)
+    }
+
+    /// Remove what nothing references: unreferenced chunks, packs without live chunks, and
+    /// files left by interrupted imports; rewrite packs that are mostly garbage.
+    pub fn gc(&self) -> Result<GcReport> {
+        let mut conn = self.conn()?;
+        let mut report = GcReport::default();
+        let mut unlink: Vec<PathBuf> = Vec::new();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let live = meta::live_leases(&tx)?;
+        if live.is_empty() {
+            report.chunks_removed = tx.execute("DELETE FROM chunks WHERE digest NOT IN (SELECT digest FROM layer_chunks)", [])? as u64;
+            for (name, size) in meta::packs(&tx)? {
+                let live_bytes: Option<i64> = tx.query_row(
+                    "SELECT sum(block_len) FROM (SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1)",
+                    [&name],
+                    |r| r.get(0),
+                )?;
+                let live_bytes = live_bytes.unwrap_or(0) as u64;
+                if live_bytes == 0 {
+                    tx.execute("DELETE FROM packs WHERE name = ?1", [&name])?;
+                    unlink.push(self.packs_dir().join(&name));
+                    report.packs_removed += 1;
+                    report.bytes_reclaimed += size;
+                } else if live_bytes * 2 < size {
+                    let new_size = self.rewrite_pack(&tx, &name)?;
+                    unlink.push(self.packs_dir().join(&name));
+                    report.packs_rewritten += 1;
+                    report.bytes_reclaimed += size.saturating_sub(new_size);
+                }
+            }
+        } else {
+            report.deferred = true;
+        }
+        // Pack files that no row names and no live import owns: interrupted imports.
+        let known: HashSet<String> = meta::packs(&tx)?.into_iter().map(|(n, _)| n).collect();
+        for entry in fs::read_dir(self.packs_dir()).ctx(|| "listing packs".into())? {
+            let entry = entry.ctx(|| "listing packs".into())?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) && !live.contains(&name) {
+                report.bytes_reclaimed += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                unlink.push(entry.path());
+            }
+        }
+        tx.commit()?;
+        for path in unlink {
+            let _ = fs::remove_file(path);
+        }
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+        Ok(report)
+    }
+
+    /// Copy a pack's live blocks into a fresh pack and repoint their chunks (inside `tx`).
+    fn rewrite_pack(&self, tx: &Connection, name: &str) -> Result<u64> {
+        let new_name = format!("{}.pack", unique_name());
+        let new_path = self.packs_dir().join(&new_name);
+        let mut blocks: Vec<(u64, u64)> = {
+            let mut stmt = tx.prepare("SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1 ORDER BY block_offset")?;
+            let rows = stmt.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        blocks.dedup();
+        let mut src = fs::File::open(self.packs_dir().join(name)).ctx(|| format!("opening pack {name}"))?;
+        let mut out = fs::OpenOptions::new().write(true).create_new(true).open(&new_path).ctx(|| format!("creating {}", new_path.display()))?;
+        out.write_all(cas::PACK_MAGIC).ctx(|| "writing pack".into())?;
+        let mut offset = cas::PACK_MAGIC.len() as u64;
+        let mut buf = Vec::new();
+        let mut update = tx.prepare("UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4")?;
+        for (block_offset, block_len) in blocks {
+            buf.resize(block_len as usize, 0);
+            std::io::Seek::seek(&mut src, io::SeekFrom::Start(block_offset)).ctx(|| format!("reading pack {name}"))?;
+            src.read_exact(&mut buf).ctx(|| format!("reading pack {name}"))?;
+            out.write_all(&buf).ctx(|| "writing pack".into())?;
+            update.execute(rusqlite::params![new_name, offset, name, block_offset])?;
+            offset += block_len;
+        }
+        out.sync_all().ctx(|| "syncing pack".into())?;
+        cas::sync_dir(&self.packs_dir())?;
+        meta::insert_pack(tx, &new_name, offset)?;
+        tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
+        Ok(offset)
+    }
+
+    /// Re-hash every chunk and check every reference; report each problem found.
+    pub fn fsck(&self) -> Result<FsckReport> {
+        let conn = self.conn()?;
+        let mut report = FsckReport::default();
+        let packs = meta::packs(&conn)?;
+        for (name, size) in &packs {
+            match fs::metadata(self.packs_dir().join(name)) {
+                Ok(m) if m.len() >= *size => {}
+                Ok(m) => report.problems.push(format!("pack {name} is {} bytes, {size} committed", m.len())),
+                Err(e) => report.problems.push(format!("pack {name}: {e}")),
+            }
+        }
+        let known: HashSet<&str> = packs.iter().map(|(n, _)| n.as_str()).collect();
+        if let Ok(dir) = fs::read_dir(self.packs_dir()) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(name.as_str()) {
+                    report.garbage.push(format!("packs/{name}"));
+                }
+            }
+        }
+        let mut reader = PackReader::new(&self.packs_dir());
+        let mut buf = Vec::new();
+        let mut present = HashSet::new();
+        for loc in meta::all_chunk_locs(&conn)? {
+            report.chunks_checked += 1;
+            if let Err(e) = reader.read(&loc, &mut buf) {
+                report.problems.push(format!("chunk {}: {e}", loc.digest));
+            }
+            present.insert(loc.digest);
+        }
+        for info in meta::list_layers(&conn)? {
+            report.layers_checked += 1;
+            let id = info.id;
+            let (entries, split) = match self.load(&id) {
+                Ok(v) => v,
+                Err(e) => {
+                    report.problems.push(format!("layer {id}: {e}"));
+                    continue;
+                }
+            };
+            let mut referenced: Vec<Blake3> = Vec::new();
+            let mut payload = 0u64;
+            for e in &entries {
+                let mut sum = 0u64;
+                for c in &e.chunks {
+                    if !present.contains(&c.digest) {
+                        report.problems.push(format!("layer {id}: entry {:?} needs missing chunk {}", String::from_utf8_lossy(&e.path), c.digest));
+                    }
+                    referenced.push(c.digest);
+                    sum += u64::from(c.len);
+                }
+                if !e.chunks.is_empty() && sum != e.size {
+                    report.problems.push(format!("layer {id}: entry {:?} has {sum} bytes of chunks for size {}", String::from_utf8_lossy(&e.path), e.size));
+                }
+            }
+            let raw: u64 = split.ops.iter().map(|op| match op {
+                Op::Raw(n) => *n,
+                Op::Payload(i) => {
+                    payload += entries.get(*i as usize).map_or(0, |e| e.size);
+                    0
+                }
+            }).sum();
+            if raw != split.raw.len() as u64 {
+                report.problems.push(format!("layer {id}: raw segments cover {raw} of {} bytes", split.raw.len()));
+            }
+            if raw + payload != info.size {
+                report.problems.push(format!("layer {id}: rebuilds {} bytes, recorded size {}", raw + payload, info.size));
+            }
+            referenced.sort_unstable();
+            referenced.dedup();
+            let mut recorded = meta::layer_chunk_set(&conn, &id)?;
+            recorded.sort_unstable();
+            if recorded != referenced {
+                report.problems.push(format!("layer {id}: chunk references out of date ({} recorded, {} used)", recorded.len(), referenced.len()));
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Receives entries from the splitter: chunks payloads, hashes them, stores new chunks.
+struct ImportSink<'c> {
+    chunker: Chunker,
+    conn: &'c mut Connection,
+    known: HashSet<Blake3>,
+    writer: PackWriter,
+    new_chunks: u64,
+    new_bytes: u64,
+}
+
+impl EntrySink for ImportSink<'_> {
+    fn entry(&mut self, entry: &mut Entry, payload: Option<&mut dyn Read>) -> Result<()> {
+        let Some(payload) = payload else { return Ok(()) };
+        let size = entry.size;
+        let mut file_hash: Option<blake3::Hasher> = None;
+        let mut first: Option<Blake3> = None;
+        let Self { chunker, conn, known, writer, new_chunks, new_bytes } = self;
+        chunker.run(payload, |chunk| {
+            let d = Blake3::of(chunk);
+            match (&mut file_hash, first) {
+                (Some(h), _) => {
+                    h.update(chunk);
+                }
+                (None, None) if (chunk.len() as u64) < size => {
+                    // More chunks follow: this file's digest needs its own pass.
+                    let mut h = blake3::Hasher::new();
+                    h.update(chunk);
+                    file_hash = Some(h);
+                }
+                _ => {}
+            }
+            first.get_or_insert(d);
+            entry.chunks.push(ChunkRef { digest: d, len: chunk.len() as u32 });
+            if !known.contains(&d) {
+                known.insert(d);
+                if !meta::chunk_exists(conn, &d)? {
+                    writer.add(d, chunk)?;
+                    *new_chunks += 1;
+                    *new_bytes += chunk.len() as u64;
+                }
+            }
+            Ok(())
+        })?;
+        // A single-chunk file's BLAKE3 is its chunk's digest.
+        entry.digest = match file_hash {
+            Some(h) => Some(h.finalize().into()),
+            None => first,
+        };
+        Ok(())
+    }
+}
+
+struct ReaderOut {
+    compression: Compression,
+    compressed: Option<StreamDigests>,
+    uncompressed: StreamDigests,
+}
+
+type Block = io::Result<Arc<[u8]>>;
+
+const READ_BLOCK: usize = 1 << 20;
+
+/// Reads and decompresses `src` on its own thread, feeding the stream hasher and the parser.
+fn spawn_reader(src: Box<dyn Read + Send>, want_sha512: bool) -> (Receiver<Block>, JoinHandle<Result<ReaderOut>>) {
+    let (tx, rx) = crossbeam_channel::bounded::<Block>(8);
+    let handle = std::thread::Builder::new()
+        .name("layerstore-read".into())
+        .spawn(move || -> Result<ReaderOut> {
+            let mut src = src;
+            let mut head = [0u8; 4];
+            let mut got = 0;
+            while got < head.len() {
+                match src.read(&mut head[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        return Err(Error::from(e));
+                    }
+                }
+            }
+            let probe = compress::detect_bytes(&head[..got]);
+            let chained = io::Cursor::new(head[..got].to_vec()).chain(src);
+            let compressed_hasher = (probe != Compression::None).then(|| StreamHasher::spawn(want_sha512));
+            let tee = TeeReader { inner: chained, hasher: compressed_hasher.as_ref() };
+            let (compression, mut decoded) = compress::decoder(tee)?;
+            let hasher = StreamHasher::spawn(want_sha512);
+            loop {
+                let mut block = vec![0u8; READ_BLOCK];
+                let mut filled = 0;
+                let mut failed = None;
+                while filled < block.len() {
+                    match decoded.read(&mut block[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if filled > 0 {
+                    block.truncate(filled);
+                    let block: Arc<[u8]> = block.into();
+                    hasher.update(block.clone());
+                    if tx.send(Ok(block)).is_err() {
+                        break; // the parser stopped (an error); it reports why
+                    }
+                }
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(decode_error(e, compression)));
+                    break;
+                }
+                if filled < READ_BLOCK {
+                    break;
+                }
+            }
+            drop(tx);
+            drop(decoded);
+            Ok(ReaderOut {
+                compression,
+                compressed: compressed_hasher.map(StreamHasher::finish),
+                uncompressed: hasher.finish(),
+            })
+        })
+        .expect("spawn reader thread");
+    (rx, handle)
+}
+
+/// Turn a decoder failure into a clear message; source read errors pass through unchanged.
+fn decode_error(e: io::Error, compression: Compression) -> io::Error {
+    if e.get_ref().is_some_and(|i| i.is::<SourceError>()) || e.get_ref().is_some_and(|i| i.is::<Error>()) {
+        return e;
+    }
+    match compression.name() {
+        Some(name) => io::Error::other(Error::InvalidLayer(format!("corrupt {name} stream: {e}"))),
+        None => e,
+    }
+}
+
+#[derive(Debug)]
+struct SourceError(io::Error);
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading the source: {}", self.0)
+    }
+}
+impl std::error::Error for SourceError {}
+
+/// Hashes the raw (compressed) bytes as the decoder pulls them.
+struct TeeReader<'h, R> {
+    inner: R,
+    hasher: Option<&'h StreamHasher>,
+}
+
+impl<R: Read> Read for TeeReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| {
+            if e.get_ref().is_some_and(|i| i.is::<Error>()) {
+                e
+            } else {
+                io::Error::new(e.kind(), SourceError(e))
+            }
+        })?;
+        if let (Some(h), true) = (self.hasher, n > 0) {
+            h.update(Arc::from(&buf[..n]));
+        }
+        Ok(n)
+    }
+}
+
+/// The parser's view of the reader thread's blocks, reporting progress as it goes.
+struct ChannelReader<'p> {
+    rx: Receiver<Block>,
+    cur: Arc<[u8]>,
+    pos: usize,
+    total: u64,
+    reported: u64,
+    progress: Progress<'p>,
+}
+
+impl Read for ChannelReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(block)) => {
+                    self.cur = block;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+            if self.total - self.reported >= 8 * READ_BLOCK as u64 || self.reported == 0 {
+                self.reported = self.total.max(1);
+                (self.progress)(self.total).map_err(io::Error::other)?;
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        self.total += n as u64;
+        Ok(n)
+    }
+}
+
+struct HashingWriter<'w> {
+    inner: &'w mut dyn Write,
+    sha: Option<sha2::Sha256>,
+    len: u64,
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(s) = self.sha.as_mut() {
+            s.update(&buf[..n]);
+        }
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    let bytes = postcard::to_stdvec(value).map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).ctx(|| "compressing metadata".into())?;
+    enc.include_checksum(true).ctx(|| "compressing metadata".into())?;
+    enc.write_all(&bytes).ctx(|| "compressing metadata".into())?;
+    enc.finish().ctx(|| "compressing metadata".into())
+}
+
+fn decode_blob<T: serde::de::DeserializeOwned>(blob: &[u8]) -> Result<T> {
+    let bytes = zstd::stream::decode_all(blob).map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))?;
+    postcard::from_bytes(&bytes).map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))
+}
+
+fn unique_name() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&nanos.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&format!("{:?}", std::thread::current().id()).into_bytes());
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    h.update(&COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+    h.finalize().to_hex()[..24].to_string()
+}
+
+fn dir_size(root: &Path) -> Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
+            let e = e.ctx(|| format!("listing {}", dir.display()))?;
+            let m = e.metadata().ctx(|| format!("stat {}", e.path().display()))?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    Ok(total)
+}

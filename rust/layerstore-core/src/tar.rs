@@ -1,0 +1,590 @@
+//! Streaming tar splitter: the exact-reconstruction half of a layer (tar-split style).
+//!
+//! A tar stream is cut into *raw* segments — every 512-byte header exactly as read, PAX `x`/`g`
+//! records, GNU `L`/`K` blocks, GNU sparse extension blocks, padding (even non-zero), the
+//! end-of-archive blocks and every byte after them — and *payload* segments: the data of each
+//! entry that carries data, exactly its effective size (a PAX `size` wins over the header field).
+//! Only payloads go to the chunker. Writing the raw bytes and the payloads back in order
+//! reproduces the input byte for byte; that is the contract [`TarSplit`] keeps.
+//!
+//! Parsing of header fields uses the `tar` crate's accessors (octal, base-256); the framing
+//! (which block is what, how much data follows) is ours, since the crate hides raw bytes.
+//! Header-only typeflags (`1`–`6`) never carry data, whatever their size field says (as Go's
+//! archive/tar and Python's tarfile read them).
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::layer::{Entry, Kind};
+
+pub const BLOCK: usize = 512;
+const OPAQUE: &[u8] = b".wh..wh..opq";
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
+
+/// Limits enforced while streaming. All sizes in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Decompressed tar size.
+    pub max_bytes: u64,
+    /// Number of entries (not counting PAX/GNU extension headers).
+    pub max_entries: u64,
+    /// One PAX record set or GNU long name/link block.
+    pub max_record: u64,
+    /// Components of one path.
+    pub max_path_depth: u32,
+    /// Bytes after the end-of-archive marker.
+    pub max_trailing: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 64 << 30,
+            max_entries: 4_000_000,
+            max_record: 1 << 20,
+            max_path_depth: 512,
+            max_trailing: 1 << 20,
+        }
+    }
+}
+
+/// One step of the reconstruction recipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// The next `n` bytes of [`TarSplit::raw`].
+    Raw(u64),
+    /// The content of entry `i` (its chunks, in order).
+    Payload(u32),
+}
+
+/// The recipe that rebuilds a tar byte for byte from raw bytes and entry payloads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TarSplit {
+    pub raw: Vec<u8>,
+    pub ops: Vec<Op>,
+}
+
+impl TarSplit {
+    fn push_raw(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.raw.extend_from_slice(bytes);
+        if let Some(Op::Raw(n)) = self.ops.last_mut() {
+            *n += bytes.len() as u64;
+        } else {
+            self.ops.push(Op::Raw(bytes.len() as u64));
+        }
+    }
+}
+
+/// Receives entries as the splitter finds them.
+pub trait EntrySink {
+    /// `payload` yields exactly `entry.size` bytes when present; the sink should read it to the
+    /// end (the splitter drains whatever is left) and may fill `entry.chunks`/`entry.digest`.
+    fn entry(&mut self, entry: &mut Entry, payload: Option<&mut dyn Read>) -> Result<()>;
+}
+
+/// Reader wrapper that counts bytes and enforces the decompressed-size limit.
+struct Counted<R> {
+    inner: R,
+    pos: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        if self.pos > self.limit {
+            return Err(io::Error::other(Error::LimitExceeded {
+                what: "decompressed size",
+                found: self.pos,
+                limit: self.limit,
+                entry: 0,
+                offset: self.pos,
+            }));
+        }
+        Ok(n)
+    }
+}
+
+/// Extension state that applies to the next entry.
+#[derive(Default)]
+struct Pending {
+    pax: BTreeMap<Vec<u8>, Vec<u8>>,
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+}
+
+/// Splits a tar stream into raw segments and entries (delivered to `sink`).
+pub struct Splitter<'a, R: Read> {
+    src: Counted<R>,
+    limits: Limits,
+    sink: &'a mut dyn EntrySink,
+    split: TarSplit,
+    entries: Vec<Entry>,
+    warnings: Vec<String>,
+    global_pax: BTreeMap<Vec<u8>, Vec<u8>>,
+    header_offset: u64,
+}
+
+/// What [`Splitter::run`] produced.
+pub struct SplitOutput {
+    pub split: TarSplit,
+    pub entries: Vec<Entry>,
+    pub warnings: Vec<String>,
+}
+
+impl<'a, R: Read> Splitter<'a, R> {
+    pub fn new(src: R, limits: Limits, sink: &'a mut dyn EntrySink) -> Self {
+        Splitter {
+            src: Counted { inner: src, pos: 0, limit: limits.max_bytes },
+            limits,
+            sink,
+            split: TarSplit::default(),
+            entries: Vec::new(),
+            warnings: Vec::new(),
+            global_pax: BTreeMap::new(),
+            header_offset: 0,
+        }
+    }
+
+    fn invalid(&self, reason: impl Into<String>) -> Error {
+        Error::InvalidTar {
+            reason: reason.into(),
+            entry: self.entries.len() as u64,
+            offset: self.header_offset,
+        }
+    }
+
+    fn limit(&self, what: &'static str, found: u64, limit: u64) -> Error {
+        Error::LimitExceeded {
+            what,
+            found,
+            limit,
+            entry: self.entries.len() as u64,
+            offset: self.header_offset,
+        }
+    }
+
+    /// Fill `buf` completely; `Ok(false)` on a clean EOF before the first byte.
+    fn read_block(&mut self, buf: &mut [u8]) -> Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = match self.src.read(&mut buf[got..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_error(e)),
+            };
+            if n == 0 {
+                if got == 0 {
+                    return Ok(false);
+                }
+                return Err(self.invalid(format!(
+                    "truncated: stream ends {got} bytes into a {}-byte block",
+                    buf.len()
+                )));
+            }
+            got += n;
+        }
+        Ok(true)
+    }
+
+    fn read_error(&self, e: io::Error) -> Error {
+        let err = Error::from(e);
+        match err {
+            Error::LimitExceeded { what, found, limit, .. } => self.limit(what, found, limit),
+            Error::Io { source, .. } if is_decode_error(&source) => {
+                self.invalid(format!("corrupt compressed stream: {source}"))
+            }
+            other => other,
+        }
+    }
+
+    /// Read `size` bytes of an extension record plus padding, all raw.
+    fn read_record(&mut self, size: u64) -> Result<Vec<u8>> {
+        if size > self.limits.max_record {
+            return Err(self.limit("extension record size", size, self.limits.max_record));
+        }
+        let padded = padded(size) as usize;
+        let mut data = vec![0u8; padded];
+        if !self.read_block(&mut data)? {
+            return Err(self.invalid("truncated: extension record missing"));
+        }
+        self.split.push_raw(&data);
+        data.truncate(size as usize);
+        Ok(data)
+    }
+
+    pub fn run(mut self) -> Result<SplitOutput> {
+        let mut pending = Pending::default();
+        let mut block = [0u8; BLOCK];
+        loop {
+            self.header_offset = self.src.pos;
+            if !self.read_block(&mut block)? {
+                return Err(self.invalid("truncated: no end-of-archive marker"));
+            }
+            if block.iter().all(|&b| b == 0) {
+                self.split.push_raw(&block);
+                self.finish_trailer()?;
+                break;
+            }
+            self.check_checksum(&block)?;
+            self.split.push_raw(&block);
+            let header = tar::Header::from_byte_slice(&block);
+            let typeflag = block[156];
+            let size = header
+                .entry_size()
+                .map_err(|e| self.invalid(format!("bad size field: {e}")))?;
+            match typeflag {
+                b'x' => {
+                    let data = self.read_record(size)?;
+                    parse_pax(&data, &mut pending.pax).map_err(|r| self.invalid(r))?;
+                }
+                b'g' => {
+                    let data = self.read_record(size)?;
+                    let mut global = std::mem::take(&mut self.global_pax);
+                    parse_pax(&data, &mut global).map_err(|r| self.invalid(r))?;
+                    self.global_pax = global;
+                }
+                b'L' => pending.long_name = Some(until_nul(&self.read_record(size)?).to_vec()),
+                b'K' => pending.long_link = Some(until_nul(&self.read_record(size)?).to_vec()),
+                _ => {
+                    let pending_now = std::mem::take(&mut pending);
+                    self.entry(header, &block, pending_now)?;
+                }
+            }
+        }
+        Ok(SplitOutput { split: self.split, entries: self.entries, warnings: self.warnings })
+    }
+
+    fn check_checksum(&self, block: &[u8; BLOCK]) -> Result<()> {
+        let field = &block[148..156];
+        let text = std::str::from_utf8(field)
+            .ok()
+            .map(|s| s.trim_matches(|c: char| c == ' ' || c == '\0'))
+            .filter(|s| !s.is_empty())
+            .and_then(|s| u32::from_str_radix(s, 8).ok())
+            .ok_or_else(|| self.invalid("not a tar header (unreadable checksum field)"))?;
+        let (mut unsigned, mut signed) = (0u32, 0i32);
+        for (i, &b) in block.iter().enumerate() {
+            let b = if (148..156).contains(&i) { b' ' } else { b };
+            unsigned += u32::from(b);
+            signed += i32::from(b as i8);
+        }
+        if text != unsigned && i64::from(text) != i64::from(signed) {
+            return Err(self.invalid(format!(
+                "bad header checksum: stored {text:o}, computed {unsigned:o}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn finish_trailer(&mut self) -> Result<()> {
+        let mut rest = Vec::new();
+        let limit = self.limits.max_trailing;
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            let n = match self.src.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_error(e)),
+            };
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&buf[..n]);
+            if rest.len() as u64 > limit {
+                return Err(self.limit("bytes after end-of-archive", rest.len() as u64, limit));
+            }
+        }
+        self.split.push_raw(&rest);
+        Ok(())
+    }
+
+    fn entry(&mut self, header: &tar::Header, block: &[u8; BLOCK], p: Pending) -> Result<()> {
+        if self.entries.len() as u64 >= self.limits.max_entries {
+            return Err(self.limit(
+                "entry count",
+                self.entries.len() as u64 + 1,
+                self.limits.max_entries,
+            ));
+        }
+        let mut typeflag = block[156];
+        let mut pax = self.global_pax.clone();
+        pax.extend(p.pax);
+
+        let raw_path: Vec<u8> = match pax.get(&b"path"[..]) {
+            Some(v) => v.clone(),
+            None => p.long_name.unwrap_or_else(|| header.path_bytes().into_owned()),
+        };
+        if typeflag == b'\0' && raw_path.ends_with(b"/") {
+            typeflag = b'5'; // pre-POSIX directory
+        }
+        let raw_link: Vec<u8> = match pax.get(&b"linkpath"[..]) {
+            Some(v) => v.clone(),
+            None => p
+                .long_link
+                .unwrap_or_else(|| header.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default()),
+        };
+        let path = self.normalize(&raw_path)?;
+
+        let field = |r: io::Result<u64>, name: &str| -> Result<u64> {
+            r.map_err(|e| self.invalid(format!("bad {name} field: {e}")))
+        };
+        let pax_num = |key: &[u8]| -> Result<Option<u64>> {
+            pax.get(key)
+                .map(|v| {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .ok_or_else(|| self.invalid(format!("bad PAX {} record", String::from_utf8_lossy(key))))
+                })
+                .transpose()
+        };
+        let header_size = field(header.entry_size(), "size")?;
+        let data_size = pax_num(b"size")?.unwrap_or(header_size);
+        let mode = field(header.mode().map(u64::from), "mode")? as u32 & 0o7777;
+        let uid = match pax_num(b"uid")? {
+            Some(v) => v,
+            None => field(header.uid(), "uid")?,
+        };
+        let gid = match pax_num(b"gid")? {
+            Some(v) => v,
+            None => field(header.gid(), "gid")?,
+        };
+        let mtime_ns = match pax.get(&b"mtime"[..]) {
+            Some(v) => parse_pax_time(v).ok_or_else(|| self.invalid("bad PAX mtime record"))?,
+            None => i128::from(field(header.mtime(), "mtime")?) * 1_000_000_000,
+        };
+        let mtime_ns = i64::try_from(mtime_ns).map_err(|_| self.invalid("mtime out of range"))?;
+        let uname = pax
+            .get(&b"uname"[..])
+            .cloned()
+            .unwrap_or_else(|| header.username_bytes().map(<[u8]>::to_vec).unwrap_or_default());
+        let gname = pax
+            .get(&b"gname"[..])
+            .cloned()
+            .unwrap_or_else(|| header.groupname_bytes().map(<[u8]>::to_vec).unwrap_or_default());
+        let mut xattrs = BTreeMap::new();
+        for (k, v) in &pax {
+            if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
+                xattrs.insert(name.to_vec(), v.clone());
+            }
+        }
+
+        let has_data = !matches!(typeflag, b'1' | b'2' | b'3' | b'4' | b'5' | b'6');
+        let sparse = typeflag == b'S' || pax.contains_key(&b"GNU.sparse.major"[..]);
+        if typeflag == b'S' && block[482] != 0 {
+            // Old GNU sparse: extension blocks follow the header, before the data.
+            let mut ext = [0u8; BLOCK];
+            loop {
+                if !self.read_block(&mut ext)? {
+                    return Err(self.invalid("truncated: GNU sparse extension missing"));
+                }
+                self.split.push_raw(&ext);
+                if ext[504] == 0 {
+                    break;
+                }
+            }
+        }
+        if sparse {
+            self.warnings.push(format!(
+                "{}: GNU sparse entry stored as archived; its content is the sparse data, not expanded",
+                String::from_utf8_lossy(&path)
+            ));
+        }
+
+        let name = path.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
+        let kind = match typeflag {
+            _ if name == OPAQUE => Kind::Opaque,
+            _ if name.starts_with(WHITEOUT_PREFIX) && !name.starts_with(AUFS_META_PREFIX) => {
+                let target = &name[WHITEOUT_PREFIX.len()..];
+                if target.is_empty() || target == b"." || target == b".." {
+                    return Err(self.invalid(format!(
+                        "invalid whiteout {:?}",
+                        String::from_utf8_lossy(&raw_path)
+                    )));
+                }
+                Kind::Whiteout
+            }
+            b'0' | b'\0' | b'7' | b'S' => Kind::File,
+            b'1' => Kind::Hardlink,
+            b'2' => Kind::Symlink,
+            b'3' => Kind::Char,
+            b'4' => Kind::Block,
+            b'5' => Kind::Dir,
+            b'6' => Kind::Fifo,
+            other => Kind::Other(other),
+        };
+        if path.is_empty() && !matches!(kind, Kind::Dir) {
+            return Err(self.invalid("an entry other than a directory names the root"));
+        }
+        let link = match kind {
+            Kind::Hardlink => {
+                let target = self.normalize(&raw_link)?;
+                if target.is_empty() {
+                    return Err(self.invalid("hardlink to the root"));
+                }
+                target
+            }
+            _ => raw_link,
+        };
+        let (devmajor, devminor) = if matches!(kind, Kind::Char | Kind::Block) {
+            let major = header.device_major().map_err(|e| self.invalid(format!("bad devmajor: {e}")))?;
+            let minor = header.device_minor().map_err(|e| self.invalid(format!("bad devminor: {e}")))?;
+            (major.unwrap_or(0), minor.unwrap_or(0))
+        } else {
+            (0, 0)
+        };
+
+        let mut entry = Entry {
+            path,
+            kind,
+            typeflag,
+            mode,
+            uid,
+            gid,
+            uname,
+            gname,
+            mtime_ns,
+            size: if has_data { data_size } else { 0 },
+            link,
+            devmajor,
+            devminor,
+            xattrs,
+            chunks: Vec::new(),
+            digest: None,
+            sparse,
+        };
+        let index = self.entries.len() as u32;
+        if has_data && data_size > 0 {
+            self.split.ops.push(Op::Payload(index));
+            let mut take = (&mut self.src).take(data_size);
+            let res = self.sink.entry(&mut entry, Some(&mut take));
+            let res = res.and_then(|()| io::copy(&mut take, &mut io::sink()).map_err(Error::from));
+            let missing = take.limit();
+            res.map_err(|e| self.read_error_from(e))?;
+            if missing > 0 {
+                return Err(self.invalid(format!(
+                    "truncated: entry data ends {missing} bytes early"
+                )));
+            }
+            let pad = (padded(data_size) - data_size) as usize;
+            let mut padding = [0u8; BLOCK];
+            if pad > 0 && !self.read_block(&mut padding[..pad])? {
+                return Err(self.invalid("truncated: entry padding missing"));
+            }
+            self.split.push_raw(&padding[..pad]);
+        } else {
+            self.sink.entry(&mut entry, None)?;
+        }
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    fn read_error_from(&self, e: Error) -> Error {
+        match e {
+            Error::Io { source, .. } => self.read_error(source),
+            Error::LimitExceeded { what, found, limit, .. } => self.limit(what, found, limit),
+            other => other,
+        }
+    }
+
+    /// Normalise a member name: relative, no `.`/empty components, never `..`.
+    fn normalize(&mut self, raw: &[u8]) -> Result<Vec<u8>> {
+        if raw.contains(&0) {
+            return Err(self.invalid("path contains a NUL byte"));
+        }
+        if raw.first() == Some(&b'/') {
+            self.warnings.push(format!(
+                "{}: leading '/' removed from member name",
+                String::from_utf8_lossy(raw)
+            ));
+        }
+        let mut out = Vec::with_capacity(raw.len());
+        let mut depth = 0u32;
+        for comp in raw.split(|&b| b == b'/') {
+            match comp {
+                b"" | b"." => {}
+                b".." => {
+                    return Err(self.invalid(format!(
+                        "path escapes the layer: {:?}",
+                        String::from_utf8_lossy(raw)
+                    )))
+                }
+                c => {
+                    depth += 1;
+                    if !out.is_empty() {
+                        out.push(b'/');
+                    }
+                    out.extend_from_slice(c);
+                }
+            }
+        }
+        if depth > self.limits.max_path_depth {
+            return Err(self.limit("path depth", u64::from(depth), u64::from(self.limits.max_path_depth)));
+        }
+        Ok(out)
+    }
+}
+
+fn is_decode_error(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof)
+        || e.to_string().contains("corrupt")
+}
+
+pub fn padded(n: u64) -> u64 {
+    n.div_ceil(BLOCK as u64) * BLOCK as u64
+}
+
+fn until_nul(b: &[u8]) -> &[u8] {
+    b.iter().position(|&c| c == 0).map_or(b, |i| &b[..i])
+}
+
+fn parse_pax(data: &[u8], into: &mut BTreeMap<Vec<u8>, Vec<u8>>) -> std::result::Result<(), String> {
+    for ext in tar::PaxExtensions::new(data) {
+        let ext = ext.map_err(|e| format!("malformed PAX record: {e}"))?;
+        into.insert(ext.key_bytes().to_vec(), ext.value_bytes().to_vec());
+    }
+    Ok(())
+}
+
+/// Parse a PAX time (`123`, `123.456`, `-1.5`) into nanoseconds.
+fn parse_pax_time(v: &[u8]) -> Option<i128> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: i128 = secs.parse().ok()?;
+    let mut ns: i128 = 0;
+    for (i, d) in frac.bytes().take(9).enumerate() {
+        ns += i128::from(d - b'0') * 10i128.pow(8 - i as u32);
+    }
+    let total = secs * 1_000_000_000 + ns;
+    Some(if neg { -total } else { total })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_time() {
+        assert_eq!(parse_pax_time(b"1"), Some(1_000_000_000));
+        assert_eq!(parse_pax_time(b"1.5"), Some(1_500_000_000));
+        assert_eq!(parse_pax_time(b"-1.000000001"), Some(-1_000_000_001));
+        assert_eq!(parse_pax_time(b"1.1234567891"), Some(1_123_456_789));
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
+}

@@ -1,0 +1,580 @@
+//! Python bindings of layerstore: conversions, the one error mapping, GIL release. No logic.
+//!
+//! Calls that read or write layer data release the GIL (`py.detach`); they re-attach only to
+//! check for signals (Ctrl-C) and to report progress, about every 8 MiB. Small calls (lookups of
+//! metadata) keep the GIL: releasing it costs more than they do.
+
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use layerstore_core as core;
+use layerstore_core::compress::Compression;
+use layerstore_core::digest::Blake3;
+use layerstore_core::layer::{Entry as CoreEntry, LayerInfo};
+use layerstore_core::store::{ImportOptions, Imported};
+use layerstore_core::tar::Limits as CoreLimits;
+use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+mod errors;
+use errors::{to_py, CoreResultExt};
+
+/// Limits enforced while importing (bytes unless said otherwise).
+#[pyclass(frozen, get_all, module = "layerstore._core")]
+#[derive(Clone)]
+struct Limits {
+    max_bytes: u64,
+    max_entries: u64,
+    max_record: u64,
+    max_path_depth: u32,
+    max_trailing: u64,
+}
+
+#[pymethods]
+impl Limits {
+    #[new]
+    #[pyo3(signature = (*, max_bytes=None, max_entries=None, max_record=None, max_path_depth=None, max_trailing=None))]
+    fn new(
+        max_bytes: Option<u64>,
+        max_entries: Option<u64>,
+        max_record: Option<u64>,
+        max_path_depth: Option<u32>,
+        max_trailing: Option<u64>,
+    ) -> Self {
+        let d = CoreLimits::default();
+        Limits {
+            max_bytes: max_bytes.unwrap_or(d.max_bytes),
+            max_entries: max_entries.unwrap_or(d.max_entries),
+            max_record: max_record.unwrap_or(d.max_record),
+            max_path_depth: max_path_depth.unwrap_or(d.max_path_depth),
+            max_trailing: max_trailing.unwrap_or(d.max_trailing),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Limits(max_bytes={}, max_entries={}, max_record={}, max_path_depth={}, max_trailing={})",
+            self.max_bytes, self.max_entries, self.max_record, self.max_path_depth, self.max_trailing
+        )
+    }
+}
+
+impl Limits {
+    fn core(&self) -> CoreLimits {
+        CoreLimits {
+            max_bytes: self.max_bytes,
+            max_entries: self.max_entries,
+            max_record: self.max_record,
+            max_path_depth: self.max_path_depth,
+            max_trailing: self.max_trailing,
+        }
+    }
+}
+
+/// A content-addressed store of layers.
+#[pyclass(frozen, module = "layerstore._core")]
+struct Store {
+    inner: Arc<core::Store>,
+}
+
+/// One stored layer (a changeset).
+#[pyclass(frozen, module = "layerstore._core")]
+struct Layer {
+    store: Arc<core::Store>,
+    info: LayerInfo,
+}
+
+/// One entry of a layer's changeset.
+#[pyclass(frozen, module = "layerstore._core")]
+struct Entry {
+    e: CoreEntry,
+}
+
+fn os_str(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
+}
+
+/// Where an import reads from.
+enum Source {
+    Path(PathBuf),
+    Bytes(Vec<u8>),
+    File(Py<PyAny>),
+}
+
+fn source(obj: &Bound<'_, PyAny>) -> PyResult<Source> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(Source::Bytes(b.as_bytes().to_vec()));
+    }
+    if obj.hasattr("read")? {
+        return Ok(Source::File(obj.clone().unbind()));
+    }
+    if let Ok(p) = obj.extract::<PathBuf>() {
+        return Ok(Source::Path(p));
+    }
+    if let Ok(v) = obj.extract::<Vec<u8>>() {
+        return Ok(Source::Bytes(v));
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err("expected a path, bytes, or a binary file object"))
+}
+
+impl Source {
+    fn open(self) -> PyResult<Box<dyn Read + Send>> {
+        Ok(match self {
+            Source::Path(p) => Box::new(std::fs::File::open(&p).map_err(|e| io_to_py(e, &p))?),
+            Source::Bytes(b) => Box::new(io::Cursor::new(b)),
+            Source::File(f) => Box::new(PyReader(f)),
+        })
+    }
+}
+
+fn io_to_py(e: io::Error, p: &std::path::Path) -> PyErr {
+    let msg = format!("{}: {e}", p.display());
+    match e.kind() {
+        io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+        io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+        io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),
+        _ => PyOSError::new_err(msg),
+    }
+}
+
+/// A Python binary file object as a Rust reader (re-attaches for each read).
+struct PyReader(Py<PyAny>);
+
+impl Read for PyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Python::attach(|py| {
+            let data = self.0.bind(py).call_method1("read", (buf.len(),)).map_err(io::Error::other)?;
+            let data = data
+                .cast::<PyBytes>()
+                .map_err(|_| io::Error::other("the file object must be opened in binary mode"))?;
+            let bytes = data.as_bytes();
+            let n = bytes.len().min(buf.len());
+            buf[..n].copy_from_slice(&bytes[..n]);
+            Ok(n)
+        })
+    }
+}
+
+/// A Python binary file object as a Rust writer.
+struct PyWriter(Py<PyAny>);
+
+impl Write for PyWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Python::attach(|py| {
+            let n = self.0.bind(py).call_method1("write", (PyBytes::new(py, buf),)).map_err(io::Error::other)?;
+            Ok(n.extract::<Option<usize>>().ok().flatten().unwrap_or(buf.len()))
+        })
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Python::attach(|py| self.0.bind(py).call_method0("flush").map(|_| ()).map_err(io::Error::other))
+    }
+}
+
+/// Progress and Ctrl-C from inside a detached call: the first Python error is kept and re-raised.
+struct Interrupts {
+    callback: Option<Py<PyAny>>,
+    error: Mutex<Option<PyErr>>,
+}
+
+impl Interrupts {
+    fn new(callback: Option<Py<PyAny>>) -> Self {
+        Interrupts { callback, error: Mutex::new(None) }
+    }
+
+    fn check(&self, done: u64) -> core::Result<()> {
+        Python::attach(|py| {
+            let res = py.check_signals().and_then(|()| match &self.callback {
+                Some(cb) => cb.call1(py, (done,)).map(|_| ()),
+                None => Ok(()),
+            });
+            res.map_err(|e| {
+                if let Ok(mut slot) = self.error.lock() {
+                    slot.get_or_insert(e);
+                }
+                core::Error::Cancelled
+            })
+        })
+    }
+
+    /// Re-raise the Python error that cancelled the call, if any.
+    fn finish<T>(self, result: core::Result<T>) -> PyResult<T> {
+        match result {
+            Err(core::Error::Cancelled) => match self.error.into_inner().ok().flatten() {
+                Some(e) => Err(e),
+                None => Err(to_py(core::Error::Cancelled)),
+            },
+            other => other.py(),
+        }
+    }
+}
+
+fn emit_warnings(py: Python<'_>, warnings: &[String]) -> PyResult<()> {
+    if warnings.is_empty() {
+        return Ok(());
+    }
+    let category = py.import("layerstore._errors")?.getattr("LayerstoreWarning")?;
+    for w in warnings {
+        PyErr::warn(py, &category, &std::ffi::CString::new(w.replace('\0', "\\0"))?, 2)?;
+    }
+    Ok(())
+}
+
+fn layer_id(layer: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(l) = layer.cast::<Layer>() {
+        return Ok(l.get().info.id.to_string());
+    }
+    layer.extract::<String>()
+}
+
+#[pymethods]
+impl Store {
+    #[new]
+    #[pyo3(signature = (path, *, compression_level=3, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        compression_level: i32,
+        chunk_min: Option<u32>,
+        chunk_avg: Option<u32>,
+        chunk_max: Option<u32>,
+        max_depth: usize,
+        limits: Option<Limits>,
+    ) -> PyResult<Self> {
+        let d = core::chunk::ChunkParams::default();
+        let options = core::store::StoreOptions {
+            compression_level,
+            chunk: core::chunk::ChunkParams {
+                min: chunk_min.unwrap_or(d.min),
+                avg: chunk_avg.unwrap_or(d.avg),
+                max: chunk_max.unwrap_or(d.max),
+            },
+            max_depth,
+        };
+        let limits = limits.map(|l| l.core()).unwrap_or_default();
+        let inner = py.detach(|| core::Store::open(&path, options, limits)).py()?;
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    /// The store's directory.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.root().to_path_buf()
+    }
+
+    /// The settings fixed at creation.
+    #[getter]
+    fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let o = self.inner.options();
+        let d = PyDict::new(py);
+        d.set_item("compression_level", o.compression_level)?;
+        d.set_item("chunk_min", o.chunk.min)?;
+        d.set_item("chunk_avg", o.chunk.avg)?;
+        d.set_item("chunk_max", o.chunk.max)?;
+        d.set_item("max_depth", o.max_depth)?;
+        d.set_item("format_version", core::meta::FORMAT_VERSION)?;
+        Ok(d)
+    }
+
+    #[pyo3(signature = (src, /, *, expected_diff_id=None, expected_digest=None, limits=None, progress=None))]
+    fn import_tar(
+        &self,
+        py: Python<'_>,
+        src: &Bound<'_, PyAny>,
+        expected_diff_id: Option<String>,
+        expected_digest: Option<String>,
+        limits: Option<Limits>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Layer> {
+        let reader = source(src)?.open()?;
+        let opts = ImportOptions { expected_diff_id, expected_digest, limits: limits.map(|l| l.core()) };
+        let interrupts = Interrupts::new(progress);
+        let store = self.inner.clone();
+        let result = py.detach(|| store.import_tar(reader, &opts, &|n| interrupts.check(n)));
+        self.finish_import(py, interrupts.finish(result)?)
+    }
+
+    #[pyo3(signature = (path, /, *, exclude_xattrs=Vec::new(), expected_diff_id=None, limits=None, progress=None))]
+    fn import_dir(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        exclude_xattrs: Vec<String>,
+        expected_diff_id: Option<String>,
+        limits: Option<Limits>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Layer> {
+        let dir_opts = core::fsio::DirOptions {
+            exclude_xattrs: exclude_xattrs.into_iter().map(String::into_bytes).collect(),
+        };
+        let opts = ImportOptions { expected_diff_id, expected_digest: None, limits: limits.map(|l| l.core()) };
+        let interrupts = Interrupts::new(progress);
+        let store = self.inner.clone();
+        let result = py.detach(|| store.import_dir(&path, &dir_opts, &opts, &|n| interrupts.check(n)));
+        self.finish_import(py, interrupts.finish(result)?)
+    }
+
+    /// Write a layer as a tar; returns the digest of the bytes written.
+    #[pyo3(signature = (layer, dest, /, *, compression=None, progress=None))]
+    fn export_tar(
+        &self,
+        py: Python<'_>,
+        layer: &Bound<'_, PyAny>,
+        dest: &Bound<'_, PyAny>,
+        compression: Option<String>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<String> {
+        let info = self.inner.layer(&layer_id(layer)?).py()?;
+        let compression = Compression::parse(compression.as_deref()).py()?;
+        let interrupts = Interrupts::new(progress);
+        let store = self.inner.clone();
+        let result = if dest.hasattr("write")? {
+            let mut w = io::BufWriter::with_capacity(1 << 20, PyWriter(dest.clone().unbind()));
+            py.detach(|| {
+                let r = store.export_tar(&info.id, &mut w, compression, &|n| interrupts.check(n));
+                r.and_then(|e| w.flush().map(|()| e).map_err(core::Error::from))
+            })
+        } else {
+            let path: PathBuf = dest.extract()?;
+            py.detach(|| store.export_tar_to_path(&info.id, &path, compression, &|n| interrupts.check(n)))
+        };
+        Ok(interrupts.finish(result)?.digest)
+    }
+
+    fn layers(&self) -> PyResult<Vec<Layer>> {
+        let infos = self.inner.layers().py()?;
+        Ok(infos.into_iter().map(|info| Layer { store: self.inner.clone(), info }).collect())
+    }
+
+    /// Look a layer up by id, diff_id, blob digest or a unique hex prefix.
+    fn layer(&self, key: &Bound<'_, PyAny>) -> PyResult<Layer> {
+        let info = self.inner.layer(&layer_id(key)?).py()?;
+        Ok(Layer { store: self.inner.clone(), info })
+    }
+
+    fn delete(&self, layer: &Bound<'_, PyAny>) -> PyResult<()> {
+        let info = self.inner.layer(&layer_id(layer)?).py()?;
+        self.inner.delete(&info.id).py()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = py.detach(|| self.inner.stats()).py()?;
+        let d = PyDict::new(py);
+        d.set_item("layers", s.layers)?;
+        d.set_item("chunks", s.chunks)?;
+        d.set_item("packs", s.packs)?;
+        d.set_item("logical_bytes", s.logical_bytes)?;
+        d.set_item("content_bytes", s.content_bytes)?;
+        d.set_item("stored_bytes", s.stored_bytes)?;
+        d.set_item("metadata_bytes", s.metadata_bytes)?;
+        d.set_item("disk_bytes", s.disk_bytes)?;
+        d.set_item("dedup_ratio", s.dedup_ratio)?;
+        Ok(d)
+    }
+
+    fn gc<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = py.detach(|| self.inner.gc()).py()?;
+        let d = PyDict::new(py);
+        d.set_item("chunks_removed", r.chunks_removed)?;
+        d.set_item("packs_removed", r.packs_removed)?;
+        d.set_item("packs_rewritten", r.packs_rewritten)?;
+        d.set_item("bytes_reclaimed", r.bytes_reclaimed)?;
+        d.set_item("deferred", r.deferred)?;
+        Ok(d)
+    }
+
+    fn fsck<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = py.detach(|| self.inner.fsck()).py()?;
+        let d = PyDict::new(py);
+        d.set_item("ok", r.problems.is_empty())?;
+        d.set_item("problems", r.problems)?;
+        d.set_item("garbage", r.garbage)?;
+        d.set_item("chunks_checked", r.chunks_checked)?;
+        d.set_item("layers_checked", r.layers_checked)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Store({:?})", self.inner.root())
+    }
+}
+
+impl Store {
+    fn finish_import(&self, py: Python<'_>, imported: Imported) -> PyResult<Layer> {
+        emit_warnings(py, &imported.warnings)?;
+        Ok(Layer { store: self.inner.clone(), info: imported.layer })
+    }
+}
+
+#[pymethods]
+impl Layer {
+    /// `blake3:` digest of the uncompressed tar.
+    #[getter]
+    fn id(&self) -> String {
+        self.info.id.to_string()
+    }
+    /// `sha256:` digest of the uncompressed tar (the OCI DiffID).
+    #[getter]
+    fn diff_id(&self) -> &str {
+        &self.info.diff_id
+    }
+    /// `blake3:` digest of the canonical entry list.
+    #[getter]
+    fn tree_id(&self) -> String {
+        self.info.tree_id.to_string()
+    }
+    /// Size of the uncompressed tar in bytes.
+    #[getter]
+    fn size(&self) -> u64 {
+        self.info.size
+    }
+    #[getter]
+    fn entry_count(&self) -> u64 {
+        self.info.entry_count
+    }
+    /// sha256 digest of the compressed blob it was imported from, if any.
+    #[getter]
+    fn compressed_digest(&self) -> Option<&str> {
+        self.info.compressed_digest.as_deref()
+    }
+    #[getter]
+    fn compression(&self) -> Option<&str> {
+        self.info.compression.as_deref()
+    }
+    #[getter]
+    fn created(&self) -> i64 {
+        self.info.created_unix
+    }
+
+    /// The changeset: every entry in tar order, whiteouts and opaque markers included.
+    fn entries(&self, py: Python<'_>) -> PyResult<Vec<Entry>> {
+        let entries = py.detach(|| self.store.entries(&self.info.id)).py()?;
+        Ok(entries.into_iter().map(|e| Entry { e }).collect())
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<Layer>().is_ok_and(|o| o.get().info.id == self.info.id)
+    }
+
+    fn __hash__(&self) -> u64 {
+        u64::from_le_bytes(self.info.id.0[..8].try_into().expect("8 bytes"))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Layer(id={:?}, diff_id={:?}, size={}, entries={})", self.info.id.to_string(), self.info.diff_id, self.info.size, self.info.entry_count)
+    }
+}
+
+#[pymethods]
+impl Entry {
+    /// Absolute path within the layer (`/etc/passwd`); `/` for the root.
+    #[getter]
+    fn path(&self) -> std::ffi::OsString {
+        let mut p = Vec::with_capacity(self.e.path.len() + 1);
+        p.push(b'/');
+        p.extend_from_slice(&self.e.path);
+        os_str(&p).to_os_string()
+    }
+    /// `file`, `dir`, `symlink`, `hardlink`, `char`, `block`, `fifo`, `whiteout`, `opaque`, `other`.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.e.kind.name()
+    }
+    #[getter]
+    fn typeflag(&self) -> String {
+        (self.e.typeflag as char).to_string()
+    }
+    #[getter]
+    fn mode(&self) -> u32 {
+        self.e.mode
+    }
+    #[getter]
+    fn uid(&self) -> u64 {
+        self.e.uid
+    }
+    #[getter]
+    fn gid(&self) -> u64 {
+        self.e.gid
+    }
+    #[getter]
+    fn uname(&self) -> std::ffi::OsString {
+        os_str(&self.e.uname).to_os_string()
+    }
+    #[getter]
+    fn gname(&self) -> std::ffi::OsString {
+        os_str(&self.e.gname).to_os_string()
+    }
+    #[getter]
+    fn size(&self) -> u64 {
+        self.e.size
+    }
+    #[getter]
+    fn mtime_ns(&self) -> i64 {
+        self.e.mtime_ns
+    }
+    /// Symlink target as archived, or the hardlink's target path (absolute).
+    #[getter]
+    fn linkname(&self) -> Option<std::ffi::OsString> {
+        match self.e.kind {
+            core::layer::Kind::Hardlink => {
+                let mut p = vec![b'/'];
+                p.extend_from_slice(&self.e.link);
+                Some(os_str(&p).to_os_string())
+            }
+            _ if self.e.link.is_empty() => None,
+            _ => Some(os_str(&self.e.link).to_os_string()),
+        }
+    }
+    #[getter]
+    fn devmajor(&self) -> u32 {
+        self.e.devmajor
+    }
+    #[getter]
+    fn devminor(&self) -> u32 {
+        self.e.devminor
+    }
+    /// Device number as `os.makedev(devmajor, devminor)`.
+    #[getter]
+    fn rdev(&self) -> u64 {
+        let (ma, mi) = (u64::from(self.e.devmajor), u64::from(self.e.devminor));
+        ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
+    }
+    #[getter]
+    fn xattrs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in &self.e.xattrs {
+            d.set_item(os_str(k), PyBytes::new(py, v))?;
+        }
+        Ok(d)
+    }
+    /// `blake3:` digest of the content (entries with data), else None.
+    #[getter]
+    fn digest(&self) -> Option<String> {
+        self.e.digest.map(|d: Blake3| d.to_string())
+    }
+    #[getter]
+    fn chunk_count(&self) -> usize {
+        self.e.chunks.len()
+    }
+    #[getter]
+    fn sparse(&self) -> bool {
+        self.e.sparse
+    }
+    fn __repr__(&self) -> String {
+        format!("Entry({:?}, kind={:?}, size={})", String::from_utf8_lossy(&self.e.path), self.e.kind.name(), self.e.size)
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Store>()?;
+    m.add_class::<Layer>()?;
+    m.add_class::<Entry>()?;
+    m.add_class::<Limits>()?;
+    m.add("FORMAT_VERSION", core::meta::FORMAT_VERSION)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
