@@ -134,7 +134,8 @@ impl PackWriter {
                 .create_new(true)
                 .open(&path)
                 .ctx(|| format!("creating pack {}", path.display()))?;
-            f.write_all(PACK_MAGIC).ctx(|| "writing pack header".into())?;
+            f.write_all(PACK_MAGIC)
+                .ctx(|| "writing pack header".into())?;
             self.offset = PACK_MAGIC.len() as u64;
             self.file = Some(f);
         }
@@ -156,7 +157,8 @@ impl PackWriter {
             let offset = self.offset;
             let name = &self.name;
             let file = self.file.as_mut().expect("opened above");
-            file.write_all(&bytes).ctx(|| format!("writing pack {name}"))?;
+            file.write_all(&bytes)
+                .ctx(|| format!("writing pack {name}"))?;
             self.offset = offset + bytes.len() as u64;
             self.stored_bytes += bytes.len() as u64;
             for &(digest, inner_offset, len) in &block.chunks {
@@ -179,9 +181,12 @@ impl PackWriter {
     pub fn finish(mut self, crash: impl Fn(&str)) -> Result<Option<(Vec<ChunkLoc>, u64)>> {
         self.seal();
         self.write_sealed()?;
-        let Some(file) = self.file.take() else { return Ok(None) };
+        let Some(file) = self.file.take() else {
+            return Ok(None);
+        };
         crash("after-pack-write");
-        file.sync_all().ctx(|| format!("syncing pack {}", self.name))?;
+        file.sync_all()
+            .ctx(|| format!("syncing pack {}", self.name))?;
         sync_dir(&self.dir)?;
         crash("after-sync");
         Ok(Some((std::mem::take(&mut self.locs), self.offset)))
@@ -228,7 +233,11 @@ pub struct PackReader {
 
 impl PackReader {
     pub fn new(dir: &Path) -> Self {
-        PackReader { dir: dir.to_path_buf(), files: HashMap::new(), cache: None }
+        PackReader {
+            dir: dir.to_path_buf(),
+            files: HashMap::new(),
+            cache: None,
+        }
     }
 
     fn block(&mut self, loc: &ChunkLoc) -> Result<Arc<Vec<u8>>> {
@@ -246,11 +255,19 @@ impl PackReader {
         let mut raw = vec![0u8; loc.block_len as usize];
         f.seek(SeekFrom::Start(loc.block_offset))
             .and_then(|_| f.read_exact(&mut raw))
-            .map_err(|e| Error::Corrupt(format!("pack {} block at {}: {e}", loc.pack, loc.block_offset)))?;
+            .map_err(|e| {
+                Error::Corrupt(format!(
+                    "pack {} block at {}: {e}",
+                    loc.pack, loc.block_offset
+                ))
+            })?;
         let data = match loc.codec {
             Codec::Raw => raw,
             Codec::Zstd => zstd::stream::decode_all(&raw[..]).map_err(|e| {
-                Error::Corrupt(format!("pack {} block at {}: {e}", loc.pack, loc.block_offset))
+                Error::Corrupt(format!(
+                    "pack {} block at {}: {e}",
+                    loc.pack, loc.block_offset
+                ))
             })?,
         };
         let data = Arc::new(data);
@@ -267,7 +284,10 @@ impl PackReader {
             Error::Corrupt(format!("chunk {} lies outside its block", loc.digest))
         })?;
         if Blake3::of(data) != loc.digest {
-            return Err(Error::Corrupt(format!("chunk {} does not match its digest", loc.digest)));
+            return Err(Error::Corrupt(format!(
+                "chunk {} does not match its digest",
+                loc.digest
+            )));
         }
         out.clear();
         out.extend_from_slice(data);
@@ -298,7 +318,10 @@ mod tests {
         }
         let (locs, len) = w.finish(|_| {}).unwrap().unwrap();
         assert_eq!(locs.len(), 300);
-        assert_eq!(std::fs::metadata(dir.path().join("p1.pack")).unwrap().len(), len);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("p1.pack")).unwrap().len(),
+            len
+        );
         let mut r = PackReader::new(dir.path());
         let mut buf = Vec::new();
         for (loc, (d, data)) in locs.iter().zip(&chunks) {
@@ -331,7 +354,9 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let err = PackReader::new(dir.path()).read(&locs[0], &mut Vec::new()).unwrap_err();
+        let err = PackReader::new(dir.path())
+            .read(&locs[0], &mut Vec::new())
+            .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Integrity);
     }
 }

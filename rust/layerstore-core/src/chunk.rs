@@ -22,7 +22,11 @@ pub struct ChunkParams {
 
 impl Default for ChunkParams {
     fn default() -> Self {
-        ChunkParams { min: 16 * 1024, avg: 64 * 1024, max: 256 * 1024 }
+        ChunkParams {
+            min: 16 * 1024,
+            avg: 64 * 1024,
+            max: 256 * 1024,
+        }
     }
 }
 
@@ -36,7 +40,9 @@ impl ChunkParams {
         if ok {
             Ok(())
         } else {
-            Err(Error::InvalidLayer(format!("invalid chunk parameters {self:?}")))
+            Err(Error::InvalidLayer(format!(
+                "invalid chunk parameters {self:?}"
+            )))
         }
     }
 
@@ -86,7 +92,12 @@ pub struct Chunker {
 
 impl Chunker {
     pub fn new(params: ChunkParams) -> Self {
-        Chunker { params, buf: vec![0; 2 * params.max as usize], start: 0, end: 0 }
+        Chunker {
+            params,
+            buf: vec![0; 2 * params.max as usize],
+            start: 0,
+            end: 0,
+        }
     }
 
     pub fn params(&self) -> ChunkParams {
@@ -160,23 +171,36 @@ mod tests {
             }
         }
         let mut got = Vec::new();
-        Chunker::new(p).run(Odd(&data, 1), |c| {
-            got.push(c.len());
-            Ok(())
-        })
-        .unwrap();
+        Chunker::new(p)
+            .run(Odd(&data, 1), |c| {
+                got.push(c.len());
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(got, expect);
         assert!(got.iter().all(|&n| n <= p.max as usize));
     }
 
     #[test]
+    fn driver_agrees_with_the_fastcdc_crate_iterator() {
+        let p = ChunkParams::default();
+        let data = noise(2 * 1024 * 1024, 99);
+        let ours: Vec<usize> = p.split(&data).iter().map(|c| c.len()).collect();
+        let theirs: Vec<usize> = v2020::FastCDC::new(&data, p.min, p.avg, p.max)
+            .map(|c| c.length)
+            .collect();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
     fn empty_input_gives_no_chunk() {
         let mut n = 0;
-        Chunker::new(ChunkParams::default()).run(&b""[..], |_| {
-            n += 1;
-            Ok(())
-        })
-        .unwrap();
+        Chunker::new(ChunkParams::default())
+            .run(&b""[..], |_| {
+                n += 1;
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(n, 0);
     }
 }

@@ -56,7 +56,9 @@ pub fn detect<R: BufRead>(r: &mut R) -> io::Result<Compression> {
 }
 
 /// Wrap `src` in the decoder its magic bytes call for.
-pub fn decoder<'a, R: Read + Send + 'a>(src: R) -> io::Result<(Compression, Box<dyn Read + Send + 'a>)> {
+pub fn decoder<'a, R: Read + Send + 'a>(
+    src: R,
+) -> io::Result<(Compression, Box<dyn Read + Send + 'a>)> {
     let mut buf = BufReader::with_capacity(256 * 1024, src);
     let kind = detect(&mut buf)?;
     let reader: Box<dyn Read + Send> = match kind {
@@ -82,9 +84,10 @@ impl<W: Write> Encoder<W> {
     pub fn new(kind: Compression, out: W) -> io::Result<Self> {
         Ok(match kind {
             Compression::None => Encoder::Plain(out),
-            Compression::Gzip => {
-                Encoder::Gzip(flate2::write::GzEncoder::new(out, flate2::Compression::default()))
-            }
+            Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
+                out,
+                flate2::Compression::default(),
+            )),
             Compression::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(out, 3)?;
                 e.include_checksum(true)?;

@@ -82,10 +82,17 @@ impl OciDigest {
             "sha512" => (OciAlgorithm::Sha512, 128),
             _ => return Err(bad()),
         };
-        if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() != len
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(bad());
         }
-        Ok(OciDigest { algorithm, hex: hex.to_string() })
+        Ok(OciDigest {
+            algorithm,
+            hex: hex.to_string(),
+        })
     }
 }
 
@@ -142,7 +149,10 @@ impl StreamHasher {
                 }
             })
             .expect("spawn hasher thread");
-        StreamHasher { tx: Some(tx), handle: Some(handle) }
+        StreamHasher {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     pub fn update(&self, block: std::sync::Arc<[u8]>) {
@@ -154,7 +164,11 @@ impl StreamHasher {
 
     pub fn finish(mut self) -> StreamDigests {
         drop(self.tx.take());
-        self.handle.take().expect("finish once").join().expect("hasher thread panicked")
+        self.handle
+            .take()
+            .expect("finish once")
+            .join()
+            .expect("hasher thread panicked")
     }
 }
 
@@ -174,7 +188,11 @@ pub fn check_expected(what: &str, expected: &OciDigest, got: &StreamDigests) -> 
         OciAlgorithm::Sha512 => got.sha512.clone().unwrap_or_default(),
     };
     if found != expected.to_string() {
-        return Err(Error::DigestMismatch { what: what.into(), expected: expected.to_string(), found });
+        return Err(Error::DigestMismatch {
+            what: what.into(),
+            expected: expected.to_string(),
+            found,
+        });
     }
     Ok(())
 }
@@ -195,7 +213,10 @@ mod tests {
             d.sha256,
             "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
         );
-        assert!(d.sha512.unwrap().starts_with("sha512:309ecc489c12d6eb4cc40f50c902f2b4"));
+        assert!(d
+            .sha512
+            .unwrap()
+            .starts_with("sha512:309ecc489c12d6eb4cc40f50c902f2b4"));
     }
 
     #[test]

@@ -31,13 +31,29 @@ pub enum ErrorKind {
 #[non_exhaustive]
 pub enum Error {
     #[error("invalid layer: {reason} (entry {entry}, byte offset {offset})")]
-    InvalidTar { reason: String, entry: u64, offset: u64 },
+    InvalidTar {
+        reason: String,
+        entry: u64,
+        offset: u64,
+    },
     #[error("invalid layer: {0}")]
     InvalidLayer(String),
-    #[error("limit exceeded: {what} is {found}, limit {limit} (entry {entry}, byte offset {offset})")]
-    LimitExceeded { what: &'static str, found: u64, limit: u64, entry: u64, offset: u64 },
+    #[error(
+        "limit exceeded: {what} is {found}, limit {limit} (entry {entry}, byte offset {offset})"
+    )]
+    LimitExceeded {
+        what: &'static str,
+        found: u64,
+        limit: u64,
+        entry: u64,
+        offset: u64,
+    },
     #[error("digest mismatch for {what}: expected {expected}, found {found}")]
-    DigestMismatch { what: String, expected: String, found: String },
+    DigestMismatch {
+        what: String,
+        expected: String,
+        found: String,
+    },
     #[error("corrupt object: {0}")]
     Corrupt(String),
     #[error("not found: {0}")]
@@ -79,7 +95,10 @@ impl Error {
     }
 
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -90,7 +109,10 @@ impl From<io::Error> for Error {
             let inner = source.into_inner().expect("checked above");
             return *inner.downcast::<Error>().expect("checked above");
         }
-        Error::Io { context: "I/O".into(), source }
+        Error::Io {
+            context: "I/O".into(),
+            source,
+        }
     }
 }
 

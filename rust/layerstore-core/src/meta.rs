@@ -98,7 +98,11 @@ pub fn init(conn: &mut Connection, defaults: &[(&str, String)]) -> Result<Vec<(S
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
     let version: Option<String> = tx
-        .query_row("SELECT value FROM settings WHERE key = 'format_version'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM settings WHERE key = 'format_version'",
+            [],
+            |r| r.get(0),
+        )
         .optional()?;
     match version {
         None => {
@@ -107,14 +111,17 @@ pub fn init(conn: &mut Connection, defaults: &[(&str, String)]) -> Result<Vec<(S
                 [FORMAT_VERSION.to_string()],
             )?;
             for (k, v) in defaults {
-                tx.execute("INSERT INTO settings (key, value) VALUES (?1, ?2)", params![k, v])?;
+                tx.execute(
+                    "INSERT INTO settings (key, value) VALUES (?1, ?2)",
+                    params![k, v],
+                )?;
             }
         }
         Some(v) if v == FORMAT_VERSION.to_string() => {}
         Some(v) => {
             return Err(Error::Conflict(format!(
-                "store format version {v} is not supported (this build reads version {FORMAT_VERSION})"
-            )))
+            "store format version {v} is not supported (this build reads version {FORMAT_VERSION})"
+        )))
         }
     }
     let mut stmt = tx.prepare("SELECT key, value FROM settings")?;
@@ -131,11 +138,21 @@ pub fn chunk_exists(conn: &Connection, digest: &Blake3) -> Result<bool> {
     Ok(stmt.exists([&digest.0[..]])?)
 }
 
-fn loc_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, String, u64, u64, u8, u32, u32)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+type LocRow = (Vec<u8>, String, u64, u64, u8, u32, u32);
+
+fn loc_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LocRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
 }
 
-fn make_loc(row: (Vec<u8>, String, u64, u64, u8, u32, u32)) -> Result<ChunkLoc> {
+fn make_loc(row: LocRow) -> Result<ChunkLoc> {
     let (digest, pack, block_offset, block_len, codec, inner_offset, len) = row;
     let digest: [u8; 32] = digest
         .try_into()
@@ -154,14 +171,22 @@ fn make_loc(row: (Vec<u8>, String, u64, u64, u8, u32, u32)) -> Result<ChunkLoc> 
 const LOC_COLUMNS: &str = "digest, pack, block_offset, block_len, codec, inner_offset, len";
 
 pub fn chunk_loc(conn: &Connection, digest: &Blake3) -> Result<Option<ChunkLoc>> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {LOC_COLUMNS} FROM chunks WHERE digest = ?1"))?;
-    stmt.query_row([&digest.0[..]], loc_from_row).optional()?.map(make_loc).transpose()
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {LOC_COLUMNS} FROM chunks WHERE digest = ?1"
+    ))?;
+    stmt.query_row([&digest.0[..]], loc_from_row)
+        .optional()?
+        .map(make_loc)
+        .transpose()
 }
 
 pub fn all_chunk_locs(conn: &Connection) -> Result<Vec<ChunkLoc>> {
-    let mut stmt = conn.prepare(&format!("SELECT {LOC_COLUMNS} FROM chunks ORDER BY pack, block_offset"))?;
-    let rows = stmt.query_map([], loc_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {LOC_COLUMNS} FROM chunks ORDER BY pack, block_offset"
+    ))?;
+    let rows = stmt
+        .query_map([], loc_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(make_loc).collect()
 }
 
@@ -193,18 +218,37 @@ pub struct LayerRow {
 const LAYER_COLUMNS: &str =
     "id, diff_id, tree_id, size, entry_count, compressed_digest, compression, created";
 
-fn info_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, u64, u64, Option<String>, Option<String>, i64)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+fn info_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InfoRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
 }
 
-type InfoRow = (String, String, String, u64, u64, Option<String>, Option<String>, i64);
+type InfoRow = (
+    String,
+    String,
+    String,
+    u64,
+    u64,
+    Option<String>,
+    Option<String>,
+    i64,
+);
 
 fn make_info(row: InfoRow) -> Result<LayerInfo> {
     let (id, diff_id, tree_id, size, entry_count, compressed_digest, compression, created) = row;
     Ok(LayerInfo {
         id: Blake3::parse(&id).map_err(|_| Error::Corrupt(format!("bad layer id {id:?}")))?,
         diff_id,
-        tree_id: Blake3::parse(&tree_id).map_err(|_| Error::Corrupt(format!("bad tree id {tree_id:?}")))?,
+        tree_id: Blake3::parse(&tree_id)
+            .map_err(|_| Error::Corrupt(format!("bad tree id {tree_id:?}")))?,
         size,
         entry_count,
         compressed_digest,
@@ -214,7 +258,9 @@ fn make_info(row: InfoRow) -> Result<LayerInfo> {
 }
 
 pub fn layer_exists(conn: &Connection, id: &Blake3) -> Result<bool> {
-    Ok(conn.prepare_cached("SELECT 1 FROM layers WHERE id = ?1")?.exists([id.to_string()])?)
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM layers WHERE id = ?1")?
+        .exists([id.to_string()])?)
 }
 
 pub fn insert_layer(conn: &Connection, row: &LayerRow, chunk_set: &[Blake3]) -> Result<()> {
@@ -234,7 +280,8 @@ pub fn insert_layer(conn: &Connection, row: &LayerRow, chunk_set: &[Blake3]) -> 
             row.split
         ],
     )?;
-    let mut stmt = conn.prepare_cached("INSERT OR IGNORE INTO layer_chunks (layer, digest) VALUES (?1, ?2)")?;
+    let mut stmt =
+        conn.prepare_cached("INSERT OR IGNORE INTO layer_chunks (layer, digest) VALUES (?1, ?2)")?;
     let id = i.id.to_string();
     for d in chunk_set {
         stmt.execute(params![id, &d.0[..]])?;
@@ -242,7 +289,12 @@ pub fn insert_layer(conn: &Connection, row: &LayerRow, chunk_set: &[Blake3]) -> 
     Ok(())
 }
 
-pub fn insert_blob_digest(conn: &Connection, digest: &str, layer: &Blake3, compression: &str) -> Result<()> {
+pub fn insert_blob_digest(
+    conn: &Connection,
+    digest: &str,
+    layer: &Blake3,
+    compression: &str,
+) -> Result<()> {
     conn.execute(
         "INSERT OR IGNORE INTO blob_digests (digest, layer, compression) VALUES (?1, ?2, ?3)",
         params![digest, layer.to_string(), compression],
@@ -272,7 +324,11 @@ pub fn find_layer(conn: &Connection, key: &str) -> Result<LayerInfo> {
             .collect::<rusqlite::Result<Vec<_>>>()?;
         match rows.len() {
             1 => return make_info(rows.into_iter().next().expect("one row")),
-            2 => return Err(Error::NotFound(format!("layer prefix {key:?} is ambiguous"))),
+            2 => {
+                return Err(Error::NotFound(format!(
+                    "layer prefix {key:?} is ambiguous"
+                )))
+            }
             _ => {}
         }
     }
@@ -280,15 +336,21 @@ pub fn find_layer(conn: &Connection, key: &str) -> Result<LayerInfo> {
 }
 
 pub fn list_layers(conn: &Connection) -> Result<Vec<LayerInfo>> {
-    let mut stmt = conn.prepare(&format!("SELECT {LAYER_COLUMNS} FROM layers ORDER BY created, id"))?;
-    let rows = stmt.query_map([], info_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {LAYER_COLUMNS} FROM layers ORDER BY created, id"
+    ))?;
+    let rows = stmt
+        .query_map([], info_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(make_info).collect()
 }
 
 pub fn layer_blobs(conn: &Connection, id: &Blake3) -> Result<(Vec<u8>, Vec<u8>)> {
-    conn.query_row("SELECT entries, split FROM layers WHERE id = ?1", [id.to_string()], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
+    conn.query_row(
+        "SELECT entries, split FROM layers WHERE id = ?1",
+        [id.to_string()],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
     .optional()?
     .ok_or_else(|| Error::NotFound(format!("no layer {id}")))
 }
@@ -299,7 +361,11 @@ pub fn layer_chunk_set(conn: &Connection, id: &Blake3) -> Result<Vec<Blake3>> {
         .query_map([id.to_string()], |r| r.get::<_, Vec<u8>>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter()
-        .map(|d| d.try_into().map(Blake3).map_err(|_| Error::Corrupt("bad digest in layer_chunks".into())))
+        .map(|d| {
+            d.try_into()
+                .map(Blake3)
+                .map_err(|_| Error::Corrupt("bad digest in layer_chunks".into()))
+        })
         .collect()
 }
 
@@ -307,9 +373,15 @@ pub fn layer_chunk_set(conn: &Connection, id: &Blake3) -> Result<Vec<Blake3>> {
 pub fn delete_layer(conn: &mut Connection, id: &Blake3) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let key = id.to_string();
-    let users: i64 = tx.query_row("SELECT count(*) FROM stack_layers WHERE layer = ?1", [&key], |r| r.get(0))?;
+    let users: i64 = tx.query_row(
+        "SELECT count(*) FROM stack_layers WHERE layer = ?1",
+        [&key],
+        |r| r.get(0),
+    )?;
     if users > 0 {
-        return Err(Error::Conflict(format!("layer {id} is used by {users} stack(s); untag or delete them first")));
+        return Err(Error::Conflict(format!(
+            "layer {id} is used by {users} stack(s); untag or delete them first"
+        )));
     }
     tx.execute("DELETE FROM layer_chunks WHERE layer = ?1", [&key])?;
     tx.execute("DELETE FROM blob_digests WHERE layer = ?1", [&key])?;
@@ -321,13 +393,18 @@ pub fn delete_layer(conn: &mut Connection, id: &Blake3) -> Result<()> {
 }
 
 pub fn insert_pack(conn: &Connection, name: &str, size: u64) -> Result<()> {
-    conn.execute("INSERT INTO packs (name, size) VALUES (?1, ?2)", params![name, size])?;
+    conn.execute(
+        "INSERT INTO packs (name, size) VALUES (?1, ?2)",
+        params![name, size],
+    )?;
     Ok(())
 }
 
 pub fn packs(conn: &Connection) -> Result<Vec<(String, u64)>> {
     let mut stmt = conn.prepare("SELECT name, size FROM packs ORDER BY name")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
@@ -358,7 +435,14 @@ pub fn release_lease(conn: &Connection, id: i64) -> Result<()> {
 pub fn live_leases(conn: &Connection) -> Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT id, pid, start_time, pack FROM leases")?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, u32>(1)?, r.get::<_, u64>(2)?, r.get::<_, String>(3)?)))?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, u64>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut live = Vec::new();
     for (id, pid, start, pack) in rows {

@@ -42,7 +42,11 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { compression_level: 3, chunk: ChunkParams::default(), max_depth: 127 }
+        StoreOptions {
+            compression_level: 3,
+            chunk: ChunkParams::default(),
+            max_depth: 127,
+        }
     }
 }
 
@@ -157,8 +161,10 @@ impl Store {
     /// of an existing store are the ones it was created with.
     pub fn open(root: &Path, options: StoreOptions, limits: Limits) -> Result<Self> {
         options.chunk.validate()?;
-        fs::create_dir_all(root.join("packs")).ctx(|| format!("creating store {}", root.display()))?;
-        fs::create_dir_all(root.join("tmp")).ctx(|| format!("creating store {}", root.display()))?;
+        fs::create_dir_all(root.join("packs"))
+            .ctx(|| format!("creating store {}", root.display()))?;
+        fs::create_dir_all(root.join("tmp"))
+            .ctx(|| format!("creating store {}", root.display()))?;
         let mut conn = meta::open(&root.join("meta.db"))?;
         let defaults = vec![
             ("compression_level", options.compression_level.to_string()),
@@ -177,14 +183,25 @@ impl Store {
                 .ok_or_else(|| Error::Corrupt(format!("store setting {k} missing")))
         };
         let num = |k: &str| -> Result<u64> {
-            get(k)?.parse().map_err(|_| Error::Corrupt(format!("store setting {k} is not a number")))
+            get(k)?
+                .parse()
+                .map_err(|_| Error::Corrupt(format!("store setting {k} is not a number")))
         };
         let options = StoreOptions {
             compression_level: num("compression_level")? as i32,
-            chunk: ChunkParams { min: num("chunk_min")? as u32, avg: num("chunk_avg")? as u32, max: num("chunk_max")? as u32 },
+            chunk: ChunkParams {
+                min: num("chunk_min")? as u32,
+                avg: num("chunk_avg")? as u32,
+                max: num("chunk_max")? as u32,
+            },
             max_depth: num("max_depth")? as usize,
         };
-        Ok(Store { root: root.to_path_buf(), options, limits, pool: Mutex::new(vec![conn]) })
+        Ok(Store {
+            root: root.to_path_buf(),
+            options,
+            limits,
+            pool: Mutex::new(vec![conn]),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -200,12 +217,19 @@ impl Store {
     }
 
     fn conn(&self) -> Result<Conn<'_>> {
-        let pooled = self.pool.lock().map_err(|_| Error::Conflict("connection pool poisoned".into()))?.pop();
+        let pooled = self
+            .pool
+            .lock()
+            .map_err(|_| Error::Conflict("connection pool poisoned".into()))?
+            .pop();
         let conn = match pooled {
             Some(c) => c,
             None => meta::open(&self.root.join("meta.db"))?,
         };
-        Ok(Conn { store: self, conn: Some(conn) })
+        Ok(Conn {
+            store: self,
+            conn: Some(conn),
+        })
     }
 
     fn packs_dir(&self) -> PathBuf {
@@ -219,25 +243,43 @@ impl Store {
         opts: &ImportOptions,
         progress: Progress<'_>,
     ) -> Result<Imported> {
-        let expected_diff_id = opts.expected_diff_id.as_deref().map(OciDigest::parse).transpose()?;
-        let expected_digest = opts.expected_digest.as_deref().map(OciDigest::parse).transpose()?;
-        let want_sha512 = [&expected_diff_id, &expected_digest]
-            .iter()
-            .any(|d| d.as_ref().is_some_and(|d| d.algorithm == digest::OciAlgorithm::Sha512));
+        let expected_diff_id = opts
+            .expected_diff_id
+            .as_deref()
+            .map(OciDigest::parse)
+            .transpose()?;
+        let expected_digest = opts
+            .expected_digest
+            .as_deref()
+            .map(OciDigest::parse)
+            .transpose()?;
+        let want_sha512 = [&expected_diff_id, &expected_digest].iter().any(|d| {
+            d.as_ref()
+                .is_some_and(|d| d.algorithm == digest::OciAlgorithm::Sha512)
+        });
         let limits = opts.limits.unwrap_or(self.limits);
 
         let pack_name = format!("{}.pack", unique_name());
         let mut conn = self.conn()?;
         let lease = meta::acquire_lease(&conn, &pack_name)?;
-        let result = self.import_leased(src, &mut conn, &pack_name, lease, limits, want_sha512, progress, |d, c| {
-            if let Some(e) = &expected_diff_id {
-                digest::check_expected("diff_id", e, d)?;
-            }
-            if let Some(e) = &expected_digest {
-                digest::check_expected("blob digest", e, c.unwrap_or(d))?;
-            }
-            Ok(())
-        });
+        let result = self.import_leased(
+            src,
+            &mut conn,
+            &pack_name,
+            lease,
+            limits,
+            want_sha512,
+            progress,
+            |d, c| {
+                if let Some(e) = &expected_diff_id {
+                    digest::check_expected("diff_id", e, d)?;
+                }
+                if let Some(e) = &expected_digest {
+                    digest::check_expected("blob digest", e, c.unwrap_or(d))?;
+                }
+                Ok(())
+            },
+        );
         if result.is_err() {
             let _ = meta::release_lease(&conn, lease);
         }
@@ -261,19 +303,46 @@ impl Store {
             chunker: Chunker::new(self.options.chunk),
             conn,
             known: HashSet::new(),
-            writer: PackWriter::new(&self.packs_dir(), pack_name.to_string(), self.options.compression_level),
+            writer: PackWriter::new(
+                &self.packs_dir(),
+                pack_name.to_string(),
+                self.options.compression_level,
+            ),
             new_chunks: 0,
             new_bytes: 0,
         };
-        let input = ChannelReader { rx: blocks, cur: Arc::from(&[][..]), pos: 0, total: 0, reported: 0, progress };
+        let input = ChannelReader {
+            rx: blocks,
+            cur: Arc::from(&[][..]),
+            pos: 0,
+            total: 0,
+            reported: 0,
+            progress,
+        };
         let split = Splitter::new(input, limits, &mut sink).run();
         // Stop the reader (it may be blocked sending) before looking at its result.
-        let reader_out = reader.join().map_err(|_| Error::Corrupt("reader thread panicked".into()))?;
-        let SplitOutput { split, entries, warnings } = split?;
-        let ReaderOut { compression, compressed, uncompressed } = reader_out?;
+        let reader_out = reader
+            .join()
+            .map_err(|_| Error::Corrupt("reader thread panicked".into()))?;
+        let SplitOutput {
+            split,
+            entries,
+            warnings,
+        } = split?;
+        let ReaderOut {
+            compression,
+            compressed,
+            uncompressed,
+        } = reader_out?;
         check(&uncompressed, compressed.as_ref())?;
 
-        let ImportSink { writer, new_chunks, new_bytes, conn, .. } = sink;
+        let ImportSink {
+            writer,
+            new_chunks,
+            new_bytes,
+            conn,
+            ..
+        } = sink;
         let info = LayerInfo {
             id: uncompressed.blake3,
             diff_id: uncompressed.sha256.clone(),
@@ -285,12 +354,19 @@ impl Store {
             created_unix: meta::now(),
         };
         let chunk_set: Vec<Blake3> = {
-            let mut set: Vec<Blake3> = entries.iter().flat_map(|e| e.chunks.iter().map(|c| c.digest)).collect();
+            let mut set: Vec<Blake3> = entries
+                .iter()
+                .flat_map(|e| e.chunks.iter().map(|c| c.digest))
+                .collect();
             set.sort_unstable();
             set.dedup();
             set
         };
-        let row = meta::LayerRow { info: info.clone(), entries: encode_blob(&entries)?, split: encode_blob(&split)? };
+        let row = meta::LayerRow {
+            info: info.clone(),
+            entries: encode_blob(&entries)?,
+            split: encode_blob(&split)?,
+        };
         let pack = writer.finish(crash_point)?;
 
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -319,7 +395,13 @@ impl Store {
         } else {
             info
         };
-        Ok(Imported { layer, existed, new_chunks, new_bytes, warnings })
+        Ok(Imported {
+            layer,
+            existed,
+            new_chunks,
+            new_bytes,
+            warnings,
+        })
     }
 
     /// Import a directory tree as one layer (a canonical tar made on the fly).
@@ -332,11 +414,16 @@ impl Store {
     ) -> Result<Imported> {
         let meta = fs::metadata(path).ctx(|| format!("reading {}", path.display()))?;
         if !meta.is_dir() {
-            return Err(Error::InvalidLayer(format!("{} is not a directory", path.display())));
+            return Err(Error::InvalidLayer(format!(
+                "{} is not a directory",
+                path.display()
+            )));
         }
         let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
         let root = path.to_path_buf();
-        let dir_opts = fsio::DirOptions { exclude_xattrs: dir_opts.exclude_xattrs.clone() };
+        let dir_opts = fsio::DirOptions {
+            exclude_xattrs: dir_opts.exclude_xattrs.clone(),
+        };
         let producer: JoinHandle<Result<Vec<String>>> = std::thread::spawn(move || {
             let mut warnings = Vec::new();
             let out = io::BufWriter::with_capacity(1 << 20, writer);
@@ -344,7 +431,9 @@ impl Store {
             Ok(warnings)
         });
         let imported = self.import_tar(Box::new(reader), opts, progress);
-        let produced = producer.join().map_err(|_| Error::Corrupt("directory walker panicked".into()))?;
+        let produced = producer
+            .join()
+            .map_err(|_| Error::Corrupt("directory walker panicked".into()))?;
         // The walker's error explains an import failure (a broken pipe) better than the import's.
         let walk_warnings = produced?;
         let mut imported = imported?;
@@ -376,13 +465,24 @@ impl Store {
     }
 
     /// Write the layer's tar to `out`, compressed as asked. Every chunk is verified on read.
-    pub fn export_tar(&self, id: &Blake3, out: &mut dyn Write, compression: Compression, progress: Progress<'_>) -> Result<Exported> {
+    pub fn export_tar(
+        &self,
+        id: &Blake3,
+        out: &mut dyn Write,
+        compression: Compression,
+        progress: Progress<'_>,
+    ) -> Result<Exported> {
         let info = meta::find_layer(&*self.conn()?, &id.to_string())?;
         let (entries, split) = self.load(id)?;
         let conn = self.conn()?;
         let mut reader = PackReader::new(&self.packs_dir());
-        let mut counted = HashingWriter { inner: out, sha: (compression != Compression::None).then(sha2::Sha256::new), len: 0 };
-        let mut enc = Encoder::new(compression, &mut counted).ctx(|| "starting the encoder".into())?;
+        let mut counted = HashingWriter {
+            inner: out,
+            sha: (compression != Compression::None).then(sha2::Sha256::new),
+            len: 0,
+        };
+        let mut enc =
+            Encoder::new(compression, &mut counted).ctx(|| "starting the encoder".into())?;
         let mut raw_pos = 0usize;
         let mut buf = Vec::new();
         let mut done = 0u64;
@@ -390,16 +490,21 @@ impl Store {
             match *op {
                 Op::Raw(n) => {
                     let end = raw_pos + n as usize;
-                    let bytes = split.raw.get(raw_pos..end).ok_or_else(|| Error::Corrupt(format!("layer {id}: raw segment out of range")))?;
+                    let bytes = split.raw.get(raw_pos..end).ok_or_else(|| {
+                        Error::Corrupt(format!("layer {id}: raw segment out of range"))
+                    })?;
                     enc.write_all(bytes).ctx(|| "writing the export".into())?;
                     raw_pos = end;
                     done += n;
                 }
                 Op::Payload(i) => {
-                    let entry = entries.get(i as usize).ok_or_else(|| Error::Corrupt(format!("layer {id}: payload of missing entry {i}")))?;
+                    let entry = entries.get(i as usize).ok_or_else(|| {
+                        Error::Corrupt(format!("layer {id}: payload of missing entry {i}"))
+                    })?;
                     for c in &entry.chunks {
-                        let loc = meta::chunk_loc(&conn, &c.digest)?
-                            .ok_or_else(|| Error::Corrupt(format!("layer {id}: chunk {} is missing", c.digest)))?;
+                        let loc = meta::chunk_loc(&conn, &c.digest)?.ok_or_else(|| {
+                            Error::Corrupt(format!("layer {id}: chunk {} is missing", c.digest))
+                        })?;
                         reader.read(&loc, &mut buf)?;
                         enc.write_all(&buf).ctx(|| "writing the export".into())?;
                         done += buf.len() as u64;
@@ -410,24 +515,40 @@ impl Store {
         }
         enc.finish().ctx(|| "finishing the export".into())?;
         if done != info.size {
-            return Err(Error::Corrupt(format!("layer {id}: rebuilt {done} bytes, expected {}", info.size)));
+            return Err(Error::Corrupt(format!(
+                "layer {id}: rebuilt {done} bytes, expected {}",
+                info.size
+            )));
         }
         let digest = match counted.sha.take() {
             Some(sha) => digest::sha256_string(&sha.finalize()),
             None => info.diff_id.clone(),
         };
-        Ok(Exported { digest, size: counted.len })
+        Ok(Exported {
+            digest,
+            size: counted.len,
+        })
     }
 
     /// Export to a path atomically (a temporary file renamed into place).
-    pub fn export_tar_to_path(&self, id: &Blake3, dest: &Path, compression: Compression, progress: Progress<'_>) -> Result<Exported> {
-        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    pub fn export_tar_to_path(
+        &self,
+        id: &Blake3,
+        dest: &Path,
+        compression: Compression,
+        progress: Progress<'_>,
+    ) -> Result<Exported> {
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let tmp = dir.join(format!(".{}.layerstore-tmp", unique_name()));
         let result = (|| {
             let f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
             let mut w = io::BufWriter::with_capacity(1 << 20, f);
             let exported = self.export_tar(id, &mut w, compression, progress)?;
-            w.into_inner().map_err(|e| Error::io("flushing the export", e.into_error()))?;
+            w.into_inner()
+                .map_err(|e| Error::io("flushing the export", e.into_error()))?;
             fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))?;
             Ok(exported)
         })();
@@ -439,7 +560,11 @@ impl Store {
 
     pub fn stats(&self) -> Result<Stats> {
         let conn = self.conn()?;
-        let one = |sql: &str| -> Result<u64> { Ok(conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?.unwrap_or(0) as u64) };
+        let one = |sql: &str| -> Result<u64> {
+            Ok(conn
+                .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?
+                .unwrap_or(0) as u64)
+        };
         let mut s = Stats {
             layers: one("SELECT count(*) FROM layers")?,
             chunks: one("SELECT count(*) FROM chunks")?,
@@ -452,7 +577,11 @@ impl Store {
             dedup_ratio: 0.0,
         };
         let stored = s.stored_bytes + s.metadata_bytes;
-        s.dedup_ratio = if stored == 0 { 1.0 } else { s.logical_bytes as f64 / stored as f64 };
+        s.dedup_ratio = if stored == 0 {
+            1.0
+        } else {
+            s.logical_bytes as f64 / stored as f64
+        };
         Ok(s)
     }
 
@@ -465,7 +594,10 @@ impl Store {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let live = meta::live_leases(&tx)?;
         if live.is_empty() {
-            report.chunks_removed = tx.execute("DELETE FROM chunks WHERE digest NOT IN (SELECT digest FROM layer_chunks)", [])? as u64;
+            report.chunks_removed = tx.execute(
+                "DELETE FROM chunks WHERE digest NOT IN (SELECT digest FROM layer_chunks)",
+                [],
+            )? as u64;
             for (name, size) in meta::packs(&tx)? {
                 let live_bytes: Option<i64> = tx.query_row(
                     "SELECT sum(block_len) FROM (SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1)",
@@ -512,20 +644,32 @@ impl Store {
         let new_path = self.packs_dir().join(&new_name);
         let mut blocks: Vec<(u64, u64)> = {
             let mut stmt = tx.prepare("SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1 ORDER BY block_offset")?;
-            let rows = stmt.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows = stmt
+                .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             rows
         };
         blocks.dedup();
-        let mut src = fs::File::open(self.packs_dir().join(name)).ctx(|| format!("opening pack {name}"))?;
-        let mut out = fs::OpenOptions::new().write(true).create_new(true).open(&new_path).ctx(|| format!("creating {}", new_path.display()))?;
-        out.write_all(cas::PACK_MAGIC).ctx(|| "writing pack".into())?;
+        let mut src =
+            fs::File::open(self.packs_dir().join(name)).ctx(|| format!("opening pack {name}"))?;
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&new_path)
+            .ctx(|| format!("creating {}", new_path.display()))?;
+        out.write_all(cas::PACK_MAGIC)
+            .ctx(|| "writing pack".into())?;
         let mut offset = cas::PACK_MAGIC.len() as u64;
         let mut buf = Vec::new();
-        let mut update = tx.prepare("UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4")?;
+        let mut update = tx.prepare(
+            "UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4",
+        )?;
         for (block_offset, block_len) in blocks {
             buf.resize(block_len as usize, 0);
-            std::io::Seek::seek(&mut src, io::SeekFrom::Start(block_offset)).ctx(|| format!("reading pack {name}"))?;
-            src.read_exact(&mut buf).ctx(|| format!("reading pack {name}"))?;
+            std::io::Seek::seek(&mut src, io::SeekFrom::Start(block_offset))
+                .ctx(|| format!("reading pack {name}"))?;
+            src.read_exact(&mut buf)
+                .ctx(|| format!("reading pack {name}"))?;
             out.write_all(&buf).ctx(|| "writing pack".into())?;
             update.execute(rusqlite::params![new_name, offset, name, block_offset])?;
             offset += block_len;
@@ -545,7 +689,10 @@ impl Store {
         for (name, size) in &packs {
             match fs::metadata(self.packs_dir().join(name)) {
                 Ok(m) if m.len() >= *size => {}
-                Ok(m) => report.problems.push(format!("pack {name} is {} bytes, {size} committed", m.len())),
+                Ok(m) => report.problems.push(format!(
+                    "pack {name} is {} bytes, {size} committed",
+                    m.len()
+                )),
                 Err(e) => report.problems.push(format!("pack {name}: {e}")),
             }
         }
@@ -584,34 +731,57 @@ impl Store {
                 let mut sum = 0u64;
                 for c in &e.chunks {
                     if !present.contains(&c.digest) {
-                        report.problems.push(format!("layer {id}: entry {:?} needs missing chunk {}", String::from_utf8_lossy(&e.path), c.digest));
+                        report.problems.push(format!(
+                            "layer {id}: entry {:?} needs missing chunk {}",
+                            String::from_utf8_lossy(&e.path),
+                            c.digest
+                        ));
                     }
                     referenced.push(c.digest);
                     sum += u64::from(c.len);
                 }
                 if !e.chunks.is_empty() && sum != e.size {
-                    report.problems.push(format!("layer {id}: entry {:?} has {sum} bytes of chunks for size {}", String::from_utf8_lossy(&e.path), e.size));
+                    report.problems.push(format!(
+                        "layer {id}: entry {:?} has {sum} bytes of chunks for size {}",
+                        String::from_utf8_lossy(&e.path),
+                        e.size
+                    ));
                 }
             }
-            let raw: u64 = split.ops.iter().map(|op| match op {
-                Op::Raw(n) => *n,
-                Op::Payload(i) => {
-                    payload += entries.get(*i as usize).map_or(0, |e| e.size);
-                    0
-                }
-            }).sum();
+            let raw: u64 = split
+                .ops
+                .iter()
+                .map(|op| match op {
+                    Op::Raw(n) => *n,
+                    Op::Payload(i) => {
+                        payload += entries.get(*i as usize).map_or(0, |e| e.size);
+                        0
+                    }
+                })
+                .sum();
             if raw != split.raw.len() as u64 {
-                report.problems.push(format!("layer {id}: raw segments cover {raw} of {} bytes", split.raw.len()));
+                report.problems.push(format!(
+                    "layer {id}: raw segments cover {raw} of {} bytes",
+                    split.raw.len()
+                ));
             }
             if raw + payload != info.size {
-                report.problems.push(format!("layer {id}: rebuilds {} bytes, recorded size {}", raw + payload, info.size));
+                report.problems.push(format!(
+                    "layer {id}: rebuilds {} bytes, recorded size {}",
+                    raw + payload,
+                    info.size
+                ));
             }
             referenced.sort_unstable();
             referenced.dedup();
             let mut recorded = meta::layer_chunk_set(&conn, &id)?;
             recorded.sort_unstable();
             if recorded != referenced {
-                report.problems.push(format!("layer {id}: chunk references out of date ({} recorded, {} used)", recorded.len(), referenced.len()));
+                report.problems.push(format!(
+                    "layer {id}: chunk references out of date ({} recorded, {} used)",
+                    recorded.len(),
+                    referenced.len()
+                ));
             }
         }
         Ok(report)
@@ -630,11 +800,20 @@ struct ImportSink<'c> {
 
 impl EntrySink for ImportSink<'_> {
     fn entry(&mut self, entry: &mut Entry, payload: Option<&mut dyn Read>) -> Result<()> {
-        let Some(payload) = payload else { return Ok(()) };
+        let Some(payload) = payload else {
+            return Ok(());
+        };
         let size = entry.size;
         let mut file_hash: Option<blake3::Hasher> = None;
         let mut first: Option<Blake3> = None;
-        let Self { chunker, conn, known, writer, new_chunks, new_bytes } = self;
+        let Self {
+            chunker,
+            conn,
+            known,
+            writer,
+            new_chunks,
+            new_bytes,
+        } = self;
         chunker.run(payload, |chunk| {
             let d = Blake3::of(chunk);
             match (&mut file_hash, first) {
@@ -650,7 +829,10 @@ impl EntrySink for ImportSink<'_> {
                 _ => {}
             }
             first.get_or_insert(d);
-            entry.chunks.push(ChunkRef { digest: d, len: chunk.len() as u32 });
+            entry.chunks.push(ChunkRef {
+                digest: d,
+                len: chunk.len() as u32,
+            });
             if !known.contains(&d) {
                 known.insert(d);
                 if !meta::chunk_exists(conn, &d)? {
@@ -681,7 +863,10 @@ type Block = io::Result<Arc<[u8]>>;
 const READ_BLOCK: usize = 1 << 20;
 
 /// Reads and decompresses `src` on its own thread, feeding the stream hasher and the parser.
-fn spawn_reader(src: Box<dyn Read + Send>, want_sha512: bool) -> (Receiver<Block>, JoinHandle<Result<ReaderOut>>) {
+fn spawn_reader(
+    src: Box<dyn Read + Send>,
+    want_sha512: bool,
+) -> (Receiver<Block>, JoinHandle<Result<ReaderOut>>) {
     let (tx, rx) = crossbeam_channel::bounded::<Block>(8);
     let handle = std::thread::Builder::new()
         .name("layerstore-read".into())
@@ -702,8 +887,12 @@ fn spawn_reader(src: Box<dyn Read + Send>, want_sha512: bool) -> (Receiver<Block
             }
             let probe = compress::detect_bytes(&head[..got]);
             let chained = io::Cursor::new(head[..got].to_vec()).chain(src);
-            let compressed_hasher = (probe != Compression::None).then(|| StreamHasher::spawn(want_sha512));
-            let tee = TeeReader { inner: chained, hasher: compressed_hasher.as_ref() };
+            let compressed_hasher =
+                (probe != Compression::None).then(|| StreamHasher::spawn(want_sha512));
+            let tee = TeeReader {
+                inner: chained,
+                hasher: compressed_hasher.as_ref(),
+            };
             let (compression, mut decoded) = compress::decoder(tee)?;
             let hasher = StreamHasher::spawn(want_sha512);
             loop {
@@ -751,7 +940,9 @@ fn spawn_reader(src: Box<dyn Read + Send>, want_sha512: bool) -> (Receiver<Block
 
 /// Turn a decoder failure into a clear message; source read errors pass through unchanged.
 fn decode_error(e: io::Error, compression: Compression) -> io::Error {
-    if e.get_ref().is_some_and(|i| i.is::<SourceError>()) || e.get_ref().is_some_and(|i| i.is::<Error>()) {
+    if e.get_ref().is_some_and(|i| i.is::<SourceError>())
+        || e.get_ref().is_some_and(|i| i.is::<Error>())
+    {
         return e;
     }
     match compression.name() {
@@ -846,26 +1037,38 @@ impl Write for HashingWriter<'_> {
 }
 
 fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
-    let bytes = postcard::to_stdvec(value).map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
-    let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).ctx(|| "compressing metadata".into())?;
-    enc.include_checksum(true).ctx(|| "compressing metadata".into())?;
-    enc.write_all(&bytes).ctx(|| "compressing metadata".into())?;
+    let bytes = postcard::to_stdvec(value)
+        .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
+    let mut enc =
+        zstd::stream::Encoder::new(Vec::new(), 3).ctx(|| "compressing metadata".into())?;
+    enc.include_checksum(true)
+        .ctx(|| "compressing metadata".into())?;
+    enc.write_all(&bytes)
+        .ctx(|| "compressing metadata".into())?;
     enc.finish().ctx(|| "compressing metadata".into())
 }
 
 fn decode_blob<T: serde::de::DeserializeOwned>(blob: &[u8]) -> Result<T> {
-    let bytes = zstd::stream::decode_all(blob).map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))?;
+    let bytes = zstd::stream::decode_all(blob)
+        .map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))?;
     postcard::from_bytes(&bytes).map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))
 }
 
 fn unique_name() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let mut h = blake3::Hasher::new();
     h.update(&nanos.to_le_bytes());
     h.update(&std::process::id().to_le_bytes());
     h.update(&format!("{:?}", std::thread::current().id()).into_bytes());
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    h.update(&COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+    h.update(
+        &COUNTER
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_le_bytes(),
+    );
     h.finalize().to_hex()[..24].to_string()
 }
 
@@ -875,7 +1078,9 @@ fn dir_size(root: &Path) -> Result<u64> {
     while let Some(dir) = stack.pop() {
         for e in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
             let e = e.ctx(|| format!("listing {}", dir.display()))?;
-            let m = e.metadata().ctx(|| format!("stat {}", e.path().display()))?;
+            let m = e
+                .metadata()
+                .ctx(|| format!("stat {}", e.path().display()))?;
             if m.is_dir() {
                 stack.push(e.path());
             } else {

@@ -143,7 +143,11 @@ pub struct SplitOutput {
 impl<'a, R: Read> Splitter<'a, R> {
     pub fn new(src: R, limits: Limits, sink: &'a mut dyn EntrySink) -> Self {
         Splitter {
-            src: Counted { inner: src, pos: 0, limit: limits.max_bytes },
+            src: Counted {
+                inner: src,
+                pos: 0,
+                limit: limits.max_bytes,
+            },
             limits,
             sink,
             split: TarSplit::default(),
@@ -198,7 +202,9 @@ impl<'a, R: Read> Splitter<'a, R> {
     fn read_error(&self, e: io::Error) -> Error {
         let err = Error::from(e);
         match err {
-            Error::LimitExceeded { what, found, limit, .. } => self.limit(what, found, limit),
+            Error::LimitExceeded {
+                what, found, limit, ..
+            } => self.limit(what, found, limit),
             Error::Io { source, .. } if is_decode_error(&source) => {
                 self.invalid(format!("corrupt compressed stream: {source}"))
             }
@@ -260,7 +266,11 @@ impl<'a, R: Read> Splitter<'a, R> {
                 }
             }
         }
-        Ok(SplitOutput { split: self.split, entries: self.entries, warnings: self.warnings })
+        Ok(SplitOutput {
+            split: self.split,
+            entries: self.entries,
+            warnings: self.warnings,
+        })
     }
 
     fn check_checksum(&self, block: &[u8; BLOCK]) -> Result<()> {
@@ -321,16 +331,21 @@ impl<'a, R: Read> Splitter<'a, R> {
 
         let raw_path: Vec<u8> = match pax.get(&b"path"[..]) {
             Some(v) => v.clone(),
-            None => p.long_name.unwrap_or_else(|| header.path_bytes().into_owned()),
+            None => p
+                .long_name
+                .unwrap_or_else(|| header.path_bytes().into_owned()),
         };
         if typeflag == b'\0' && raw_path.ends_with(b"/") {
             typeflag = b'5'; // pre-POSIX directory
         }
         let raw_link: Vec<u8> = match pax.get(&b"linkpath"[..]) {
             Some(v) => v.clone(),
-            None => p
-                .long_link
-                .unwrap_or_else(|| header.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default()),
+            None => p.long_link.unwrap_or_else(|| {
+                header
+                    .link_name_bytes()
+                    .map(|c| c.into_owned())
+                    .unwrap_or_default()
+            }),
         };
         let path = self.normalize(&raw_path)?;
 
@@ -343,7 +358,9 @@ impl<'a, R: Read> Splitter<'a, R> {
                     std::str::from_utf8(v)
                         .ok()
                         .and_then(|s| s.parse::<u64>().ok())
-                        .ok_or_else(|| self.invalid(format!("bad PAX {} record", String::from_utf8_lossy(key))))
+                        .ok_or_else(|| {
+                            self.invalid(format!("bad PAX {} record", String::from_utf8_lossy(key)))
+                        })
                 })
                 .transpose()
         };
@@ -363,14 +380,18 @@ impl<'a, R: Read> Splitter<'a, R> {
             None => i128::from(field(header.mtime(), "mtime")?) * 1_000_000_000,
         };
         let mtime_ns = i64::try_from(mtime_ns).map_err(|_| self.invalid("mtime out of range"))?;
-        let uname = pax
-            .get(&b"uname"[..])
-            .cloned()
-            .unwrap_or_else(|| header.username_bytes().map(<[u8]>::to_vec).unwrap_or_default());
-        let gname = pax
-            .get(&b"gname"[..])
-            .cloned()
-            .unwrap_or_else(|| header.groupname_bytes().map(<[u8]>::to_vec).unwrap_or_default());
+        let uname = pax.get(&b"uname"[..]).cloned().unwrap_or_else(|| {
+            header
+                .username_bytes()
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default()
+        });
+        let gname = pax.get(&b"gname"[..]).cloned().unwrap_or_else(|| {
+            header
+                .groupname_bytes()
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default()
+        });
         let mut xattrs = BTreeMap::new();
         for (k, v) in &pax {
             if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
@@ -436,8 +457,12 @@ impl<'a, R: Read> Splitter<'a, R> {
             _ => raw_link,
         };
         let (devmajor, devminor) = if matches!(kind, Kind::Char | Kind::Block) {
-            let major = header.device_major().map_err(|e| self.invalid(format!("bad devmajor: {e}")))?;
-            let minor = header.device_minor().map_err(|e| self.invalid(format!("bad devminor: {e}")))?;
+            let major = header
+                .device_major()
+                .map_err(|e| self.invalid(format!("bad devmajor: {e}")))?;
+            let minor = header
+                .device_minor()
+                .map_err(|e| self.invalid(format!("bad devminor: {e}")))?;
             (major.unwrap_or(0), minor.unwrap_or(0))
         } else {
             (0, 0)
@@ -471,9 +496,9 @@ impl<'a, R: Read> Splitter<'a, R> {
             let missing = take.limit();
             res.map_err(|e| self.read_error_from(e))?;
             if missing > 0 {
-                return Err(self.invalid(format!(
-                    "truncated: entry data ends {missing} bytes early"
-                )));
+                return Err(
+                    self.invalid(format!("truncated: entry data ends {missing} bytes early"))
+                );
             }
             let pad = (padded(data_size) - data_size) as usize;
             let mut padding = [0u8; BLOCK];
@@ -491,7 +516,9 @@ impl<'a, R: Read> Splitter<'a, R> {
     fn read_error_from(&self, e: Error) -> Error {
         match e {
             Error::Io { source, .. } => self.read_error(source),
-            Error::LimitExceeded { what, found, limit, .. } => self.limit(what, found, limit),
+            Error::LimitExceeded {
+                what, found, limit, ..
+            } => self.limit(what, found, limit),
             other => other,
         }
     }
@@ -528,15 +555,21 @@ impl<'a, R: Read> Splitter<'a, R> {
             }
         }
         if depth > self.limits.max_path_depth {
-            return Err(self.limit("path depth", u64::from(depth), u64::from(self.limits.max_path_depth)));
+            return Err(self.limit(
+                "path depth",
+                u64::from(depth),
+                u64::from(self.limits.max_path_depth),
+            ));
         }
         Ok(out)
     }
 }
 
 fn is_decode_error(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof)
-        || e.to_string().contains("corrupt")
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
+    ) || e.to_string().contains("corrupt")
 }
 
 pub fn padded(n: u64) -> u64 {
@@ -547,10 +580,40 @@ fn until_nul(b: &[u8]) -> &[u8] {
     b.iter().position(|&c| c == 0).map_or(b, |i| &b[..i])
 }
 
-fn parse_pax(data: &[u8], into: &mut BTreeMap<Vec<u8>, Vec<u8>>) -> std::result::Result<(), String> {
-    for ext in tar::PaxExtensions::new(data) {
-        let ext = ext.map_err(|e| format!("malformed PAX record: {e}"))?;
-        into.insert(ext.key_bytes().to_vec(), ext.value_bytes().to_vec());
+/// Parse PAX records (`"<len> <key>=<value>\n"`), honouring each record's length prefix: values
+/// may contain newlines and NULs (binary xattrs), so splitting on `\n` would be wrong.
+fn parse_pax(
+    mut data: &[u8],
+    into: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+) -> std::result::Result<(), String> {
+    // Producers pad the record block with NULs.
+    while let Some((&first, _)) = data.split_first() {
+        if first == 0 {
+            break;
+        }
+        let space = data
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or("malformed PAX record: no length")?;
+        let len: usize = std::str::from_utf8(&data[..space])
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse().ok())
+            .ok_or("malformed PAX record: bad length")?;
+        if len <= space + 1 || len > data.len() || data[len - 1] != b'\n' {
+            return Err(format!("malformed PAX record: length {len} does not fit"));
+        }
+        let body = &data[space + 1..len - 1];
+        let eq = body
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or("malformed PAX record: no '='")?;
+        let (key, value) = (&body[..eq], &body[eq + 1..]);
+        if key.is_empty() {
+            return Err("malformed PAX record: empty key".into());
+        }
+        into.insert(key.to_vec(), value.to_vec());
+        data = &data[len..];
     }
     Ok(())
 }
@@ -563,7 +626,10 @@ fn parse_pax_time(v: &[u8]) -> Option<i128> {
         None => (false, s),
     };
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    if secs.is_empty()
+        || !secs.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let secs: i128 = secs.parse().ok()?;
@@ -578,6 +644,31 @@ fn parse_pax_time(v: &[u8]) -> Option<i128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pax_records_follow_their_length_not_newlines() {
+        let mut m = BTreeMap::new();
+        let value = b"a\nb\0c";
+        let rec = |k: &str, v: &[u8]| {
+            let body_len = k.len() + v.len() + 3; // ' ', '=', '\n'
+            let mut n = body_len + 1;
+            while n.to_string().len() + body_len != n {
+                n += 1;
+            }
+            let mut r = format!("{n} {k}=").into_bytes();
+            r.extend_from_slice(v);
+            r.push(b'\n');
+            r
+        };
+        let mut data = rec("SCHILY.xattr.user.bin", value);
+        data.extend(rec("path", b"x/y"));
+        data.extend([0u8; 20]);
+        parse_pax(&data, &mut m).unwrap();
+        assert_eq!(m[&b"SCHILY.xattr.user.bin"[..]], value);
+        assert_eq!(m[&b"path"[..]], b"x/y");
+        assert!(parse_pax(b"99 path=x\n", &mut m).is_err());
+        assert!(parse_pax(b"7 pathx\n", &mut m).is_err());
+    }
 
     #[test]
     fn pax_time() {

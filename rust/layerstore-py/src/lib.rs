@@ -118,7 +118,9 @@ fn source(obj: &Bound<'_, PyAny>) -> PyResult<Source> {
     if let Ok(v) = obj.extract::<Vec<u8>>() {
         return Ok(Source::Bytes(v));
     }
-    Err(pyo3::exceptions::PyTypeError::new_err("expected a path, bytes, or a binary file object"))
+    Err(pyo3::exceptions::PyTypeError::new_err(
+        "expected a path, bytes, or a binary file object",
+    ))
 }
 
 impl Source {
@@ -147,7 +149,11 @@ struct PyReader(Py<PyAny>);
 impl Read for PyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         Python::attach(|py| {
-            let data = self.0.bind(py).call_method1("read", (buf.len(),)).map_err(io::Error::other)?;
+            let data = self
+                .0
+                .bind(py)
+                .call_method1("read", (buf.len(),))
+                .map_err(io::Error::other)?;
             let data = data
                 .cast::<PyBytes>()
                 .map_err(|_| io::Error::other("the file object must be opened in binary mode"))?;
@@ -165,12 +171,25 @@ struct PyWriter(Py<PyAny>);
 impl Write for PyWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         Python::attach(|py| {
-            let n = self.0.bind(py).call_method1("write", (PyBytes::new(py, buf),)).map_err(io::Error::other)?;
-            Ok(n.extract::<Option<usize>>().ok().flatten().unwrap_or(buf.len()))
+            let n = self
+                .0
+                .bind(py)
+                .call_method1("write", (PyBytes::new(py, buf),))
+                .map_err(io::Error::other)?;
+            Ok(n.extract::<Option<usize>>()
+                .ok()
+                .flatten()
+                .unwrap_or(buf.len()))
         })
     }
     fn flush(&mut self) -> io::Result<()> {
-        Python::attach(|py| self.0.bind(py).call_method0("flush").map(|_| ()).map_err(io::Error::other))
+        Python::attach(|py| {
+            self.0
+                .bind(py)
+                .call_method0("flush")
+                .map(|_| ())
+                .map_err(io::Error::other)
+        })
     }
 }
 
@@ -182,7 +201,10 @@ struct Interrupts {
 
 impl Interrupts {
     fn new(callback: Option<Py<PyAny>>) -> Self {
-        Interrupts { callback, error: Mutex::new(None) }
+        Interrupts {
+            callback,
+            error: Mutex::new(None),
+        }
     }
 
     fn check(&self, done: u64) -> core::Result<()> {
@@ -216,9 +238,16 @@ fn emit_warnings(py: Python<'_>, warnings: &[String]) -> PyResult<()> {
     if warnings.is_empty() {
         return Ok(());
     }
-    let category = py.import("layerstore._errors")?.getattr("LayerstoreWarning")?;
+    let category = py
+        .import("layerstore._errors")?
+        .getattr("LayerstoreWarning")?;
     for w in warnings {
-        PyErr::warn(py, &category, &std::ffi::CString::new(w.replace('\0', "\\0"))?, 2)?;
+        PyErr::warn(
+            py,
+            &category,
+            &std::ffi::CString::new(w.replace('\0', "\\0"))?,
+            2,
+        )?;
     }
     Ok(())
 }
@@ -233,6 +262,7 @@ fn layer_id(layer: &Bound<'_, PyAny>) -> PyResult<String> {
 #[pymethods]
 impl Store {
     #[new]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     #[pyo3(signature = (path, *, compression_level=3, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None))]
     fn new(
         py: Python<'_>,
@@ -255,8 +285,12 @@ impl Store {
             max_depth,
         };
         let limits = limits.map(|l| l.core()).unwrap_or_default();
-        let inner = py.detach(|| core::Store::open(&path, options, limits)).py()?;
-        Ok(Store { inner: Arc::new(inner) })
+        let inner = py
+            .detach(|| core::Store::open(&path, options, limits))
+            .py()?;
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The store's directory.
@@ -290,7 +324,11 @@ impl Store {
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Layer> {
         let reader = source(src)?.open()?;
-        let opts = ImportOptions { expected_diff_id, expected_digest, limits: limits.map(|l| l.core()) };
+        let opts = ImportOptions {
+            expected_diff_id,
+            expected_digest,
+            limits: limits.map(|l| l.core()),
+        };
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let result = py.detach(|| store.import_tar(reader, &opts, &|n| interrupts.check(n)));
@@ -310,10 +348,15 @@ impl Store {
         let dir_opts = core::fsio::DirOptions {
             exclude_xattrs: exclude_xattrs.into_iter().map(String::into_bytes).collect(),
         };
-        let opts = ImportOptions { expected_diff_id, expected_digest: None, limits: limits.map(|l| l.core()) };
+        let opts = ImportOptions {
+            expected_diff_id,
+            expected_digest: None,
+            limits: limits.map(|l| l.core()),
+        };
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
-        let result = py.detach(|| store.import_dir(&path, &dir_opts, &opts, &|n| interrupts.check(n)));
+        let result =
+            py.detach(|| store.import_dir(&path, &dir_opts, &opts, &|n| interrupts.check(n)));
         self.finish_import(py, interrupts.finish(result)?)
     }
 
@@ -339,20 +382,31 @@ impl Store {
             })
         } else {
             let path: PathBuf = dest.extract()?;
-            py.detach(|| store.export_tar_to_path(&info.id, &path, compression, &|n| interrupts.check(n)))
+            py.detach(|| {
+                store.export_tar_to_path(&info.id, &path, compression, &|n| interrupts.check(n))
+            })
         };
         Ok(interrupts.finish(result)?.digest)
     }
 
     fn layers(&self) -> PyResult<Vec<Layer>> {
         let infos = self.inner.layers().py()?;
-        Ok(infos.into_iter().map(|info| Layer { store: self.inner.clone(), info }).collect())
+        Ok(infos
+            .into_iter()
+            .map(|info| Layer {
+                store: self.inner.clone(),
+                info,
+            })
+            .collect())
     }
 
     /// Look a layer up by id, diff_id, blob digest or a unique hex prefix.
     fn layer(&self, key: &Bound<'_, PyAny>) -> PyResult<Layer> {
         let info = self.inner.layer(&layer_id(key)?).py()?;
-        Ok(Layer { store: self.inner.clone(), info })
+        Ok(Layer {
+            store: self.inner.clone(),
+            info,
+        })
     }
 
     fn delete(&self, layer: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -405,7 +459,10 @@ impl Store {
 impl Store {
     fn finish_import(&self, py: Python<'_>, imported: Imported) -> PyResult<Layer> {
         emit_warnings(py, &imported.warnings)?;
-        Ok(Layer { store: self.inner.clone(), info: imported.layer })
+        Ok(Layer {
+            store: self.inner.clone(),
+            info: imported.layer,
+        })
     }
 }
 
@@ -456,7 +513,9 @@ impl Layer {
     }
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
-        other.cast::<Layer>().is_ok_and(|o| o.get().info.id == self.info.id)
+        other
+            .cast::<Layer>()
+            .is_ok_and(|o| o.get().info.id == self.info.id)
     }
 
     fn __hash__(&self) -> u64 {
@@ -464,7 +523,13 @@ impl Layer {
     }
 
     fn __repr__(&self) -> String {
-        format!("Layer(id={:?}, diff_id={:?}, size={}, entries={})", self.info.id.to_string(), self.info.diff_id, self.info.size, self.info.entry_count)
+        format!(
+            "Layer(id={:?}, diff_id={:?}, size={}, entries={})",
+            self.info.id.to_string(),
+            self.info.diff_id,
+            self.info.size,
+            self.info.entry_count
+        )
     }
 }
 
@@ -564,7 +629,12 @@ impl Entry {
         self.e.sparse
     }
     fn __repr__(&self) -> String {
-        format!("Entry({:?}, kind={:?}, size={})", String::from_utf8_lossy(&self.e.path), self.e.kind.name(), self.e.size)
+        format!(
+            "Entry({:?}, kind={:?}, size={})",
+            String::from_utf8_lossy(&self.e.path),
+            self.e.kind.name(),
+            self.e.size
+        )
     }
 }
 

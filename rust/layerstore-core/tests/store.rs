@@ -1,0 +1,199 @@
+//! Integration tests of the core store: byte-exact round trips of tars written by the Rust `tar`
+//! crate, dedup, and the golden chunk vectors that pin the store format.
+
+use std::io::{Cursor, Read};
+use std::path::Path;
+
+use layerstore_core::chunk::{ChunkParams, Chunker};
+use layerstore_core::compress::Compression;
+use layerstore_core::digest::Blake3;
+use layerstore_core::store::{no_progress, ImportOptions, StoreOptions};
+use layerstore_core::tar::Limits;
+use layerstore_core::{ErrorKind, Store};
+use sha2::Digest as _;
+
+fn noise(n: usize, mut seed: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 24) as u8
+        })
+        .collect()
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(
+        &dir.join("store"),
+        StoreOptions::default(),
+        Limits::default(),
+    )
+    .unwrap()
+}
+
+fn import(
+    store: &Store,
+    bytes: &[u8],
+) -> layerstore_core::Result<layerstore_core::store::Imported> {
+    store.import_tar(
+        Box::new(Cursor::new(bytes.to_vec())),
+        &ImportOptions::default(),
+        &no_progress,
+    )
+}
+
+fn export(store: &Store, id: &Blake3) -> Vec<u8> {
+    let mut out = Vec::new();
+    store
+        .export_tar(id, &mut out, Compression::None, &no_progress)
+        .unwrap();
+    out
+}
+
+/// A tar from the `tar` crate's builder (1024-byte end blocks, no record padding).
+fn rust_tar(big: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o4755
+        });
+        h.set_uid(1000);
+        h.set_gid(1000);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        if let Some(l) = link {
+            b.append_link(&mut h, path, l).unwrap();
+        } else {
+            b.append_data(&mut h, path, data).unwrap();
+        }
+    };
+    add("etc/", tar::EntryType::Directory, b"", None);
+    add("etc/empty", tar::EntryType::Regular, b"", None);
+    add("etc/big.bin", tar::EntryType::Regular, big, None);
+    add(
+        &format!("deep/{}/name", "x".repeat(150)),
+        tar::EntryType::Regular,
+        b"long",
+        None,
+    );
+    add("etc/link", tar::EntryType::Symlink, b"", Some("big.bin"));
+    add("etc/hard", tar::EntryType::Link, b"", Some("etc/big.bin"));
+    add(
+        "etc/empty",
+        tar::EntryType::Regular,
+        b"duplicate wins",
+        None,
+    );
+    add("etc/.wh.gone", tar::EntryType::Regular, b"", None);
+    add("etc/.wh..wh..opq", tar::EntryType::Regular, b"", None);
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn rust_tar_crate_round_trips_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let big = noise(700_000, 3);
+    let input = rust_tar(&big);
+    let imported = import(&store, &input).unwrap();
+    let info = imported.layer;
+    assert_eq!(
+        info.diff_id,
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&input)))
+    );
+    assert_eq!(info.id, Blake3::of(&input));
+    assert_eq!(info.size, input.len() as u64);
+    assert_eq!(export(&store, &info.id), input);
+
+    let entries = store.entries(&info.id).unwrap();
+    let kinds: Vec<(&[u8], &str)> = entries
+        .iter()
+        .map(|e| (&e.path[..], e.kind.name()))
+        .collect();
+    assert_eq!(kinds[0], (&b"etc"[..], "dir"));
+    assert_eq!(kinds[5], (&b"etc/hard"[..], "hardlink"));
+    assert_eq!(kinds[7], (&b"etc/.wh.gone"[..], "whiteout"));
+    assert_eq!(kinds[8], (&b"etc/.wh..wh..opq"[..], "opaque"));
+    let bigentry = &entries[2];
+    assert!(
+        bigentry.chunks.len() > 1,
+        "a 700 kB file spans several chunks"
+    );
+    assert_eq!(bigentry.digest, Some(Blake3::of(&big)));
+    assert_eq!(bigentry.mode, 0o4755);
+    assert_eq!(entries[3].path.len(), "deep/".len() + 150 + "/name".len());
+    assert_eq!(entries[6].size, 14);
+    assert!(store.fsck().unwrap().problems.is_empty());
+}
+
+#[test]
+fn same_tar_compressed_stores_nothing_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let input = rust_tar(&noise(500_000, 9));
+    let first = import(&store, &input).unwrap();
+    assert!(first.new_chunks > 0);
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, &input).unwrap();
+        e.finish().unwrap()
+    };
+    let zst = zstd::encode_all(&input[..], 3).unwrap();
+    for blob in [&gz, &zst, &input] {
+        let again = import(&store, blob).unwrap();
+        assert!(again.existed);
+        assert_eq!(again.new_chunks, 0);
+        assert_eq!(again.layer.id, first.layer.id);
+    }
+    assert_eq!(store.stats().unwrap().layers, 1);
+    // The blob digest finds the layer.
+    let gz_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&gz)));
+    assert_eq!(store.layer(&gz_digest).unwrap().id, first.layer.id);
+}
+
+#[test]
+fn truncated_tar_is_rejected_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let input = rust_tar(&noise(300_000, 5));
+    for cut in [100, 512, 2000, input.len() - 1024] {
+        let err = import(&store, &input[..cut]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidLayer, "cut at {cut}: {err}");
+        assert!(err.to_string().contains("offset"), "{err}");
+    }
+    assert_eq!(store.stats().unwrap().chunks, 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("store/packs"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+/// Golden vectors: cut points and digests of the default chunker on fixed data. A change here is
+/// a store-format change (new format version, in a commit of its own).
+#[test]
+fn golden_chunk_boundaries() {
+    let data = noise(4 << 20, 0x5eed);
+    let mut got = String::new();
+    Chunker::new(ChunkParams::default())
+        .run(Cursor::new(&data).take(u64::MAX), |c| {
+            got.push_str(&format!("{} {}\n", c.len(), Blake3::of(c).hex()));
+            Ok(())
+        })
+        .unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/fastcdc-16k-64k-256k.txt");
+    if std::env::var_os("LAYERSTORE_BLESS").is_some() {
+        std::fs::write(&path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).expect("golden file (LAYERSTORE_BLESS=1 writes it)");
+    assert_eq!(
+        got, want,
+        "chunk boundaries changed: that is a store format change"
+    );
+}
