@@ -62,35 +62,43 @@ struct OpenBlock {
     chunks: Vec<(Blake3, u32, u32)>,
 }
 
-/// Appends chunks to one fresh pack file. Blocks are compressed in parallel batches.
+/// What the background writer hands back.
+struct Written {
+    file: Option<File>,
+    locs: Vec<ChunkLoc>,
+    offset: u64,
+}
+
+/// Appends chunks to one fresh pack file. Blocks are filled on the caller's thread and handed
+/// to a background thread that compresses them in parallel batches and appends them, so
+/// chunking and compression overlap.
 pub struct PackWriter {
     dir: PathBuf,
     name: String,
-    file: Option<File>,
-    offset: u64,
-    level: i32,
     open: OpenBlock,
-    sealed: Vec<OpenBlock>,
-    locs: Vec<ChunkLoc>,
-    stored_bytes: u64,
+    tx: Option<crossbeam_channel::Sender<OpenBlock>>,
+    worker: Option<std::thread::JoinHandle<Result<Written>>>,
 }
 
 /// Blocks compressed together in one parallel batch.
-const BATCH_BLOCKS: usize = 16;
+const BATCH_BLOCKS: usize = 8;
 
 impl PackWriter {
     /// `level` 0 stores blocks raw.
     pub fn new(dir: &Path, name: String, level: i32) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<OpenBlock>(4 * BATCH_BLOCKS);
+        let path = dir.join(&name);
+        let pack = name.clone();
+        let worker = std::thread::Builder::new()
+            .name("layerstore-pack".into())
+            .spawn(move || write_blocks(&path, &pack, level, &rx))
+            .expect("spawn pack writer");
         PackWriter {
             dir: dir.to_path_buf(),
             name,
-            file: None,
-            offset: 0,
-            level,
             open: OpenBlock::default(),
-            sealed: Vec::new(),
-            locs: Vec::new(),
-            stored_bytes: 0,
+            tx: Some(tx),
+            worker: Some(worker),
         }
     }
 
@@ -105,83 +113,49 @@ impl PackWriter {
     /// Add a chunk (the caller has already made sure it is new).
     pub fn add(&mut self, digest: Blake3, data: &[u8]) -> Result<()> {
         if !self.open.data.is_empty() && self.open.data.len() + data.len() > BLOCK_TARGET {
-            self.seal();
+            self.seal()?;
         }
         let inner = self.open.data.len() as u32;
         self.open.data.extend_from_slice(data);
         self.open.chunks.push((digest, inner, data.len() as u32));
         if self.open.data.len() >= BLOCK_TARGET {
-            self.seal();
-        }
-        if self.sealed.len() >= BATCH_BLOCKS {
-            self.write_sealed()?;
+            self.seal()?;
         }
         Ok(())
     }
 
-    fn seal(&mut self) {
+    fn seal(&mut self) -> Result<()> {
         let block = std::mem::take(&mut self.open);
-        if !block.chunks.is_empty() {
-            self.sealed.push(block);
-        }
-    }
-
-    fn file(&mut self) -> Result<&mut File> {
-        if self.file.is_none() {
-            let path = self.path();
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .ctx(|| format!("creating pack {}", path.display()))?;
-            f.write_all(PACK_MAGIC)
-                .ctx(|| "writing pack header".into())?;
-            self.offset = PACK_MAGIC.len() as u64;
-            self.file = Some(f);
-        }
-        Ok(self.file.as_mut().expect("just opened"))
-    }
-
-    fn write_sealed(&mut self) -> Result<()> {
-        if self.sealed.is_empty() {
+        if block.chunks.is_empty() {
             return Ok(());
         }
-        let level = self.level;
-        let blocks = std::mem::take(&mut self.sealed);
-        let encoded: Vec<(Codec, Vec<u8>)> = blocks
-            .par_iter()
-            .map(|b| encode_block(&b.data, level))
-            .collect::<Result<_>>()?;
-        self.file()?;
-        for (block, (codec, bytes)) in blocks.iter().zip(encoded) {
-            let offset = self.offset;
-            let name = &self.name;
-            let file = self.file.as_mut().expect("opened above");
-            file.write_all(&bytes)
-                .ctx(|| format!("writing pack {name}"))?;
-            self.offset = offset + bytes.len() as u64;
-            self.stored_bytes += bytes.len() as u64;
-            for &(digest, inner_offset, len) in &block.chunks {
-                self.locs.push(ChunkLoc {
-                    digest,
-                    pack: self.name.clone(),
-                    block_offset: offset,
-                    block_len: bytes.len() as u64,
-                    codec,
-                    inner_offset,
-                    len,
-                });
-            }
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(block).is_ok());
+        if !sent {
+            // The writer stopped early: its error says why.
+            return Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| Error::Corrupt("pack writer stopped".into())));
         }
         Ok(())
+    }
+
+    fn join(&mut self) -> Result<Written> {
+        drop(self.tx.take());
+        match self.worker.take() {
+            Some(w) => w
+                .join()
+                .map_err(|_| Error::Corrupt("pack writer panicked".into()))?,
+            None => Err(Error::Corrupt("pack writer already finished".into())),
+        }
     }
 
     /// Write everything out and fsync the pack (and its directory). Returns the locations and
     /// the committed length of the pack, or `None` when no chunk was added (no file exists).
     pub fn finish(mut self, crash: impl Fn(&str)) -> Result<Option<(Vec<ChunkLoc>, u64)>> {
-        self.seal();
-        self.write_sealed()?;
-        let Some(file) = self.file.take() else {
+        self.seal()?;
+        let written = self.join()?;
+        let Some(file) = written.file else {
             return Ok(None);
         };
         crash("after-pack-write");
@@ -189,27 +163,97 @@ impl PackWriter {
             .ctx(|| format!("syncing pack {}", self.name))?;
         sync_dir(&self.dir)?;
         crash("after-sync");
-        Ok(Some((std::mem::take(&mut self.locs), self.offset)))
-    }
-
-    /// Bytes written to the pack so far (compressed).
-    pub fn stored_bytes(&self) -> u64 {
-        self.stored_bytes
+        self.name.clear(); // committed: Drop must not remove it
+        Ok(Some((written.locs, written.offset)))
     }
 }
 
 impl Drop for PackWriter {
     fn drop(&mut self) {
         // Not finished (an error or a cancel): the pack is garbage; nothing points into it.
-        if self.file.take().is_some() {
+        if self.worker.is_some() {
+            let _ = self.join();
+        }
+        if !self.name.is_empty() {
             let _ = std::fs::remove_file(self.path());
         }
     }
 }
 
+/// The background half of [`PackWriter`].
+fn write_blocks(
+    path: &Path,
+    name: &str,
+    level: i32,
+    rx: &crossbeam_channel::Receiver<OpenBlock>,
+) -> Result<Written> {
+    let mut w = Written {
+        file: None,
+        locs: Vec::new(),
+        offset: 0,
+    };
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_BLOCKS {
+            match rx.try_recv() {
+                Ok(b) => batch.push(b),
+                Err(_) => break,
+            }
+        }
+        let encoded: Vec<(Codec, Vec<u8>)> = batch
+            .par_iter()
+            .map(|b| encode_block(&b.data, level))
+            .collect::<Result<_>>()?;
+        if w.file.is_none() {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .ctx(|| format!("creating pack {}", path.display()))?;
+            f.write_all(PACK_MAGIC)
+                .ctx(|| "writing pack header".into())?;
+            w.offset = PACK_MAGIC.len() as u64;
+            w.file = Some(f);
+        }
+        let file = w.file.as_mut().expect("opened above");
+        for (block, (codec, bytes)) in batch.iter().zip(encoded) {
+            file.write_all(&bytes)
+                .ctx(|| format!("writing pack {name}"))?;
+            for &(digest, inner_offset, len) in &block.chunks {
+                w.locs.push(ChunkLoc {
+                    digest,
+                    pack: name.to_string(),
+                    block_offset: w.offset,
+                    block_len: bytes.len() as u64,
+                    codec,
+                    inner_offset,
+                    len,
+                });
+            }
+            w.offset += bytes.len() as u64;
+        }
+    }
+    Ok(w)
+}
+
+thread_local! {
+    /// One compression context per thread and level: creating one per block costs ~2% of an import.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn encode_block(data: &[u8], level: i32) -> Result<(Codec, Vec<u8>)> {
     if level > 0 {
-        let z = zstd::bulk::compress(data, level).ctx(|| "compressing a block".into())?;
+        let z = COMPRESSOR.with(|cell| -> Result<Vec<u8>> {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                let c =
+                    zstd::bulk::Compressor::new(level).ctx(|| "creating a compressor".into())?;
+                *slot = Some((level, c));
+            }
+            let (_, c) = slot.as_mut().expect("set above");
+            c.compress(data).ctx(|| "compressing a block".into())
+        })?;
         if z.len() < data.len() {
             return Ok((Codec::Zstd, z));
         }

