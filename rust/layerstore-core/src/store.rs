@@ -43,7 +43,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            compression_level: 3,
+            compression_level: 1,
             chunk: ChunkParams::default(),
             max_depth: 127,
         }
