@@ -114,6 +114,8 @@ pub struct StreamDigests {
     /// Only when requested (verifying a `sha512:` expectation).
     pub sha512: Option<String>,
     pub len: u64,
+    /// Time the hasher spent hashing (not waiting).
+    pub busy_seconds: f64,
 }
 
 /// Hashes a stream on its own thread: the sha256 of a layer costs more than everything else in an
@@ -133,19 +135,23 @@ impl StreamHasher {
                 let mut sha512 = with_sha512.then(sha2::Sha512::new);
                 let mut b3 = blake3::Hasher::new();
                 let mut len = 0u64;
+                let mut busy = std::time::Duration::ZERO;
                 for block in rx {
+                    let started = std::time::Instant::now();
                     sha.update(&block);
                     if let Some(s) = sha512.as_mut() {
                         s.update(&block);
                     }
                     b3.update(&block);
                     len += block.len() as u64;
+                    busy += started.elapsed();
                 }
                 StreamDigests {
                     blake3: b3.finalize().into(),
                     sha256: sha256_string(&sha.finalize()),
                     sha512: sha512.map(|s| format!("sha512:{}", hex::encode(s.finalize()))),
                     len,
+                    busy_seconds: busy.as_secs_f64(),
                 }
             })
             .expect("spawn hasher thread");

@@ -15,6 +15,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use rusqlite::{Connection, TransactionBehavior};
@@ -74,6 +75,8 @@ pub struct Imported {
     pub new_chunks: u64,
     pub new_bytes: u64,
     pub warnings: Vec<String>,
+    /// Seconds per stage (threads overlap, so stages add up to more than `total`).
+    pub timings: Vec<(&'static str, f64)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -310,8 +313,13 @@ impl Store {
             ),
             new_chunks: 0,
             new_bytes: 0,
+            busy: Default::default(),
+            lookups: Default::default(),
         };
+        let started = Instant::now();
+        let waited = std::cell::Cell::new(std::time::Duration::ZERO);
         let input = ChannelReader {
+            waited: &waited,
             rx: blocks,
             cur: Arc::from(&[][..]),
             pos: 0,
@@ -333,6 +341,7 @@ impl Store {
             compression,
             compressed,
             uncompressed,
+            busy_seconds: reader_busy,
         } = reader_out?;
         check(&uncompressed, compressed.as_ref())?;
 
@@ -341,8 +350,11 @@ impl Store {
             new_chunks,
             new_bytes,
             conn,
+            busy,
+            lookups,
             ..
         } = sink;
+        let parsed = started.elapsed();
         let info = LayerInfo {
             id: uncompressed.blake3,
             diff_id: uncompressed.sha256.clone(),
@@ -367,7 +379,10 @@ impl Store {
             entries: encode_blob(&entries)?,
             split: encode_blob(&split)?,
         };
+        let finishing = Instant::now();
         let pack = writer.finish(crash_point)?;
+        let pack_finish = finishing.elapsed();
+        let committing = Instant::now();
 
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if let Some((locs, size)) = &pack {
@@ -385,6 +400,21 @@ impl Store {
         crash_point("before-commit");
         tx.commit()?;
         crash_point("after-commit");
+        let secs = |d: std::time::Duration| d.as_secs_f64();
+        let timings = vec![
+            ("total", secs(started.elapsed())),
+            ("read+decompress", reader_busy),
+            ("hash-stream", uncompressed.busy_seconds),
+            (
+                "split+chunk+hash",
+                secs(parsed.saturating_sub(waited.get())),
+            ),
+            ("payload", secs(busy)),
+            ("dedup-lookup", secs(lookups)),
+            ("wait-input", secs(waited.get())),
+            ("pack-finish", secs(pack_finish)),
+            ("commit", secs(committing.elapsed())),
+        ];
         // An existing layer keeps its record, but the caller learns about the blob it gave us.
         let layer = if existed {
             LayerInfo {
@@ -401,6 +431,7 @@ impl Store {
             new_chunks,
             new_bytes,
             warnings,
+            timings,
         })
     }
 
@@ -796,6 +827,9 @@ struct ImportSink<'c> {
     writer: PackWriter,
     new_chunks: u64,
     new_bytes: u64,
+    /// Time in payload handling (chunk, hash, dedup, hand-off) and in dedup lookups alone.
+    busy: std::time::Duration,
+    lookups: std::time::Duration,
 }
 
 impl EntrySink for ImportSink<'_> {
@@ -803,6 +837,7 @@ impl EntrySink for ImportSink<'_> {
         let Some(payload) = payload else {
             return Ok(());
         };
+        let started = Instant::now();
         let size = entry.size;
         let mut file_hash: Option<blake3::Hasher> = None;
         let mut first: Option<Blake3> = None;
@@ -813,6 +848,8 @@ impl EntrySink for ImportSink<'_> {
             writer,
             new_chunks,
             new_bytes,
+            lookups,
+            ..
         } = self;
         chunker.run(payload, |chunk| {
             let d = Blake3::of(chunk);
@@ -835,7 +872,10 @@ impl EntrySink for ImportSink<'_> {
             });
             if !known.contains(&d) {
                 known.insert(d);
-                if !meta::chunk_exists(conn, &d)? {
+                let asked = Instant::now();
+                let exists = meta::chunk_exists(conn, &d)?;
+                *lookups += asked.elapsed();
+                if !exists {
                     writer.add(d, chunk)?;
                     *new_chunks += 1;
                     *new_bytes += chunk.len() as u64;
@@ -848,6 +888,7 @@ impl EntrySink for ImportSink<'_> {
             Some(h) => Some(h.finalize().into()),
             None => first,
         };
+        self.busy += started.elapsed();
         Ok(())
     }
 }
@@ -856,6 +897,7 @@ struct ReaderOut {
     compression: Compression,
     compressed: Option<StreamDigests>,
     uncompressed: StreamDigests,
+    busy_seconds: f64,
 }
 
 type Block = io::Result<Arc<[u8]>>;
@@ -895,10 +937,12 @@ fn spawn_reader(
             };
             let (compression, mut decoded) = compress::decoder(tee)?;
             let hasher = StreamHasher::spawn(want_sha512);
+            let mut busy = std::time::Duration::ZERO;
             loop {
                 let mut block = vec![0u8; READ_BLOCK];
                 let mut filled = 0;
                 let mut failed = None;
+                let reading = Instant::now();
                 while filled < block.len() {
                     match decoded.read(&mut block[filled..]) {
                         Ok(0) => break,
@@ -910,6 +954,7 @@ fn spawn_reader(
                         }
                     }
                 }
+                busy += reading.elapsed();
                 if filled > 0 {
                     block.truncate(filled);
                     let block: Arc<[u8]> = block.into();
@@ -932,6 +977,7 @@ fn spawn_reader(
                 compression,
                 compressed: compressed_hasher.map(StreamHasher::finish),
                 uncompressed: hasher.finish(),
+                busy_seconds: busy.as_secs_f64(),
             })
         })
         .expect("spawn reader thread");
@@ -984,6 +1030,7 @@ impl<R: Read> Read for TeeReader<'_, R> {
 
 /// The parser's view of the reader thread's blocks, reporting progress as it goes.
 struct ChannelReader<'p> {
+    waited: &'p std::cell::Cell<std::time::Duration>,
     rx: Receiver<Block>,
     cur: Arc<[u8]>,
     pos: usize,
@@ -995,7 +1042,10 @@ struct ChannelReader<'p> {
 impl Read for ChannelReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.pos == self.cur.len() {
-            match self.rx.recv() {
+            let waiting = Instant::now();
+            let got = self.rx.recv();
+            self.waited.set(self.waited.get() + waiting.elapsed());
+            match got {
                 Ok(Ok(block)) => {
                     self.cur = block;
                     self.pos = 0;

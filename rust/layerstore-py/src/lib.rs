@@ -86,6 +86,8 @@ struct Store {
 struct Layer {
     store: Arc<core::Store>,
     info: LayerInfo,
+    /// Per-stage seconds of the import that returned this object (None otherwise).
+    timings: Option<Vec<(&'static str, f64)>>,
 }
 
 /// One entry of a layer's changeset.
@@ -396,6 +398,7 @@ impl Store {
             .map(|info| Layer {
                 store: self.inner.clone(),
                 info,
+                timings: None,
             })
             .collect())
     }
@@ -406,6 +409,7 @@ impl Store {
         Ok(Layer {
             store: self.inner.clone(),
             info,
+            timings: None,
         })
     }
 
@@ -462,6 +466,7 @@ impl Store {
         Ok(Layer {
             store: self.inner.clone(),
             info: imported.layer,
+            timings: Some(imported.timings),
         })
     }
 }
@@ -504,6 +509,18 @@ impl Layer {
     #[getter]
     fn created(&self) -> i64 {
         self.info.created_unix
+    }
+    /// Seconds per stage of the import that returned this object, or None.
+    #[getter]
+    fn import_timings<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(t) = &self.timings else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        for (k, v) in t {
+            d.set_item(*k, *v)?;
+        }
+        Ok(Some(d))
     }
 
     /// The changeset: every entry in tar order, whiteouts and opaque markers included.
