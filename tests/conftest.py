@@ -7,14 +7,17 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import layerstore as ls
 import pytest
 import tarfixtures as tf
 
-import layerstore as ls
-
 # GNU tar over a directory tree, and Python's tarfile over TarInfo lists.
 PRODUCERS = ["gnutar-gnu", "gnutar-posix", "gnutar-ustar", "py-gnu", "py-pax", "py-ustar"]
-PY_FORMATS = {"py-gnu": tarfile.GNU_FORMAT, "py-pax": tarfile.PAX_FORMAT, "py-ustar": tarfile.USTAR_FORMAT}
+PY_FORMATS = {
+    "py-gnu": tarfile.GNU_FORMAT,
+    "py-pax": tarfile.PAX_FORMAT,
+    "py-ustar": tarfile.USTAR_FORMAT,
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

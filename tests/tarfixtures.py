@@ -122,7 +122,7 @@ def make_tree(root: Path, *, seed: int = 0, ustar: bool = False) -> Path:
     os.setxattr(root / "tmp", "user.empty", b"")
 
     # nanosecond mtimes, children before parents (writing a child changes its parent's mtime)
-    paths = sorted((p for p in root.rglob("*")), key=lambda p: -len(p.parts))
+    paths = sorted(root.rglob("*"), key=lambda p: (-len(p.parts), str(p)))
     for i, p in enumerate([*paths, root]):
         t = EPOCH_NS + i * 1_000_000_000 + rng.randrange(1, 1_000_000_000)
         os.utime(p, ns=(t, t), follow_symlinks=False)

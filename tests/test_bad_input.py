@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import layerstore as ls
 import pytest
 import tarfixtures as tf
+import zstandard
 from storeutil import POSITION, assert_unchanged, export_bytes, snapshot
-
-import layerstore as ls
 
 # A valid tar whose first file is large enough that its chunks reach the pack file before the
 # later damage is found (so the cleanup of a half-written pack is exercised too).
@@ -46,29 +48,47 @@ def _zstd_corrupt() -> bytes:
     return _flip(z, len(z) // 2)
 
 
+def _zstd_huge_window() -> bytes:
+    """A zstd frame that asks for a 2 GiB window (the decoder must refuse, not allocate)."""
+    params = zstandard.ZstdCompressionParameters(window_log=31, write_content_size=False)
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(buf, closefd=False) as w:
+        w.write(BASE)
+    blob = buf.getvalue()
+    assert zstandard.get_frame_parameters(blob).window_size == 1 << 31
+    return blob
+
+
 def _pax(name: str, pax: dict[str, str], data: bytes = b"x") -> bytes:
-    return tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("ok", b"fine"), tf.file_(name, data, pax=pax)])
+    return tf.py_tar(
+        tarfile.PAX_FORMAT, members=[tf.file_("ok", b"fine"), tf.file_(name, data, pax=pax)]
+    )
 
 
 CASES: dict[str, Bad] = {
     "truncated-mid-data": Bad(
-        lambda: BASE[: HEADERS[1].data_offset + 3000], ["truncated", "entry 1", f"offset {HEADERS[1].offset}"]
+        lambda: BASE[: HEADERS[1].data_offset + 3000],
+        ["truncated", "entry 1", f"offset {HEADERS[1].offset}"],
     ),
-    "truncated-mid-first-data": Bad(lambda: BASE[: HEADERS[0].data_offset + (2 << 20)], ["entry 0", "offset 0"]),
+    "truncated-mid-first-data": Bad(
+        lambda: BASE[: HEADERS[0].data_offset + (2 << 20)], ["entry 0", "offset 0"]
+    ),
     "truncated-mid-header": Bad(
-        lambda: BASE[: HEADERS[1].offset + 100], ["truncated", "entry 1", f"offset {HEADERS[1].offset}"]
+        lambda: BASE[: HEADERS[1].offset + 100],
+        ["truncated", "entry 1", f"offset {HEADERS[1].offset}"],
     ),
     "truncated-at-header": Bad(lambda: BASE[: HEADERS[2].offset], ["entry 2"]),
     "truncated-mid-padding": Bad(lambda: BASE[: HEADERS[2].data_offset + 300], ["entry 2"]),
     "no-end-marker": Bad(lambda: BASE[: tf.end_of_entries(BASE)], ["entry 3"]),
     "bad-checksum": Bad(
-        lambda: tf.with_header_byte_flipped(BASE, 1)[0], ["checksum", "entry 1", f"offset {HEADERS[1].offset}"]
+        lambda: tf.with_header_byte_flipped(BASE, 1)[0],
+        ["checksum", "entry 1", f"offset {HEADERS[1].offset}"],
     ),
-    "bad-checksum-first": Bad(lambda: tf.with_header_byte_flipped(BASE, 0)[0], ["checksum", "entry 0", "offset 0"]),
+    "bad-checksum-first": Bad(
+        lambda: tf.with_header_byte_flipped(BASE, 0)[0], ["checksum", "entry 0", "offset 0"]
+    ),
     "random-bytes": Bad(lambda: b"R" + tf.rand_bytes("random", 20_000), ["entry 0", "offset 0"]),
-    "zero-block-then-junk-within-limit-is-fine-but-this-is-not": Bad(
-        lambda: b"\x01" * 512 + bytes(1024), ["entry 0", "offset 0"]
-    ),
+    "junk-header-block": Bad(lambda: b"\x01" * 512 + bytes(1024), ["entry 0", "offset 0"]),
     "empty": Bad(lambda: b"", ["entry 0", "offset 0"]),
     "three-bytes": Bad(lambda: b"abc", ["entry 0", "offset 0"]),
     "corrupt-gzip": Bad(_gzip_corrupt),
@@ -77,33 +97,52 @@ CASES: dict[str, Bad] = {
     "gzip-magic-only": Bad(lambda: b"\x1f\x8b"),
     "corrupt-zstd": Bad(_zstd_corrupt),
     "truncated-zstd": Bad(lambda: tf.zstd_single(BASE)[:200_000]),
+    "zstd-window-too-large": Bad(_zstd_huge_window),
     "zstd-bad-checksum": Bad(lambda: _flip(tf.zstd_single(BASE), -2)),
-    "gzip-of-garbage": Bad(lambda: tf.gzip_single(tf.rand_bytes("gz-garbage", 5000)), ["entry 0", "offset 0"]),
-    "escape-dotdot": Bad(lambda: tf.simple_tar({"ok": b"1", "../etc/x": b"x"}), ["escapes", "entry 1"]),
-    "escape-inner-dotdot": Bad(lambda: tf.simple_tar({"a/../../etc/x": b"x"}), ["escapes", "entry 0"]),
-    "escape-pax-path": Bad(lambda: _pax("innocent", {"path": "x/../../../root/.ssh/keys"}), ["entry 1"]),
+    "gzip-of-garbage": Bad(
+        lambda: tf.gzip_single(tf.rand_bytes("gz-garbage", 5000)), ["entry 0", "offset 0"]
+    ),
+    "escape-dotdot": Bad(
+        lambda: tf.simple_tar({"ok": b"1", "../etc/x": b"x"}), ["escapes", "entry 1"]
+    ),
+    "escape-inner-dotdot": Bad(
+        lambda: tf.simple_tar({"a/../../etc/x": b"x"}), ["escapes", "entry 0"]
+    ),
+    "escape-pax-path": Bad(
+        lambda: _pax("innocent", {"path": "x/../../../root/.ssh/keys"}), ["entry 1"]
+    ),
     "escape-gnu-longname": Bad(
-        lambda: tf.py_tar(tarfile.GNU_FORMAT, members=[tf.file_("../" + "x/" * 60 + "f", b"x")]), ["entry 0"]
+        lambda: tf.py_tar(tarfile.GNU_FORMAT, members=[tf.file_("../" + "x/" * 60 + "f", b"x")]),
+        ["entry 0"],
     ),
     "escape-hardlink-target": Bad(
-        lambda: tf.py_tar(tarfile.PAX_FORMAT, members=[tf.Member("h", tarfile.LNKTYPE, linkname="../../etc/shadow")]),
+        lambda: tf.py_tar(
+            tarfile.PAX_FORMAT,
+            members=[tf.Member("h", tarfile.LNKTYPE, linkname="../../etc/shadow")],
+        ),
         ["escapes", "entry 0"],
     ),
     "whiteout-bare": Bad(lambda: tf.simple_tar({"etc/.wh.": b""}), ["whiteout", "entry 0"]),
     "whiteout-dot": Bad(lambda: tf.simple_tar({"etc/.wh..": b""}), ["whiteout", "entry 0"]),
-    "whiteout-dotdot": Bad(lambda: tf.simple_tar({"ok": b"", "etc/.wh...": b""}), ["whiteout", "entry 1"]),
+    "whiteout-dotdot": Bad(
+        lambda: tf.simple_tar({"ok": b"", "etc/.wh...": b""}), ["whiteout", "entry 1"]
+    ),
     "whiteout-root-bare": Bad(lambda: tf.simple_tar({".wh.": b""}), ["whiteout", "entry 0"]),
     "nul-in-pax-path": Bad(lambda: _pax("innocent", {"path": "a\x00b"}), ["entry 1"]),
     "file-named-root": Bad(lambda: tf.simple_tar({"./": b"not a directory"}), ["entry 0"]),
     "bad-pax-size": Bad(lambda: _pax("f", {"size": "twelve"}), ["entry 1"]),
     "bad-pax-mtime": Bad(lambda: _pax("f", {"mtime": "yesterday"}), ["entry 1"]),
     "malformed-pax-record": Bad(
-        lambda: _patch_pax_record(tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("f", b"x", pax={"comment": "hello"})])),
+        lambda: _patch_pax_record(
+            tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("f", b"x", pax={"comment": "hello"})])
+        ),
         ["entry 0"],
     ),
     "limit-max-entries": Bad(lambda: BASE, ["entry count", "entry 2"], ls.Limits(max_entries=2)),
     "limit-max-bytes": Bad(lambda: BASE, ["decompressed size"], ls.Limits(max_bytes=1 << 20)),
-    "limit-max-bytes-gzip": Bad(lambda: tf.gzip_single(BASE), ["decompressed size"], ls.Limits(max_bytes=1 << 20)),
+    "limit-max-bytes-gzip": Bad(
+        lambda: tf.gzip_single(BASE), ["decompressed size"], ls.Limits(max_bytes=1 << 20)
+    ),
     "limit-max-record-default": Bad(
         lambda: _pax("f", {"SCHILY.xattr.user.huge": "v" * (1 << 20)}), ["record", "entry 1"]
     ),
@@ -113,10 +152,14 @@ CASES: dict[str, Bad] = {
         ls.Limits(max_record=1000),
     ),
     "limit-max-path-depth": Bad(
-        lambda: tf.simple_tar({"a/b/c": b"ok", "a/b/c/d/e/f": b"x"}), ["depth", "entry 1"], ls.Limits(max_path_depth=4)
+        lambda: tf.simple_tar({"a/b/c": b"ok", "a/b/c/d/e/f": b"x"}),
+        ["depth", "entry 1"],
+        ls.Limits(max_path_depth=4),
     ),
     "limit-max-trailing": Bad(
-        lambda: BASE + b"\x01" * 50_000, ["after end-of-archive", "entry 3"], ls.Limits(max_trailing=40_000)
+        lambda: BASE + b"\x01" * 50_000,
+        ["after end-of-archive", "entry 3"],
+        ls.Limits(max_trailing=40_000),
     ),
 }
 
@@ -134,7 +177,7 @@ def _patch_pax_record(data: bytes) -> bytes:
 def test_default_limits_are_safe() -> None:
     d = ls.Limits()
     assert d.max_record == 1 << 20
-    assert 0 < d.max_bytes and 0 < d.max_entries and 0 < d.max_path_depth and 0 < d.max_trailing
+    assert d.max_bytes > 0 and d.max_entries > 0 and d.max_path_depth > 0 and d.max_trailing > 0
     custom = ls.Limits(max_entries=7)
     assert (custom.max_entries, custom.max_record) == (7, d.max_record)
 
@@ -142,13 +185,17 @@ def test_default_limits_are_safe() -> None:
 @pytest.fixture
 def seeded(store: ls.Store) -> tuple[ls.Store, bytes]:
     """A store holding one layer already (large random content, so packs are mostly live)."""
-    data = tf.simple_tar({"seed/one": tf.rand_bytes("seed1", 400_000), "seed/two": tf.rand_bytes("seed2", 1000)})
+    data = tf.simple_tar(
+        {"seed/one": tf.rand_bytes("seed1", 400_000), "seed/two": tf.rand_bytes("seed2", 1000)}
+    )
     store.import_tar(data)
     return store, data
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_rejected_and_store_unchanged(seeded: tuple[ls.Store, bytes], case: str) -> None:
+def test_bad_input_is_rejected_and_store_unchanged(
+    seeded: tuple[ls.Store, bytes], case: str
+) -> None:
     store, seed_tar = seeded
     bad = CASES[case]
     data = bad.data()
@@ -171,7 +218,9 @@ def test_bad_input_is_rejected_and_store_unchanged(seeded: tuple[ls.Store, bytes
     assert export_bytes(store, store.layers()[0]) == seed_tar
 
 
-@pytest.mark.parametrize("case", ["limit-max-entries", "limit-max-path-depth", "limit-max-trailing"])
+@pytest.mark.parametrize(
+    "case", ["limit-max-entries", "limit-max-path-depth", "limit-max-trailing"]
+)
 def test_store_level_limits(tmp_path: Path, case: str) -> None:
     bad = CASES[case]
     assert bad.limits is not None
@@ -244,8 +293,6 @@ def test_digest_mismatch_is_integrity_error(
 
 
 def test_matching_expected_digests_are_accepted(store: ls.Store) -> None:
-    import hashlib
-
     gz = tf.gzip_single(BASE)
     sha512 = "sha512:" + hashlib.sha512(BASE).hexdigest()
     a = store.import_tar(BASE, expected_diff_id=tf.sha256(BASE))
@@ -311,7 +358,15 @@ def test_aufs_metadata_names_are_not_whiteouts(store: ls.Store) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["blake3:" + "0" * 64, "sha256:" + "0" * 64, "sha256:" + "f" * 64, "0123456789abcdef", "ab", "", "no such layer"],
+    [
+        "blake3:" + "0" * 64,
+        "sha256:" + "0" * 64,
+        "sha256:" + "f" * 64,
+        "0123456789abcdef",
+        "ab",
+        "",
+        "no such layer",
+    ],
 )
 def test_missing_layer_is_not_found(seeded: tuple[ls.Store, bytes], key: str) -> None:
     store, _ = seeded
@@ -355,3 +410,27 @@ def test_failing_source_object_leaves_store_unchanged(seeded: tuple[ls.Store, by
         store.import_tar(Source())
     assert "network went away" in str(exc_info.value)
     assert_unchanged(store, before)
+
+
+def test_hardlink_to_a_path_outside_the_layer_is_accepted(store: ls.Store) -> None:
+    """A hardlink may name a path of a lower layer (resolved when stacking, not here)."""
+    data = tf.py_tar(
+        tarfile.PAX_FORMAT, members=[tf.Member("usr/bin/x", tarfile.LNKTYPE, linkname="usr/lib/y")]
+    )
+    layer = store.import_tar(data)
+    (e,) = layer.entries()
+    assert (e.kind, e.linkname) == ("hardlink", "/usr/lib/y")
+    assert export_bytes(store, layer) == data
+
+
+def test_export_errors_are_os_errors(store: ls.Store, tmp_path: Path) -> None:
+    layer = store.import_tar(tf.simple_tar({"f": b"x"}))
+    with pytest.raises(FileNotFoundError):
+        store.export_tar(layer, tmp_path / "no-such-dir" / "x.tar")
+    (tmp_path / "a-dir").mkdir()
+    with pytest.raises(OSError):
+        store.export_tar(layer, tmp_path / "a-dir")
+    with pytest.raises(OSError):
+        store.import_tar(tmp_path / "a-dir")
+    assert sorted(os.listdir(tmp_path)) == ["a-dir", "store"]
+    assert os.listdir(tmp_path / "a-dir") == []

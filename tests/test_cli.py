@@ -39,6 +39,7 @@ def run(
     proc = subprocess.run(
         [*cmd, *args],
         input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
         capture_output=True,
         env={**base, **(env or {})},
         timeout=300,
@@ -206,6 +207,19 @@ def test_show_lists_entries_like_tar(store: Path, tars: dict[str, Path], tree: P
         value = None
     if value is not None:
         assert entries["/etc/hostname"]["xattrs"] == {"user.layerstore": "AP92YWx1ZQ=="}
+
+
+def test_non_utf8_names_round_trip(store: Path, tmp_path: Path) -> None:
+    root = tmp_path / "latin1"
+    root.mkdir()
+    name = os.fsdecode(b"caf\xe9")
+    (root / name).write_bytes(b"x")
+    tar = tmp_path / "latin1.tar"
+    gnu_tar("-C", root, "-cf", tar, name)
+    run(store, "import", str(tar))
+    assert b" /caf\xe9\n" in run(store, "show", sha256(tar)).stdout
+    shown = json.loads(run(store, "--json", "show", sha256(tar)).stdout)
+    assert [os.fsencode(e["path"]) for e in shown["entries"]] == [b"/caf\xe9"]
 
 
 # ---------------------------------------------------------------------------------------------

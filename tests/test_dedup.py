@@ -5,11 +5,10 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
+import layerstore as ls
 import pytest
 import tarfixtures as tf
 from storeutil import b3sum, export_bytes, pack_files
-
-import layerstore as ls
 
 MiB = 1 << 20
 SHARED = tf.rand_bytes("shared", 2 * MiB)
@@ -21,7 +20,9 @@ def counts(store: ls.Store) -> tuple[int, int, int]:
 
 
 @pytest.mark.parametrize("again", ["same-bytes", "gzip", "gzip-multi", "zstd", "from-path"])
-def test_reimport_stores_no_new_chunk(store: ls.Store, producer_tars: dict[str, bytes], tmp_path: Path, again: str) -> None:
+def test_reimport_stores_no_new_chunk(
+    store: ls.Store, producer_tars: dict[str, bytes], tmp_path: Path, again: str
+) -> None:
     data = producer_tars["gnutar-posix"]
     first = store.import_tar(data)
     before = counts(store)
@@ -147,7 +148,7 @@ def test_multichunk_file_digest_and_chunks(store: ls.Store) -> None:
 def test_compression_levels(tmp_path: Path, level: int) -> None:
     store = ls.Store(tmp_path / "store", compression_level=level)
     assert store.settings["compression_level"] == level
-    text = tf.text_bytes("compressible", 3 * MiB)
+    text = tf.text_bytes("compressible", MiB)
     rand = tf.rand_bytes("incompressible", 500_000)
     data = tf.simple_tar({"text": text, "rand": rand})
     layer = store.import_tar(data)
@@ -163,7 +164,11 @@ def test_compression_levels(tmp_path: Path, level: int) -> None:
 
 def test_custom_chunk_parameters(tmp_path: Path) -> None:
     store = ls.Store(tmp_path / "store", chunk_min=4096, chunk_avg=16384, chunk_max=65536)
-    assert (store.settings["chunk_min"], store.settings["chunk_avg"], store.settings["chunk_max"]) == (
+    assert (
+        store.settings["chunk_min"],
+        store.settings["chunk_avg"],
+        store.settings["chunk_max"],
+    ) == (
         4096,
         16384,
         65536,

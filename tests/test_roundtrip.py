@@ -14,11 +14,10 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
+import layerstore as ls
 import pytest
 import tarfixtures as tf
 from storeutil import b3sum, export_bytes
-
-import layerstore as ls
 
 COMPRESSORS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
     "gzip": ("gzip", tf.gzip_single),
@@ -31,7 +30,9 @@ COMPRESSORS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
     "zstd-multi-frame": ("zstd", tf.zstd_multi),
     "zstd-cli": (
         "zstd",
-        lambda d: subprocess.run(["zstd", "-q", "-c"], input=d, capture_output=True, check=True).stdout,
+        lambda d: (
+            subprocess.run(["zstd", "-q", "-c"], input=d, capture_output=True, check=True).stdout
+        ),
     ),
 }
 
@@ -134,7 +135,9 @@ def test_producer_has_every_kind(producer: tuple[str, bytes]) -> None:
 
 
 @pytest.mark.parametrize("kind", ["path", "str", "bytes", "bytesio", "file"])
-def test_import_sources(store: ls.Store, producer_tars: dict[str, bytes], tmp_path: Path, kind: str) -> None:
+def test_import_sources(
+    store: ls.Store, producer_tars: dict[str, bytes], tmp_path: Path, kind: str
+) -> None:
     data = producer_tars["py-pax"]
     src_path = tmp_path / "in.tar"
     src_path.write_bytes(data)
@@ -154,7 +157,9 @@ def test_import_sources(store: ls.Store, producer_tars: dict[str, bytes], tmp_pa
     assert [x.id for x in store.layers()] == [layer.id]
 
 
-def test_same_tar_from_every_source_is_one_layer(store: ls.Store, producer_tars: dict[str, bytes], tmp_path: Path) -> None:
+def test_same_tar_from_every_source_is_one_layer(
+    store: ls.Store, producer_tars: dict[str, bytes], tmp_path: Path
+) -> None:
     data = producer_tars["gnutar-gnu"]
     p = tmp_path / "in.tar"
     p.write_bytes(data)
@@ -221,7 +226,9 @@ def test_compressed_export(
     assert back.compressed_digest == tf.sha256(blob)
 
 
-def test_compressed_export_cli_can_read(store: ls.Store, producer_tars: dict[str, bytes], tmp_path: Path) -> None:
+def test_compressed_export_cli_can_read(
+    store: ls.Store, producer_tars: dict[str, bytes], tmp_path: Path
+) -> None:
     data = producer_tars["gnutar-posix"]
     layer = store.import_tar(data)
     store.export_tar(layer, tmp_path / "l.tar.gz", compression="gzip")
@@ -232,7 +239,9 @@ def test_compressed_export_cli_can_read(store: ls.Store, producer_tars: dict[str
     assert zs.stdout == data
 
 
-def test_unknown_export_compression_is_rejected(store: ls.Store, producer_tars: dict[str, bytes]) -> None:
+def test_unknown_export_compression_is_rejected(
+    store: ls.Store, producer_tars: dict[str, bytes]
+) -> None:
     layer = store.import_tar(producer_tars["py-ustar"])
     with pytest.raises(ls.LayerstoreError):
         store.export_tar(layer, io.BytesIO(), compression="bzip2")
@@ -305,7 +314,9 @@ def test_checksum_styles_really_differ(producer_tars: dict[str, bytes]) -> None:
 
 def test_pre_posix_directory_typeflag(store: ls.Store) -> None:
     """A regular-file typeflag ('\\0') on a name ending in '/' is a directory (old tars)."""
-    data = bytearray(tf.py_tar(tarfile.USTAR_FORMAT, members=[tf.dir_("olddir/"), tf.file_("olddir/f", b"x")]))
+    data = bytearray(
+        tf.py_tar(tarfile.USTAR_FORMAT, members=[tf.dir_("olddir/"), tf.file_("olddir/f", b"x")])
+    )
     h = tf.walk(bytes(data))[0][0]
     blk = data[h.offset : h.offset + tf.BLOCK]
     assert blk[156:157] == b"5"
@@ -454,10 +465,14 @@ def test_hardlink_with_nonzero_size_field(store: ls.Store) -> None:
     data = bytearray(
         tf.py_tar(
             tarfile.USTAR_FORMAT,
-            members=[tf.file_("a", b"x" * 600), tf.Member("b", tarfile.LNKTYPE, linkname="a"), tf.file_("c", b"y")],
+            members=[
+                tf.file_("a", b"x" * 600),
+                tf.Member("b", tarfile.LNKTYPE, linkname="a"),
+                tf.file_("c", b"y"),
+            ],
         )
     )
-    h = [h for h in tf.walk(bytes(data))[0] if h.typeflag == b"1"][0]
+    h = next(h for h in tf.walk(bytes(data))[0] if h.typeflag == b"1")
     blk = data[h.offset : h.offset + tf.BLOCK]
     blk[124:136] = b"%011o\0" % 600
     tf.set_checksum(blk)
@@ -485,3 +500,19 @@ def test_many_small_files(store: ls.Store) -> None:
     layer = assert_roundtrip(store, data)
     assert layer.entry_count == 2000
     assert_entries_match_tarfile(layer, data)
+
+
+@pytest.mark.parametrize(
+    ("text", "ns"),
+    [
+        ("1600000000.123456789", 1_600_000_000_123_456_789),
+        ("1600000000.1234567891", 1_600_000_000_123_456_789),  # digits past ns are dropped
+        ("-1.5", -1_500_000_000),
+        ("0.000000001", 1),
+        ("42", 42_000_000_000),
+    ],
+)
+def test_pax_mtime_formats(store: ls.Store, text: str, ns: int) -> None:
+    data = tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("f", b"x", pax={"mtime": text})])
+    layer = assert_roundtrip(store, data)
+    assert layer.entries()[0].mtime_ns == ns == tf.expected_entries(data)[0]["mtime_ns"]

@@ -178,7 +178,7 @@ def progress_bar(
 
     tqdm is optional: without it (or without a terminal) there is no bar.
     """
-    if not enabled or not sys.stderr.isatty():
+    if not enabled or sys.stderr is None or not sys.stderr.isatty():
         yield None
         return
     try:
@@ -230,6 +230,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     for src in args.src:
         if src == "-":
+            if sys.stdin is None:
+                raise CliError("no standard input to read a tar from")
             if sys.stdin.isatty():
                 raise CliError("refusing to read a tar from a terminal (pipe one into '-')")
             with progress_bar("stdin", None, args.progress) as progress:
@@ -278,13 +280,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print_json([layer_json(layer) for layer in layers])
         return 0
-    n = 71 if args.no_trunc else 12
     rows = [["ID", "DIFF ID", "ENTRIES", "SIZE", "FROM", "CREATED"]]
     for layer in layers:
         rows.append(
             [
-                layer.id if args.no_trunc else short_digest(layer.id, n),
-                layer.diff_id if args.no_trunc else short_digest(layer.diff_id, n),
+                layer.id if args.no_trunc else short_digest(layer.id),
+                layer.diff_id if args.no_trunc else short_digest(layer.diff_id),
                 f"{layer.entry_count:,}",
                 human_bytes(layer.size),
                 layer.compression or "tar",
@@ -348,7 +349,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     to_stdout = args.dest == "-"
     if to_stdout and args.json:
         raise CliError("--json cannot be combined with DEST '-' (stdout carries the tar)")
-    if to_stdout and sys.stdout.isatty():
+    if to_stdout and (sys.stdout is None or sys.stdout.isatty()):
         raise CliError("refusing to write a tar to a terminal (redirect stdout or give a path)")
     with progress_bar(short_digest(layer.id), layer.size, args.progress) as progress:
         if to_stdout:

@@ -312,7 +312,17 @@ pub fn find_layer(conn: &Connection, key: &str) -> Result<LayerInfo> {
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     if let Some(row) = stmt.query_row([key], info_from_row).optional()? {
-        return make_info(row);
+        let mut info = make_info(row)?;
+        // Found through a blob it was imported from: describe that blob.
+        let blob: Option<String> = conn
+            .prepare_cached("SELECT compression FROM blob_digests WHERE digest = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?;
+        if let Some(compression) = blob {
+            info.compressed_digest = Some(key.to_string());
+            info.compression = Some(compression);
+        }
+        return Ok(info);
     }
     let hex_prefix = key.rsplit(':').next().unwrap_or(key);
     if hex_prefix.len() >= 6 && hex_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -118,6 +118,10 @@ pub struct Exported {
     pub size: u64,
 }
 
+/// Packs below this size are merged by `gc` once there are [`SMALL_PACKS_TO_MERGE`] of them.
+const SMALL_PACK: u64 = 16 << 20;
+const SMALL_PACKS_TO_MERGE: usize = 8;
+
 pub struct Store {
     root: PathBuf,
     options: StoreOptions,
@@ -344,6 +348,7 @@ impl Store {
             busy_seconds: reader_busy,
         } = reader_out?;
         check(&uncompressed, compressed.as_ref())?;
+        progress(uncompressed.len)?;
 
         let ImportSink {
             writer,
@@ -545,6 +550,7 @@ impl Store {
             }
         }
         enc.finish().ctx(|| "finishing the export".into())?;
+        progress(done)?;
         if done != info.size {
             return Err(Error::Corrupt(format!(
                 "layer {id}: rebuilt {done} bytes, expected {}",
@@ -629,6 +635,9 @@ impl Store {
                 "DELETE FROM chunks WHERE digest NOT IN (SELECT digest FROM layer_chunks)",
                 [],
             )? as u64;
+            let header = cas::PACK_MAGIC.len() as u64;
+            let mut rewrite: Vec<(String, u64)> = Vec::new();
+            let mut small: Vec<(String, u64)> = Vec::new();
             for (name, size) in meta::packs(&tx)? {
                 let live_bytes: Option<i64> = tx.query_row(
                     "SELECT sum(block_len) FROM (SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1)",
@@ -641,12 +650,30 @@ impl Store {
                     unlink.push(self.packs_dir().join(&name));
                     report.packs_removed += 1;
                     report.bytes_reclaimed += size;
-                } else if live_bytes * 2 < size {
-                    let new_size = self.rewrite_pack(&tx, &name)?;
-                    unlink.push(self.packs_dir().join(&name));
-                    report.packs_rewritten += 1;
-                    report.bytes_reclaimed += size.saturating_sub(new_size);
+                } else if (live_bytes + header) * 2 < size {
+                    rewrite.push((name, size));
+                } else if size < SMALL_PACK {
+                    small.push((name, size));
+                } else {
+                    self.trim_pack_tail(&name, size, &mut report);
                 }
+            }
+            // Every import writes its own pack: merge small ones so their number stays low.
+            if small.len() >= SMALL_PACKS_TO_MERGE {
+                rewrite.append(&mut small);
+            }
+            for (name, size) in small {
+                self.trim_pack_tail(&name, size, &mut report);
+            }
+            if !rewrite.is_empty() {
+                let names: Vec<&str> = rewrite.iter().map(|(n, _)| n.as_str()).collect();
+                let new_size = self.rewrite_packs(&tx, &names)?;
+                let old_size: u64 = rewrite.iter().map(|(_, s)| s).sum();
+                for (name, _) in &rewrite {
+                    unlink.push(self.packs_dir().join(name));
+                }
+                report.packs_rewritten += rewrite.len() as u64;
+                report.bytes_reclaimed += old_size.saturating_sub(new_size);
             }
         } else {
             report.deferred = true;
@@ -669,46 +696,80 @@ impl Store {
         Ok(report)
     }
 
-    /// Copy a pack's live blocks into a fresh pack and repoint their chunks (inside `tx`).
-    fn rewrite_pack(&self, tx: &Connection, name: &str) -> Result<u64> {
+    /// Cut bytes past a pack's committed length (never read; left by nothing we know of, but
+    /// reclaimed all the same).
+    fn trim_pack_tail(&self, name: &str, size: u64, report: &mut GcReport) {
+        let path = self.packs_dir().join(name);
+        if let Ok(m) = fs::metadata(&path) {
+            if m.len() > size {
+                if let Ok(f) = fs::OpenOptions::new().write(true).open(&path) {
+                    if f.set_len(size).and_then(|()| f.sync_all()).is_ok() {
+                        report.bytes_reclaimed += m.len() - size;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copy the live blocks of `names` into one fresh pack and repoint their chunks, inside `tx`.
+    /// On failure the new file is removed and `tx` (rolled back by the caller) changes nothing.
+    fn rewrite_packs(&self, tx: &Connection, names: &[&str]) -> Result<u64> {
         let new_name = format!("{}.pack", unique_name());
         let new_path = self.packs_dir().join(&new_name);
-        let mut blocks: Vec<(u64, u64)> = {
-            let mut stmt = tx.prepare("SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1 ORDER BY block_offset")?;
-            let rows = stmt
-                .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            rows
-        };
-        blocks.dedup();
-        let mut src =
-            fs::File::open(self.packs_dir().join(name)).ctx(|| format!("opening pack {name}"))?;
+        let result = self.copy_live_blocks(tx, names, &new_name, &new_path);
+        if result.is_err() {
+            let _ = fs::remove_file(&new_path);
+        }
+        result
+    }
+
+    fn copy_live_blocks(
+        &self,
+        tx: &Connection,
+        names: &[&str],
+        new_name: &str,
+        new_path: &Path,
+    ) -> Result<u64> {
         let mut out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&new_path)
+            .open(new_path)
             .ctx(|| format!("creating {}", new_path.display()))?;
         out.write_all(cas::PACK_MAGIC)
             .ctx(|| "writing pack".into())?;
+        // The row exists before chunks point at it (foreign key); its size is set at the end.
+        meta::insert_pack(tx, new_name, 0)?;
         let mut offset = cas::PACK_MAGIC.len() as u64;
         let mut buf = Vec::new();
         let mut update = tx.prepare(
             "UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4",
         )?;
-        for (block_offset, block_len) in blocks {
-            buf.resize(block_len as usize, 0);
-            std::io::Seek::seek(&mut src, io::SeekFrom::Start(block_offset))
-                .ctx(|| format!("reading pack {name}"))?;
-            src.read_exact(&mut buf)
-                .ctx(|| format!("reading pack {name}"))?;
-            out.write_all(&buf).ctx(|| "writing pack".into())?;
-            update.execute(rusqlite::params![new_name, offset, name, block_offset])?;
-            offset += block_len;
+        let mut blocks_of = tx.prepare(
+            "SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1 ORDER BY block_offset",
+        )?;
+        for name in names {
+            let blocks = blocks_of
+                .query_map([name], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut src = fs::File::open(self.packs_dir().join(name))
+                .ctx(|| format!("opening pack {name}"))?;
+            for (block_offset, block_len) in blocks {
+                buf.resize(block_len as usize, 0);
+                std::io::Seek::seek(&mut src, io::SeekFrom::Start(block_offset))
+                    .and_then(|_| src.read_exact(&mut buf))
+                    .ctx(|| format!("reading pack {name}"))?;
+                out.write_all(&buf).ctx(|| "writing pack".into())?;
+                update.execute(rusqlite::params![new_name, offset, name, block_offset])?;
+                offset += block_len;
+            }
+            tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
         }
         out.sync_all().ctx(|| "syncing pack".into())?;
         cas::sync_dir(&self.packs_dir())?;
-        meta::insert_pack(tx, &new_name, offset)?;
-        tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
+        tx.execute(
+            "UPDATE packs SET size = ?1 WHERE name = ?2",
+            rusqlite::params![offset, new_name],
+        )?;
         Ok(offset)
     }
 
@@ -835,6 +896,10 @@ struct ImportSink<'c> {
 impl EntrySink for ImportSink<'_> {
     fn entry(&mut self, entry: &mut Entry, payload: Option<&mut dyn Read>) -> Result<()> {
         let Some(payload) = payload else {
+            if entry.kind == crate::layer::Kind::File {
+                // An empty file still has a content identity.
+                entry.digest = Some(Blake3::of(&[]));
+            }
             return Ok(());
         };
         let started = Instant::now();

@@ -166,6 +166,15 @@ impl<'a, R: Read> Splitter<'a, R> {
         }
     }
 
+    /// An error located where the decompressed stream stopped making sense.
+    fn at_stream_pos(&self, reason: String) -> Error {
+        Error::InvalidTar {
+            reason: format!("{reason} (decompressed byte {})", self.src.pos),
+            entry: self.entries.len() as u64,
+            offset: self.header_offset,
+        }
+    }
+
     fn limit(&self, what: &'static str, found: u64, limit: u64) -> Error {
         Error::LimitExceeded {
             what,
@@ -206,8 +215,9 @@ impl<'a, R: Read> Splitter<'a, R> {
                 what, found, limit, ..
             } => self.limit(what, found, limit),
             Error::Io { source, .. } if is_decode_error(&source) => {
-                self.invalid(format!("corrupt compressed stream: {source}"))
+                self.at_stream_pos(format!("corrupt compressed stream: {source}"))
             }
+            Error::InvalidLayer(reason) => self.at_stream_pos(reason),
             other => other,
         }
     }
@@ -244,9 +254,7 @@ impl<'a, R: Read> Splitter<'a, R> {
             self.split.push_raw(&block);
             let header = tar::Header::from_byte_slice(&block);
             let typeflag = block[156];
-            let size = header
-                .entry_size()
-                .map_err(|e| self.invalid(format!("bad size field: {e}")))?;
+            let size = self.unsigned_field(&block, Field::SIZE, "size")?;
             match typeflag {
                 b'x' => {
                     let data = self.read_record(size)?;
@@ -271,6 +279,17 @@ impl<'a, R: Read> Splitter<'a, R> {
             entries: self.entries,
             warnings: self.warnings,
         })
+    }
+
+    fn unsigned_field(
+        &self,
+        block: &[u8; BLOCK],
+        range: std::ops::Range<usize>,
+        name: &str,
+    ) -> Result<u64> {
+        numeric_field(&block[range])
+            .and_then(|v| u64::try_from(v).ok())
+            .ok_or_else(|| self.invalid(format!("bad {name} field")))
     }
 
     fn check_checksum(&self, block: &[u8; BLOCK]) -> Result<()> {
@@ -349,9 +368,6 @@ impl<'a, R: Read> Splitter<'a, R> {
         };
         let path = self.normalize(&raw_path)?;
 
-        let field = |r: io::Result<u64>, name: &str| -> Result<u64> {
-            r.map_err(|e| self.invalid(format!("bad {name} field: {e}")))
-        };
         let pax_num = |key: &[u8]| -> Result<Option<u64>> {
             pax.get(key)
                 .map(|v| {
@@ -364,20 +380,24 @@ impl<'a, R: Read> Splitter<'a, R> {
                 })
                 .transpose()
         };
-        let header_size = field(header.entry_size(), "size")?;
+        let header_size = self.unsigned_field(block, Field::SIZE, "size")?;
         let data_size = pax_num(b"size")?.unwrap_or(header_size);
-        let mode = field(header.mode().map(u64::from), "mode")? as u32 & 0o7777;
+        let mode = self.unsigned_field(block, Field::MODE, "mode")? as u32 & 0o7777;
         let uid = match pax_num(b"uid")? {
             Some(v) => v,
-            None => field(header.uid(), "uid")?,
+            None => self.unsigned_field(block, Field::UID, "uid")?,
         };
         let gid = match pax_num(b"gid")? {
             Some(v) => v,
-            None => field(header.gid(), "gid")?,
+            None => self.unsigned_field(block, Field::GID, "gid")?,
         };
         let mtime_ns = match pax.get(&b"mtime"[..]) {
             Some(v) => parse_pax_time(v).ok_or_else(|| self.invalid("bad PAX mtime record"))?,
-            None => i128::from(field(header.mtime(), "mtime")?) * 1_000_000_000,
+            None => {
+                let secs = numeric_field(&block[Field::MTIME])
+                    .ok_or_else(|| self.invalid("bad mtime field"))?;
+                secs * 1_000_000_000
+            }
         };
         let mtime_ns = i64::try_from(mtime_ns).map_err(|_| self.invalid("mtime out of range"))?;
         let uname = pax.get(&b"uname"[..]).cloned().unwrap_or_else(|| {
@@ -519,6 +539,7 @@ impl<'a, R: Read> Splitter<'a, R> {
             Error::LimitExceeded {
                 what, found, limit, ..
             } => self.limit(what, found, limit),
+            Error::InvalidLayer(reason) => self.at_stream_pos(reason),
             other => other,
         }
     }
@@ -570,6 +591,51 @@ fn is_decode_error(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
     ) || e.to_string().contains("corrupt")
+}
+
+/// Byte ranges of the numeric header fields.
+struct Field;
+
+impl Field {
+    const MODE: std::ops::Range<usize> = 100..108;
+    const UID: std::ops::Range<usize> = 108..116;
+    const GID: std::ops::Range<usize> = 116..124;
+    const SIZE: std::ops::Range<usize> = 124..136;
+    const MTIME: std::ops::Range<usize> = 136..148;
+}
+
+/// A numeric header field: octal text (spaces/NULs around it, empty meaning 0, as GNU tar and
+/// Python read it) or GNU base-256, positive (`0x80`) or negative (`0xff`, two's complement).
+pub fn numeric_field(field: &[u8]) -> Option<i128> {
+    match field.first() {
+        Some(&b) if b & 0x80 != 0 => {
+            if field.len() > 12 {
+                return None;
+            }
+            let negative = b & 0x40 != 0;
+            let mut v: i128 = if negative { -1 } else { 0 };
+            for (i, &byte) in field.iter().enumerate() {
+                let byte = if i == 0 && !negative {
+                    byte & 0x7f
+                } else {
+                    byte
+                };
+                v = (v << 8) | i128::from(byte);
+            }
+            Some(v)
+        }
+        _ => {
+            let text = field
+                .iter()
+                .position(|&c| c == 0)
+                .map_or(field, |i| &field[..i]);
+            let text = std::str::from_utf8(text).ok()?.trim_matches(' ');
+            if text.is_empty() {
+                return Some(0);
+            }
+            u64::from_str_radix(text, 8).ok().map(i128::from)
+        }
+    }
 }
 
 pub fn padded(n: u64) -> u64 {
@@ -668,6 +734,26 @@ mod tests {
         assert_eq!(m[&b"path"[..]], b"x/y");
         assert!(parse_pax(b"99 path=x\n", &mut m).is_err());
         assert!(parse_pax(b"7 pathx\n", &mut m).is_err());
+    }
+
+    #[test]
+    fn numeric_fields() {
+        assert_eq!(numeric_field(b"0000644\0"), Some(0o644));
+        assert_eq!(numeric_field(b"  644 \0"), Some(0o644));
+        assert_eq!(numeric_field(b"\0\0\0\0"), Some(0));
+        assert_eq!(numeric_field(b"        "), Some(0));
+        assert_eq!(numeric_field(b"12x"), None);
+        let mut big = [0u8; 12];
+        big[0] = 0x80;
+        big[11] = 0x01;
+        big[10] = 0x02;
+        assert_eq!(numeric_field(&big), Some(0x0201));
+        let minus_one = [0xffu8; 12];
+        assert_eq!(numeric_field(&minus_one), Some(-1));
+        let mut minus_300 = [0xffu8; 12];
+        minus_300[10] = 0xfe;
+        minus_300[11] = 0xd4;
+        assert_eq!(numeric_field(&minus_300), Some(-300));
     }
 
     #[test]

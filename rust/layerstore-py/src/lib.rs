@@ -297,8 +297,8 @@ impl Store {
 
     /// The store's directory.
     #[getter]
-    fn path(&self) -> PathBuf {
-        self.inner.root().to_path_buf()
+    fn path(&self) -> std::ffi::OsString {
+        self.inner.root().as_os_str().to_os_string()
     }
 
     /// The settings fixed at creation.
