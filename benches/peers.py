@@ -9,9 +9,6 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
-import fastcdc
-
 from benches.fixtures import gnu_tar_command
 
 # The store's chunk parameters (FastCDC min / average / max), used by the naive importer so it cuts
@@ -55,6 +52,10 @@ def naive_import(tar_path: Path, store: Path) -> NaiveResult:
     with FastCDC (the PyPI ``fastcdc`` package's compiled chunker), name each chunk by BLAKE3 and
     append the chunks not seen before to one pack file, then fsync it once (ours is durable too).
     No compression, no SHA-256 of the stream, no raw tar headers kept, no database."""
+    # Imported here: only this peer needs the `bench` extra's fastcdc and blake3.
+    import blake3
+    import fastcdc
+
     store.mkdir(parents=True, exist_ok=True)
     index: dict[bytes, tuple[int, int]] = {}
     files: list[tuple[str, list[bytes]]] = []

@@ -64,6 +64,8 @@ def test_import_vs_casync(
 def test_import_uncompressed_vs_naive_python(
     benchmark: Any, ls: ModuleType, rootfs_v1_tar: Path, scratch: Path
 ) -> None:
+    for module in ("fastcdc", "blake3"):
+        pytest.importorskip(module, reason="the naive peer needs the `bench` extra")
     ours = _bench_ours(benchmark, ls, rootfs_v1_tar, scratch / "ours", compression_level=0)
 
     store = scratch / "naive"

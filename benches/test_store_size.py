@@ -3,7 +3,7 @@
 Sizes are apparent bytes of the regular files a store leaves on disk once closed (chunk packs,
 database, anything else; directories not counted). casync's side is its chunk store plus the two
 ``.caidx`` indexes made from the directory trees. Targets: ours/casync <= 0.85, and the cost of
-adding v2 to a store holding v1 <= 18% of a store holding v2 alone.
+adding v2 to a store holding v1 <= 18% of a store holding v2 alone (asserted).
 """
 
 from __future__ import annotations
@@ -99,3 +99,7 @@ def test_store_size_vs_casync(
         f" v2-only store ({v2_only / MB:.1f} MB) ({verdict} target <= {TARGET_INCREMENT:.0%});"
         f" casync +{(cas_both - cas_v1) / MB:.1f} MB = {cas_increment:.1%}"
     )
+    # Bytes, not time, so these may be asserted. The increment holds with room to spare (7% when
+    # this was written); the ratio to casync (0.95 then) misses its target and is only reported
+    # until the store gets there.
+    assert increment <= TARGET_INCREMENT

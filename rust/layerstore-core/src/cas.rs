@@ -14,8 +14,6 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::digest::Blake3;
 use crate::error::{Error, IoContext, Result};
 
@@ -69,9 +67,17 @@ struct Written {
     offset: u64,
 }
 
-/// Appends chunks to one fresh pack file. Blocks are filled on the caller's thread and handed
-/// to a background thread that compresses them in parallel batches and appends them, so
-/// chunking and compression overlap.
+/// A block after compression, on its way to the file.
+struct Encoded {
+    chunks: Vec<(Blake3, u32, u32)>,
+    codec: Codec,
+    bytes: Vec<u8>,
+}
+
+/// Appends chunks to one fresh pack file. Blocks are filled on the caller's thread, compressed
+/// by one thread per core as they come, and appended by a writer thread in the order they finish
+/// (a block's place in the pack does not matter: its offset is recorded). Chunking, compression
+/// and writing overlap; bounded channels keep memory bounded.
 pub struct PackWriter {
     dir: PathBuf,
     name: String,
@@ -80,18 +86,40 @@ pub struct PackWriter {
     worker: Option<std::thread::JoinHandle<Result<Written>>>,
 }
 
-/// Blocks compressed together in one parallel batch.
-const BATCH_BLOCKS: usize = 8;
+/// Blocks queued between the stages (each about [`BLOCK_TARGET`] bytes).
+const QUEUE_BLOCKS: usize = 16;
 
 impl PackWriter {
     /// `level` 0 stores blocks raw.
     pub fn new(dir: &Path, name: String, level: i32) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded::<OpenBlock>(4 * BATCH_BLOCKS);
+        let (tx, rx) = crossbeam_channel::bounded::<OpenBlock>(QUEUE_BLOCKS);
+        let (etx, erx) = crossbeam_channel::bounded::<Result<Encoded>>(QUEUE_BLOCKS);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for _ in 0..cores {
+            let (rx, etx) = (rx.clone(), etx.clone());
+            std::thread::Builder::new()
+                .name("layerstore-zstd".into())
+                .spawn(move || {
+                    for block in rx {
+                        let encoded =
+                            encode_block(&block.data, level).map(|(codec, bytes)| Encoded {
+                                chunks: block.chunks,
+                                codec,
+                                bytes,
+                            });
+                        if etx.send(encoded).is_err() {
+                            break; // the writer failed; it reports why
+                        }
+                    }
+                })
+                .expect("spawn compressor");
+        }
+        drop(etx);
         let path = dir.join(&name);
         let pack = name.clone();
         let worker = std::thread::Builder::new()
             .name("layerstore-pack".into())
-            .spawn(move || write_blocks(&path, &pack, level, &rx))
+            .spawn(move || write_blocks(&path, &pack, &erx))
             .expect("spawn pack writer");
         PackWriter {
             dir: dir.to_path_buf(),
@@ -180,30 +208,23 @@ impl Drop for PackWriter {
     }
 }
 
-/// The background half of [`PackWriter`].
+/// The writing end of [`PackWriter`]: appends encoded blocks as they arrive.
 fn write_blocks(
     path: &Path,
     name: &str,
-    level: i32,
-    rx: &crossbeam_channel::Receiver<OpenBlock>,
+    rx: &crossbeam_channel::Receiver<Result<Encoded>>,
 ) -> Result<Written> {
     let mut w = Written {
         file: None,
         locs: Vec::new(),
         offset: 0,
     };
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH_BLOCKS {
-            match rx.try_recv() {
-                Ok(b) => batch.push(b),
-                Err(_) => break,
-            }
-        }
-        let encoded: Vec<(Codec, Vec<u8>)> = batch
-            .par_iter()
-            .map(|b| encode_block(&b.data, level))
-            .collect::<Result<_>>()?;
+    for encoded in rx {
+        let Encoded {
+            chunks,
+            codec,
+            bytes,
+        } = encoded?;
         if w.file.is_none() {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -216,22 +237,20 @@ fn write_blocks(
             w.file = Some(f);
         }
         let file = w.file.as_mut().expect("opened above");
-        for (block, (codec, bytes)) in batch.iter().zip(encoded) {
-            file.write_all(&bytes)
-                .ctx(|| format!("writing pack {name}"))?;
-            for &(digest, inner_offset, len) in &block.chunks {
-                w.locs.push(ChunkLoc {
-                    digest,
-                    pack: name.to_string(),
-                    block_offset: w.offset,
-                    block_len: bytes.len() as u64,
-                    codec,
-                    inner_offset,
-                    len,
-                });
-            }
-            w.offset += bytes.len() as u64;
+        file.write_all(&bytes)
+            .ctx(|| format!("writing pack {name}"))?;
+        for (digest, inner_offset, len) in chunks {
+            w.locs.push(ChunkLoc {
+                digest,
+                pack: name.to_string(),
+                block_offset: w.offset,
+                block_len: bytes.len() as u64,
+                codec,
+                inner_offset,
+                len,
+            });
         }
+        w.offset += bytes.len() as u64;
     }
     Ok(w)
 }
@@ -366,11 +385,12 @@ mod tests {
             std::fs::metadata(dir.path().join("p1.pack")).unwrap().len(),
             len
         );
+        // Blocks land in the order they finish compressing: look each chunk up by digest.
+        let by_digest: HashMap<Blake3, &ChunkLoc> = locs.iter().map(|l| (l.digest, l)).collect();
         let mut r = PackReader::new(dir.path());
         let mut buf = Vec::new();
-        for (loc, (d, data)) in locs.iter().zip(&chunks) {
-            assert_eq!(loc.digest, *d);
-            r.read(loc, &mut buf).unwrap();
+        for (d, data) in &chunks {
+            r.read(by_digest[d], &mut buf).unwrap();
             assert_eq!(&buf, data);
         }
     }
