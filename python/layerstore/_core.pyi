@@ -4,6 +4,8 @@ import os
 from collections.abc import Callable
 from typing import IO, Any, final
 
+__all__ = ["FORMAT_VERSION", "Entry", "Layer", "Limits", "Store", "__version__"]
+
 __version__: str
 FORMAT_VERSION: int
 
@@ -88,7 +90,7 @@ class Layer:
     @property
     def import_timings(self) -> dict[str, float] | None: ...
     def entries(self) -> list[Entry]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final

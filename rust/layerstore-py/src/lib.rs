@@ -24,7 +24,7 @@ mod errors;
 use errors::{to_py, CoreResultExt};
 
 /// Limits enforced while importing (bytes unless said otherwise).
-#[pyclass(frozen, get_all, module = "layerstore._core")]
+#[pyclass(frozen, get_all, from_py_object, module = "layerstore._core")]
 #[derive(Clone)]
 struct Limits {
     max_bytes: u64,
