@@ -211,3 +211,12 @@ def test_symlinks_are_archived_not_followed(store: ls.Store, tmp_path: Path) -> 
         "/ok": ("file", None),
         "/outside": ("symlink", "/etc"),
     }
+
+
+def test_thread_count_does_not_change_the_layer(tree: Path, tmp_path: Path) -> None:
+    """The parallel walk's output is the same tar whatever the number of threads."""
+    ids = set()
+    for threads in (1, 2, 5):
+        s = ls.Store(tmp_path / f"store-{threads}")
+        ids.add(s.import_dir(tree, max_threads=threads).diff_id)
+    assert len(ids) == 1

@@ -129,6 +129,7 @@ class Store:
         expected_diff_id: str | None = None,
         limits: Limits | None = None,
         progress: Progress | None = None,
+        max_threads: int | None = None,
     ) -> Layer: ...
     def export_tar(
         self,

@@ -52,6 +52,9 @@ pub struct DirOptions {
     /// xattr names to leave out (exact names, e.g. "security.selinux"). Default: none, every
     /// xattr is kept.
     pub exclude_xattrs: Vec<Vec<u8>>,
+    /// Threads for the parallel walk; `None` uses one per core. The walk runs on a pool of its
+    /// own that ends with the call, so a process that forks later inherits no idle pool.
+    pub max_threads: Option<usize>,
 }
 
 #[derive(Default)]
@@ -109,7 +112,12 @@ pub fn write_dir_tar<W: Write>(
             root.display()
         )));
     }
-    let nodes = scan_tree(root, opts, warnings)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.max_threads.unwrap_or(0))
+        .thread_name(|i| format!("layerstore-walk-{i}"))
+        .build()
+        .map_err(|e| Error::io("starting the directory walk", std::io::Error::other(e)))?;
+    let nodes = pool.install(|| scan_tree(root, opts, warnings))?;
 
     let mut tw = TarWriter { out, written: 0 };
     let mut buf = vec![0u8; COPY_BUF];

@@ -457,9 +457,7 @@ impl Store {
         }
         let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
         let root = path.to_path_buf();
-        let dir_opts = fsio::DirOptions {
-            exclude_xattrs: dir_opts.exclude_xattrs.clone(),
-        };
+        let dir_opts = dir_opts.clone();
         let producer: JoinHandle<Result<Vec<String>>> = std::thread::spawn(move || {
             let mut warnings = Vec::new();
             let out = io::BufWriter::with_capacity(1 << 20, writer);

@@ -305,6 +305,7 @@ fn fsio_tree_is_archived_deterministically_and_completely() {
         assert_eq!(get("empty").pax["SCHILY.xattr.user.test"], b"v\0al=ue\n");
         let opts = DirOptions {
             exclude_xattrs: vec![b"user.test".to_vec()],
+            max_threads: Some(1),
         };
         let mut out = Vec::new();
         write_dir_tar(tmp.path(), &opts, &mut out, &mut Vec::new()).unwrap();

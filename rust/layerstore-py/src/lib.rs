@@ -337,7 +337,8 @@ impl Store {
         self.finish_import(py, interrupts.finish(result)?)
     }
 
-    #[pyo3(signature = (path, /, *, exclude_xattrs=Vec::new(), expected_diff_id=None, limits=None, progress=None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+    #[pyo3(signature = (path, /, *, exclude_xattrs=Vec::new(), expected_diff_id=None, limits=None, progress=None, max_threads=None))]
     fn import_dir(
         &self,
         py: Python<'_>,
@@ -346,9 +347,11 @@ impl Store {
         expected_diff_id: Option<String>,
         limits: Option<Limits>,
         progress: Option<Py<PyAny>>,
+        max_threads: Option<usize>,
     ) -> PyResult<Layer> {
         let dir_opts = core::fsio::DirOptions {
             exclude_xattrs: exclude_xattrs.into_iter().map(String::into_bytes).collect(),
+            max_threads,
         };
         let opts = ImportOptions {
             expected_diff_id,
