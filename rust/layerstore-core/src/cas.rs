@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -289,18 +289,20 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// Reads chunks back, verifying each against its digest. Keeps pack files open and the last
 /// decoded block, since consecutive chunks of a layer usually share a block.
 pub struct PackReader {
+    dctx: zstd::bulk::Decompressor<'static>,
     dir: PathBuf,
     files: HashMap<String, File>,
     cache: Option<(String, u64, Arc<Vec<u8>>)>,
 }
 
 impl PackReader {
-    pub fn new(dir: &Path) -> Self {
-        PackReader {
+    pub fn new(dir: &Path) -> Result<Self> {
+        Ok(PackReader {
+            dctx: zstd::bulk::Decompressor::new().ctx(|| "creating a decompressor".into())?,
             dir: dir.to_path_buf(),
             files: HashMap::new(),
             cache: None,
-        }
+        })
     }
 
     fn block(&mut self, loc: &ChunkLoc) -> Result<Arc<Vec<u8>>> {
@@ -314,25 +316,8 @@ impl PackReader {
             let f = File::open(&path).ctx(|| format!("opening pack {}", path.display()))?;
             self.files.insert(loc.pack.clone(), f);
         }
-        let f = self.files.get_mut(&loc.pack).expect("inserted above");
-        let mut raw = vec![0u8; loc.block_len as usize];
-        f.seek(SeekFrom::Start(loc.block_offset))
-            .and_then(|_| f.read_exact(&mut raw))
-            .map_err(|e| {
-                Error::Corrupt(format!(
-                    "pack {} block at {}: {e}",
-                    loc.pack, loc.block_offset
-                ))
-            })?;
-        let data = match loc.codec {
-            Codec::Raw => raw,
-            Codec::Zstd => zstd::stream::decode_all(&raw[..]).map_err(|e| {
-                Error::Corrupt(format!(
-                    "pack {} block at {}: {e}",
-                    loc.pack, loc.block_offset
-                ))
-            })?,
-        };
+        let f = self.files.get(&loc.pack).expect("inserted above");
+        let data = read_block(f, loc, &mut self.dctx)?;
         let data = Arc::new(data);
         self.cache = Some((loc.pack.clone(), loc.block_offset, data.clone()));
         Ok(data)
@@ -341,19 +326,10 @@ impl PackReader {
     /// Read one chunk and check its BLAKE3.
     pub fn read(&mut self, loc: &ChunkLoc, out: &mut Vec<u8>) -> Result<()> {
         let block = self.block(loc)?;
+        check_chunk(&block, loc)?;
         let start = loc.inner_offset as usize;
-        let end = start + loc.len as usize;
-        let data = block.get(start..end).ok_or_else(|| {
-            Error::Corrupt(format!("chunk {} lies outside its block", loc.digest))
-        })?;
-        if Blake3::of(data) != loc.digest {
-            return Err(Error::Corrupt(format!(
-                "chunk {} does not match its digest",
-                loc.digest
-            )));
-        }
         out.clear();
-        out.extend_from_slice(data);
+        out.extend_from_slice(&block[start..start + loc.len as usize]);
         Ok(())
     }
 
@@ -362,6 +338,182 @@ impl PackReader {
         self.files.clear();
         self.cache = None;
     }
+}
+
+/// A chunk as a range of its decoded block.
+pub type ChunkSlice = (Arc<Vec<u8>>, std::ops::Range<usize>);
+
+/// Blocks decoded together ahead of the consumer (each at most `max(BLOCK_TARGET, chunk_max)`).
+const READ_AHEAD_BLOCKS: usize = 16;
+
+/// Reads a sequence of chunks in order, with their blocks read, decoded and verified ahead of the
+/// consumer on a background thread (a window of blocks at a time, split over the cores). Memory
+/// stays bounded by two windows of decoded blocks.
+pub struct OrderedChunks {
+    locs: Vec<ChunkLoc>,
+    /// For each run of consecutive chunks in one block: the index of its first chunk.
+    starts: Vec<usize>,
+    next: usize,
+    run: usize,
+    block: Option<Arc<Vec<u8>>>,
+    rx: crossbeam_channel::Receiver<Result<Arc<Vec<u8>>>>,
+}
+
+impl OrderedChunks {
+    pub fn new(dir: &Path, locs: Vec<ChunkLoc>) -> Self {
+        let mut starts = Vec::new();
+        for (i, l) in locs.iter().enumerate() {
+            let same =
+                i > 0 && locs[i - 1].pack == l.pack && locs[i - 1].block_offset == l.block_offset;
+            if !same {
+                starts.push(i);
+            }
+        }
+        let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_BLOCKS);
+        let (dir, plan, runs) = (dir.to_path_buf(), locs.clone(), starts.clone());
+        std::thread::Builder::new()
+            .name("layerstore-read-ahead".into())
+            .spawn(move || read_ahead(&dir, &plan, &runs, &tx))
+            .expect("spawn read-ahead");
+        OrderedChunks {
+            locs,
+            starts,
+            next: 0,
+            run: 0,
+            block: None,
+            rx,
+        }
+    }
+
+    /// The next chunk's bytes, or `None` after the last one.
+    pub fn next_chunk(&mut self) -> Option<Result<ChunkSlice>> {
+        let loc = self.locs.get(self.next)?;
+        if self.starts.get(self.run) == Some(&self.next) {
+            self.run += 1;
+            match self.rx.recv() {
+                Ok(Ok(block)) => self.block = Some(block),
+                Ok(Err(e)) => return Some(Err(e)),
+                Err(_) => return Some(Err(Error::Corrupt("read-ahead stopped early".into()))),
+            }
+        }
+        self.next += 1;
+        let block = self.block.clone()?;
+        let start = loc.inner_offset as usize;
+        Some(Ok((block, start..start + loc.len as usize)))
+    }
+}
+
+fn read_ahead(
+    dir: &Path,
+    locs: &[ChunkLoc],
+    starts: &[usize],
+    tx: &crossbeam_channel::Sender<Result<Arc<Vec<u8>>>>,
+) {
+    let files = std::sync::Mutex::new(HashMap::<String, Arc<File>>::new());
+    let decode =
+        |run: usize, dctx: &mut zstd::bulk::Decompressor<'static>| -> Result<Arc<Vec<u8>>> {
+            let first = starts[run];
+            let end = starts.get(run + 1).copied().unwrap_or(locs.len());
+            let loc = &locs[first];
+            let file = {
+                let mut files = files
+                    .lock()
+                    .map_err(|_| Error::Corrupt("pack file table poisoned".into()))?;
+                match files.get(&loc.pack) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let path = dir.join(&loc.pack);
+                        let f = Arc::new(
+                            File::open(&path).ctx(|| format!("opening pack {}", path.display()))?,
+                        );
+                        files.insert(loc.pack.clone(), f.clone());
+                        f
+                    }
+                }
+            };
+            let data = read_block(&file, loc, dctx)?;
+            for l in &locs[first..end] {
+                check_chunk(&data, l)?;
+            }
+            Ok(Arc::new(data))
+        };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for window in (0..starts.len())
+        .collect::<Vec<_>>()
+        .chunks(READ_AHEAD_BLOCKS)
+    {
+        let per = window.len().div_ceil(threads);
+        let decoded: Vec<Result<Arc<Vec<u8>>>> = std::thread::scope(|s| {
+            let parts: Vec<_> = window
+                .chunks(per)
+                .map(|part| {
+                    s.spawn(|| match zstd::bulk::Decompressor::new() {
+                        Ok(mut dctx) => part
+                            .iter()
+                            .map(|&r| decode(r, &mut dctx))
+                            .collect::<Vec<_>>(),
+                        Err(e) => vec![Err(Error::io("creating a decompressor", e))],
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        if decoded.len() != window.len() {
+            let _ = tx.send(Err(Error::Corrupt("a read-ahead worker panicked".into())));
+            return;
+        }
+        for block in decoded {
+            let failed = block.is_err();
+            if tx.send(block).is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+/// Read one block from `file` and decode it (with a reused decompression context).
+fn read_block(
+    file: &File,
+    loc: &ChunkLoc,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let corrupt = |e: &dyn std::fmt::Display| {
+        Error::Corrupt(format!(
+            "pack {} block at {}: {e}",
+            loc.pack, loc.block_offset
+        ))
+    };
+    let mut raw = vec![0u8; loc.block_len as usize];
+    file.read_exact_at(&mut raw, loc.block_offset)
+        .map_err(|e| corrupt(&e))?;
+    match loc.codec {
+        Codec::Raw => Ok(raw),
+        Codec::Zstd => dctx
+            .decompress(&raw, BLOCK_DECODED_MAX)
+            .map_err(|e| corrupt(&e)),
+    }
+}
+
+/// Largest decoded block we accept (a block holds chunks of at most 16 MiB, FastCDC's ceiling).
+const BLOCK_DECODED_MAX: usize = 32 << 20;
+
+/// Check that `loc`'s chunk lies inside `block` and matches its digest.
+fn check_chunk(block: &[u8], loc: &ChunkLoc) -> Result<()> {
+    let start = loc.inner_offset as usize;
+    let data = block
+        .get(start..start + loc.len as usize)
+        .ok_or_else(|| Error::Corrupt(format!("chunk {} lies outside its block", loc.digest)))?;
+    if Blake3::of(data) != loc.digest {
+        return Err(Error::Corrupt(format!(
+            "chunk {} does not match its digest",
+            loc.digest
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -387,7 +539,7 @@ mod tests {
         );
         // Blocks land in the order they finish compressing: look each chunk up by digest.
         let by_digest: HashMap<Blake3, &ChunkLoc> = locs.iter().map(|l| (l.digest, l)).collect();
-        let mut r = PackReader::new(dir.path());
+        let mut r = PackReader::new(dir.path()).unwrap();
         let mut buf = Vec::new();
         for (d, data) in &chunks {
             r.read(by_digest[d], &mut buf).unwrap();
@@ -419,6 +571,7 @@ mod tests {
         bytes[20] ^= 1;
         std::fs::write(&path, bytes).unwrap();
         let err = PackReader::new(dir.path())
+            .unwrap()
             .read(&locs[0], &mut Vec::new())
             .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Integrity);

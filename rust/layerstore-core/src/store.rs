@@ -508,8 +508,8 @@ impl Store {
     ) -> Result<Exported> {
         let info = meta::find_layer(&*self.conn()?, &id.to_string())?;
         let (entries, split) = self.load(id)?;
-        let conn = self.conn()?;
-        let mut reader = PackReader::new(&self.packs_dir());
+        let plan = self.chunk_plan(id, &entries, &split)?;
+        let mut chunks = cas::OrderedChunks::new(&self.packs_dir(), plan);
         let mut counted = HashingWriter {
             inner: out,
             sha: (compression != Compression::None).then(sha2::Sha256::new),
@@ -518,7 +518,6 @@ impl Store {
         let mut enc =
             Encoder::new(compression, &mut counted).ctx(|| "starting the encoder".into())?;
         let mut raw_pos = 0usize;
-        let mut buf = Vec::new();
         let mut done = 0u64;
         for op in &split.ops {
             match *op {
@@ -532,16 +531,13 @@ impl Store {
                     done += n;
                 }
                 Op::Payload(i) => {
-                    let entry = entries.get(i as usize).ok_or_else(|| {
-                        Error::Corrupt(format!("layer {id}: payload of missing entry {i}"))
-                    })?;
-                    for c in &entry.chunks {
-                        let loc = meta::chunk_loc(&conn, &c.digest)?.ok_or_else(|| {
-                            Error::Corrupt(format!("layer {id}: chunk {} is missing", c.digest))
-                        })?;
-                        reader.read(&loc, &mut buf)?;
-                        enc.write_all(&buf).ctx(|| "writing the export".into())?;
-                        done += buf.len() as u64;
+                    for _ in &entries[i as usize].chunks {
+                        let (block, range) = chunks.next_chunk().ok_or_else(|| {
+                            Error::Corrupt(format!("layer {id}: fewer chunks than entries need"))
+                        })??;
+                        done += range.len() as u64;
+                        enc.write_all(&block[range])
+                            .ctx(|| "writing the export".into())?;
                     }
                     progress(done)?;
                 }
@@ -563,6 +559,30 @@ impl Store {
             digest,
             size: counted.len,
         })
+    }
+
+    /// Where every payload chunk of a layer lives, in export order.
+    fn chunk_plan(
+        &self,
+        id: &Blake3,
+        entries: &[Entry],
+        split: &TarSplit,
+    ) -> Result<Vec<cas::ChunkLoc>> {
+        let conn = self.conn()?;
+        let mut plan = Vec::new();
+        for op in &split.ops {
+            if let Op::Payload(i) = *op {
+                let entry = entries.get(i as usize).ok_or_else(|| {
+                    Error::Corrupt(format!("layer {id}: payload of missing entry {i}"))
+                })?;
+                for c in &entry.chunks {
+                    plan.push(meta::chunk_loc(&conn, &c.digest)?.ok_or_else(|| {
+                        Error::Corrupt(format!("layer {id}: chunk {} is missing", c.digest))
+                    })?);
+                }
+            }
+        }
+        Ok(plan)
     }
 
     /// Export to a path atomically (a temporary file renamed into place).
@@ -795,7 +815,7 @@ impl Store {
                 }
             }
         }
-        let mut reader = PackReader::new(&self.packs_dir());
+        let mut reader = PackReader::new(&self.packs_dir())?;
         let mut buf = Vec::new();
         let mut present = HashSet::new();
         for loc in meta::all_chunk_locs(&conn)? {

@@ -21,6 +21,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 mod errors;
+
+/// Layer data moves through many short-lived 128 KiB–1 MiB buffers across threads; glibc maps and
+/// unmaps each of them (page faults, TLB shootdowns), mimalloc keeps and reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use errors::{to_py, CoreResultExt};
 
 /// Limits enforced while importing (bytes unless said otherwise).
