@@ -102,7 +102,7 @@ impl PackWriter {
                 .spawn(move || {
                     for block in rx {
                         let encoded =
-                            encode_block(&block.data, level).map(|(codec, bytes)| Encoded {
+                            encode_block(block.data, level).map(|(codec, bytes)| Encoded {
                                 chunks: block.chunks,
                                 codec,
                                 bytes,
@@ -261,7 +261,8 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-fn encode_block(data: &[u8], level: i32) -> Result<(Codec, Vec<u8>)> {
+/// Compress a block, or keep it as it is (moved, not copied) when that is smaller or asked for.
+fn encode_block(data: Vec<u8>, level: i32) -> Result<(Codec, Vec<u8>)> {
     if level > 0 {
         let z = COMPRESSOR.with(|cell| -> Result<Vec<u8>> {
             let mut slot = cell.borrow_mut();
@@ -271,13 +272,13 @@ fn encode_block(data: &[u8], level: i32) -> Result<(Codec, Vec<u8>)> {
                 *slot = Some((level, c));
             }
             let (_, c) = slot.as_mut().expect("set above");
-            c.compress(data).ctx(|| "compressing a block".into())
+            c.compress(&data).ctx(|| "compressing a block".into())
         })?;
         if z.len() < data.len() {
             return Ok((Codec::Zstd, z));
         }
     }
-    Ok((Codec::Raw, data.to_vec()))
+    Ok((Codec::Raw, data))
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
