@@ -6,7 +6,7 @@ re-exports its classes and the exception hierarchy.
 
 from __future__ import annotations
 
-from layerstore._core import FORMAT_VERSION, Entry, Layer, Limits, Store, __version__
+from layerstore._core import FORMAT_VERSION, Entry, Layer, Limits, Stack, Stat, Store, __version__
 from layerstore._errors import (
     ConflictError,
     IntegrityError,
@@ -16,6 +16,7 @@ from layerstore._errors import (
     NotFoundError,
     StackDepthError,
 )
+from layerstore._stackio import StackPath
 
 __all__ = [
     "FORMAT_VERSION",
@@ -28,7 +29,10 @@ __all__ = [
     "LayerstoreWarning",
     "Limits",
     "NotFoundError",
+    "Stack",
     "StackDepthError",
+    "StackPath",
+    "Stat",
     "Store",
     "__version__",
 ]

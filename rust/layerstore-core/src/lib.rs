@@ -13,8 +13,10 @@ pub mod error;
 pub mod fsio;
 pub mod layer;
 pub mod meta;
+pub mod stack;
 pub mod store;
 pub mod tar;
+pub mod union;
 
 pub use error::{Error, ErrorKind, Result};
 pub use store::Store;

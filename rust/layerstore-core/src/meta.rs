@@ -471,3 +471,100 @@ pub fn now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+/// Record a stack (reusing an identical one) and point `name` at it, in one transaction.
+pub fn set_ref(conn: &mut Connection, name: &str, chain_id: &str, layers: &[Blake3]) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let existing: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM stacks WHERE chain_id = ?1",
+            [chain_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let stack = match existing {
+        Some(id) => id,
+        None => {
+            tx.execute("INSERT INTO stacks (chain_id) VALUES (?1)", [chain_id])?;
+            let id = tx.last_insert_rowid();
+            let mut stmt = tx
+                .prepare("INSERT INTO stack_layers (stack, position, layer) VALUES (?1, ?2, ?3)")?;
+            for (pos, layer) in layers.iter().enumerate() {
+                stmt.execute(params![id, pos as i64, layer.to_string()])
+                    .map_err(|e| match e {
+                        rusqlite::Error::SqliteFailure(f, _)
+                            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                        {
+                            Error::NotFound(format!("layer {layer} is not in the store"))
+                        }
+                        other => Error::Database(other),
+                    })?;
+            }
+            id
+        }
+    };
+    let old: Option<i64> = tx
+        .query_row("SELECT stack FROM refs WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    tx.execute(
+        "INSERT OR REPLACE INTO refs (name, stack) VALUES (?1, ?2)",
+        params![name, stack],
+    )?;
+    if let Some(old) = old.filter(|&o| o != stack) {
+        drop_stack_if_unused(&tx, old)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn drop_stack_if_unused(conn: &Connection, stack: i64) -> Result<()> {
+    let users: i64 =
+        conn.query_row("SELECT count(*) FROM refs WHERE stack = ?1", [stack], |r| {
+            r.get(0)
+        })?;
+    if users == 0 {
+        conn.execute("DELETE FROM stack_layers WHERE stack = ?1", [stack])?;
+        conn.execute("DELETE FROM stacks WHERE id = ?1", [stack])?;
+    }
+    Ok(())
+}
+
+/// The layer ids (bottom first) of the stack `name` points at.
+pub fn get_ref(conn: &Connection, name: &str) -> Result<Vec<String>> {
+    let stack: i64 = conn
+        .query_row("SELECT stack FROM refs WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .ok_or_else(|| Error::NotFound(format!("no image tagged {name:?}")))?;
+    let mut stmt =
+        conn.prepare_cached("SELECT layer FROM stack_layers WHERE stack = ?1 ORDER BY position")?;
+    let rows = stmt
+        .query_map([stack], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(rows)
+}
+
+pub fn list_refs(conn: &Connection) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM refs ORDER BY name")?;
+    let rows = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(rows)
+}
+
+pub fn delete_ref(conn: &mut Connection, name: &str) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let stack: i64 = tx
+        .query_row("SELECT stack FROM refs WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .ok_or_else(|| Error::NotFound(format!("no image tagged {name:?}")))?;
+    tx.execute("DELETE FROM refs WHERE name = ?1", [name])?;
+    drop_stack_if_unused(&tx, stack)?;
+    tx.commit()?;
+    Ok(())
+}

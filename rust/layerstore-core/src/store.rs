@@ -9,11 +9,11 @@
 //! BLAKE3 of the uncompressed stream, the most expensive per-byte work), and the caller's thread
 //! (split → chunk → BLAKE3 → dedup), which compresses new blocks on the rayon pool.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -29,6 +29,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsio;
 use crate::layer::{self, ChunkRef, Entry, LayerInfo};
 use crate::meta;
+use crate::stack::{ContentReader, LayerEntries, Stack};
 use crate::tar::{EntrySink, Limits, Op, SplitOutput, Splitter, TarSplit};
 
 /// Settings fixed when a store is created.
@@ -127,6 +128,8 @@ pub struct Store {
     options: StoreOptions,
     limits: Limits,
     pool: Mutex<Vec<Connection>>,
+    /// Decoded entries of layers some live stack uses, shared between stacks.
+    entry_cache: Mutex<HashMap<Blake3, Weak<Vec<Arc<Entry>>>>>,
 }
 
 /// A pooled connection, returned on drop.
@@ -208,6 +211,7 @@ impl Store {
             options,
             limits,
             pool: Mutex::new(vec![conn]),
+            entry_cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -491,6 +495,92 @@ impl Store {
     pub fn load(&self, id: &Blake3) -> Result<(Vec<Entry>, TarSplit)> {
         let (entries, split) = meta::layer_blobs(&*self.conn()?, id)?;
         Ok((decode_blob(&entries)?, decode_blob(&split)?))
+    }
+
+    /// A layer's entries, decoded once and shared while any stack holds them.
+    pub fn layer_entries(&self, id: &Blake3) -> Result<LayerEntries> {
+        let cached = self
+            .entry_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(id).and_then(Weak::upgrade));
+        if let Some(e) = cached {
+            return Ok(e);
+        }
+        let entries: LayerEntries = Arc::new(self.entries(id)?.into_iter().map(Arc::new).collect());
+        if let Ok(mut cache) = self.entry_cache.lock() {
+            cache.retain(|_, w| w.strong_count() > 0);
+            cache.insert(*id, Arc::downgrade(&entries));
+        }
+        Ok(entries)
+    }
+
+    /// A stack of `layers`, bottom first.
+    pub fn stack(&self, layers: &[LayerInfo]) -> Result<Stack> {
+        if layers.len() > self.options.max_depth {
+            return Err(Error::StackDepth {
+                depth: layers.len(),
+                limit: self.options.max_depth,
+            });
+        }
+        let mut stack = Stack::empty();
+        for layer in layers {
+            stack = self.push(&stack, layer)?;
+        }
+        Ok(stack)
+    }
+
+    /// `base` with `layer` on top (sharing `base`'s index).
+    pub fn push(&self, base: &Stack, layer: &LayerInfo) -> Result<Stack> {
+        base.push(
+            layer.clone(),
+            self.layer_entries(&layer.id)?,
+            self.options.max_depth,
+        )
+    }
+
+    /// A reader of a regular file's content.
+    pub fn content(&self, entry: &Entry) -> Result<ContentReader> {
+        let conn = self.conn()?;
+        let locs = entry
+            .chunks
+            .iter()
+            .map(|c| {
+                meta::chunk_loc(&conn, &c.digest)?
+                    .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", c.digest)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ContentReader::new(
+            locs,
+            PackReader::new(&self.packs_dir())?,
+        ))
+    }
+
+    /// Point tag `name` at `stack` (recording the stack, so its layers cannot be deleted).
+    pub fn tag(&self, stack: &Stack, name: &str) -> Result<()> {
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::InvalidLayer(format!("invalid tag {name:?}")));
+        }
+        let ids: Vec<Blake3> = stack.layers.iter().map(|l| l.id).collect();
+        meta::set_ref(&mut *self.conn()?, name, &stack.chain_id, &ids)
+    }
+
+    /// The stack tagged `name`.
+    pub fn get(&self, name: &str) -> Result<Stack> {
+        let ids = meta::get_ref(&*self.conn()?, name)?;
+        let layers = ids
+            .iter()
+            .map(|id| self.layer(id))
+            .collect::<Result<Vec<_>>>()?;
+        self.stack(&layers)
+    }
+
+    pub fn tags(&self) -> Result<Vec<String>> {
+        meta::list_refs(&*self.conn()?)
+    }
+
+    pub fn untag(&self, name: &str) -> Result<()> {
+        meta::delete_ref(&mut *self.conn()?, name)
     }
 
     pub fn entries(&self, id: &Blake3) -> Result<Vec<Entry>> {

@@ -19,6 +19,16 @@ fn class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
 pub fn to_py(err: Error) -> PyErr {
     if let Some(io) = err.io_error() {
         let msg = err.to_string();
+        if let Some(errno) = io.raw_os_error() {
+            // An OS error keeps its errno (e.g. ELOOP from symlink resolution).
+            let args = (errno, msg);
+            return match io.kind() {
+                io::ErrorKind::NotFound => PyFileNotFoundError::new_err(args),
+                io::ErrorKind::PermissionDenied => PyPermissionError::new_err(args),
+                io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(args),
+                _ => PyOSError::new_err(args),
+            };
+        }
         return match io.kind() {
             io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
             io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),

@@ -21,6 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 mod errors;
+mod stack;
 
 /// Layer data moves through many short-lived 128 KiB–1 MiB buffers across threads; glibc maps and
 /// unmaps each of them (page faults, TLB shootdowns), mimalloc keeps and reuses them.
@@ -88,7 +89,7 @@ struct Store {
 
 /// One stored layer (a changeset).
 #[pyclass(frozen, module = "layerstore._core")]
-struct Layer {
+pub(crate) struct Layer {
     store: Arc<core::Store>,
     info: LayerInfo,
     /// Per-stage seconds of the import that returned this object (None otherwise).
@@ -259,7 +260,7 @@ fn emit_warnings(py: Python<'_>, warnings: &[String]) -> PyResult<()> {
     Ok(())
 }
 
-fn layer_id(layer: &Bound<'_, PyAny>) -> PyResult<String> {
+pub(crate) fn layer_id(layer: &Bound<'_, PyAny>) -> PyResult<String> {
     if let Ok(l) = layer.cast::<Layer>() {
         return Ok(l.get().info.id.to_string());
     }
@@ -463,6 +464,49 @@ impl Store {
         Ok(d)
     }
 
+    /// A stack of `layers` (bottom first): an image read through its union view.
+    fn stack(&self, py: Python<'_>, layers: Vec<Bound<'_, PyAny>>) -> PyResult<stack::Stack> {
+        let infos = layers
+            .iter()
+            .map(|l| self.inner.layer(&layer_id(l)?).py())
+            .collect::<PyResult<Vec<_>>>()?;
+        let store = self.inner.clone();
+        let inner = py.detach(|| store.stack(&infos)).py()?;
+        Ok(stack::Stack {
+            store: self.inner.clone(),
+            inner,
+        })
+    }
+
+    /// Point tag `name` at `image` (its layers cannot be deleted while tagged).
+    fn tag(&self, image: &Bound<'_, stack::Stack>, name: &str) -> PyResult<()> {
+        self.inner.tag(&image.get().inner, name).py()
+    }
+
+    /// The image tagged `name`.
+    fn get(&self, py: Python<'_>, name: &str) -> PyResult<stack::Stack> {
+        let store = self.inner.clone();
+        let inner = py.detach(|| store.get(name)).py()?;
+        Ok(stack::Stack {
+            store: self.inner.clone(),
+            inner,
+        })
+    }
+
+    /// Every tagged image, by tag.
+    fn images<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for name in self.inner.tags().py()? {
+            let image = self.get(py, &name)?;
+            d.set_item(name, image)?;
+        }
+        Ok(d)
+    }
+
+    fn untag(&self, name: &str) -> PyResult<()> {
+        self.inner.untag(name).py()
+    }
+
     fn __repr__(&self) -> String {
         format!("Store({:?})", self.inner.root())
     }
@@ -476,6 +520,16 @@ impl Store {
             info: imported.layer,
             timings: Some(imported.timings),
         })
+    }
+}
+
+impl Layer {
+    pub(crate) fn new(store: Arc<core::Store>, info: LayerInfo) -> Self {
+        Layer {
+            store,
+            info,
+            timings: None,
+        }
     }
 }
 
@@ -669,6 +723,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Layer>()?;
     m.add_class::<Entry>()?;
     m.add_class::<Limits>()?;
+    m.add_class::<stack::Stack>()?;
+    m.add_class::<stack::Stat>()?;
+    m.add_class::<stack::ContentFile>()?;
     m.add("FORMAT_VERSION", core::meta::FORMAT_VERSION)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

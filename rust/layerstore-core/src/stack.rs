@@ -1,0 +1,192 @@
+//! Stacks: an ordered list of layers (bottom first) with its union index and OCI ChainID.
+//!
+//! Invariants: a [`Stack`] is immutable; `push` returns a new one sharing the parent's index.
+//! Depth never exceeds the store's limit. Content is read lazily, chunk by chunk, from the packs.
+
+use std::sync::Arc;
+
+use sha2::Digest as _;
+
+use crate::cas::{ChunkLoc, PackReader};
+use crate::error::{Error, Result};
+use crate::layer::{Entry, Kind, LayerInfo};
+use crate::union::{components, Index};
+
+/// A layer's entries, shared between every stack that uses the layer.
+pub type LayerEntries = Arc<Vec<Arc<Entry>>>;
+
+#[derive(Clone, Debug)]
+pub struct Stack {
+    pub layers: Vec<LayerInfo>,
+    pub index: Index,
+    pub chain_id: String,
+    entries: Vec<LayerEntries>,
+}
+
+/// What one layer does to a path, for `provenance`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Touch {
+    Entry,
+    Whiteout,
+    Opaque,
+}
+
+impl Touch {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Touch::Entry => "entry",
+            Touch::Whiteout => "whiteout",
+            Touch::Opaque => "opaque",
+        }
+    }
+}
+
+/// OCI ChainID of the next layer: `sha256(parent + " " + diff_id)`, or the diff_id at the bottom.
+pub fn next_chain_id(parent: Option<&str>, diff_id: &str) -> String {
+    match parent {
+        None => diff_id.to_string(),
+        Some(p) => crate::digest::sha256_string(&sha2::Sha256::digest(format!("{p} {diff_id}"))),
+    }
+}
+
+impl Stack {
+    pub fn empty() -> Self {
+        Stack {
+            layers: Vec::new(),
+            index: Index::default(),
+            chain_id: String::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// This stack with `layer` (whose entries are `entries`) on top.
+    pub fn push(&self, layer: LayerInfo, entries: LayerEntries, max_depth: usize) -> Result<Stack> {
+        if self.layers.len() + 1 > max_depth {
+            return Err(Error::StackDepth {
+                depth: self.layers.len() + 1,
+                limit: max_depth,
+            });
+        }
+        let index = self.index.apply(self.layers.len() as u32, &entries)?;
+        let parent = (!self.layers.is_empty()).then_some(self.chain_id.as_str());
+        let chain_id = next_chain_id(parent, &layer.diff_id);
+        let mut layers = self.layers.clone();
+        layers.push(layer);
+        let mut all = self.entries.clone();
+        all.push(entries);
+        Ok(Stack {
+            layers,
+            index,
+            chain_id,
+            entries: all,
+        })
+    }
+
+    /// Every layer that has `path` or hides it, bottom first.
+    pub fn provenance(&self, path: &[u8]) -> Vec<(usize, Touch)> {
+        let target: Vec<&[u8]> = components(path).collect();
+        let mut out = Vec::new();
+        for (i, entries) in self.entries.iter().enumerate() {
+            let mut touch = None;
+            for e in entries.iter() {
+                let comps: Vec<&[u8]> = components(&e.path).collect();
+                let Some((name, dir)) = comps.split_last() else {
+                    continue;
+                };
+                let t = match e.kind {
+                    // `.wh.NAME` hides NAME and everything under it.
+                    Kind::Whiteout => {
+                        let hidden = &name[b".wh.".len()..];
+                        let covers = target.len() > dir.len()
+                            && target[..dir.len()] == *dir
+                            && target[dir.len()] == hidden;
+                        covers.then_some(Touch::Whiteout)
+                    }
+                    // An opaque marker hides every lower path under its directory.
+                    Kind::Opaque => (target.len() > dir.len() && target[..dir.len()] == *dir)
+                        .then_some(Touch::Opaque),
+                    _ => (comps == target).then_some(Touch::Entry),
+                };
+                // An entry outranks a marker: report what the layer provides.
+                match (touch, t) {
+                    (_, Some(Touch::Entry)) => touch = Some(Touch::Entry),
+                    (None, Some(t)) => touch = Some(t),
+                    _ => {}
+                }
+            }
+            if let Some(t) = touch {
+                out.push((i, t));
+            }
+        }
+        out
+    }
+}
+
+/// Reads a regular file's content at any offset, chunk by chunk.
+pub struct ContentReader {
+    chunks: Vec<ChunkLoc>,
+    /// Offset of each chunk within the file.
+    starts: Vec<u64>,
+    size: u64,
+    reader: PackReader,
+    buf: Vec<u8>,
+}
+
+impl ContentReader {
+    pub fn new(chunks: Vec<ChunkLoc>, reader: PackReader) -> Self {
+        let mut starts = Vec::with_capacity(chunks.len());
+        let mut at = 0u64;
+        for c in &chunks {
+            starts.push(at);
+            at += u64::from(c.len);
+        }
+        ContentReader {
+            chunks,
+            starts,
+            size: at,
+            reader,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Fill `out` from `offset`; returns the bytes read (0 at or past the end).
+    pub fn read_at(&mut self, offset: u64, out: &mut [u8]) -> Result<usize> {
+        let mut done = 0;
+        while done < out.len() {
+            let pos = offset + done as u64;
+            if pos >= self.size {
+                break;
+            }
+            let i = self.starts.partition_point(|&s| s <= pos) - 1;
+            self.reader.read(&self.chunks[i], &mut self.buf)?;
+            let within = (pos - self.starts[i]) as usize;
+            let n = (self.buf.len() - within).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&self.buf[within..within + n]);
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_id_follows_the_oci_definition() {
+        let a = "sha256:aaaa";
+        let b = "sha256:bbbb";
+        assert_eq!(next_chain_id(None, a), a);
+        let expect =
+            crate::digest::sha256_string(&sha2::Sha256::digest(b"sha256:aaaa sha256:bbbb"));
+        assert_eq!(next_chain_id(Some(a), b), expect);
+    }
+}

@@ -1,0 +1,567 @@
+//! The union view of a stack: a persistent directory trie answering every lookup top-down.
+//!
+//! Invariants: a stack's [`Index`] is its parent's plus one layer's changes, built by path
+//! copying — only the directories a layer touches are copied, everything else is shared
+//! (`imbl::OrdMap` children, `Arc` nodes), so a push costs O(that layer) and many images over one
+//! base share its memory. Markers are applied before the layer's own entries, so the result does
+//! not depend on tar order and a layer's entries always survive its own whiteouts. Whiteout and
+//! opaque markers and AUFS metadata names are never part of the view.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use imbl::OrdMap;
+
+use crate::error::{Error, Result};
+use crate::layer::{Entry, Kind};
+
+/// A path component.
+pub type Name = Arc<[u8]>;
+
+/// What a path resolves to.
+#[derive(Clone, Debug)]
+pub struct ViewEntry {
+    /// The entry that provides the path (for a hardlink: the link itself).
+    pub entry: Arc<Entry>,
+    /// For a hardlink: the regular file whose inode it shares (metadata and content).
+    pub target: Option<Arc<Entry>>,
+    /// Index of the providing layer (bottom = 0); `None` for an implicit directory.
+    pub layer: Option<u32>,
+}
+
+impl ViewEntry {
+    /// The metadata and content the view shows (a hardlink shows its target's).
+    pub fn meta(&self) -> &Entry {
+        self.target.as_deref().unwrap_or(&self.entry)
+    }
+
+    pub fn is_implicit(&self) -> bool {
+        self.layer.is_none()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Node {
+    Leaf(Arc<ViewEntry>),
+    Dir(Arc<DirNode>),
+}
+
+impl Node {
+    pub fn view(&self) -> &Arc<ViewEntry> {
+        match self {
+            Node::Leaf(v) => v,
+            Node::Dir(d) => &d.meta,
+        }
+    }
+}
+
+static DIR_NODES: AtomicI64 = AtomicI64::new(0);
+
+/// Live directory nodes in this process (a debug counter for structural-sharing tests).
+pub fn live_dir_nodes() -> i64 {
+    DIR_NODES.load(Ordering::Relaxed)
+}
+
+#[derive(Debug)]
+pub struct DirNode {
+    pub meta: Arc<ViewEntry>,
+    pub children: OrdMap<Name, Node>,
+}
+
+impl DirNode {
+    fn new(meta: Arc<ViewEntry>, children: OrdMap<Name, Node>) -> Self {
+        DIR_NODES.fetch_add(1, Ordering::Relaxed);
+        DirNode { meta, children }
+    }
+
+    fn implicit() -> Arc<Self> {
+        Arc::new(DirNode::new(implicit_dir(), OrdMap::new()))
+    }
+}
+
+impl Clone for DirNode {
+    fn clone(&self) -> Self {
+        DirNode::new(self.meta.clone(), self.children.clone())
+    }
+}
+
+impl Drop for DirNode {
+    fn drop(&mut self) {
+        DIR_NODES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A directory no layer declares: 0755, root-owned, mtime 0.
+fn implicit_dir() -> Arc<ViewEntry> {
+    static IMPLICIT: OnceLock<Arc<ViewEntry>> = OnceLock::new();
+    IMPLICIT
+        .get_or_init(|| {
+            Arc::new(ViewEntry {
+                entry: Arc::new(Entry {
+                    path: Vec::new(),
+                    kind: Kind::Dir,
+                    typeflag: b'5',
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    uname: Vec::new(),
+                    gname: Vec::new(),
+                    mtime_ns: 0,
+                    size: 0,
+                    link: Vec::new(),
+                    devmajor: 0,
+                    devminor: 0,
+                    xattrs: Default::default(),
+                    chunks: Vec::new(),
+                    digest: None,
+                    sparse: false,
+                }),
+                target: None,
+                layer: None,
+            })
+        })
+        .clone()
+}
+
+/// The most symlinks one lookup follows (Linux's limit), after which it fails with ELOOP.
+pub const MAX_SYMLINKS: usize = 40;
+
+/// A merged path → entry view.
+#[derive(Clone, Debug)]
+pub struct Index {
+    root: Arc<DirNode>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index {
+            root: DirNode::implicit(),
+        }
+    }
+}
+
+/// Split a normalised or user path into components (empty and `.` dropped; `..` kept).
+pub fn components(path: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    path.split(|&b| b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+}
+
+fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+fn is_aufs_meta(path: &[u8]) -> bool {
+    let (_, name) = split_parent(path);
+    name.starts_with(b".wh..wh.") && name != b".wh..wh..opq"
+}
+
+/// The outcome of resolving a path.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// The path after symlinks were followed (normalised, relative to the root).
+    pub path: Vec<u8>,
+    pub node: Node,
+}
+
+impl Index {
+    pub fn root(&self) -> &Arc<DirNode> {
+        &self.root
+    }
+
+    /// Look a normalised path up without following symlinks.
+    pub fn lookup(&self, path: &[u8]) -> Option<Node> {
+        let mut node = Node::Dir(self.root.clone());
+        for comp in components(path) {
+            let Node::Dir(dir) = &node else { return None };
+            node = dir.children.get(comp)?.clone();
+        }
+        Some(node)
+    }
+
+    /// Resolve a path inside the image root: absolute symlink targets start at the root, `..`
+    /// stops at the root, intermediate symlinks are always followed and the last one only when
+    /// `follow_last`. `Ok(None)` when nothing is there (or a non-directory is in the way).
+    pub fn resolve(&self, path: &[u8], follow_last: bool) -> Result<Option<Resolved>> {
+        let mut pending: Vec<Vec<u8>> = components(path).rev().map(<[u8]>::to_vec).collect();
+        let mut chain: Vec<(Vec<u8>, Arc<DirNode>)> = vec![(Vec::new(), self.root.clone())];
+        let mut followed = 0;
+        while let Some(comp) = pending.pop() {
+            if comp == b".." {
+                if chain.len() > 1 {
+                    chain.pop();
+                }
+                continue;
+            }
+            let dir = chain.last().expect("root stays").1.clone();
+            let Some(child) = dir.children.get(&comp[..]) else {
+                return Ok(None);
+            };
+            match child {
+                Node::Dir(d) => {
+                    let d = d.clone();
+                    chain.push((comp, d));
+                }
+                Node::Leaf(v) => {
+                    let is_last = pending.is_empty();
+                    if v.meta().kind == Kind::Symlink && (!is_last || follow_last) {
+                        followed += 1;
+                        if followed > MAX_SYMLINKS {
+                            return Err(Error::io(
+                                format!(
+                                    "too many levels of symbolic links: {}",
+                                    String::from_utf8_lossy(path)
+                                ),
+                                std::io::Error::from_raw_os_error(
+                                    rustix::io::Errno::LOOP.raw_os_error(),
+                                ),
+                            ));
+                        }
+                        let target = &v.meta().link;
+                        if target.first() == Some(&b'/') {
+                            chain.truncate(1);
+                        }
+                        pending.extend(components(target).rev().map(<[u8]>::to_vec));
+                        continue;
+                    }
+                    if !is_last {
+                        return Ok(None);
+                    }
+                    let mut full = join(chain.iter().skip(1).map(|(n, _)| &n[..]));
+                    if !full.is_empty() {
+                        full.push(b'/');
+                    }
+                    full.extend_from_slice(&comp);
+                    return Ok(Some(Resolved {
+                        path: full,
+                        node: child.clone(),
+                    }));
+                }
+            }
+        }
+        let (_, dir) = chain.last().expect("root stays");
+        Ok(Some(Resolved {
+            path: join(chain.iter().skip(1).map(|(n, _)| &n[..])),
+            node: Node::Dir(dir.clone()),
+        }))
+    }
+
+    /// This index with one more layer on top. `entries` are the layer's entries in tar order.
+    pub fn apply(&self, layer: u32, entries: &[Arc<Entry>]) -> Result<Index> {
+        let mut root = self.root.clone();
+        // Last one wins among duplicates; markers and AUFS metadata are not entries of the view.
+        let mut own: HashMap<&[u8], &Arc<Entry>> = HashMap::new();
+        for e in entries {
+            match e.kind {
+                Kind::Whiteout => {
+                    let (dir, name) = split_parent(&e.path);
+                    let mut target = dir.to_vec();
+                    if !target.is_empty() {
+                        target.push(b'/');
+                    }
+                    target.extend_from_slice(&name[b".wh.".len()..]);
+                    remove(&mut root, &target);
+                }
+                Kind::Opaque => clear_children(&mut root, split_parent(&e.path).0),
+                _ if is_aufs_meta(&e.path) => {}
+                _ => {
+                    own.insert(&e.path, e);
+                }
+            }
+        }
+        let mut order: Vec<&Arc<Entry>> = own.values().copied().collect();
+        order.sort_by(|a, b| a.path.cmp(&b.path));
+        for e in order {
+            let target = match e.kind {
+                Kind::Hardlink => Some(self.link_target(e, &own)?),
+                _ => None,
+            };
+            let view = Arc::new(ViewEntry {
+                entry: e.clone(),
+                target,
+                layer: Some(layer),
+            });
+            insert(&mut root, &e.path, view);
+        }
+        Ok(Index { root })
+    }
+
+    /// The regular file a hardlink shares: in its own layer first, else in the view below.
+    fn link_target(&self, link: &Entry, own: &HashMap<&[u8], &Arc<Entry>>) -> Result<Arc<Entry>> {
+        let mut path: &[u8] = &link.link;
+        for _ in 0..MAX_SYMLINKS {
+            match own.get(path) {
+                Some(e) if e.kind == Kind::File => return Ok((*e).clone()),
+                Some(e) if e.kind == Kind::Hardlink => path = &e.link,
+                Some(_) => break,
+                None => {
+                    if let Some(Node::Leaf(v)) = self.lookup(path) {
+                        if v.meta().kind == Kind::File {
+                            return Ok(v.target.clone().unwrap_or_else(|| v.entry.clone()));
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        Err(Error::InvalidLayer(format!(
+            "hardlink {:?} points at {:?}, which is not a regular file in its layer or below",
+            String::from_utf8_lossy(&link.path),
+            String::from_utf8_lossy(&link.link)
+        )))
+    }
+
+    /// Every path of the view under `dir` (pre-order, sorted), with its node.
+    pub fn walk(&self, start: &[u8], mut visit: impl FnMut(&[u8], &Node)) {
+        let Some(node) = self.lookup(start) else {
+            return;
+        };
+        let mut path = start.to_vec();
+        walk_node(&mut path, &node, &mut visit);
+    }
+}
+
+fn walk_node(path: &mut Vec<u8>, node: &Node, visit: &mut impl FnMut(&[u8], &Node)) {
+    visit(path, node);
+    if let Node::Dir(d) = node {
+        for (name, child) in d.children.iter() {
+            let len = path.len();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name);
+            walk_node(path, child, visit);
+            path.truncate(len);
+        }
+    }
+}
+
+fn join<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// The directory at `comps`, copied on the way down, if every component is a directory.
+fn dir_mut<'a>(dir: &'a mut Arc<DirNode>, comps: &[&[u8]]) -> Option<&'a mut Arc<DirNode>> {
+    let Some((first, rest)) = comps.split_first() else {
+        return Some(dir);
+    };
+    if !matches!(dir.children.get(*first), Some(Node::Dir(_))) {
+        return None;
+    }
+    match Arc::make_mut(dir).children.get_mut(*first) {
+        Some(Node::Dir(sub)) => dir_mut(sub, rest),
+        _ => None,
+    }
+}
+
+/// Does every component of `comps` name a directory (so an edit there changes something)?
+fn dir_exists(dir: &DirNode, comps: &[&[u8]]) -> bool {
+    match comps.split_first() {
+        None => true,
+        Some((first, rest)) => match dir.children.get(*first) {
+            Some(Node::Dir(sub)) => dir_exists(sub, rest),
+            _ => false,
+        },
+    }
+}
+
+fn remove(root: &mut Arc<DirNode>, path: &[u8]) {
+    let (parent, name) = split_parent(path);
+    let comps: Vec<&[u8]> = components(parent).collect();
+    let present = {
+        let mut d: &DirNode = root;
+        let mut ok = true;
+        for c in &comps {
+            match d.children.get(*c) {
+                Some(Node::Dir(sub)) => d = sub,
+                _ => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        ok && d.children.contains_key(name)
+    };
+    if present {
+        if let Some(dir) = dir_mut(root, &comps) {
+            Arc::make_mut(dir).children.remove(name);
+        }
+    }
+}
+
+fn clear_children(root: &mut Arc<DirNode>, path: &[u8]) {
+    let comps: Vec<&[u8]> = components(path).collect();
+    if !dir_exists(root, &comps) {
+        return;
+    }
+    if let Some(dir) = dir_mut(root, &comps) {
+        if !dir.children.is_empty() {
+            Arc::make_mut(dir).children = OrdMap::new();
+        }
+    }
+}
+
+/// Put `view` at `path`, creating implicit parents (which replace a lower non-directory).
+fn insert(root: &mut Arc<DirNode>, path: &[u8], view: Arc<ViewEntry>) {
+    let comps: Vec<&[u8]> = components(path).collect();
+    let is_dir = view.entry.kind == Kind::Dir;
+    let Some((name, parents)) = comps.split_last() else {
+        // The root itself: a directory entry replaces its attributes.
+        if is_dir {
+            Arc::make_mut(root).meta = view;
+        }
+        return;
+    };
+    let mut dir = root;
+    for c in parents {
+        let d = Arc::make_mut(dir);
+        if !matches!(d.children.get(*c), Some(Node::Dir(_))) {
+            d.children
+                .insert(Name::from(*c), Node::Dir(DirNode::implicit()));
+        }
+        dir = match d.children.get_mut(*c) {
+            Some(Node::Dir(sub)) => sub,
+            _ => unreachable!("a directory was just ensured"),
+        };
+    }
+    let d = Arc::make_mut(dir);
+    let node = match (is_dir, d.children.get(*name)) {
+        // Directory over directory merges: the upper attributes, the union of children.
+        (true, Some(Node::Dir(lower))) => {
+            Node::Dir(Arc::new(DirNode::new(view, lower.children.clone())))
+        }
+        (true, _) => Node::Dir(Arc::new(DirNode::new(view, OrdMap::new()))),
+        (false, _) => Node::Leaf(view),
+    };
+    d.children.insert(Name::from(*name), node);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: Kind) -> Arc<Entry> {
+        let mut x = (*implicit_dir().entry).clone();
+        x.path = path.as_bytes().to_vec();
+        x.kind = kind;
+        x.mode = 0o644;
+        Arc::new(x)
+    }
+
+    fn names(ix: &Index, dir: &str) -> Vec<String> {
+        match ix.lookup(dir.as_bytes()) {
+            Some(Node::Dir(d)) => d
+                .children
+                .keys()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn whiteouts_opaques_and_replacement() {
+        let base = Index::default()
+            .apply(
+                0,
+                &[
+                    e("a", Kind::Dir),
+                    e("a/x", Kind::File),
+                    e("a/y", Kind::File),
+                    e("b", Kind::Dir),
+                    e("b/z", Kind::File),
+                ],
+            )
+            .unwrap();
+        // Marker after the entry in tar order: the layer's own a/new survives its opaque marker.
+        let up = base
+            .apply(
+                1,
+                &[
+                    e("a/new", Kind::File),
+                    e("a/.wh..wh..opq", Kind::Opaque),
+                    e(".wh.b", Kind::Whiteout),
+                    e("c/d", Kind::File),
+                ],
+            )
+            .unwrap();
+        assert_eq!(names(&up, "a"), ["new"]);
+        assert_eq!(names(&up, ""), ["a", "c"]);
+        assert!(up.lookup(b"c").unwrap().view().is_implicit());
+        assert_eq!(
+            names(&base, "a"),
+            ["x", "y"],
+            "the parent index is unchanged"
+        );
+        let replaced = up.apply(2, &[e("a", Kind::File)]).unwrap();
+        assert!(matches!(replaced.lookup(b"a"), Some(Node::Leaf(_))));
+        let again = replaced.apply(3, &[e("a", Kind::Dir)]).unwrap();
+        assert_eq!(
+            names(&again, "a"),
+            Vec::<String>::new(),
+            "a file stopped the merge"
+        );
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_the_root() {
+        let mut link = (*e("l", Kind::Symlink)).clone();
+        link.link = b"../../a/x".to_vec();
+        let mut abs = (*e("d/abs", Kind::Symlink)).clone();
+        abs.link = b"/a".to_vec();
+        let mut loop_ = (*e("loop", Kind::Symlink)).clone();
+        loop_.link = b"loop".to_vec();
+        let ix = Index::default()
+            .apply(
+                0,
+                &[
+                    e("a/x", Kind::File),
+                    Arc::new(link),
+                    Arc::new(abs),
+                    Arc::new(loop_),
+                ],
+            )
+            .unwrap();
+        assert_eq!(ix.resolve(b"l", true).unwrap().unwrap().path, b"a/x");
+        assert_eq!(ix.resolve(b"d/abs/x", true).unwrap().unwrap().path, b"a/x");
+        assert_eq!(ix.resolve(b"l", false).unwrap().unwrap().path, b"l");
+        assert!(ix.resolve(b"loop", true).is_err());
+        assert!(ix.resolve(b"a/x/y", true).unwrap().is_none());
+    }
+
+    #[test]
+    fn push_copies_only_touched_directories() {
+        let mut base_entries = vec![];
+        for i in 0..50 {
+            base_entries.push(e(&format!("d{i}"), Kind::Dir));
+            for j in 0..20 {
+                base_entries.push(e(&format!("d{i}/f{j}"), Kind::File));
+            }
+        }
+        let base = Index::default().apply(0, &base_entries).unwrap();
+        let before = live_dir_nodes();
+        let stacks: Vec<Index> = (0..100)
+            .map(|i| {
+                base.apply(1, &[e(&format!("d7/new{i}"), Kind::File)])
+                    .unwrap()
+            })
+            .collect();
+        let grown = live_dir_nodes() - before;
+        // Other tests run in parallel threads and move the global counter a little: allow slack.
+        assert!(
+            grown <= 2 * 100 + 50,
+            "grew by {grown} nodes for 100 one-file layers"
+        );
+        drop(stacks);
+    }
+}

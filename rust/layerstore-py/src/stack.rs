@@ -1,0 +1,487 @@
+//! Bindings of stacks: the read API over a union index. Conversions only.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use layerstore_core as core;
+use layerstore_core::layer::Kind;
+use layerstore_core::union::{components, Node, ViewEntry};
+use pyo3::exceptions::{PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError, PyOSError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::errors::CoreResultExt;
+use crate::Layer;
+
+/// A path argument (str, bytes or os.PathLike) normalised to the index's form: relative,
+/// no empty or `.` components (`..` is kept for the resolver).
+fn norm(path: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    let raw: Vec<u8> = if let Ok(b) = path.cast::<PyBytes>() {
+        b.as_bytes().to_vec()
+    } else {
+        path.extract::<PathBuf>()?.into_os_string().into_vec()
+    };
+    let mut out = Vec::with_capacity(raw.len());
+    for c in components(&raw) {
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(c);
+    }
+    Ok(out)
+}
+
+fn display(path: &[u8]) -> OsString {
+    let mut p = Vec::with_capacity(path.len() + 1);
+    p.push(b'/');
+    p.extend_from_slice(path);
+    OsString::from_vec(p)
+}
+
+fn not_found(path: &[u8]) -> PyErr {
+    PyFileNotFoundError::new_err((2, "No such file or directory", display(path)))
+}
+
+/// The state of one path in a stack's view.
+#[pyclass(frozen, module = "layerstore._core")]
+pub struct Stat {
+    path: Vec<u8>,
+    view: Arc<ViewEntry>,
+}
+
+fn type_bits(kind: Kind) -> u32 {
+    match kind {
+        Kind::Dir => 0o040000,
+        Kind::Symlink => 0o120000,
+        Kind::Char => 0o020000,
+        Kind::Block => 0o060000,
+        Kind::Fifo => 0o010000,
+        _ => 0o100000,
+    }
+}
+
+#[pymethods]
+impl Stat {
+    #[getter]
+    fn path(&self) -> OsString {
+        display(&self.path)
+    }
+    /// `file`, `dir`, `symlink`, `char`, `block`, `fifo` (a hardlink shows as its target, a file).
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.view.meta().kind.name()
+    }
+    #[getter]
+    fn mode(&self) -> u32 {
+        self.view.meta().mode
+    }
+    /// `os.stat`-style mode: file type bits and permission bits.
+    #[getter]
+    fn st_mode(&self) -> u32 {
+        type_bits(self.view.meta().kind) | self.view.meta().mode
+    }
+    #[getter]
+    fn uid(&self) -> u64 {
+        self.view.meta().uid
+    }
+    #[getter]
+    fn gid(&self) -> u64 {
+        self.view.meta().gid
+    }
+    #[getter]
+    fn uname(&self) -> OsString {
+        OsString::from_vec(self.view.meta().uname.clone())
+    }
+    #[getter]
+    fn gname(&self) -> OsString {
+        OsString::from_vec(self.view.meta().gname.clone())
+    }
+    #[getter]
+    fn size(&self) -> u64 {
+        let m = self.view.meta();
+        match m.kind {
+            Kind::Symlink => m.link.len() as u64,
+            _ => m.size,
+        }
+    }
+    #[getter]
+    fn mtime_ns(&self) -> i64 {
+        self.view.meta().mtime_ns
+    }
+    /// The symlink target, or None.
+    #[getter]
+    fn linkname(&self) -> Option<OsString> {
+        let m = self.view.meta();
+        (m.kind == Kind::Symlink).then(|| OsString::from_vec(m.link.clone()))
+    }
+    #[getter]
+    fn devmajor(&self) -> u32 {
+        self.view.meta().devmajor
+    }
+    #[getter]
+    fn devminor(&self) -> u32 {
+        self.view.meta().devminor
+    }
+    #[getter]
+    fn rdev(&self) -> u64 {
+        let m = self.view.meta();
+        let (ma, mi) = (u64::from(m.devmajor), u64::from(m.devminor));
+        ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
+    }
+    #[getter]
+    fn xattrs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in &self.view.meta().xattrs {
+            d.set_item(std::ffi::OsStr::from_bytes(k), PyBytes::new(py, v))?;
+        }
+        Ok(d)
+    }
+    /// Index of the layer that provides the path (bottom = 0); None for an implicit directory.
+    #[getter]
+    fn layer(&self) -> Option<u32> {
+        self.view.layer
+    }
+    #[getter]
+    fn implicit(&self) -> bool {
+        self.view.is_implicit()
+    }
+    /// `blake3:` digest of a regular file's content, else None.
+    #[getter]
+    fn digest(&self) -> Option<String> {
+        let m = self.view.meta();
+        (m.kind == Kind::File)
+            .then(|| m.digest.map(|d| d.to_string()))
+            .flatten()
+    }
+    /// For a hardlink: the path whose content it shares.
+    #[getter]
+    fn hardlink(&self) -> Option<OsString> {
+        self.view.target.as_ref().map(|t| display(&t.path))
+    }
+    fn is_dir(&self) -> bool {
+        self.view.meta().kind == Kind::Dir
+    }
+    fn is_file(&self) -> bool {
+        self.view.meta().kind == Kind::File
+    }
+    fn is_symlink(&self) -> bool {
+        self.view.meta().kind == Kind::Symlink
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Stat({:?}, kind={:?}, mode=0o{:o}, size={})",
+            String::from_utf8_lossy(&display(&self.path).into_vec()),
+            self.kind(),
+            self.mode(),
+            self.size()
+        )
+    }
+}
+
+/// An image: an immutable stack of layers, read through its union view.
+#[pyclass(frozen, module = "layerstore._core")]
+pub struct Stack {
+    pub store: Arc<core::Store>,
+    pub inner: core::stack::Stack,
+}
+
+impl Stack {
+    fn resolve(&self, path: &[u8], follow: bool) -> PyResult<Option<core::union::Resolved>> {
+        self.inner.index.resolve(path, follow).py()
+    }
+
+    fn found(&self, path: &[u8], follow: bool) -> PyResult<core::union::Resolved> {
+        self.resolve(path, follow)?.ok_or_else(|| not_found(path))
+    }
+
+    fn file_entry(&self, path: &[u8]) -> PyResult<Arc<ViewEntry>> {
+        let r = self.found(path, true)?;
+        match r.node {
+            Node::Dir(_) => Err(PyIsADirectoryError::new_err((
+                21,
+                "Is a directory",
+                display(path),
+            ))),
+            Node::Leaf(v) if v.meta().kind == Kind::File => Ok(v),
+            Node::Leaf(_) => Err(PyOSError::new_err(format!(
+                "{}: not a regular file",
+                String::from_utf8_lossy(&display(path).into_vec())
+            ))),
+        }
+    }
+}
+
+#[pymethods]
+impl Stack {
+    /// The layers, bottom first.
+    #[getter]
+    fn layers(&self) -> Vec<Layer> {
+        self.inner
+            .layers
+            .iter()
+            .map(|info| Layer::new(self.store.clone(), info.clone()))
+            .collect()
+    }
+
+    /// The OCI ChainID of the stack.
+    #[getter]
+    fn chain_id(&self) -> &str {
+        &self.inner.chain_id
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.depth()
+    }
+
+    /// A new stack with `layer` on top (this one is unchanged).
+    fn push(&self, py: Python<'_>, layer: &Bound<'_, PyAny>) -> PyResult<Stack> {
+        let info = self.store.layer(&crate::layer_id(layer)?).py()?;
+        let store = self.store.clone();
+        let inner = py.detach(|| store.push(&self.inner, &info)).py()?;
+        Ok(Stack {
+            store: self.store.clone(),
+            inner,
+        })
+    }
+
+    #[pyo3(signature = (path, /, *, follow_symlinks=true))]
+    fn stat(&self, path: &Bound<'_, PyAny>, follow_symlinks: bool) -> PyResult<Stat> {
+        let p = norm(path)?;
+        let r = self.found(&p, follow_symlinks)?;
+        Ok(Stat {
+            path: r.path,
+            view: r.node.view().clone(),
+        })
+    }
+
+    /// Stat many paths in one call; a missing path gives None.
+    #[pyo3(signature = (paths, /, *, follow_symlinks=true))]
+    fn stat_many(
+        &self,
+        paths: &Bound<'_, PyAny>,
+        follow_symlinks: bool,
+    ) -> PyResult<Vec<Option<Stat>>> {
+        let mut out = Vec::new();
+        for path in paths.try_iter()? {
+            let p = norm(&path?)?;
+            out.push(self.resolve(&p, follow_symlinks)?.map(|r| Stat {
+                path: r.path,
+                view: r.node.view().clone(),
+            }));
+        }
+        Ok(out)
+    }
+
+    #[pyo3(signature = (path, /, *, follow_symlinks=true))]
+    fn exists(&self, path: &Bound<'_, PyAny>, follow_symlinks: bool) -> PyResult<bool> {
+        let p = norm(path)?;
+        // As os.path.exists: a symlink loop means "does not exist", not an error.
+        Ok(self
+            .inner
+            .index
+            .resolve(&p, follow_symlinks)
+            .is_ok_and(|r| r.is_some()))
+    }
+
+    /// Names in a directory, sorted.
+    #[pyo3(signature = (path=None))]
+    fn listdir(&self, path: Option<PathOrBytes>) -> PyResult<Vec<OsString>> {
+        let p = path.map(|p| p.0).unwrap_or_default();
+        match self.found(&p, true)?.node {
+            Node::Dir(d) => Ok(d
+                .children
+                .keys()
+                .map(|k| OsString::from_vec(k.to_vec()))
+                .collect()),
+            Node::Leaf(_) => Err(PyNotADirectoryError::new_err((
+                20,
+                "Not a directory",
+                display(&p),
+            ))),
+        }
+    }
+
+    /// Like `os.walk` (top-down, sorted; a symlink to a directory is listed among the
+    /// directories but not entered): yields (dirpath, dirnames, filenames); prune by editing
+    /// dirnames in place.
+    #[pyo3(signature = (top=None))]
+    fn walk<'py>(
+        slf: &Bound<'py, Self>,
+        top: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let walk = slf.py().import("layerstore._stackio")?.getattr("walk")?;
+        match top {
+            Some(t) => walk.call1((slf, t)),
+            None => walk.call1((slf, "/")),
+        }
+    }
+
+    /// One directory's children as (name, is a directory after following symlinks, is a
+    /// symlink), sorted: what `walk` needs, in one call.
+    fn _scandir(&self, path: &Bound<'_, PyAny>) -> PyResult<Vec<(OsString, bool, bool)>> {
+        let p = norm(path)?;
+        let Node::Dir(d) = self.found(&p, true)?.node else {
+            return Err(PyNotADirectoryError::new_err((
+                20,
+                "Not a directory",
+                display(&p),
+            )));
+        };
+        let mut out = Vec::with_capacity(d.children.len());
+        for (name, child) in d.children.iter() {
+            let (is_dir, is_link) = match child {
+                Node::Dir(_) => (true, false),
+                Node::Leaf(v) if v.meta().kind == Kind::Symlink => {
+                    let mut full = p.clone();
+                    if !full.is_empty() {
+                        full.push(b'/');
+                    }
+                    full.extend_from_slice(name);
+                    let target = self.inner.index.resolve(&full, true).ok().flatten();
+                    (target.is_some_and(|r| matches!(r.node, Node::Dir(_))), true)
+                }
+                Node::Leaf(_) => (false, false),
+            };
+            out.push((OsString::from_vec(name.to_vec()), is_dir, is_link));
+        }
+        Ok(out)
+    }
+
+    fn readlink(&self, path: &Bound<'_, PyAny>) -> PyResult<OsString> {
+        let p = norm(path)?;
+        let r = self.found(&p, false)?;
+        let m = r.node.view().meta();
+        if m.kind != Kind::Symlink {
+            return Err(PyOSError::new_err((22, "Invalid argument", display(&p))));
+        }
+        Ok(OsString::from_vec(m.link.clone()))
+    }
+
+    fn read_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        path: &Bound<'_, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let p = norm(path)?;
+        let view = self.file_entry(&p)?;
+        let store = self.store.clone();
+        let data = py
+            .detach(|| -> core::Result<Vec<u8>> {
+                let mut reader = store.content(view.meta())?;
+                let mut buf = vec![0u8; reader.size() as usize];
+                let n = reader.read_at(0, &mut buf)?;
+                buf.truncate(n);
+                Ok(buf)
+            })
+            .py()?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// A seekable binary file object reading the file's chunks lazily.
+    fn open<'py>(&self, py: Python<'py>, path: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let raw = Bound::new(py, self._open_raw(path)?)?;
+        py.import("layerstore._stackio")?
+            .getattr("open_file")?
+            .call1((raw,))
+    }
+
+    /// A pathlib-like read-only view of `p`.
+    #[pyo3(signature = (p=None))]
+    fn path<'py>(
+        slf: &Bound<'py, Self>,
+        p: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let class = slf
+            .py()
+            .import("layerstore._stackio")?
+            .getattr("StackPath")?;
+        match p {
+            Some(p) => class.call1((slf, p)),
+            None => class.call1((slf, "/")),
+        }
+    }
+
+    /// A raw reader of a regular file (wrapped by `open()` in a buffered file object).
+    fn _open_raw(&self, path: &Bound<'_, PyAny>) -> PyResult<ContentFile> {
+        let p = norm(path)?;
+        let view = self.file_entry(&p)?;
+        let reader = self.store.content(view.meta()).py()?;
+        Ok(ContentFile {
+            name: display(&p),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// Every layer that has `path` or hides it: (layer index, "entry" | "whiteout" | "opaque").
+    fn provenance(&self, path: &Bound<'_, PyAny>) -> PyResult<Vec<(usize, &'static str)>> {
+        let p = norm(path)?;
+        Ok(self
+            .inner
+            .provenance(&p)
+            .into_iter()
+            .map(|(i, t)| (i, t.name()))
+            .collect())
+    }
+
+    /// Live union-index directory nodes in this process (to observe structural sharing).
+    #[staticmethod]
+    fn index_nodes() -> i64 {
+        core::union::live_dir_nodes()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Stack(layers={}, chain_id={:?})",
+            self.inner.depth(),
+            self.inner.chain_id
+        )
+    }
+}
+
+/// A path given as str, bytes or os.PathLike.
+pub struct PathOrBytes(Vec<u8>);
+
+impl<'py> FromPyObject<'_, 'py> for PathOrBytes {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
+        norm(&obj).map(PathOrBytes)
+    }
+}
+
+/// The raw, positional reader behind `Stack.open()`.
+#[pyclass(frozen, module = "layerstore._core")]
+pub struct ContentFile {
+    name: OsString,
+    reader: Mutex<core::stack::ContentReader>,
+}
+
+#[pymethods]
+impl ContentFile {
+    #[getter]
+    fn name(&self) -> OsString {
+        self.name.clone()
+    }
+    #[getter]
+    fn size(&self) -> u64 {
+        self.reader.lock().map(|r| r.size()).unwrap_or(0)
+    }
+    /// Read up to `n` bytes at `offset` (fewer at the end of the file).
+    fn pread<'py>(&self, py: Python<'py>, n: usize, offset: u64) -> PyResult<Bound<'py, PyBytes>> {
+        let data = py
+            .detach(|| -> core::Result<Vec<u8>> {
+                let mut r = self
+                    .reader
+                    .lock()
+                    .map_err(|_| core::Error::Conflict("reader poisoned".into()))?;
+                let want = n.min(r.size().saturating_sub(offset) as usize);
+                let mut buf = vec![0u8; want];
+                let got = r.read_at(offset, &mut buf)?;
+                buf.truncate(got);
+                Ok(buf)
+            })
+            .py()?;
+        Ok(PyBytes::new(py, &data))
+    }
+}
