@@ -154,9 +154,9 @@ fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// AUFS metadata (`.wh..wh.plnk`, `.wh..wh.aufs`…) and everything under it is not part of the view.
 fn is_aufs_meta(path: &[u8]) -> bool {
-    let (_, name) = split_parent(path);
-    name.starts_with(b".wh..wh.") && name != b".wh..wh..opq"
+    components(path).any(|c| c.starts_with(b".wh..wh.") && c != b".wh..wh..opq")
 }
 
 /// The outcome of resolving a path.
