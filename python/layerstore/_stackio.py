@@ -47,12 +47,19 @@ class _RawStackFile(io.RawIOBase):
         return self._pos
 
 
+def _clean(path: str) -> str:
+    """Absolute, without empty or '.' components; '..' is kept: the stack resolves it, since
+    collapsing it as text would be wrong after a symlink."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return "/" + "/".join(parts)
+
+
 def walk(
     stack: Stack, top: str | bytes | os.PathLike[str] = "/"
 ) -> Iterator[tuple[str, list[str], list[str]]]:
     """`os.walk` over a stack: top-down, sorted, prunable, symlinks to directories listed but not
     entered. A missing `top` yields nothing, as os.walk does."""
-    start = posixpath.normpath(posixpath.join("/", os.fsdecode(top)))
+    start = _clean(os.fsdecode(top))
     pending = [start]
     while pending:
         here = pending.pop()
@@ -78,11 +85,8 @@ class StackPath:
     __slots__ = ("_path", "_stack")
 
     def __init__(self, stack: Stack, path: str | bytes | os.PathLike[str] = "/") -> None:
-        text = os.fsdecode(path)
         self._stack = stack
-        self._path = posixpath.normpath(posixpath.join("/", text)) if text else "/"
-        if self._path.startswith("//"):
-            self._path = "/" + self._path.lstrip("/")
+        self._path = _clean(os.fsdecode(path))
 
     def __truediv__(self, other: str | os.PathLike[str]) -> StackPath:
         return StackPath(self._stack, posixpath.join(self._path, os.fsdecode(other)))

@@ -24,7 +24,7 @@ impl Compression {
             None | Some("none") | Some("") => Ok(Compression::None),
             Some("gzip") | Some("gz") => Ok(Compression::Gzip),
             Some("zstd") | Some("zst") => Ok(Compression::Zstd),
-            Some(other) => Err(crate::Error::InvalidLayer(format!(
+            Some(other) => Err(crate::Error::InvalidArgument(format!(
                 "unknown compression {other:?} (expected gzip, zstd or none)"
             ))),
         }

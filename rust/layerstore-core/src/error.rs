@@ -19,6 +19,8 @@ pub enum ErrorKind {
     StackDepth,
     /// A lock, reference or concurrent change prevented the operation.
     Conflict,
+    /// An argument is malformed (a tag name, a compression name, chunk parameters).
+    InvalidArgument,
     /// The caller cancelled the operation (e.g. Ctrl-C).
     Cancelled,
     /// An operating-system I/O error.
@@ -62,6 +64,8 @@ pub enum Error {
     StackDepth { depth: usize, limit: usize },
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("cancelled")]
     Cancelled,
     #[error("{context}: {source}")]
@@ -80,6 +84,7 @@ impl Error {
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::StackDepth { .. } => ErrorKind::StackDepth,
             Error::Conflict(_) => ErrorKind::Conflict,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Io { .. } => ErrorKind::Io,
             Error::Database(_) => ErrorKind::Database,

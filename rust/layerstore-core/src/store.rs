@@ -559,7 +559,9 @@ impl Store {
     /// Point tag `name` at `stack` (recording the stack, so its layers cannot be deleted).
     pub fn tag(&self, stack: &Stack, name: &str) -> Result<()> {
         if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Error::InvalidLayer(format!("invalid tag {name:?}")));
+            return Err(Error::InvalidArgument(format!(
+                "invalid tag {name:?}: tags are non-empty and contain no whitespace or control characters"
+            )));
         }
         let ids: Vec<Blake3> = stack.layers.iter().map(|l| l.id).collect();
         meta::set_ref(&mut *self.conn()?, name, &stack.chain_id, &ids)

@@ -162,8 +162,9 @@ fn is_aufs_meta(path: &[u8]) -> bool {
 /// The outcome of resolving a path.
 #[derive(Clone, Debug)]
 pub struct Resolved {
-    /// The path after symlinks were followed (normalised, relative to the root).
-    pub path: Vec<u8>,
+    /// The path after symlinks were followed (normalised, relative to the root); `None` when
+    /// no symlink was followed, so it is the normalised input.
+    pub path: Option<Vec<u8>>,
     pub node: Node,
 }
 
@@ -186,6 +187,44 @@ impl Index {
     /// stops at the root, intermediate symlinks are always followed and the last one only when
     /// `follow_last`. `Ok(None)` when nothing is there (or a non-directory is in the way).
     pub fn resolve(&self, path: &[u8], follow_last: bool) -> Result<Option<Resolved>> {
+        // Fast path: no symlink on the way (the common case) needs no allocation but the result.
+        let mut node: Option<&Node> = None;
+        let mut dir: &Arc<DirNode> = &self.root;
+        let mut comps = components(path).peekable();
+        let mut plain = true;
+        while let Some(c) = comps.next() {
+            if c == b".." {
+                plain = false;
+                break;
+            }
+            let Some(child) = dir.children.get(c) else {
+                return Ok(None);
+            };
+            match child {
+                Node::Dir(d) => dir = d,
+                Node::Leaf(v) => {
+                    let last = comps.peek().is_none();
+                    if v.meta().kind == Kind::Symlink && (!last || follow_last) {
+                        plain = false;
+                        break;
+                    }
+                    if !last {
+                        return Ok(None);
+                    }
+                }
+            }
+            node = Some(child);
+        }
+        if plain {
+            let node = node
+                .cloned()
+                .unwrap_or_else(|| Node::Dir(self.root.clone()));
+            return Ok(Some(Resolved { path: None, node }));
+        }
+        self.resolve_slow(path, follow_last)
+    }
+
+    fn resolve_slow(&self, path: &[u8], follow_last: bool) -> Result<Option<Resolved>> {
         let mut pending: Vec<Vec<u8>> = components(path).rev().map(<[u8]>::to_vec).collect();
         let mut chain: Vec<(Vec<u8>, Arc<DirNode>)> = vec![(Vec::new(), self.root.clone())];
         let mut followed = 0;
@@ -221,6 +260,9 @@ impl Index {
                             ));
                         }
                         let target = &v.meta().link;
+                        if target.is_empty() {
+                            return Ok(None); // as the kernel: an empty target names nothing
+                        }
                         if target.first() == Some(&b'/') {
                             chain.truncate(1);
                         }
@@ -236,7 +278,7 @@ impl Index {
                     }
                     full.extend_from_slice(&comp);
                     return Ok(Some(Resolved {
-                        path: full,
+                        path: Some(full),
                         node: child.clone(),
                     }));
                 }
@@ -244,7 +286,7 @@ impl Index {
         }
         let (_, dir) = chain.last().expect("root stays");
         Ok(Some(Resolved {
-            path: join(chain.iter().skip(1).map(|(n, _)| &n[..])),
+            path: Some(join(chain.iter().skip(1).map(|(n, _)| &n[..]))),
             node: Node::Dir(dir.clone()),
         }))
     }
@@ -252,9 +294,10 @@ impl Index {
     /// This index with one more layer on top. `entries` are the layer's entries in tar order.
     pub fn apply(&self, layer: u32, entries: &[Arc<Entry>]) -> Result<Index> {
         let mut root = self.root.clone();
-        // Last one wins among duplicates; markers and AUFS metadata are not entries of the view.
-        let mut own: HashMap<&[u8], &Arc<Entry>> = HashMap::new();
-        for e in entries {
+        // Every entry of a path, in tar order (the last one is the view's); markers and AUFS
+        // metadata are not entries of the view.
+        let mut by_path: HashMap<&[u8], Vec<(usize, &Arc<Entry>)>> = HashMap::new();
+        for (pos, e) in entries.iter().enumerate() {
             match e.kind {
                 Kind::Whiteout => {
                     let (dir, name) = split_parent(&e.path);
@@ -267,16 +310,15 @@ impl Index {
                 }
                 Kind::Opaque => clear_children(&mut root, split_parent(&e.path).0),
                 _ if is_aufs_meta(&e.path) => {}
-                _ => {
-                    own.insert(&e.path, e);
-                }
+                _ => by_path.entry(&e.path).or_default().push((pos, e)),
             }
         }
-        let mut order: Vec<&Arc<Entry>> = own.values().copied().collect();
-        order.sort_by(|a, b| a.path.cmp(&b.path));
-        for e in order {
+        let mut order: Vec<(usize, &Arc<Entry>)> =
+            by_path.values().filter_map(|v| v.last().copied()).collect();
+        order.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+        for (pos, e) in order {
             let target = match e.kind {
-                Kind::Hardlink => Some(self.link_target(e, &own)?),
+                Kind::Hardlink => Some(self.link_target(pos, e, &by_path)?),
                 _ => None,
             };
             let view = Arc::new(ViewEntry {
@@ -289,26 +331,35 @@ impl Index {
         Ok(Index { root })
     }
 
-    /// The regular file a hardlink shares: in its own layer first, else in the view below.
-    fn link_target(&self, link: &Entry, own: &HashMap<&[u8], &Arc<Entry>>) -> Result<Arc<Entry>> {
-        let mut path: &[u8] = &link.link;
+    /// The inode a hardlink shares — a regular file, or a symlink, device or fifo (GNU tar
+    /// archives hardlinked symlinks that way). As extraction would: the last entry of the target
+    /// path written *before* the link in the same tar, else the path in the view below; a later
+    /// replacement of the target does not change what the link holds.
+    fn link_target(
+        &self,
+        link_pos: usize,
+        link: &Entry,
+        by_path: &HashMap<&[u8], Vec<(usize, &Arc<Entry>)>>,
+    ) -> Result<Arc<Entry>> {
+        let (mut pos, mut path): (usize, &[u8]) = (link_pos, &link.link);
         for _ in 0..MAX_SYMLINKS {
-            match own.get(path) {
-                Some(e) if e.kind == Kind::File => return Ok((*e).clone()),
-                Some(e) if e.kind == Kind::Hardlink => path = &e.link,
+            let earlier = by_path
+                .get(path)
+                .and_then(|v| v.iter().rev().find(|(p, _)| *p < pos));
+            match earlier {
+                Some((p, e)) if e.kind == Kind::Hardlink => (pos, path) = (*p, &e.link),
+                Some((_, e)) if e.kind != Kind::Dir => return Ok((*e).clone()),
                 Some(_) => break,
                 None => {
                     if let Some(Node::Leaf(v)) = self.lookup(path) {
-                        if v.meta().kind == Kind::File {
-                            return Ok(v.target.clone().unwrap_or_else(|| v.entry.clone()));
-                        }
+                        return Ok(v.target.clone().unwrap_or_else(|| v.entry.clone()));
                     }
                     break;
                 }
             }
         }
         Err(Error::InvalidLayer(format!(
-            "hardlink {:?} points at {:?}, which is not a regular file in its layer or below",
+            "hardlink {:?} points at {:?}, which is neither earlier in its layer nor below (or is a directory)",
             String::from_utf8_lossy(&link.path),
             String::from_utf8_lossy(&link.link)
         )))
@@ -532,9 +583,20 @@ mod tests {
                 ],
             )
             .unwrap();
-        assert_eq!(ix.resolve(b"l", true).unwrap().unwrap().path, b"a/x");
-        assert_eq!(ix.resolve(b"d/abs/x", true).unwrap().unwrap().path, b"a/x");
-        assert_eq!(ix.resolve(b"l", false).unwrap().unwrap().path, b"l");
+        assert_eq!(
+            ix.resolve(b"l", true).unwrap().unwrap().path.unwrap(),
+            b"a/x"
+        );
+        assert_eq!(
+            ix.resolve(b"d/abs/x", true).unwrap().unwrap().path.unwrap(),
+            b"a/x"
+        );
+        // No symlink followed: the normalised input is the path.
+        assert_eq!(ix.resolve(b"l", false).unwrap().unwrap().path, None);
+        assert!(matches!(
+            ix.resolve(b"a/x", true).unwrap().unwrap().node,
+            Node::Leaf(_)
+        ));
         assert!(ix.resolve(b"loop", true).is_err());
         assert!(ix.resolve(b"a/x/y", true).unwrap().is_none());
     }

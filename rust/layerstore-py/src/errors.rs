@@ -9,6 +9,7 @@ use std::io;
 use layerstore_core::{Error, ErrorKind};
 use pyo3::exceptions::{
     PyFileExistsError, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
+    PyValueError,
 };
 use pyo3::prelude::*;
 
@@ -43,6 +44,7 @@ pub fn to_py(err: Error) -> PyErr {
         ErrorKind::StackDepth => "StackDepthError",
         ErrorKind::Conflict => "ConflictError",
         ErrorKind::Cancelled => return PyKeyboardInterrupt::new_err("cancelled"),
+        ErrorKind::InvalidArgument => return PyValueError::new_err(err.to_string()),
         _ => "LayerstoreError",
     };
     let msg = err.to_string();

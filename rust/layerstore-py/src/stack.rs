@@ -18,19 +18,55 @@ use crate::Layer;
 /// A path argument (str, bytes or os.PathLike) normalised to the index's form: relative,
 /// no empty or `.` components (`..` is kept for the resolver).
 fn norm(path: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    // A str that is valid UTF-8 (no surrogate escapes) is the common case: no copy until the
+    // normalised result.
+    if let Ok(s) = path.cast::<pyo3::types::PyString>() {
+        if let Ok(text) = s.to_str() {
+            return Ok(normalise(text.as_bytes()));
+        }
+    }
     let raw: Vec<u8> = if let Ok(b) = path.cast::<PyBytes>() {
         b.as_bytes().to_vec()
     } else {
         path.extract::<PathBuf>()?.into_os_string().into_vec()
     };
+    Ok(normalise(&raw))
+}
+
+/// `norm`, and whether the path ends with a slash (so it must name a directory).
+fn norm_query(path: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, bool)> {
+    let p = norm(path)?;
+    let slash = if let Ok(s) = path.cast::<pyo3::types::PyString>() {
+        s.to_cow().is_ok_and(|t| t.ends_with('/'))
+    } else if let Ok(b) = path.cast::<PyBytes>() {
+        b.as_bytes().ends_with(b"/")
+    } else {
+        path.extract::<PathBuf>()?
+            .as_os_str()
+            .as_bytes()
+            .ends_with(b"/")
+    };
+    Ok((p.clone(), slash && !p.is_empty()))
+}
+
+/// Relative, no empty or `.` components; one copy when the input is already in that form.
+fn normalise(raw: &[u8]) -> Vec<u8> {
+    let trimmed = raw.strip_prefix(b"/").unwrap_or(raw);
+    let clean = !trimmed.ends_with(b"/")
+        && !trimmed.windows(2).any(|w| w == b"//")
+        && !trimmed.split(|&b| b == b'/').any(|c| c == b".")
+        && !trimmed.starts_with(b"/");
+    if clean {
+        return trimmed.to_vec();
+    }
     let mut out = Vec::with_capacity(raw.len());
-    for c in components(&raw) {
+    for c in components(raw) {
         if !out.is_empty() {
             out.push(b'/');
         }
         out.extend_from_slice(c);
     }
-    Ok(out)
+    out
 }
 
 fn display(path: &[u8]) -> OsString {
@@ -187,7 +223,30 @@ pub struct Stack {
     pub inner: core::stack::Stack,
 }
 
+/// The outcome of a stat-like lookup.
+enum Lookup {
+    Found(Stat),
+    Missing,
+    /// A trailing slash asked for a directory and something else is there.
+    NotDir,
+}
+
 impl Stack {
+    /// `stat` semantics: a trailing slash (`must_be_dir`) follows a final symlink, as the kernel
+    /// does, and requires a directory.
+    fn lookup(&self, p: &[u8], follow: bool, must_be_dir: bool) -> PyResult<Lookup> {
+        let Some(r) = self.resolve(p, follow || must_be_dir)? else {
+            return Ok(Lookup::Missing);
+        };
+        if must_be_dir && !matches!(r.node, Node::Dir(_)) {
+            return Ok(Lookup::NotDir);
+        }
+        Ok(Lookup::Found(Stat {
+            path: r.path.unwrap_or_else(|| p.to_vec()),
+            view: r.node.view().clone(),
+        }))
+    }
+
     fn resolve(&self, path: &[u8], follow: bool) -> PyResult<Option<core::union::Resolved>> {
         self.inner.index.resolve(path, follow).py()
     }
@@ -248,12 +307,16 @@ impl Stack {
 
     #[pyo3(signature = (path, /, *, follow_symlinks=true))]
     fn stat(&self, path: &Bound<'_, PyAny>, follow_symlinks: bool) -> PyResult<Stat> {
-        let p = norm(path)?;
-        let r = self.found(&p, follow_symlinks)?;
-        Ok(Stat {
-            path: r.path,
-            view: r.node.view().clone(),
-        })
+        let (p, must_be_dir) = norm_query(path)?;
+        match self.lookup(&p, follow_symlinks, must_be_dir)? {
+            Lookup::Found(stat) => Ok(stat),
+            Lookup::Missing => Err(not_found(&p)),
+            Lookup::NotDir => Err(PyNotADirectoryError::new_err((
+                20,
+                "Not a directory",
+                display(&p),
+            ))),
+        }
     }
 
     /// Stat many paths in one call; a missing path gives None.
@@ -265,24 +328,23 @@ impl Stack {
     ) -> PyResult<Vec<Option<Stat>>> {
         let mut out = Vec::new();
         for path in paths.try_iter()? {
-            let p = norm(&path?)?;
-            out.push(self.resolve(&p, follow_symlinks)?.map(|r| Stat {
-                path: r.path,
-                view: r.node.view().clone(),
-            }));
+            let (p, must_be_dir) = norm_query(&path?)?;
+            out.push(match self.lookup(&p, follow_symlinks, must_be_dir)? {
+                Lookup::Found(stat) => Some(stat),
+                Lookup::Missing | Lookup::NotDir => None,
+            });
         }
         Ok(out)
     }
 
     #[pyo3(signature = (path, /, *, follow_symlinks=true))]
     fn exists(&self, path: &Bound<'_, PyAny>, follow_symlinks: bool) -> PyResult<bool> {
-        let p = norm(path)?;
+        let (p, must_be_dir) = norm_query(path)?;
         // As os.path.exists: a symlink loop means "does not exist", not an error.
-        Ok(self
-            .inner
-            .index
-            .resolve(&p, follow_symlinks)
-            .is_ok_and(|r| r.is_some()))
+        Ok(matches!(
+            self.lookup(&p, follow_symlinks, must_be_dir),
+            Ok(Lookup::Found(_))
+        ))
     }
 
     /// Names in a directory, sorted.
