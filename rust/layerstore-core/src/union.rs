@@ -2,7 +2,7 @@
 //!
 //! Invariants: a stack's [`Index`] is its parent's plus one layer's changes, built by path
 //! copying — only the directories a layer touches are copied, everything else is shared
-//! (`imbl::OrdMap` children, `Arc` nodes), so a push costs O(that layer) and many images over one
+//! (persistent `imbl` hash-map children, `Arc` nodes), so a push costs O(that layer) and many images over one
 //! base share its memory. Markers are applied before the layer's own entries, so the result does
 //! not depend on tar order and a layer's entries always survive its own whiteouts. Whiteout and
 //! opaque markers and AUFS metadata names are never part of the view.
@@ -11,13 +11,18 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use imbl::OrdMap;
+use imbl::shared_ptr::DefaultSharedPtr;
+use imbl::GenericHashMap;
 
 use crate::error::{Error, Result};
 use crate::layer::{Entry, Kind};
 
 /// A path component.
 pub type Name = Arc<[u8]>;
+
+/// A directory's children: a persistent hash map (one hash and one compare per lookup; sorted
+/// only when listed), seeded per map so crafted names cannot force collisions.
+pub type Children = GenericHashMap<Name, Node, foldhash::fast::RandomState, DefaultSharedPtr>;
 
 /// What a path resolves to.
 #[derive(Clone, Debug)]
@@ -66,17 +71,26 @@ pub fn live_dir_nodes() -> i64 {
 #[derive(Debug)]
 pub struct DirNode {
     pub meta: Arc<ViewEntry>,
-    pub children: OrdMap<Name, Node>,
+    pub children: Children,
 }
 
 impl DirNode {
-    fn new(meta: Arc<ViewEntry>, children: OrdMap<Name, Node>) -> Self {
+    fn new(meta: Arc<ViewEntry>, children: Children) -> Self {
         DIR_NODES.fetch_add(1, Ordering::Relaxed);
         DirNode { meta, children }
     }
 
     fn implicit() -> Arc<Self> {
-        Arc::new(DirNode::new(implicit_dir(), OrdMap::new()))
+        Arc::new(DirNode::new(implicit_dir(), Children::default()))
+    }
+}
+
+impl DirNode {
+    /// Children in name order (what listings and walks show).
+    pub fn sorted(&self) -> Vec<(&Name, &Node)> {
+        let mut v: Vec<(&Name, &Node)> = self.children.iter().collect();
+        v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        v
     }
 }
 
@@ -378,7 +392,7 @@ impl Index {
 fn walk_node(path: &mut Vec<u8>, node: &Node, visit: &mut impl FnMut(&[u8], &Node)) {
     visit(path, node);
     if let Node::Dir(d) = node {
-        for (name, child) in d.children.iter() {
+        for (name, child) in d.sorted() {
             let len = path.len();
             if !path.is_empty() {
                 path.push(b'/');
@@ -457,7 +471,7 @@ fn clear_children(root: &mut Arc<DirNode>, path: &[u8]) {
     }
     if let Some(dir) = dir_mut(root, &comps) {
         if !dir.children.is_empty() {
-            Arc::make_mut(dir).children = OrdMap::new();
+            Arc::make_mut(dir).children = Children::default();
         }
     }
 }
@@ -491,7 +505,7 @@ fn insert(root: &mut Arc<DirNode>, path: &[u8], view: Arc<ViewEntry>) {
         (true, Some(Node::Dir(lower))) => {
             Node::Dir(Arc::new(DirNode::new(view, lower.children.clone())))
         }
-        (true, _) => Node::Dir(Arc::new(DirNode::new(view, OrdMap::new()))),
+        (true, _) => Node::Dir(Arc::new(DirNode::new(view, Children::default()))),
         (false, _) => Node::Leaf(view),
     };
     d.children.insert(Name::from(*name), node);
@@ -512,9 +526,9 @@ mod tests {
     fn names(ix: &Index, dir: &str) -> Vec<String> {
         match ix.lookup(dir.as_bytes()) {
             Some(Node::Dir(d)) => d
-                .children
-                .keys()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .sorted()
+                .into_iter()
+                .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
                 .collect(),
             _ => vec![],
         }

@@ -353,9 +353,9 @@ impl Stack {
         let p = path.map(|p| p.0).unwrap_or_default();
         match self.found(&p, true)?.node {
             Node::Dir(d) => Ok(d
-                .children
-                .keys()
-                .map(|k| OsString::from_vec(k.to_vec()))
+                .sorted()
+                .into_iter()
+                .map(|(k, _)| OsString::from_vec(k.to_vec()))
                 .collect()),
             Node::Leaf(_) => Err(PyNotADirectoryError::new_err((
                 20,
@@ -392,7 +392,7 @@ impl Stack {
             )));
         };
         let mut out = Vec::with_capacity(d.children.len());
-        for (name, child) in d.children.iter() {
+        for (name, child) in d.sorted() {
             let (is_dir, is_link) = match child {
                 Node::Dir(_) => (true, false),
                 Node::Leaf(v) if v.meta().kind == Kind::Symlink => {
