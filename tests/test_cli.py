@@ -470,3 +470,40 @@ def test_export_into_closed_pipe_is_quiet(store: Path, tars: dict[str, Path]) ->
         os.close(writer)
     assert proc.returncode == 141
     assert proc.stderr == b""
+
+
+def test_tag_images_cat_tree_untag(store: Path, tmp_path: Path) -> None:
+    """Images from the command line: tag a stack, list it, read a file, list the tree, untag."""
+    base = tmp_path / "base"
+    (base / "etc").mkdir(parents=True)
+    (base / "etc" / "hostname").write_bytes(b"box\n")
+    (base / "etc" / "gone").write_bytes(b"x")
+    os.symlink("etc", base / "link")
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "hostname").write_bytes(b"upper\n")
+    (upper / "etc" / ".wh.gone").write_bytes(b"")
+    ids = []
+    for layer_dir in (base, upper):
+        tar = tmp_path / f"{layer_dir.name}.tar"
+        gnu_tar("--sort=name", "-C", layer_dir, "-cf", tar, ".")
+        imported = run_json(store, "import", str(tar))
+        assert isinstance(imported, list)
+        ids.append(imported[0]["id"])
+    run(store, "tag", "app:1", *ids)
+    images = run_json(store, "images")
+    assert isinstance(images, dict) and list(images) == ["app:1"]
+    assert len(images["app:1"]["layers"]) == 2
+    assert run(store, "cat", "app:1", "/etc/hostname").stdout == b"upper\n"
+    listing = run_json(store, "tree", "app:1")
+    assert isinstance(listing, list)
+    paths = {t["path"]: t for t in listing}
+    assert set(paths) == {"/", "/etc", "/etc/hostname", "/link"}
+    assert paths["/etc/hostname"]["layer"] == 1
+    assert paths["/link"]["kind"] == "symlink"
+    missing = run(store, "cat", "app:1", "/etc/gone", expect=1)
+    assert "No such file" in one_error_line(missing)
+    bad = run(store, "tag", "has space", ids[0], expect=1)
+    assert "invalid tag" in one_error_line(bad)
+    run(store, "untag", "app:1")
+    assert run_json(store, "images") == {}

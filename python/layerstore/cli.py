@@ -386,6 +386,84 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    image = store.stack([store.layer(key) for key in args.layers])
+    store.tag(image, args.name)
+    if args.json:
+        print_json({"tag": args.name, "chain_id": image.chain_id, "layers": len(image)})
+    else:
+        print(f"{args.name}  {image.chain_id}  ({len(image)} layers)")
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    images = open_store(args).images()
+    if args.json:
+        print_json(
+            {
+                name: {"chain_id": image.chain_id, "layers": [layer.id for layer in image.layers]}
+                for name, image in images.items()
+            }
+        )
+        return 0
+    rows = [["TAG", "CHAIN ID", "LAYERS"]]
+    for name, image in sorted(images.items()):
+        chain = image.chain_id if args.no_trunc else short_digest(image.chain_id)
+        rows.append([name, chain, str(len(image))])
+    print_table(rows, right=frozenset({2}))
+    return 0
+
+
+def cmd_untag(args: argparse.Namespace) -> int:
+    open_store(args).untag(args.name)
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    image = open_store(args).get(args.image)
+    with image.open(args.path) as f:
+        out = sys.stdout.buffer
+        while block := f.read(1 << 20):
+            out.write(block)
+        out.flush()
+    return 0
+
+
+def cmd_tree(args: argparse.Namespace) -> int:
+    image = open_store(args).get(args.image)
+    if args.json:
+        print_json(
+            [
+                {"path": p, "kind": st.kind, "mode": st.mode, "size": st.size, "layer": st.layer}
+                for p, st in _tree(image, args.path)
+            ]
+        )
+        return 0
+    for p, st in _tree(image, args.path):
+        target = f" -> {st.linkname}" if st.linkname is not None else ""
+        layer = "-" if st.layer is None else str(st.layer)
+        print(f"{stat.filemode(st.st_mode)} {st.size:>10} L{layer:<3} {p}{target}")
+    return 0
+
+
+def _tree(image: ls.Stack, top: str) -> Iterator[tuple[str, ls.Stat]]:
+    """Every path under `top` with its stat (symlinks not followed): each directory, then its
+    files and its symlinks to directories (which walk lists but does not enter)."""
+    found = image.stat(top, follow_symlinks=False)
+    if found.kind != "dir":
+        yield found.path, found
+        return
+    for dirpath, dirnames, filenames in image.walk(top):
+        names = [*filenames, *dirnames]
+        paths = [dirpath, *(os.path.join(dirpath, n) for n in names)]
+        stats = image.stat_many(paths, follow_symlinks=False)
+        for i, (p, st) in enumerate(zip(paths, stats, strict=True)):
+            # Subdirectories appear when walk reaches them; symlinks among dirnames do not.
+            if st is not None and (i == 0 or i <= len(filenames) or st.kind == "symlink"):
+                yield p, st
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     report = open_store(args).gc()
     if args.json:
@@ -552,6 +630,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the store's logical and stored sizes and its dedup ratio.",
     )
     p.set_defaults(func=cmd_du)
+
+    p = sub.add_parser(
+        "tag",
+        help="tag a stack of layers as an image",
+        description="Stack LAYERs (bottom first) and point tag NAME at the image.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("layers", metavar="LAYER", nargs="+")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("images", help="list tagged images", description="List tagged images.")
+    p.add_argument("--no-trunc", action="store_true", help="print whole digests")
+    p.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("untag", help="remove a tag", description="Remove tag NAME.")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_untag)
+
+    p = sub.add_parser(
+        "cat",
+        help="print a file of an image",
+        description="Write the content of PATH in image IMAGE (a tag) to stdout.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("path", metavar="PATH")
+    p.set_defaults(func=cmd_cat)
+
+    p = sub.add_parser(
+        "tree",
+        help="list an image's files",
+        description="List every path under PATH (default /) in image IMAGE (a tag), with the "
+        "layer that provides it.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("path", metavar="PATH", nargs="?", default="/")
+    p.set_defaults(func=cmd_tree)
     return parser
 
 
@@ -613,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as e:
         _error(str(e))
         return EXIT_ERROR
-    except ls.LayerstoreError as e:
+    except (ls.LayerstoreError, ValueError) as e:
         _error(str(e))
         return EXIT_ERROR
     except OSError as e:
