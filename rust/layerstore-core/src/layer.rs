@@ -80,6 +80,14 @@ pub struct Entry {
     pub sparse: bool,
 }
 
+impl Entry {
+    /// The device number as Linux's `makedev(devmajor, devminor)` (what `os.makedev` returns).
+    pub fn rdev(&self) -> u64 {
+        let (ma, mi) = (u64::from(self.devmajor), u64::from(self.devminor));
+        ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
+    }
+}
+
 /// A stored layer's identity and summary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerInfo {

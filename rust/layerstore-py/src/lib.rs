@@ -683,8 +683,7 @@ impl Entry {
     /// Device number as `os.makedev(devmajor, devminor)`.
     #[getter]
     fn rdev(&self) -> u64 {
-        let (ma, mi) = (u64::from(self.e.devmajor), u64::from(self.e.devminor));
-        ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
+        self.e.rdev()
     }
     #[getter]
     fn xattrs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

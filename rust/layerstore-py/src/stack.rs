@@ -162,9 +162,7 @@ impl Stat {
     }
     #[getter]
     fn rdev(&self) -> u64 {
-        let m = self.view.meta();
-        let (ma, mi) = (u64::from(m.devmajor), u64::from(m.devminor));
-        ((ma & 0xffff_f000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffff_ff00) << 12) | (mi & 0xff)
+        self.view.meta().rdev()
     }
     #[getter]
     fn xattrs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
