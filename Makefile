@@ -103,7 +103,6 @@ fmt: $(PY) ## Format Rust and Python, apply ruff's safe fixes
 
 .PHONY: bench
 bench: build ## Run the benchmarks beside their peers (see benches/README.md)
-	$(PY) -m pip install --quiet -e '.[test,dev,bench]'
 	$(PY) -m pytest benches --benchmark-enable
 
 .PHONY: demo
