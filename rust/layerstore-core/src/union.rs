@@ -145,12 +145,19 @@ pub const MAX_SYMLINKS: usize = 40;
 #[derive(Clone, Debug)]
 pub struct Index {
     root: Arc<DirNode>,
+    /// Every path of the view below the root → what it shows: one hash lookup answers a stat
+    /// whose path has no symlink on the way. Kept in step with the trie by every edit.
+    flat: Flat,
 }
+
+/// Full normalised path → view entry (persistent, shared between stacks like the trie).
+pub type Flat = GenericHashMap<Name, Arc<ViewEntry>, foldhash::fast::RandomState, DefaultSharedPtr>;
 
 impl Default for Index {
     fn default() -> Self {
         Index {
             root: DirNode::implicit(),
+            flat: Flat::default(),
         }
     }
 }
@@ -173,6 +180,9 @@ fn is_aufs_meta(path: &[u8]) -> bool {
     components(path).any(|c| c.starts_with(b".wh..wh.") && c != b".wh..wh..opq")
 }
 
+/// What `lookup_view` finds: the resolved path (`None`: the input itself) and its entry.
+pub type Found = (Option<Vec<u8>>, Arc<ViewEntry>);
+
 /// The outcome of resolving a path.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -185,6 +195,27 @@ pub struct Resolved {
 impl Index {
     pub fn root(&self) -> &Arc<DirNode> {
         &self.root
+    }
+
+    /// What a normalised path shows (for `stat`): one hash lookup when no symlink or `..` is on
+    /// the way, the full resolver otherwise. The path is `None` when it is the input itself.
+    pub fn lookup_view(
+        &self,
+        path: &[u8],
+        follow_last: bool,
+    ) -> Result<Option<Found>> {
+        if path.is_empty() {
+            return Ok(Some((None, self.root.meta.clone())));
+        }
+        // Keys are normalised entry paths (never `..`), reached through directories only.
+        if let Some(v) = self.flat.get(path) {
+            if !(follow_last && v.meta().kind == Kind::Symlink) {
+                return Ok(Some((None, v.clone())));
+            }
+        }
+        Ok(self
+            .resolve(path, follow_last)?
+            .map(|r| (r.path, r.node.view().clone())))
     }
 
     /// Look a normalised path up without following symlinks.
@@ -308,6 +339,7 @@ impl Index {
     /// This index with one more layer on top. `entries` are the layer's entries in tar order.
     pub fn apply(&self, layer: u32, entries: &[Arc<Entry>]) -> Result<Index> {
         let mut root = self.root.clone();
+        let mut flat = self.flat.clone();
         // Every entry of a path, in tar order (the last one is the view's); markers and AUFS
         // metadata are not entries of the view.
         let mut by_path: HashMap<&[u8], Vec<(usize, &Arc<Entry>)>> = HashMap::new();
@@ -320,9 +352,9 @@ impl Index {
                         target.push(b'/');
                     }
                     target.extend_from_slice(&name[b".wh.".len()..]);
-                    remove(&mut root, &target);
+                    remove(&mut root, &mut flat, &target);
                 }
-                Kind::Opaque => clear_children(&mut root, split_parent(&e.path).0),
+                Kind::Opaque => clear_children(&mut root, &mut flat, split_parent(&e.path).0),
                 _ if is_aufs_meta(&e.path) => {}
                 _ => by_path.entry(&e.path).or_default().push((pos, e)),
             }
@@ -340,9 +372,9 @@ impl Index {
                 target,
                 layer: Some(layer),
             });
-            insert(&mut root, &e.path, view);
+            insert(&mut root, &mut flat, &e.path, view);
         }
-        Ok(Index { root })
+        Ok(Index { root, flat })
     }
 
     /// The inode a hardlink shares — a regular file, or a symlink, device or fifo (GNU tar
@@ -377,6 +409,23 @@ impl Index {
             String::from_utf8_lossy(&link.path),
             String::from_utf8_lossy(&link.link)
         )))
+    }
+
+    /// Whether the flat map holds exactly the trie's paths with the same entries (for tests).
+    pub fn flat_is_consistent(&self) -> bool {
+        let mut seen = 0usize;
+        let mut ok = true;
+        self.walk(b"", |path, node| {
+            if path.is_empty() {
+                return;
+            }
+            seen += 1;
+            ok &= self
+                .flat
+                .get(path)
+                .is_some_and(|v| Arc::ptr_eq(v, node.view()));
+        });
+        ok && seen == self.flat.len()
     }
 
     /// Every path of the view under `dir` (pre-order, sorted), with its node.
@@ -440,22 +489,45 @@ fn dir_exists(dir: &DirNode, comps: &[&[u8]]) -> bool {
     }
 }
 
-fn remove(root: &mut Arc<DirNode>, path: &[u8]) {
+/// Drop every path below `node` (at `path`) from the flat map.
+fn forget_below(flat: &mut Flat, node: &Node, path: &[u8]) {
+    let Node::Dir(d) = node else { return };
+    let mut prefix = path.to_vec();
+    for (name, child) in d.children.iter() {
+        prefix.truncate(path.len());
+        if !prefix.is_empty() {
+            prefix.push(b'/');
+        }
+        prefix.extend_from_slice(name);
+        flat.remove(&prefix[..]);
+        forget_below(flat, child, &prefix.clone());
+    }
+}
+
+/// The node at a normalised path, through directories only.
+fn node_at<'a>(root: &'a DirNode, path: &[u8]) -> Option<&'a Node> {
+    let mut dir = root;
+    let mut found: Option<&Node> = None;
+    for c in components(path) {
+        if let Some(prev) = found {
+            let Node::Dir(d) = prev else { return None };
+            dir = d;
+        }
+        found = Some(dir.children.get(c)?);
+    }
+    found
+}
+
+fn remove(root: &mut Arc<DirNode>, flat: &mut Flat, path: &[u8]) {
     let (parent, name) = split_parent(path);
     let comps: Vec<&[u8]> = components(parent).collect();
-    let present = {
-        let mut d: &DirNode = root;
-        let mut ok = true;
-        for c in &comps {
-            match d.children.get(*c) {
-                Some(Node::Dir(sub)) => d = sub,
-                _ => {
-                    ok = false;
-                    break;
-                }
-            }
+    let present = match node_at(root, path) {
+        Some(node) => {
+            forget_below(flat, node, path);
+            flat.remove(path);
+            true
         }
-        ok && d.children.contains_key(name)
+        None => false,
     };
     if present {
         if let Some(dir) = dir_mut(root, &comps) {
@@ -464,11 +536,13 @@ fn remove(root: &mut Arc<DirNode>, path: &[u8]) {
     }
 }
 
-fn clear_children(root: &mut Arc<DirNode>, path: &[u8]) {
+fn clear_children(root: &mut Arc<DirNode>, flat: &mut Flat, path: &[u8]) {
     let comps: Vec<&[u8]> = components(path).collect();
     if !dir_exists(root, &comps) {
         return;
     }
+    let here = Node::Dir(dir_at(root, &comps));
+    forget_below(flat, &here, path);
     if let Some(dir) = dir_mut(root, &comps) {
         if !dir.children.is_empty() {
             Arc::make_mut(dir).children = Children::default();
@@ -476,8 +550,21 @@ fn clear_children(root: &mut Arc<DirNode>, path: &[u8]) {
     }
 }
 
+/// The directory at `comps` (which must all be directories).
+fn dir_at(root: &Arc<DirNode>, comps: &[&[u8]]) -> Arc<DirNode> {
+    let mut d = root.clone();
+    for c in comps {
+        let next = match d.children.get(*c) {
+            Some(Node::Dir(sub)) => sub.clone(),
+            _ => unreachable!("checked by dir_exists"),
+        };
+        d = next;
+    }
+    d
+}
+
 /// Put `view` at `path`, creating implicit parents (which replace a lower non-directory).
-fn insert(root: &mut Arc<DirNode>, path: &[u8], view: Arc<ViewEntry>) {
+fn insert(root: &mut Arc<DirNode>, flat: &mut Flat, path: &[u8], view: Arc<ViewEntry>) {
     let comps: Vec<&[u8]> = components(path).collect();
     let is_dir = view.entry.kind == Kind::Dir;
     let Some((name, parents)) = comps.split_last() else {
@@ -488,11 +575,17 @@ fn insert(root: &mut Arc<DirNode>, path: &[u8], view: Arc<ViewEntry>) {
         return;
     };
     let mut dir = root;
+    let mut at: Vec<u8> = Vec::with_capacity(path.len());
     for c in parents {
+        if !at.is_empty() {
+            at.push(b'/');
+        }
+        at.extend_from_slice(c);
         let d = Arc::make_mut(dir);
         if !matches!(d.children.get(*c), Some(Node::Dir(_))) {
-            d.children
-                .insert(Name::from(*c), Node::Dir(DirNode::implicit()));
+            let implicit = DirNode::implicit();
+            flat.insert(Name::from(&at[..]), implicit.meta.clone());
+            d.children.insert(Name::from(*c), Node::Dir(implicit));
         }
         dir = match d.children.get_mut(*c) {
             Some(Node::Dir(sub)) => sub,
@@ -500,14 +593,20 @@ fn insert(root: &mut Arc<DirNode>, path: &[u8], view: Arc<ViewEntry>) {
         };
     }
     let d = Arc::make_mut(dir);
-    let node = match (is_dir, d.children.get(*name)) {
+    let existing = d.children.get(*name);
+    // Anything but a directory over a directory hides what was below the path.
+    if let (false, Some(old)) | (true, Some(old @ Node::Leaf(_))) = (is_dir, existing) {
+        forget_below(flat, old, path);
+    }
+    let node = match (is_dir, existing) {
         // Directory over directory merges: the upper attributes, the union of children.
         (true, Some(Node::Dir(lower))) => {
-            Node::Dir(Arc::new(DirNode::new(view, lower.children.clone())))
+            Node::Dir(Arc::new(DirNode::new(view.clone(), lower.children.clone())))
         }
-        (true, _) => Node::Dir(Arc::new(DirNode::new(view, Children::default()))),
-        (false, _) => Node::Leaf(view),
+        (true, _) => Node::Dir(Arc::new(DirNode::new(view.clone(), Children::default()))),
+        (false, _) => Node::Leaf(view.clone()),
     };
+    flat.insert(Name::from(path), view);
     d.children.insert(Name::from(*name), node);
 }
 
@@ -613,6 +712,47 @@ mod tests {
         ));
         assert!(ix.resolve(b"loop", true).is_err());
         assert!(ix.resolve(b"a/x/y", true).unwrap().is_none());
+    }
+
+    #[test]
+    fn flat_map_follows_random_edits() {
+        let mut seed = 0x1234_5678_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let names = ["a", "b", "c"];
+        let mut ix = Index::default();
+        for layer in 0..60 {
+            let mut entries = Vec::new();
+            for _ in 0..8 {
+                let depth = 1 + next(3) as usize;
+                let path: Vec<&str> = (0..depth).map(|_| names[next(3) as usize]).collect();
+                let path = path.join("/");
+                let entry = match next(6) {
+                    0 => {
+                        let (dir, name) = path
+                            .rsplit_once('/')
+                            .map_or(("", path.as_str()), |(d, n)| (d, n));
+                        let wh = if dir.is_empty() {
+                            format!(".wh.{name}")
+                        } else {
+                            format!("{dir}/.wh.{name}")
+                        };
+                        e(&wh, Kind::Whiteout)
+                    }
+                    1 => e(&format!("{path}/.wh..wh..opq"), Kind::Opaque),
+                    2 | 3 => e(&path, Kind::Dir),
+                    4 => e(&path, Kind::Symlink),
+                    _ => e(&path, Kind::File),
+                };
+                entries.push(entry);
+            }
+            ix = ix.apply(layer, &entries).unwrap();
+            assert!(ix.flat_is_consistent(), "layer {layer}: {entries:?}");
+        }
     }
 
     #[test]

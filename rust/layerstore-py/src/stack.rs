@@ -233,15 +233,20 @@ impl Stack {
     /// `stat` semantics: a trailing slash (`must_be_dir`) follows a final symlink, as the kernel
     /// does, and requires a directory.
     fn lookup(&self, p: &[u8], follow: bool, must_be_dir: bool) -> PyResult<Lookup> {
-        let Some(r) = self.resolve(p, follow || must_be_dir)? else {
+        let found = self
+            .inner
+            .index
+            .lookup_view(p, follow || must_be_dir)
+            .py()?;
+        let Some((path, view)) = found else {
             return Ok(Lookup::Missing);
         };
-        if must_be_dir && !matches!(r.node, Node::Dir(_)) {
+        if must_be_dir && view.meta().kind != Kind::Dir {
             return Ok(Lookup::NotDir);
         }
         Ok(Lookup::Found(Stat {
-            path: r.path.unwrap_or_else(|| p.to_vec()),
-            view: r.node.view().clone(),
+            path: path.unwrap_or_else(|| p.to_vec()),
+            view,
         }))
     }
 
