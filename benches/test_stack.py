@@ -549,6 +549,54 @@ def test_stat_many_vs_c_fstatat(
     ).publish(benchmark, c_rounds=C_ROUNDS)
 
 
+def test_rust_lookup_alone(benchmark: Any, bench: Bench, scratch: Path) -> None:
+    """The union index's own lookup rate, without Python: the `lookup_bench` example of the core
+    crate (what `stat(p, follow_symlinks=False)` does per path) on the tagged 127-layer stack.
+    Target: at least 10M lookups/s."""
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        pytest.skip("cargo is not installed")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            cargo,
+            "build",
+            "--quiet",
+            "--release",
+            "--locked",
+            "-p",
+            "layerstore-core",
+            "--example",
+            "lookup_bench",
+        ],
+        cwd=root,
+        check=True,
+    )
+    exe = root / "target" / "release" / "examples" / "lookup_bench"
+    listing = scratch / "paths.txt"
+    listing.write_text("\n".join(bench.paths) + "\n", errors="surrogateescape")
+    rounds = 50
+
+    def run() -> dict[str, float]:
+        done = subprocess.run(
+            [str(exe), str(bench.store_path), TAG, str(listing), str(rounds)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        result: dict[str, float] = json.loads(done.stdout)
+        return result
+
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert result["lookups"] == rounds * len(bench.paths)
+    rate = result["lookups_per_s"]
+    benchmark.extra_info.update(lookups_per_s=rate, target=10_000_000)
+    report(
+        f"Rust lookup alone ({len(bench.layers)}-layer stack): {rate / 1e6:.1f}M lookups/s "
+        f"(target >= 10M/s: {'met' if rate >= 10_000_000 else 'missed'})"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # (c) cost per lookup: 2 layers vs 127 layers
 # --------------------------------------------------------------------------------------------

@@ -199,11 +199,7 @@ impl Index {
 
     /// What a normalised path shows (for `stat`): one hash lookup when no symlink or `..` is on
     /// the way, the full resolver otherwise. The path is `None` when it is the input itself.
-    pub fn lookup_view(
-        &self,
-        path: &[u8],
-        follow_last: bool,
-    ) -> Result<Option<Found>> {
+    pub fn lookup_view(&self, path: &[u8], follow_last: bool) -> Result<Option<Found>> {
         if path.is_empty() {
             return Ok(Some((None, self.root.meta.clone())));
         }
