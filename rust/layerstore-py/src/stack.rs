@@ -230,6 +230,18 @@ enum Lookup {
 }
 
 impl Stack {
+    fn stat_each(&self, paths: &Bound<'_, PyAny>, follow: bool) -> PyResult<Vec<Option<Stat>>> {
+        let mut out = Vec::new();
+        for path in paths.try_iter()? {
+            let (p, must_be_dir) = norm_query(&path?)?;
+            out.push(match self.lookup(&p, follow, must_be_dir)? {
+                Lookup::Found(stat) => Some(stat),
+                Lookup::Missing | Lookup::NotDir => None,
+            });
+        }
+        Ok(out)
+    }
+
     /// `stat` semantics: a trailing slash (`must_be_dir`) follows a final symlink, as the kernel
     /// does, and requires a directory.
     fn lookup(&self, p: &[u8], follow: bool, must_be_dir: bool) -> PyResult<Lookup> {
@@ -324,20 +336,26 @@ impl Stack {
 
     /// Stat many paths in one call; a missing path gives None.
     #[pyo3(signature = (paths, /, *, follow_symlinks=true))]
-    fn stat_many(
+    fn stat_many<'py>(
         &self,
-        paths: &Bound<'_, PyAny>,
+        py: Python<'py>,
+        paths: &Bound<'py, PyAny>,
         follow_symlinks: bool,
-    ) -> PyResult<Vec<Option<Stat>>> {
-        let mut out = Vec::new();
-        for path in paths.try_iter()? {
-            let (p, must_be_dir) = norm_query(&path?)?;
-            out.push(match self.lookup(&p, follow_symlinks, must_be_dir)? {
-                Lookup::Found(stat) => Some(stat),
-                Lookup::Missing | Lookup::NotDir => None,
-            });
+    ) -> PyResult<Bound<'py, pyo3::types::PyList>> {
+        // Thousands of new objects would trigger the cyclic GC again and again while none of
+        // them can be garbage yet: pause it for the batch (restored whatever happens).
+        let gc = py.import("gc")?;
+        let was_enabled = gc.call_method0("isenabled")?.is_truthy()?;
+        if was_enabled {
+            gc.call_method0("disable")?;
         }
-        Ok(out)
+        let result = self
+            .stat_each(paths, follow_symlinks)
+            .and_then(|stats| pyo3::types::PyList::new(py, stats));
+        if was_enabled {
+            gc.call_method0("enable")?;
+        }
+        result
     }
 
     #[pyo3(signature = (path, /, *, follow_symlinks=true))]
