@@ -345,6 +345,16 @@ pub fn find_layer(conn: &Connection, key: &str) -> Result<LayerInfo> {
     Err(Error::NotFound(format!("no layer {key:?}")))
 }
 
+/// A layer by its exact `blake3:` id (one indexed query; for ids the store itself recorded).
+pub fn layer_by_id(conn: &Connection, id: &str) -> Result<LayerInfo> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {LAYER_COLUMNS} FROM layers WHERE id = ?1"))?;
+    match stmt.query_row([id], info_from_row).optional()? {
+        Some(row) => make_info(row),
+        None => Err(Error::NotFound(format!("no layer {id:?}"))),
+    }
+}
+
 pub fn list_layers(conn: &Connection) -> Result<Vec<LayerInfo>> {
     let mut stmt = conn.prepare(&format!(
         "SELECT {LAYER_COLUMNS} FROM layers ORDER BY created, id"

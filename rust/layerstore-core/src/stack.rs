@@ -65,25 +65,30 @@ impl Stack {
 
     /// This stack with `layer` (whose entries are `entries`) on top.
     pub fn push(&self, layer: LayerInfo, entries: LayerEntries, max_depth: usize) -> Result<Stack> {
+        let mut next = self.clone();
+        next.push_mut(layer, entries, max_depth)?;
+        Ok(next)
+    }
+
+    /// `push` in place (no copy of index nodes nothing else shares). On error, unchanged.
+    pub fn push_mut(
+        &mut self,
+        layer: LayerInfo,
+        entries: LayerEntries,
+        max_depth: usize,
+    ) -> Result<()> {
         if self.layers.len() + 1 > max_depth {
             return Err(Error::StackDepth {
                 depth: self.layers.len() + 1,
                 limit: max_depth,
             });
         }
-        let index = self.index.apply(self.layers.len() as u32, &entries)?;
+        self.index.apply_mut(self.layers.len() as u32, &entries)?;
         let parent = (!self.layers.is_empty()).then_some(self.chain_id.as_str());
-        let chain_id = next_chain_id(parent, &layer.diff_id);
-        let mut layers = self.layers.clone();
-        layers.push(layer);
-        let mut all = self.entries.clone();
-        all.push(entries);
-        Ok(Stack {
-            layers,
-            index,
-            chain_id,
-            entries: all,
-        })
+        self.chain_id = next_chain_id(parent, &layer.diff_id);
+        self.layers.push(layer);
+        self.entries.push(entries);
+        Ok(())
     }
 
     /// Every layer that has `path` or hides it, bottom first.

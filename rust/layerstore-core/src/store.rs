@@ -525,7 +525,11 @@ impl Store {
         }
         let mut stack = Stack::empty();
         for layer in layers {
-            stack = self.push(&stack, layer)?;
+            stack.push_mut(
+                layer.clone(),
+                self.layer_entries(&layer.id)?,
+                self.options.max_depth,
+            )?;
         }
         Ok(stack)
     }

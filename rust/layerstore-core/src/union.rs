@@ -180,6 +180,9 @@ fn is_aufs_meta(path: &[u8]) -> bool {
     components(path).any(|c| c.starts_with(b".wh..wh.") && c != b".wh..wh..opq")
 }
 
+/// A layer's entries by path: every (tar position, entry) of the path, in tar order.
+type ByPath<'a> = HashMap<&'a [u8], Vec<(usize, &'a Arc<Entry>)>, foldhash::fast::RandomState>;
+
 /// What `lookup_view` finds: the resolved path (`None`: the input itself) and its entry.
 pub type Found = (Option<Vec<u8>>, Arc<ViewEntry>);
 
@@ -334,23 +337,21 @@ impl Index {
 
     /// This index with one more layer on top. `entries` are the layer's entries in tar order.
     pub fn apply(&self, layer: u32, entries: &[Arc<Entry>]) -> Result<Index> {
-        let mut root = self.root.clone();
-        let mut flat = self.flat.clone();
+        let mut next = self.clone();
+        next.apply_mut(layer, entries)?;
+        Ok(next)
+    }
+
+    /// `apply` in place: when nothing else shares this index, nodes are edited rather than
+    /// copied (building a stack from scratch). On error the index is unchanged.
+    pub fn apply_mut(&mut self, layer: u32, entries: &[Arc<Entry>]) -> Result<()> {
         // Every entry of a path, in tar order (the last one is the view's); markers and AUFS
         // metadata are not entries of the view.
-        let mut by_path: HashMap<&[u8], Vec<(usize, &Arc<Entry>)>> = HashMap::new();
+        let mut by_path = ByPath::default();
+        let mut markers = Vec::new();
         for (pos, e) in entries.iter().enumerate() {
             match e.kind {
-                Kind::Whiteout => {
-                    let (dir, name) = split_parent(&e.path);
-                    let mut target = dir.to_vec();
-                    if !target.is_empty() {
-                        target.push(b'/');
-                    }
-                    target.extend_from_slice(&name[b".wh.".len()..]);
-                    remove(&mut root, &mut flat, &target);
-                }
-                Kind::Opaque => clear_children(&mut root, &mut flat, split_parent(&e.path).0),
+                Kind::Whiteout | Kind::Opaque => markers.push(e),
                 _ if is_aufs_meta(&e.path) => {}
                 _ => by_path.entry(&e.path).or_default().push((pos, e)),
             }
@@ -358,19 +359,38 @@ impl Index {
         let mut order: Vec<(usize, &Arc<Entry>)> =
             by_path.values().filter_map(|v| v.last().copied()).collect();
         order.sort_by(|a, b| a.1.path.cmp(&b.1.path));
-        for (pos, e) in order {
+        // Hardlinks resolve against the view below, so before any edit (and an error here
+        // leaves the index as it was).
+        let mut views = Vec::with_capacity(order.len());
+        for &(pos, e) in &order {
             let target = match e.kind {
                 Kind::Hardlink => Some(self.link_target(pos, e, &by_path)?),
                 _ => None,
             };
-            let view = Arc::new(ViewEntry {
+            views.push(Arc::new(ViewEntry {
                 entry: e.clone(),
                 target,
                 layer: Some(layer),
-            });
-            insert(&mut root, &mut flat, &e.path, view);
+            }));
         }
-        Ok(Index { root, flat })
+        let Index { root, flat } = self;
+        for e in markers {
+            let (dir, name) = split_parent(&e.path);
+            if e.kind == Kind::Opaque {
+                clear_children(root, flat, dir);
+                continue;
+            }
+            let mut target = dir.to_vec();
+            if !target.is_empty() {
+                target.push(b'/');
+            }
+            target.extend_from_slice(&name[b".wh.".len()..]);
+            remove(root, flat, &target);
+        }
+        for ((_, e), view) in order.into_iter().zip(views) {
+            insert(root, flat, &e.path, view);
+        }
+        Ok(())
     }
 
     /// The inode a hardlink shares — a regular file, or a symlink, device or fifo (GNU tar
@@ -381,7 +401,7 @@ impl Index {
         &self,
         link_pos: usize,
         link: &Entry,
-        by_path: &HashMap<&[u8], Vec<(usize, &Arc<Entry>)>>,
+        by_path: &ByPath<'_>,
     ) -> Result<Arc<Entry>> {
         let (mut pos, mut path): (usize, &[u8]) = (link_pos, &link.link);
         for _ in 0..MAX_SYMLINKS {
