@@ -130,10 +130,6 @@ impl PackWriter {
         }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn path(&self) -> PathBuf {
         self.dir.join(&self.name)
     }
@@ -332,12 +328,6 @@ impl PackReader {
         out.clear();
         out.extend_from_slice(&block[start..start + loc.len as usize]);
         Ok(())
-    }
-
-    /// Forget open files (e.g. after a pack was compacted away).
-    pub fn reset(&mut self) {
-        self.files.clear();
-        self.cache = None;
     }
 }
 

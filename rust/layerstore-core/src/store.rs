@@ -223,10 +223,6 @@ impl Store {
         &self.options
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     fn conn(&self) -> Result<Conn<'_>> {
         let pooled = self
             .pool

@@ -196,10 +196,6 @@ pub struct Resolved {
 }
 
 impl Index {
-    pub fn root(&self) -> &Arc<DirNode> {
-        &self.root
-    }
-
     /// What a normalised path shows (for `stat`): one hash lookup when no symlink or `..` is on
     /// the way, the full resolver otherwise. The path is `None` when it is the input itself.
     pub fn lookup_view(&self, path: &[u8], follow_last: bool) -> Result<Option<Found>> {
