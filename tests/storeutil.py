@@ -31,7 +31,8 @@ def export_bytes(store: ls.Store, layer: ls.Layer | str, compression: str | None
 
 
 def pack_files(store: ls.Store) -> set[str]:
-    return set(os.listdir(Path(store.path) / "packs"))
+    """The live pack files (gc moves replaced ones into packs/retired/ for a grace period)."""
+    return {p.name for p in (Path(store.path) / "packs").iterdir() if p.is_file()}
 
 
 def store_files(store: ls.Store) -> set[str]:

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -605,3 +607,33 @@ def test_store_path_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"not a store")
     with pytest.raises(OSError):
         ls.Store(tmp_path / "file")
+
+
+def test_reader_survives_a_concurrent_compaction(tmp_path: Path) -> None:
+    """A file opened before another process's gc compacts its pack still reads right: gc
+    retires replaced packs for a grace period instead of deleting them at once."""
+    small = tf.rand_bytes("keep-me", 4000)
+    big = tf.rand_bytes("drop-me", 2_000_000)
+    s = ls.Store(tmp_path / "store")
+    both = s.import_tar(
+        tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("big", big), tf.file_("small", small)])
+    )
+    only_small = s.import_tar(tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("small", small)]))
+    image = s.stack([only_small])
+    f = image.open("/small")  # chunk locations resolved now, in the first import's pack
+    s.delete(both)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import layerstore as ls, sys; print(ls.Store(sys.argv[1]).gc())",
+            str(tmp_path / "store"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "'packs_rewritten': 1" in child.stdout, child.stdout
+    assert f.read() == small
+    assert s.fsck()["ok"] and s.fsck()["garbage"] == []
+    assert image.read_bytes("/small") == small

@@ -277,6 +277,26 @@ fn encode_block(data: Vec<u8>, level: i32) -> Result<(Codec, Vec<u8>)> {
     Ok((Codec::Raw, data))
 }
 
+/// Where `gc` moves packs it replaced or emptied, for [`RETIRE_GRACE`] before deleting them: a
+/// reader in another process that looked a chunk's location up before the compaction still
+/// finds its bytes there.
+pub const RETIRED_DIR: &str = "retired";
+
+/// How long a retired pack is kept (longer than any read that started before its retirement).
+pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Open a pack by name: in `dir`, else among the retired packs.
+pub fn open_pack(dir: &Path, name: &str) -> Result<File> {
+    let path = dir.join(name);
+    match File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let retired = dir.join(RETIRED_DIR).join(name);
+            File::open(&retired).ctx(|| format!("opening pack {}", path.display()))
+        }
+        other => other.ctx(|| format!("opening pack {}", path.display())),
+    }
+}
+
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -309,8 +329,7 @@ impl PackReader {
             }
         }
         if !self.files.contains_key(&loc.pack) {
-            let path = self.dir.join(&loc.pack);
-            let f = File::open(&path).ctx(|| format!("opening pack {}", path.display()))?;
+            let f = open_pack(&self.dir, &loc.pack)?;
             self.files.insert(loc.pack.clone(), f);
         }
         let f = self.files.get(&loc.pack).expect("inserted above");
@@ -413,10 +432,7 @@ fn read_ahead(
                 match files.get(&loc.pack) {
                     Some(f) => f.clone(),
                     None => {
-                        let path = dir.join(&loc.pack);
-                        let f = Arc::new(
-                            File::open(&path).ctx(|| format!("opening pack {}", path.display()))?,
-                        );
+                        let f = Arc::new(open_pack(dir, &loc.pack)?);
                         files.insert(loc.pack.clone(), f.clone());
                         f
                     }

@@ -737,6 +737,9 @@ impl Store {
     pub fn gc(&self) -> Result<GcReport> {
         let mut conn = self.conn()?;
         let mut report = GcReport::default();
+        // Packs replaced or emptied are retired, not deleted (readers may hold their old
+        // locations); interrupted imports' packs, which no reader can know, are deleted.
+        let mut retire: Vec<String> = Vec::new();
         let mut unlink: Vec<PathBuf> = Vec::new();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let live = meta::live_leases(&tx)?;
@@ -757,7 +760,7 @@ impl Store {
                 let live_bytes = live_bytes.unwrap_or(0) as u64;
                 if live_bytes == 0 {
                     tx.execute("DELETE FROM packs WHERE name = ?1", [&name])?;
-                    unlink.push(self.packs_dir().join(&name));
+                    retire.push(name);
                     report.packs_removed += 1;
                     report.bytes_reclaimed += size;
                 } else if (live_bytes + header) * 2 < size {
@@ -779,9 +782,7 @@ impl Store {
                 let names: Vec<&str> = rewrite.iter().map(|(n, _)| n.as_str()).collect();
                 let new_size = self.rewrite_packs(&tx, &names)?;
                 let old_size: u64 = rewrite.iter().map(|(_, s)| s).sum();
-                for (name, _) in &rewrite {
-                    unlink.push(self.packs_dir().join(name));
-                }
+                retire.extend(rewrite.iter().map(|(n, _)| n.clone()));
                 report.packs_rewritten += rewrite.len() as u64;
                 report.bytes_reclaimed += old_size.saturating_sub(new_size);
             }
@@ -793,7 +794,9 @@ impl Store {
         for entry in fs::read_dir(self.packs_dir()).ctx(|| "listing packs".into())? {
             let entry = entry.ctx(|| "listing packs".into())?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !known.contains(&name) && !live.contains(&name) {
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if is_file && !known.contains(&name) && !live.contains(&name) && !retire.contains(&name)
+            {
                 report.bytes_reclaimed += entry.metadata().map(|m| m.len()).unwrap_or(0);
                 unlink.push(entry.path());
             }
@@ -802,6 +805,15 @@ impl Store {
         for path in unlink {
             let _ = fs::remove_file(path);
         }
+        let retired = self.packs_dir().join(cas::RETIRED_DIR);
+        if !retire.is_empty() {
+            fs::create_dir_all(&retired).ctx(|| format!("creating {}", retired.display()))?;
+            for name in &retire {
+                let _ = fs::rename(self.packs_dir().join(name), retired.join(name));
+            }
+        }
+        // Their bytes were counted when they were retired.
+        expire_retired(&retired);
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
         Ok(report)
     }
@@ -902,7 +914,8 @@ impl Store {
         if let Ok(dir) = fs::read_dir(self.packs_dir()) {
             for e in dir.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !known.contains(name.as_str()) {
+                let is_file = e.file_type().is_ok_and(|t| t.is_file());
+                if is_file && !known.contains(name.as_str()) {
                     report.garbage.push(format!("packs/{name}"));
                 }
             }
@@ -1295,6 +1308,24 @@ fn unique_name() -> String {
             .to_le_bytes(),
     );
     h.finalize().to_hex()[..24].to_string()
+}
+
+/// Delete retired packs older than the grace period.
+fn expire_retired(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= cas::RETIRE_GRACE);
+        if old {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 fn dir_size(root: &Path) -> Result<u64> {
