@@ -460,6 +460,17 @@ def fresh_stack(bench: Bench, layers: list[Any] | None = None) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def timed_on_fresh_stacks(benchmark: Any, bench: Bench, ours: Any) -> tuple[list[float], Any]:
+    """Time `ours(stack)` over ROUNDS rounds (one warm-up), each on a fresh Stack object."""
+    return timed_pedantic(
+        benchmark,
+        ours,
+        setup=lambda: ((fresh_stack(bench),), {}),
+        rounds=ROUNDS,
+        warmup_rounds=1,
+    )
+
+
 def test_stat_vs_lstat_overlay(benchmark: Any, bench: Bench, same_view: Path) -> None:
     paths = bench.paths
     mounted = [str(same_view) + p for p in paths]
@@ -476,13 +487,7 @@ def test_stat_vs_lstat_overlay(benchmark: Any, bench: Bench, same_view: Path) ->
             total += os.lstat(p).st_size
         return total
 
-    ours_s, total = timed_pedantic(
-        benchmark,
-        ours,
-        setup=lambda: ((fresh_stack(bench),), {}),
-        rounds=ROUNDS,
-        warmup_rounds=1,
-    )
+    ours_s, total = timed_on_fresh_stacks(benchmark, bench, ours)
     peer_s = time_rounds(peer, rounds=len(ours_s), warmup_rounds=1)
     assert total > 0
     Lookups(
@@ -519,13 +524,7 @@ def test_stat_many_vs_c_fstatat(
     def ours(stack: Any) -> int:
         return sum(st.size for st in stack.stat_many(paths, follow_symlinks=False))
 
-    ours_s, total = timed_pedantic(
-        benchmark,
-        ours,
-        setup=lambda: ((fresh_stack(bench),), {}),
-        rounds=ROUNDS,
-        warmup_rounds=1,
-    )
+    ours_s, total = timed_on_fresh_stacks(benchmark, bench, ours)
     listing = scratch / "paths.bin"
     listing.write_bytes(b"".join(os.fsencode(p.lstrip("/")) + b"\0" for p in paths))
     done = subprocess.run(

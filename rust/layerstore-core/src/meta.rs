@@ -141,15 +141,7 @@ pub fn chunk_exists(conn: &Connection, digest: &Blake3) -> Result<bool> {
 type LocRow = (Vec<u8>, String, u64, u64, u8, u32, u32);
 
 fn loc_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LocRow> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-    ))
+    LocRow::try_from(r)
 }
 
 fn make_loc(row: LocRow) -> Result<ChunkLoc> {
@@ -219,16 +211,7 @@ const LAYER_COLUMNS: &str =
     "id, diff_id, tree_id, size, entry_count, compressed_digest, compression, created";
 
 fn info_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InfoRow> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-    ))
+    InfoRow::try_from(r)
 }
 
 type InfoRow = (
