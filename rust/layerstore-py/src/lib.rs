@@ -83,8 +83,8 @@ impl Limits {
 
 /// A content-addressed store of layers.
 #[pyclass(frozen, module = "layerstore._core")]
-struct Store {
-    inner: Arc<core::Store>,
+pub(crate) struct Store {
+    pub(crate) inner: Arc<core::Store>,
 }
 
 /// One stored layer (a changeset).
