@@ -16,6 +16,7 @@ pub mod meta;
 pub mod stack;
 pub mod store;
 pub mod tar;
+pub mod tarwrite;
 pub mod union;
 
 pub use error::{Error, ErrorKind, Result};
