@@ -130,6 +130,32 @@ pub fn write_dir_tar<W: Write>(
     Ok(count)
 }
 
+/// Write `dest` through `write`, atomically: into a temporary file beside it, renamed into place
+/// only when `write` succeeds (removed otherwise), so `dest` is never seen half-written.
+pub fn write_atomically<T>(
+    dest: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<T>,
+) -> Result<T> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.layerstore-tmp", crate::store::unique_name()));
+    let result = (|| {
+        let f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, f);
+        let out = write(&mut w)?;
+        w.into_inner()
+            .map_err(|e| Error::io("flushing the output", e.into_error()))?;
+        fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))?;
+        Ok(out)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
     if rel.is_empty() {
         root.to_path_buf()

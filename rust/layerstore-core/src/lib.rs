@@ -8,11 +8,15 @@
 pub mod cas;
 pub mod chunk;
 pub mod compress;
+pub mod container;
+pub mod diff;
 pub mod digest;
+pub mod emit;
 pub mod error;
 pub mod fsio;
 pub mod layer;
 pub mod meta;
+pub mod squash;
 pub mod stack;
 pub mod store;
 pub mod tar;

@@ -29,7 +29,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsio;
 use crate::layer::{self, ChunkRef, Entry, LayerInfo};
 use crate::meta;
-use crate::stack::{ContentReader, LayerEntries, Stack};
+use crate::stack::{ContentReader, LayerEntries, Piece, Stack};
 use crate::tar::{EntrySink, Limits, Op, SplitOutput, Splitter, TarSplit};
 
 /// Settings fixed when a store is created.
@@ -133,7 +133,7 @@ pub struct Store {
 }
 
 /// A pooled connection, returned on drop.
-struct Conn<'a> {
+pub(crate) struct Conn<'a> {
     store: &'a Store,
     conn: Option<Connection>,
 }
@@ -223,7 +223,11 @@ impl Store {
         &self.options
     }
 
-    fn conn(&self) -> Result<Conn<'_>> {
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub(crate) fn conn(&self) -> Result<Conn<'_>> {
         let pooled = self
             .pool
             .lock()
@@ -239,7 +243,7 @@ impl Store {
         })
     }
 
-    fn packs_dir(&self) -> PathBuf {
+    pub(crate) fn packs_dir(&self) -> PathBuf {
         self.root.join("packs")
     }
 
@@ -541,19 +545,42 @@ impl Store {
 
     /// A reader of a regular file's content.
     pub fn content(&self, entry: &Entry) -> Result<ContentReader> {
+        self.content_with(entry, None)
+    }
+
+    /// A reader of a regular file's content, whose chunks may also be in `fresh` (a
+    /// container's uncommitted writes).
+    pub fn content_with(
+        &self,
+        entry: &Entry,
+        fresh: Option<&crate::emit::FreshChunks>,
+    ) -> Result<ContentReader> {
         let conn = self.conn()?;
-        let locs = entry
+        let pieces = entry
             .chunks
             .iter()
             .map(|c| {
+                if let Some(b) = fresh.and_then(|f| f.get(&c.digest)) {
+                    return Ok(Piece::Fresh(b.clone()));
+                }
                 meta::chunk_loc(&conn, &c.digest)?
+                    .map(Piece::Stored)
                     .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", c.digest)))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ContentReader::new(
-            locs,
+        Ok(ContentReader::with_pieces(
+            pieces,
             PackReader::new(&self.packs_dir())?,
         ))
+    }
+
+    /// The bytes of one stored chunk.
+    pub fn chunk(&self, digest: &Blake3) -> Result<Arc<[u8]>> {
+        let loc = meta::chunk_loc(&*self.conn()?, digest)?
+            .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))?;
+        let mut buf = Vec::new();
+        PackReader::new(&self.packs_dir())?.read(&loc, &mut buf)?;
+        Ok(Arc::from(buf))
     }
 
     /// Point tag `name` at `stack` (recording the stack, so its layers cannot be deleted).
@@ -685,24 +712,7 @@ impl Store {
         compression: Compression,
         progress: Progress<'_>,
     ) -> Result<Exported> {
-        let dir = dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{}.layerstore-tmp", unique_name()));
-        let result = (|| {
-            let f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-            let mut w = io::BufWriter::with_capacity(1 << 20, f);
-            let exported = self.export_tar(id, &mut w, compression, progress)?;
-            w.into_inner()
-                .map_err(|e| Error::io("flushing the export", e.into_error()))?;
-            fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))?;
-            Ok(exported)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        fsio::write_atomically(dest, |w| self.export_tar(id, w, compression, progress))
     }
 
     pub fn stats(&self) -> Result<Stats> {
@@ -1274,7 +1284,7 @@ impl Write for HashingWriter<'_> {
     }
 }
 
-fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+pub(crate) fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     let bytes = postcard::to_stdvec(value)
         .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
     let mut enc =
@@ -1292,7 +1302,7 @@ fn decode_blob<T: serde::de::DeserializeOwned>(blob: &[u8]) -> Result<T> {
     postcard::from_bytes(&bytes).map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))
 }
 
-fn unique_name() -> String {
+pub(crate) fn unique_name() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

@@ -1,0 +1,200 @@
+//! Bindings of diff and squash. Conversions only.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+
+use layerstore_core as core;
+use layerstore_core::emit::{Change, What};
+use layerstore_core::store::ImportOptions;
+use pyo3::prelude::*;
+
+use crate::errors::CoreResultExt;
+use crate::stack::Stack;
+use crate::{Interrupts, Layer, Store};
+
+/// One side of a diff: an image, or a directory imported for the comparison.
+enum Side {
+    Stack(core::stack::Stack),
+    Dir(PathBuf),
+}
+
+impl<'py> FromPyObject<'_, 'py> for Side {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(s) = obj.cast::<Stack>() {
+            return Ok(Side::Stack(s.get().inner.clone()));
+        }
+        Ok(Side::Dir(obj.extract::<PathBuf>()?))
+    }
+}
+
+/// A directory as a one-layer stack; the layer is dropped again if the import created it.
+fn resolve_side(
+    store: &core::Store,
+    side: Side,
+) -> core::Result<(core::stack::Stack, Option<core::digest::Blake3>)> {
+    match side {
+        Side::Stack(s) => Ok((s, None)),
+        Side::Dir(path) => {
+            let imported = store.import_dir(
+                &path,
+                &core::fsio::DirOptions::default(),
+                &ImportOptions::default(),
+                &core::store::no_progress,
+            )?;
+            let stack = store.stack(std::slice::from_ref(&imported.layer))?;
+            let temporary = (!imported.existed).then_some(imported.layer.id);
+            Ok((stack, temporary))
+        }
+    }
+}
+
+fn both_sides(
+    store: &core::Store,
+    a: Side,
+    b: Side,
+    f: impl FnOnce(&core::stack::Stack, &core::stack::Stack) -> core::Result<Vec<Change>>,
+) -> core::Result<Vec<Change>> {
+    let (sa, ta) = resolve_side(store, a)?;
+    let result = resolve_side(store, b).and_then(|(sb, tb)| {
+        let r = f(&sa, &sb);
+        if let Some(id) = tb {
+            let _ = store.delete(&id);
+        }
+        r
+    });
+    if let Some(id) = ta {
+        let _ = store.delete(&id);
+    }
+    result
+}
+
+fn change_name(c: &Change) -> &'static str {
+    match c.what {
+        What::Entry(_) => "entry",
+        What::Link { .. } => "link",
+        What::Whiteout => "whiteout",
+        What::Opaque => "opaque",
+    }
+}
+
+fn listing(changes: Vec<Change>) -> Vec<(&'static str, OsString)> {
+    changes
+        .into_iter()
+        .map(|c| {
+            let name = change_name(&c);
+            let mut p = Vec::with_capacity(c.path.len() + 1);
+            p.push(b'/');
+            p.extend_from_slice(&c.path);
+            (name, OsString::from_vec(p))
+        })
+        .collect()
+}
+
+#[pymethods]
+impl Store {
+    /// The changeset taking `a` to `b` (each an image or a directory), stored as a layer.
+    #[pyo3(signature = (a, b, /, *, progress=None))]
+    fn diff(
+        &self,
+        py: Python<'_>,
+        a: Side,
+        b: Side,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Layer> {
+        let interrupts = Interrupts::new(progress);
+        let store = self.inner.clone();
+        let result = py.detach(|| {
+            let mut out = None;
+            both_sides(&store, a, b, |sa, sb| {
+                out = Some(store.diff(sa, sb, &|n| interrupts.check(n))?);
+                Ok(Vec::new())
+            })?;
+            Ok(out.expect("set by the diff"))
+        });
+        self.finish_import(py, interrupts.finish(result)?)
+    }
+
+    /// The changes taking `a` to `b` without storing anything: (kind, path) pairs in archive
+    /// order, kind being "entry", "link", "whiteout" or "opaque".
+    fn changes(&self, py: Python<'_>, a: Side, b: Side) -> PyResult<Vec<(&'static str, OsString)>> {
+        let store = self.inner.clone();
+        let changes = py
+            .detach(|| {
+                both_sides(&store, a, b, |sa, sb| {
+                    Ok(core::diff::diff_indices(&sa.index, &sb.index))
+                })
+            })
+            .py()?;
+        Ok(listing(changes))
+    }
+
+    /// Layers `start..stop` of `image` as one layer with the same view; the tar is also
+    /// written to `dest` when given.
+    #[pyo3(signature = (image, /, start=0, stop=None, *, dest=None, progress=None))]
+    fn squash(
+        &self,
+        py: Python<'_>,
+        image: &Bound<'_, Stack>,
+        start: usize,
+        stop: Option<usize>,
+        dest: Option<PathBuf>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Layer> {
+        let stack = image.get().inner.clone();
+        let stop = stop.unwrap_or(stack.depth());
+        let interrupts = Interrupts::new(progress);
+        let store = self.inner.clone();
+        let result = py.detach(|| match &dest {
+            None => store.squash(&stack, start, stop, None, &|n| interrupts.check(n)),
+            Some(path) => core::fsio::write_atomically(path, |out| {
+                store.squash(&stack, start, stop, Some(out), &|n| interrupts.check(n))
+            }),
+        });
+        self.finish_import(py, interrupts.finish(result)?)
+    }
+
+    /// The changes a squash of `start..stop` would store, as `changes` lists them.
+    #[pyo3(signature = (image, /, start=0, stop=None))]
+    fn squash_changes(
+        &self,
+        py: Python<'_>,
+        image: &Bound<'_, Stack>,
+        start: usize,
+        stop: Option<usize>,
+    ) -> PyResult<Vec<(&'static str, OsString)>> {
+        let stack = image.get().inner.clone();
+        let stop = stop.unwrap_or(stack.depth());
+        let store = self.inner.clone();
+        let changes = py
+            .detach(|| store.squash_changes(&stack, start, stop))
+            .py()?;
+        Ok(listing(changes))
+    }
+}
+
+#[pymethods]
+impl Stack {
+    /// This image with layers `start..stop` squashed into one.
+    #[pyo3(signature = (start=0, stop=None, *, progress=None))]
+    fn squash(
+        &self,
+        py: Python<'_>,
+        start: usize,
+        stop: Option<usize>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Stack> {
+        let stop = stop.unwrap_or(self.inner.depth());
+        let interrupts = Interrupts::new(progress);
+        let store = self.store.clone();
+        let result = py.detach(|| {
+            let flat = store.squash(&self.inner, start, stop, None, &|n| interrupts.check(n))?;
+            let mut layers = self.inner.layers[..start].to_vec();
+            layers.push(flat.layer);
+            layers.extend_from_slice(&self.inner.layers[stop..]);
+            store.stack(&layers)
+        });
+        Ok(Stack::new(self.store.clone(), interrupts.finish(result)?))
+    }
+}
