@@ -193,7 +193,7 @@ class Container:
         elif append:
             self._raw.write_at(path, 0, b"", create=True)
         else:
-            self.view().stat(path)  # must exist
+            self._raw.write_at(path, 0, b"")  # must exist (a no-op otherwise)
         raw = _RawFile(self._raw, path, readable=readable, append=append)
         buffered: io.BufferedIOBase
         if readable:

@@ -152,7 +152,7 @@ impl Container {
         let resolved = self
             .index
             .resolve(&parent, true)?
-            .ok_or_else(|| os_error(Errno::NOENT, path))?;
+            .ok_or_else(|| self.missing(path))?;
         if !matches!(resolved.node, Node::Dir(_)) {
             return Err(os_error(Errno::NOTDIR, path));
         }
@@ -160,12 +160,27 @@ impl Container {
         Ok(join(&dir, name))
     }
 
+    /// Why `path` cannot be reached: ENOTDIR when a non-directory is on the way, as the kernel
+    /// says, else ENOENT.
+    fn missing(&self, path: &[u8]) -> Error {
+        let comps: Vec<&[u8]> = components(path).collect();
+        for i in 1..comps.len() {
+            match self.index.resolve(&comps[..i].join(&b'/'), true) {
+                Ok(Some(r)) if matches!(r.node, Node::Dir(_)) => {}
+                Ok(Some(_)) => return os_error(Errno::NOTDIR, path),
+                Ok(None) => break,
+                Err(e) => return e,
+            }
+        }
+        os_error(Errno::NOENT, path)
+    }
+
     /// The path and node `path` names (the last symlink followed when `follow`).
     fn existing(&self, path: &[u8], follow: bool) -> Result<(Vec<u8>, Node)> {
         let r = self
             .index
             .resolve(path, follow)?
-            .ok_or_else(|| os_error(Errno::NOENT, path))?;
+            .ok_or_else(|| self.missing(path))?;
         let full = match r.path {
             Some(p) => p,
             None => components(path).collect::<Vec<_>>().join(&b'/'),
@@ -226,10 +241,7 @@ impl Container {
 
     pub fn remove(&mut self, path: &[u8], recursive: bool) -> Result<()> {
         let full = self.place(path)?;
-        let node = self
-            .index
-            .lookup(&full)
-            .ok_or_else(|| os_error(Errno::NOENT, path))?;
+        let node = self.index.lookup(&full).ok_or_else(|| self.missing(path))?;
         if let Node::Dir(d) = &node {
             if !recursive && !d.children.is_empty() {
                 return Err(os_error(Errno::NOTEMPTY, path));
@@ -240,12 +252,13 @@ impl Container {
     }
 
     pub fn rename(&mut self, src: &[u8], dst: &[u8]) -> Result<()> {
+        // Both parents resolve before the source is looked up, as rename(2) does.
         let from = self.place(src)?;
+        let to = self.place(dst)?;
         let node = self
             .index
             .lookup(&from)
             .ok_or_else(|| os_error(Errno::NOENT, src))?;
-        let to = self.place(dst)?;
         if from == to {
             return Ok(());
         }
