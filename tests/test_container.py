@@ -259,6 +259,8 @@ def test_chmod_stores_no_content(store: ls.Store, image: ls.Stack) -> None:
 # --------------------------------------------------------------------------------------------
 
 NAMES = ("a", "b", "c")
+OPS = ("write", "write", "patch", "mkdir", "mkdir", "remove", "rename", "symlink", "chmod")
+OPS += ("chown", "utime", "xattr", "truncate")
 
 
 def random_path(rng: random.Random) -> str:
@@ -267,10 +269,7 @@ def random_path(rng: random.Random) -> str:
 
 def run_op(rng: random.Random, root: Path, c: ls.Container) -> str:
     """One random operation on both sides; both must succeed or fail with the same errno."""
-    op = rng.choice(
-        ["write", "write", "patch", "mkdir", "mkdir", "remove", "rename", "symlink", "chmod"]
-        + ["chown", "utime", "xattr", "truncate"]
-    )
+    op = rng.choice(OPS)
     p, q = random_path(rng), random_path(rng)
     real = str(root) + p
     mtime = rng.randint(1, 2_000_000_000) * 10**9

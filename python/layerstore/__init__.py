@@ -6,8 +6,8 @@ re-exports its classes and the exception hierarchy.
 
 from __future__ import annotations
 
-from layerstore._core import FORMAT_VERSION, Entry, Layer, Limits, Stack, Stat, Store, __version__
 from layerstore._container import Container
+from layerstore._core import FORMAT_VERSION, Entry, Layer, Limits, Stack, Stat, Store, __version__
 from layerstore._errors import (
     ConflictError,
     IntegrityError,
