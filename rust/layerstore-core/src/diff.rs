@@ -12,7 +12,8 @@
 //! - Hard-link groups of `b` survive: when one member changes, every member is emitted, the first
 //!   in archive order as the regular file and the others as links to it; a link whose group has
 //!   one member left becomes a regular file.
-//! - Implicit directories of `b` are not emitted where they need not replace anything.
+//! - Implicit directories of `b` are not emitted where their children imply them and they
+//!   replace nothing.
 //! - Changes come in archive order: depth-first, siblings sorted by member name bytes.
 
 use std::cmp::Ordering;
@@ -74,7 +75,9 @@ impl Differ {
         match node {
             Node::Leaf(v) => self.leaf(path, v),
             Node::Dir(d) => {
-                if !d.meta.is_implicit() || replaces {
+                // An implicit directory comes back implicitly through its children; an empty
+                // one, or one that replaces something, must be declared.
+                if !d.meta.is_implicit() || replaces || d.children.is_empty() {
                     self.out.push(Change {
                         path: path.clone(),
                         what: What::Entry(d.meta.entry.clone()),

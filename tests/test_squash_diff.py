@@ -1,0 +1,102 @@
+"""Squash and stack-to-stack diff, as properties over the random stacks of the union tests.
+
+- squash: view(layers[:start] + squash(start, stop)) == view(layers[:stop]) for every range,
+  a squash from the bottom has no whiteout or opaque marker, and squashing again gives the same
+  diff_id;
+- diff: view(a + diff(a, b)) == view(b) for two random stacks;
+- the stored layers are ordinary: exporting and re-importing gives the same identity.
+
+Views are compared without the providing layer's index (it is what a squash changes) and
+without the implicit flag (a squash may declare a directory a lower layer left implicit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import layerstore as ls
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_union_props import PROPS, Op, import_all, layer_ops, model_stack, stack_view
+
+
+def plain(stack: ls.Stack) -> dict[str, Any]:
+    return {p: d[:6] + d[8:] for p, d in stack_view(stack).items()}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ls.Store]:
+    yield ls.Store(tmp_path_factory.mktemp("squash-props") / "store")
+
+
+@settings(PROPS, max_examples=150)
+@given(raw_layers=st.lists(layer_ops, min_size=1, max_size=5), data=st.data())
+def test_squash_keeps_the_view(shared: ls.Store, raw_layers: list[list[Op]], data: Any) -> None:
+    specs, _ = model_stack(raw_layers)
+    layers = import_all(shared, specs)
+    image = shared.stack(layers)
+    stop = data.draw(st.integers(0, len(layers)))
+    start = data.draw(st.integers(0, stop))
+    flat = shared.squash(image, start, stop)
+    rebuilt = shared.stack([*layers[:start], flat])
+    assert plain(rebuilt) == plain(shared.stack(layers[:stop]))
+    if start == 0:
+        kinds = {e.kind for e in flat.entries()}
+        assert not kinds & {"whiteout", "opaque"}, kinds
+    assert shared.squash(image, start, stop).diff_id == flat.diff_id
+    whole = image.squash(start, stop)
+    assert len(whole) == len(layers) - (stop - start) + 1
+    assert plain(whole) == plain(image)
+
+
+@settings(PROPS, max_examples=150)
+@given(
+    a_layers=st.lists(layer_ops, min_size=1, max_size=3),
+    b_layers=st.lists(layer_ops, min_size=1, max_size=3),
+)
+def test_diff_takes_a_to_b(
+    shared: ls.Store, a_layers: list[list[Op]], b_layers: list[list[Op]]
+) -> None:
+    a = shared.stack(import_all(shared, model_stack(a_layers)[0]))
+    b = shared.stack(import_all(shared, model_stack(b_layers)[0]))
+    changes = shared.diff(a, b)
+    assert plain(a.push(changes)) == plain(b)
+    listed = shared.changes(a, b)
+    assert len(listed) == len(changes.entries())
+    assert shared.changes(b, b) == []
+
+
+def test_squashed_layer_reimports_identically(shared: ls.Store, tmp_path: Path) -> None:
+    specs, _ = model_stack([[("file", "a", 1), ("dir", "b", 2)], [("whiteout", "a", 3)]])
+    image = shared.stack(import_all(shared, specs))
+    dest = tmp_path / "flat.tar"
+    flat = shared.squash(image, dest=dest)
+    again = ls.Store(tmp_path / "other").import_tar(dest)
+    assert (again.id, again.diff_id, again.tree_id) == (flat.id, flat.diff_id, flat.tree_id)
+    assert os.path.getsize(dest) == flat.size
+    with pytest.raises(ValueError, match="range"):
+        shared.squash(image, 2, 1)
+    assert not dest.with_name("other.tar").exists()
+
+
+def test_directory_sides(store: ls.Store, tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        (d / "etc").mkdir(parents=True)
+        (d / "etc/keep").write_bytes(b"same")
+        os.utime(d / "etc/keep", ns=(10**18, 10**18))
+    (old / "etc/gone").write_bytes(b"x")
+    (new / "etc/added").write_bytes(b"y")
+    os.utime(old / "etc", ns=(10**18, 10**18))
+    os.utime(new / "etc", ns=(10**18, 10**18))
+    layers_before = len(store.layers())
+    changes = store.changes(old, new)
+    assert changes == [("whiteout", "/etc/gone"), ("entry", "/etc/added")]  # archive order
+    layer = store.diff(old, new)
+    assert len(store.layers()) == layers_before + 1  # only the changeset stays
+    base = store.stack([store.import_dir(old)])
+    assert base.push(layer).listdir("/etc") == ["added", "keep"]
