@@ -200,7 +200,7 @@ class Container:
             buffered = io.BufferedRandom(raw, buffer_size=WRITE_BUFFER)
         else:
             buffered = io.BufferedWriter(raw, buffer_size=WRITE_BUFFER)
-        return buffered  # type: ignore[return-value]
+        return buffered
 
     def commit(self, *, progress: Any = None) -> Layer:
         """Store the container's changes as a new layer (the container stays usable)."""
