@@ -100,3 +100,97 @@ def test_directory_sides(store: ls.Store, tmp_path: Path) -> None:
     assert len(store.layers()) == layers_before + 1  # only the changeset stays
     base = store.stack([store.import_dir(old)])
     assert base.push(layer).listdir("/etc") == ["added", "keep"]
+
+
+def view_without_layers(stack: ls.Stack) -> dict[str, Any]:
+    out = {}
+    for dirpath, dirnames, filenames in stack.walk():
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = stack.stat(p, follow_symlinks=False)
+            extra = stack.read_bytes(p) if st.kind == "file" else st.linkname
+            out[p] = (st.kind, st.mode, st.uid, st.gid, st.mtime_ns, dict(st.xattrs), extra)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_image_to_directory_diff_gives_the_directory(
+    store: ls.Store, tmp_path: Path, seed: int
+) -> None:
+    import random
+    import shutil
+
+    rng = random.Random(seed)
+    names = ("a", "b", "c")
+    root = tmp_path / "tree"
+
+    def rand_path() -> Path:
+        return root.joinpath(*(rng.choice(names) for _ in range(rng.randint(1, 3))))
+
+    def populate(n: int) -> None:
+        for _ in range(n):
+            p = rand_path()
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                choice = rng.random()
+                if p.is_dir() and not p.is_symlink():
+                    if choice < 0.3:
+                        shutil.rmtree(p)
+                    else:
+                        os.chmod(p, 0o700)
+                elif p.exists() or p.is_symlink():
+                    if choice < 0.3:
+                        p.unlink()
+                    elif choice < 0.6:
+                        p.write_bytes(rng.randbytes(rng.choice([0, 10, 100_000])))
+                    elif choice < 0.8 and not p.is_symlink():
+                        os.link(p, p.parent / (p.name + "-link"))
+                    else:
+                        os.utime(p, ns=(5, 5), follow_symlinks=False)
+                elif choice < 0.15:
+                    p.symlink_to(rng.choice(names))
+                else:
+                    p.write_bytes(rng.randbytes(rng.choice([1, 5000, 300_000])))
+            except OSError:
+                pass
+
+    root.mkdir()
+    populate(25)
+    image = store.stack([store.import_dir(root)])
+    populate(15)
+    listed = store.changes(image, root)
+    layer = store.diff(image, root)
+    assert len(listed) == len(layer.entries())
+    want = view_without_layers(store.stack([store.import_dir(root)]))
+    assert view_without_layers(image.push(layer)) == want
+    assert store.changes(image.push(layer), root) == []
+
+
+def test_compare_content_sees_a_same_size_same_mtime_change(
+    store: ls.Store, tmp_path: Path
+) -> None:
+    root = tmp_path / "t"
+    root.mkdir()
+    f = root / "f"
+    f.write_bytes(b"aaaa")
+    os.utime(f, ns=(10**18, 10**18))
+    image = store.stack([store.import_dir(root)])
+    f.write_bytes(b"bbbb")
+    os.utime(f, ns=(10**18, 10**18))
+    assert store.changes(image, root) == []  # the stat fast path trusts size and mtime
+    assert store.changes(image, root, compare_content=True) == [("entry", "/f")]
+    layer = store.diff(image, root, compare_content=True)
+    assert image.push(layer).read_bytes("/f") == b"bbbb"
+
+
+def test_a_changed_hardlink_brings_its_whole_group(store: ls.Store, tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    (root / "d").mkdir(parents=True)
+    (root / "d/one").write_bytes(b"1")
+    os.link(root / "d/one", root / "two")
+    image = store.stack([store.import_dir(root)])
+    os.chmod(root / "two", 0o600)  # one inode: both paths change
+    assert store.changes(image, root) == [("entry", "/d/one"), ("link", "/two")]
+    pushed = image.push(store.diff(image, root))
+    assert pushed.stat("/two").mode == pushed.stat("/d/one").mode == 0o600
+    assert pushed.stat("/two").hardlink == "/d/one"

@@ -167,9 +167,24 @@ class Store:
     def gc(self) -> dict[str, Any]: ...
     def fsck(self) -> dict[str, Any]: ...
     def diff(
-        self, a: Stack | StrPath, b: Stack | StrPath, /, *, progress: Progress | None = None
+        self,
+        a: Stack | StrPath,
+        b: Stack | StrPath,
+        /,
+        *,
+        compare_content: bool = False,
+        max_threads: int | None = None,
+        progress: Progress | None = None,
     ) -> Layer: ...
-    def changes(self, a: Stack | StrPath, b: Stack | StrPath) -> list[tuple[str, str]]: ...
+    def changes(
+        self,
+        a: Stack | StrPath,
+        b: Stack | StrPath,
+        /,
+        *,
+        compare_content: bool = False,
+        max_threads: int | None = None,
+    ) -> list[tuple[str, str]]: ...
     def squash(
         self,
         image: Stack,

@@ -29,7 +29,7 @@ use rustix::io::Errno;
 use crate::error::{Error, IoContext, Result};
 use crate::tarwrite::{self, Member, MemberKind};
 
-const COPY_BUF: usize = 256 * 1024;
+pub(crate) const COPY_BUF: usize = 256 * 1024;
 
 /// Options for [`write_dir_tar`].
 #[derive(Debug, Clone, Default)]
@@ -43,7 +43,7 @@ pub struct DirOptions {
 }
 
 #[derive(Default)]
-enum Kind {
+pub(crate) enum Kind {
     #[default]
     Dir,
     File,
@@ -55,23 +55,23 @@ enum Kind {
 
 /// Everything needed to write one member, gathered by the walk.
 #[derive(Default)]
-struct Node {
+pub(crate) struct Node {
     /// Path relative to the root, no trailing slash; empty for the root.
-    rel: Vec<u8>,
-    kind: Kind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-    mtime_nsec: u32,
-    size: u64,
-    dev: u64,
-    ino: u64,
-    nlink: u64,
+    pub(crate) rel: Vec<u8>,
+    pub(crate) kind: Kind,
+    pub(crate) mode: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) mtime: i64,
+    pub(crate) mtime_nsec: u32,
+    pub(crate) size: u64,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) nlink: u64,
     /// Sorted by name.
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(crate) xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Indices of the children in the node arena, sorted by name.
-    children: Vec<usize>,
+    pub(crate) children: Vec<usize>,
 }
 
 /// One directory child: its node (`None` if skipped) and the warnings it raised.
@@ -156,7 +156,7 @@ pub fn write_atomically<T>(
     result
 }
 
-fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
+pub(crate) fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
     if rel.is_empty() {
         root.to_path_buf()
     } else {
@@ -167,7 +167,11 @@ fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
 /// Breadth-first, one level at a time: all directories of a level are listed in parallel and
 /// their children stat'ed in parallel; results are appended in a fixed order, so node indices,
 /// children lists and warnings do not depend on scheduling.
-fn scan_tree(root: &Path, opts: &DirOptions, warnings: &mut Vec<String>) -> Result<Vec<Node>> {
+pub(crate) fn scan_tree(
+    root: &Path,
+    opts: &DirOptions,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Node>> {
     let mut nodes = vec![Node::default()]; // the root, never emitted
     let mut level = vec![0usize];
     while !level.is_empty() {
@@ -339,13 +343,13 @@ fn sized_read(
 }
 
 /// The output, counting bytes for padding.
-struct TarWriter<W> {
-    out: W,
-    written: u64,
+pub(crate) struct TarWriter<W> {
+    pub(crate) out: W,
+    pub(crate) written: u64,
 }
 
 impl<W: Write> TarWriter<W> {
-    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn put(&mut self, bytes: &[u8]) -> Result<()> {
         self.out
             .write_all(bytes)
             .ctx(|| "writing tar stream".to_string())?;
@@ -358,7 +362,7 @@ impl<W: Write> TarWriter<W> {
     }
 }
 
-fn write_member<W: Write>(
+pub(crate) fn write_member<W: Write>(
     tw: &mut TarWriter<W>,
     root: &Path,
     node: &Node,

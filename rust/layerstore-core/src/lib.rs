@@ -11,6 +11,7 @@ pub mod compress;
 pub mod container;
 pub mod diff;
 pub mod digest;
+pub mod dirdiff;
 pub mod emit;
 pub mod error;
 pub mod fsio;

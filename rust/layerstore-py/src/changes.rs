@@ -5,6 +5,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 
 use layerstore_core as core;
+use layerstore_core::dirdiff::{DirDiff, DirDiffOptions};
 use layerstore_core::emit::{Change, What};
 use layerstore_core::store::ImportOptions;
 use pyo3::prelude::*;
@@ -79,55 +80,92 @@ fn change_name(c: &Change) -> &'static str {
     }
 }
 
-fn listing(changes: Vec<Change>) -> Vec<(&'static str, OsString)> {
+fn listing(changes: Vec<(&'static str, Vec<u8>)>) -> Vec<(&'static str, OsString)> {
     changes
         .into_iter()
-        .map(|c| {
-            let name = change_name(&c);
-            let mut p = Vec::with_capacity(c.path.len() + 1);
+        .map(|(name, path)| {
+            let mut p = Vec::with_capacity(path.len() + 1);
             p.push(b'/');
-            p.extend_from_slice(&c.path);
+            p.extend_from_slice(&path);
             (name, OsString::from_vec(p))
         })
         .collect()
 }
 
+fn dir_opts(compare_content: bool, max_threads: Option<usize>) -> DirDiffOptions {
+    DirDiffOptions {
+        dir: core::fsio::DirOptions {
+            exclude_xattrs: Vec::new(),
+            max_threads,
+        },
+        compare_content,
+    }
+}
+
 #[pymethods]
 impl Store {
     /// The changeset taking `a` to `b` (each an image or a directory), stored as a layer.
-    #[pyo3(signature = (a, b, /, *, progress=None))]
+    /// Image → directory walks the directory with a stat fast path (`compare_content` hashes
+    /// same-looking files too); other directory sides are imported for the comparison.
+    #[pyo3(signature = (a, b, /, *, compare_content=false, max_threads=None, progress=None))]
     fn diff(
         &self,
         py: Python<'_>,
         a: Side,
         b: Side,
+        compare_content: bool,
+        max_threads: Option<usize>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Layer> {
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
-        let result = py.detach(|| {
-            let mut out = None;
-            both_sides(&store, a, b, |sa, sb| {
-                out = Some(store.diff(sa, sb, &|n| interrupts.check(n))?);
-                Ok(Vec::new())
-            })?;
-            Ok(out.expect("set by the diff"))
+        let result = py.detach(|| match (a, b) {
+            (Side::Stack(base), Side::Dir(dir)) => {
+                let opts = dir_opts(compare_content, max_threads);
+                store.diff_dir(&base, &dir, &opts, &|n| interrupts.check(n))
+            }
+            (a, b) => {
+                let mut out = None;
+                both_sides(&store, a, b, |sa, sb| {
+                    out = Some(store.diff(sa, sb, &|n| interrupts.check(n))?);
+                    Ok(Vec::new())
+                })?;
+                Ok(out.expect("set by the diff"))
+            }
         });
         self.finish_import(py, interrupts.finish(result)?)
     }
 
     /// The changes taking `a` to `b` without storing anything: (kind, path) pairs in archive
     /// order, kind being "entry", "link", "whiteout" or "opaque".
-    fn changes(&self, py: Python<'_>, a: Side, b: Side) -> PyResult<Vec<(&'static str, OsString)>> {
+    #[pyo3(signature = (a, b, /, *, compare_content=false, max_threads=None))]
+    fn changes(
+        &self,
+        py: Python<'_>,
+        a: Side,
+        b: Side,
+        compare_content: bool,
+        max_threads: Option<usize>,
+    ) -> PyResult<Vec<(&'static str, OsString)>> {
         let store = self.inner.clone();
-        let changes = py
-            .detach(|| {
-                both_sides(&store, a, b, |sa, sb| {
+        let listed = py
+            .detach(|| match (a, b) {
+                (Side::Stack(base), Side::Dir(dir)) => {
+                    let opts = dir_opts(compare_content, max_threads);
+                    Ok(DirDiff::compare(&base, &dir, &opts)?.listing())
+                }
+                (a, b) => both_sides(&store, a, b, |sa, sb| {
                     Ok(core::diff::diff_indices(&sa.index, &sb.index))
                 })
+                .map(|changes| {
+                    changes
+                        .iter()
+                        .map(|c| (change_name(c), c.path.clone()))
+                        .collect()
+                }),
             })
             .py()?;
-        Ok(listing(changes))
+        Ok(listing(listed))
     }
 
     /// Layers `start..stop` of `image` as one layer with the same view; the tar is also
@@ -170,7 +208,12 @@ impl Store {
         let changes = py
             .detach(|| store.squash_changes(&stack, start, stop))
             .py()?;
-        Ok(listing(changes))
+        Ok(listing(
+            changes
+                .iter()
+                .map(|c| (change_name(c), c.path.clone()))
+                .collect(),
+        ))
     }
 }
 
