@@ -105,7 +105,7 @@ def test_dir_to_stack_diff(
 ) -> None:
     if shutil.which("rsync") is None:
         pytest.fail("rsync is missing (Debian package rsync)")
-    store, v1, v2 = images
+    store, v1, _v2 = images
     # Correct first: v1 + diff shows the v2 tree, and compare-only lists what the diff stores.
     layer = store.diff(v1, rootfs_v2)
     assert store.changes(v1.push(layer), rootfs_v2) == []
@@ -204,7 +204,7 @@ def test_squash_10_layers(
     changes = fx.fixtures_root() / "stack127-v1" / "changes"
     if not changes.is_dir():
         pytest.fail(f"{changes} is missing: run the stack benchmarks once to build it")
-    tars = [rootfs_v1_tar] + sorted(changes.glob("*.tar"))[:SQUASH_CHANGESETS]
+    tars = [rootfs_v1_tar, *sorted(changes.glob("*.tar"))[:SQUASH_CHANGESETS]]
     store = ls.Store(scratch / "store")
     image = store.stack([store.import_tar(t) for t in tars])
     total = sum(t.stat().st_size for t in tars)
