@@ -194,3 +194,21 @@ def test_a_changed_hardlink_brings_its_whole_group(store: ls.Store, tmp_path: Pa
     pushed = image.push(store.diff(image, root))
     assert pushed.stat("/two").mode == pushed.stat("/d/one").mode == 0o600
     assert pushed.stat("/two").hardlink == "/d/one"
+
+
+def test_a_changed_root_directory_is_squashed_as_dot_slash(store: ls.Store) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        root = tarfile.TarInfo("./")
+        root.type, root.mode, root.mtime = tarfile.DIRTYPE, 0o700, 12345
+        t.addfile(root)
+        f = tarfile.TarInfo("f")
+        f.size = 2
+        t.addfile(f, io.BytesIO(b"hi"))
+    image = store.stack([store.import_tar(buf.getvalue())])
+    flat = store.squash(image)  # warnings are errors here: no "leading '/' removed"
+    assert [e.path for e in flat.entries()] == ["/", "/f"]
+    assert store.stack([flat]).stat("/").mode == 0o700

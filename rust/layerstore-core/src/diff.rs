@@ -170,7 +170,12 @@ pub fn diff_indices(a: &Index, b: &Index) -> Vec<Change> {
     }
     let mut out = d.out;
     keep_link_groups(b, &mut out);
-    let mut keyed: Vec<(Vec<u8>, Change)> = out.into_iter().map(|c| (member_path(&c), c)).collect();
+    // The root's own entry sorts first.
+    let key = |c: &Change| match c.what {
+        What::Entry(_) if c.path.is_empty() => Vec::new(),
+        _ => member_path(c),
+    };
+    let mut keyed: Vec<(Vec<u8>, Change)> = out.into_iter().map(|c| (key(&c), c)).collect();
     keyed.sort_by(|x, y| archive_order(&x.0, &y.0));
     keyed.into_iter().map(|(_, c)| c).collect()
 }

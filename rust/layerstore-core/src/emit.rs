@@ -72,6 +72,8 @@ pub fn member_path(change: &Change) -> Vec<u8> {
             join(dir, &[b".wh.".as_slice(), name].concat())
         }
         What::Opaque => join(&change.path, b".wh..wh..opq"),
+        // The root directory's own entry is "./" (an empty name would read as "/").
+        _ if change.path.is_empty() => b".".to_vec(),
         _ => change.path.clone(),
     }
 }
