@@ -180,7 +180,9 @@ def test_commit_makes_a_layer_with_the_containers_view(
         c.utime("/etc/fresh", 1_700_000_000 * 10**9)
         c.link("/etc/fresh", "/etc/fresh2")
         want = view_of(c)
-        layer = c.commit()
+        layer = c.commit(created_by="RUN make install")
+    assert layer.created_by == "RUN make install"
+    assert store.layer(layer.id).created_by == "RUN make install"
     entries = {(e.path, e.kind) for e in layer.entries()}
     assert ("/.wh.etc", "whiteout") not in entries  # /etc still exists: replaced, not hidden
     assert ("/usr/.wh.hosts", "whiteout") in entries

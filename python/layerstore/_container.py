@@ -202,9 +202,10 @@ class Container:
             buffered = io.BufferedWriter(raw, buffer_size=WRITE_BUFFER)
         return buffered
 
-    def commit(self, *, progress: Any = None) -> Layer:
-        """Store the container's changes as a new layer (the container stays usable)."""
-        return self._raw.commit(progress=progress)
+    def commit(self, *, created_by: str | None = None, progress: Any = None) -> Layer:
+        """Store the container's changes as a new layer (the container stays usable);
+        `created_by` records the build step (``layer.created_by``, OCI history)."""
+        return self._raw.commit(created_by=created_by, progress=progress)
 
     # Reads, through a snapshot of the current view.
 

@@ -479,6 +479,16 @@ impl Store {
         Ok(imported)
     }
 
+    /// Record the build step that made a layer (its OCI history `created_by`).
+    pub fn set_created_by(&self, id: &Blake3, created_by: &str) -> Result<()> {
+        meta::set_created_by(&*self.conn()?, id, created_by)
+    }
+
+    /// The build step recorded for a layer, if any.
+    pub fn created_by(&self, id: &Blake3) -> Result<Option<String>> {
+        meta::created_by(&*self.conn()?, id)
+    }
+
     pub fn layers(&self) -> Result<Vec<LayerInfo>> {
         meta::list_layers(&*self.conn()?)
     }

@@ -148,9 +148,14 @@ impl RawContainer {
         })
     }
 
-    /// Store the changes as a new layer.
-    #[pyo3(signature = (*, progress=None))]
-    fn commit(&self, py: Python<'_>, progress: Option<Py<PyAny>>) -> PyResult<Layer> {
+    /// Store the changes as a new layer; `created_by` records the build step that made it.
+    #[pyo3(signature = (*, created_by=None, progress=None))]
+    fn commit(
+        &self,
+        py: Python<'_>,
+        created_by: Option<String>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Layer> {
         let interrupts = Interrupts::new(progress);
         let store = self.store.clone();
         let result = py.detach(|| {
@@ -161,7 +166,11 @@ impl RawContainer {
             let c = guard
                 .as_ref()
                 .ok_or_else(|| core::Error::InvalidArgument("the container is closed".into()))?;
-            c.commit(&store, &|n| interrupts.check(n))
+            let imported = c.commit(&store, &|n| interrupts.check(n))?;
+            if let Some(text) = &created_by {
+                store.set_created_by(&imported.layer.id, text)?;
+            }
+            Ok(imported)
         });
         let imported = interrupts.finish(result)?;
         Store {

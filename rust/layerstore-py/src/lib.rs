@@ -531,6 +531,12 @@ impl Layer {
 
 #[pymethods]
 impl Layer {
+    /// The build step recorded for this layer (a container commit's `created_by`), if any.
+    #[getter]
+    fn created_by(&self) -> PyResult<Option<String>> {
+        self.store.created_by(&self.info.id).py()
+    }
+
     /// `blake3:` digest of the uncompressed tar.
     #[getter]
     fn id(&self) -> String {
