@@ -212,3 +212,22 @@ def test_a_changed_root_directory_is_squashed_as_dot_slash(store: ls.Store) -> N
     flat = store.squash(image)  # warnings are errors here: no "leading '/' removed"
     assert [e.path for e in flat.entries()] == ["/", "/f"]
     assert store.stack([flat]).stat("/").mode == 0o700
+
+
+def test_source_date_epoch_clamps_mtimes(store: ls.Store, tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    (root / "d").mkdir(parents=True)
+    (root / "d/new").write_bytes(b"n")
+    (root / "old").write_bytes(b"o")
+    os.utime(root / "old", ns=(10**9, 10**9))
+    image = store.stack([store.import_dir(tmp_path / "t")])
+    epoch = 1_000_000
+    clamped = store.squash(image, source_date_epoch=epoch)
+    times = {e.path: e.mtime_ns for e in clamped.entries()}
+    assert times["/old"] == 10**9  # older than the epoch: kept
+    assert times["/d/new"] == times["/d"] == epoch * 10**9
+    (root / "d/more").write_bytes(b"m")
+    from_dir = store.diff(image, root, source_date_epoch=epoch)
+    assert {e.mtime_ns for e in from_dir.entries()} == {epoch * 10**9}
+    assert store.squash(image, source_date_epoch=epoch).diff_id == clamped.diff_id
+    assert image.squash(source_date_epoch=epoch).layers[0].diff_id == clamped.diff_id

@@ -175,6 +175,7 @@ class Store:
         /,
         *,
         compare_content: bool = False,
+        source_date_epoch: int | None = None,
         max_threads: int | None = None,
         progress: Progress | None = None,
     ) -> Layer: ...
@@ -195,6 +196,7 @@ class Store:
         stop: int | None = None,
         *,
         dest: StrPath | None = None,
+        source_date_epoch: int | None = None,
         progress: Progress | None = None,
     ) -> Layer: ...
     def squash_changes(
@@ -280,7 +282,12 @@ class Stack:
     @staticmethod
     def index_nodes() -> int: ...
     def squash(
-        self, start: int = 0, stop: int | None = None, *, progress: Progress | None = None
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        source_date_epoch: int | None = None,
+        progress: Progress | None = None,
     ) -> Stack: ...
     def container(self) -> Container: ...
 

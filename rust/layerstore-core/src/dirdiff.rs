@@ -33,6 +33,8 @@ pub struct DirDiffOptions {
     pub dir: DirOptions,
     /// Hash regular files whose metadata matches, instead of trusting size and mtime.
     pub compare_content: bool,
+    /// Clamp the emitted entries' mtimes to at most this (a `SOURCE_DATE_EPOCH`, in ns).
+    pub clamp_mtime_ns: Option<i64>,
 }
 
 /// One change found.
@@ -254,6 +256,19 @@ impl DirDiff {
             .collect()
     }
 
+    /// Clamp the mtimes of the entries to emit to at most `max_ns`.
+    pub fn clamp_mtimes(&mut self, max_ns: i64) {
+        for c in &self.changes {
+            if let DirChange::Node(i) = c {
+                let n = &mut self.nodes[*i];
+                if n.mtime * 1_000_000_000 + i64::from(n.mtime_nsec) > max_ns {
+                    n.mtime = max_ns.div_euclid(1_000_000_000);
+                    n.mtime_nsec = max_ns.rem_euclid(1_000_000_000) as u32;
+                }
+            }
+        }
+    }
+
     /// The changes as a canonical tar.
     pub fn write_tar<W: Write>(&self, out: W) -> Result<()> {
         let mut tw = TarWriter { out, written: 0 };
@@ -354,7 +369,10 @@ impl Store {
         opts: &DirDiffOptions,
         progress: Progress<'_>,
     ) -> Result<Imported> {
-        let diff = DirDiff::compare(base, root, opts)?;
+        let mut diff = DirDiff::compare(base, root, opts)?;
+        if let Some(max) = opts.clamp_mtime_ns {
+            diff.clamp_mtimes(max);
+        }
         let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
         let producer: JoinHandle<Result<DirDiff>> = std::thread::spawn(move || {
             diff.write_tar(io::BufWriter::with_capacity(1 << 20, writer))?;

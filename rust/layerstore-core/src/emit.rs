@@ -64,6 +64,20 @@ fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// Clamp every entry's mtime to at most `max_ns` (a `SOURCE_DATE_EPOCH`), for reproducible
+/// layers; markers are already at 0.
+pub fn clamp_mtimes(changes: &mut [Change], max_ns: i64) {
+    for c in changes {
+        let e = match &mut c.what {
+            What::Entry(e) | What::Link { meta: e, .. } => e,
+            What::Whiteout | What::Opaque => continue,
+        };
+        if e.mtime_ns > max_ns {
+            Arc::make_mut(e).mtime_ns = max_ns;
+        }
+    }
+}
+
 /// The tar member path of a change.
 pub fn member_path(change: &Change) -> Vec<u8> {
     match change.what {

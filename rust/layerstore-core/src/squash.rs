@@ -10,7 +10,7 @@
 //! `diff_id`. Content is streamed from the packs chunk by chunk; memory holds the entry lists only.
 
 use crate::diff::diff_indices;
-use crate::emit::{Change, FreshChunks, Tee};
+use crate::emit::{clamp_mtimes, Change, FreshChunks, Tee};
 use crate::error::{Error, Result};
 use crate::stack::Stack;
 use crate::store::{Imported, Progress, Store};
@@ -47,16 +47,29 @@ impl Store {
         stack: &Stack,
         start: usize,
         stop: usize,
+        clamp_mtime_ns: Option<i64>,
         tee: Tee<'_>,
         progress: Progress<'_>,
     ) -> Result<Imported> {
-        let changes = self.squash_changes(stack, start, stop)?;
+        let mut changes = self.squash_changes(stack, start, stop)?;
+        if let Some(max) = clamp_mtime_ns {
+            clamp_mtimes(&mut changes, max);
+        }
         self.emit(&changes, &FreshChunks::new(), tee, progress)
     }
 
-    /// The stored changeset taking `a`'s view to `b`'s.
-    pub fn diff(&self, a: &Stack, b: &Stack, progress: Progress<'_>) -> Result<Imported> {
-        let changes = diff_indices(&a.index, &b.index);
+    /// The stored changeset taking `a`'s view to `b`'s (mtimes clamped to `clamp_mtime_ns`).
+    pub fn diff(
+        &self,
+        a: &Stack,
+        b: &Stack,
+        clamp_mtime_ns: Option<i64>,
+        progress: Progress<'_>,
+    ) -> Result<Imported> {
+        let mut changes = diff_indices(&a.index, &b.index);
+        if let Some(max) = clamp_mtime_ns {
+            clamp_mtimes(&mut changes, max);
+        }
         self.emit(&changes, &FreshChunks::new(), None, progress)
     }
 }

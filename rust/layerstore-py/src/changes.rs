@@ -99,7 +99,19 @@ fn dir_opts(compare_content: bool, max_threads: Option<usize>) -> DirDiffOptions
             max_threads,
         },
         compare_content,
+        clamp_mtime_ns: None,
     }
+}
+
+/// A `SOURCE_DATE_EPOCH` (seconds) as the largest mtime in nanoseconds.
+fn clamp_ns(source_date_epoch: Option<i64>) -> PyResult<Option<i64>> {
+    source_date_epoch
+        .map(|s| {
+            s.checked_mul(1_000_000_000).ok_or_else(|| {
+                pyo3::exceptions::PyValueError::new_err("source_date_epoch is out of range")
+            })
+        })
+        .transpose()
 }
 
 #[pymethods]
@@ -107,27 +119,31 @@ impl Store {
     /// The changeset taking `a` to `b` (each an image or a directory), stored as a layer.
     /// Image → directory walks the directory with a stat fast path (`compare_content` hashes
     /// same-looking files too); other directory sides are imported for the comparison.
-    #[pyo3(signature = (a, b, /, *, compare_content=false, max_threads=None, progress=None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+    #[pyo3(signature = (a, b, /, *, compare_content=false, source_date_epoch=None, max_threads=None, progress=None))]
     fn diff(
         &self,
         py: Python<'_>,
         a: Side,
         b: Side,
         compare_content: bool,
+        source_date_epoch: Option<i64>,
         max_threads: Option<usize>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Layer> {
+        let clamp = clamp_ns(source_date_epoch)?;
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let result = py.detach(|| match (a, b) {
             (Side::Stack(base), Side::Dir(dir)) => {
-                let opts = dir_opts(compare_content, max_threads);
+                let mut opts = dir_opts(compare_content, max_threads);
+                opts.clamp_mtime_ns = clamp;
                 store.diff_dir(&base, &dir, &opts, &|n| interrupts.check(n))
             }
             (a, b) => {
                 let mut out = None;
                 both_sides(&store, a, b, |sa, sb| {
-                    out = Some(store.diff(sa, sb, &|n| interrupts.check(n))?);
+                    out = Some(store.diff(sa, sb, clamp, &|n| interrupts.check(n))?);
                     Ok(Vec::new())
                 })?;
                 Ok(out.expect("set by the diff"))
@@ -170,7 +186,8 @@ impl Store {
 
     /// Layers `start..stop` of `image` as one layer with the same view; the tar is also
     /// written to `dest` when given.
-    #[pyo3(signature = (image, /, start=0, stop=None, *, dest=None, progress=None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+    #[pyo3(signature = (image, /, start=0, stop=None, *, dest=None, source_date_epoch=None, progress=None))]
     fn squash(
         &self,
         py: Python<'_>,
@@ -178,16 +195,20 @@ impl Store {
         start: usize,
         stop: Option<usize>,
         dest: Option<PathBuf>,
+        source_date_epoch: Option<i64>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Layer> {
+        let clamp = clamp_ns(source_date_epoch)?;
         let stack = image.get().inner.clone();
         let stop = stop.unwrap_or(stack.depth());
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let result = py.detach(|| match &dest {
-            None => store.squash(&stack, start, stop, None, &|n| interrupts.check(n)),
+            None => store.squash(&stack, start, stop, clamp, None, &|n| interrupts.check(n)),
             Some(path) => core::fsio::write_atomically(path, |out| {
-                store.squash(&stack, start, stop, Some(out), &|n| interrupts.check(n))
+                store.squash(&stack, start, stop, clamp, Some(out), &|n| {
+                    interrupts.check(n)
+                })
             }),
         });
         self.finish_import(py, interrupts.finish(result)?)
@@ -220,19 +241,23 @@ impl Store {
 #[pymethods]
 impl Stack {
     /// This image with layers `start..stop` squashed into one.
-    #[pyo3(signature = (start=0, stop=None, *, progress=None))]
+    #[pyo3(signature = (start=0, stop=None, *, source_date_epoch=None, progress=None))]
     fn squash(
         &self,
         py: Python<'_>,
         start: usize,
         stop: Option<usize>,
+        source_date_epoch: Option<i64>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Stack> {
+        let clamp = clamp_ns(source_date_epoch)?;
         let stop = stop.unwrap_or(self.inner.depth());
         let interrupts = Interrupts::new(progress);
         let store = self.store.clone();
         let result = py.detach(|| {
-            let flat = store.squash(&self.inner, start, stop, None, &|n| interrupts.check(n))?;
+            let flat = store.squash(&self.inner, start, stop, clamp, None, &|n| {
+                interrupts.check(n)
+            })?;
             let mut layers = self.inner.layers[..start].to_vec();
             layers.push(flat.layer);
             layers.extend_from_slice(&self.inner.layers[stop..]);
