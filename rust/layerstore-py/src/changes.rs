@@ -80,6 +80,13 @@ fn change_name(c: &Change) -> &'static str {
     }
 }
 
+fn named(changes: &[Change]) -> Vec<(&'static str, Vec<u8>)> {
+    changes
+        .iter()
+        .map(|c| (change_name(c), c.path.clone()))
+        .collect()
+}
+
 fn listing(changes: Vec<(&'static str, Vec<u8>)>) -> Vec<(&'static str, OsString)> {
     changes
         .into_iter()
@@ -173,12 +180,7 @@ impl Store {
                 (a, b) => both_sides(&store, a, b, |sa, sb| {
                     Ok(core::diff::diff_indices(&sa.index, &sb.index))
                 })
-                .map(|changes| {
-                    changes
-                        .iter()
-                        .map(|c| (change_name(c), c.path.clone()))
-                        .collect()
-                }),
+                .map(|changes| named(&changes)),
             })
             .py()?;
         Ok(listing(listed))
@@ -229,12 +231,7 @@ impl Store {
         let changes = py
             .detach(|| store.squash_changes(&stack, start, stop))
             .py()?;
-        Ok(listing(
-            changes
-                .iter()
-                .map(|c| (change_name(c), c.path.clone()))
-                .collect(),
-        ))
+        Ok(listing(named(&changes)))
     }
 }
 
