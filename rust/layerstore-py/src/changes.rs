@@ -237,7 +237,8 @@ impl Store {
 
 #[pymethods]
 impl Stack {
-    /// This image with layers `start..stop` squashed into one.
+    /// This image with layers `start..stop` squashed into one; the new layer's `created_by`
+    /// joins the range's recorded build steps with " && ".
     #[pyo3(signature = (start=0, stop=None, *, source_date_epoch=None, progress=None))]
     fn squash(
         &self,
@@ -255,6 +256,14 @@ impl Stack {
             let flat = store.squash(&self.inner, start, stop, clamp, None, &|n| {
                 interrupts.check(n)
             })?;
+            // The squashed layer's history: the build steps of the range, in order.
+            let mut steps = Vec::new();
+            for layer in self.inner.layers.get(start..stop).unwrap_or_default() {
+                steps.extend(store.created_by(&layer.id)?);
+            }
+            if !steps.is_empty() {
+                store.set_created_by(&flat.layer.id, &steps.join(" && "))?;
+            }
             let mut layers = self.inner.layers[..start].to_vec();
             layers.push(flat.layer);
             layers.extend_from_slice(&self.inner.layers[stop..]);
