@@ -393,3 +393,20 @@ def test_squash_merges_the_build_history(image: ls.Stack) -> None:
     assert len(flat) == 2
     assert flat.layers[1].created_by == "RUN apt-get install x && COPY . /app"
     assert flat.read_bytes("/step1") == b"COPY . /app"
+
+
+def test_a_containers_view_is_not_an_image(store: ls.Store, image: ls.Stack) -> None:
+    with image.container() as c:
+        c.write_bytes("/new", b"x")
+        view = c.view()
+        assert view.read_bytes("/new") == b"x"
+        for action in (
+            lambda: store.tag(view, "x"),
+            lambda: view.push(image.layers[0]),
+            lambda: view.container(),
+            lambda: store.squash(view),
+            lambda: store.diff(image, view),
+        ):
+            with pytest.raises(ValueError, match="commit the container"):
+                action()
+    assert view.read_bytes("/new") == b"x"  # a snapshot outlives its container

@@ -128,7 +128,9 @@ class Container:
         return self._raw.hashed_bytes
 
     def view(self) -> Stack:
-        """A read-only snapshot of the current view (later edits do not show in it)."""
+        """A read-only snapshot of the current view (later edits do not show in it). It reads
+        like an image but is none: tagging, pushing onto, squashing or diffing it raises
+        ValueError (commit the container and push the layer instead)."""
         return self._raw.view()
 
     # Edits.

@@ -24,6 +24,7 @@ impl<'py> FromPyObject<'_, 'py> for Side {
     type Error = PyErr;
     fn extract(obj: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
         if let Ok(s) = obj.cast::<Stack>() {
+            s.get().image_only("diff")?;
             return Ok(Side::Stack(s.get().inner.clone()));
         }
         Ok(Side::Dir(obj.extract::<PathBuf>()?))
@@ -201,6 +202,7 @@ impl Store {
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Layer> {
         let clamp = clamp_ns(source_date_epoch)?;
+        image.get().image_only("squash")?;
         let stack = image.get().inner.clone();
         let stop = stop.unwrap_or(stack.depth());
         let interrupts = Interrupts::new(progress);
@@ -225,6 +227,7 @@ impl Store {
         start: usize,
         stop: Option<usize>,
     ) -> PyResult<Vec<(&'static str, OsString)>> {
+        image.get().image_only("squash")?;
         let stack = image.get().inner.clone();
         let stop = stop.unwrap_or(stack.depth());
         let store = self.inner.clone();
@@ -249,6 +252,7 @@ impl Stack {
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Stack> {
         let clamp = clamp_ns(source_date_epoch)?;
+        self.image_only("squash")?;
         let stop = stop.unwrap_or(self.inner.depth());
         let interrupts = Interrupts::new(progress);
         let store = self.store.clone();

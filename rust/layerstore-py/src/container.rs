@@ -197,6 +197,7 @@ impl RawContainer {
 impl Stack {
     /// A writable container over this image (see `layerstore.Container`).
     fn container<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.image_only("start a container on")?;
         let raw = RawContainer {
             store: self.store.clone(),
             inner: Mutex::new(Some(CoreContainer::new(

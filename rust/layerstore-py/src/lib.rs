@@ -479,6 +479,7 @@ impl Store {
 
     /// Point tag `name` at `image` (its layers cannot be deleted while tagged).
     fn tag(&self, image: &Bound<'_, stack::Stack>, name: &str) -> PyResult<()> {
+        image.get().image_only("tag")?;
         self.inner.tag(&image.get().inner, name).py()
     }
 

@@ -241,6 +241,17 @@ impl Stack {
         }
     }
 
+    /// Refuse what only an image can do when this is a container's view (its layers are the
+    /// image's; its changes are in no layer until committed).
+    pub fn image_only(&self, what: &str) -> PyResult<()> {
+        match self.fresh {
+            Some(_) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "cannot {what} a container's view: commit the container and push the layer"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// A reader of a regular file's content (a container's fresh chunks included).
     fn content(&self, meta: &core::layer::Entry) -> core::Result<core::stack::ContentReader> {
         match &self.fresh {
@@ -335,6 +346,7 @@ impl Stack {
 
     /// A new stack with `layer` on top (this one is unchanged).
     fn push(&self, py: Python<'_>, layer: &Bound<'_, PyAny>) -> PyResult<Stack> {
+        self.image_only("push onto")?;
         let info = self.store.layer(&crate::layer_id(layer)?).py()?;
         let store = self.store.clone();
         let inner = py.detach(|| store.push(&self.inner, &info)).py()?;
