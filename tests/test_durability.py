@@ -376,3 +376,39 @@ def test_ctrl_c_interrupts_a_long_import(
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["interrupted", "1"]
     check_recovered(store, {prior_id: prior_tar})
+
+
+COMMIT_CHILD = """
+import sys
+import layerstore as ls
+store = ls.Store(sys.argv[1])
+image = store.stack([store.layer(sys.argv[2])])
+with image.container() as c:
+    c.mkdir("/new")
+    c.write_bytes("/new/big", bytes(range(256)) * (12 * 1024))
+    c.write_bytes("/prior/small", b"changed\\n")
+    layer = c.commit(created_by="RUN crash")
+print(layer.id, flush=True)
+"""
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_crash_during_a_container_commit(prior: tuple[ls.Store, str, bytes], point: str) -> None:
+    """A commit is an import of its own: the same crash points, the same guarantees."""
+    store, prior_id, prior_tar = prior
+    res = run_python(COMMIT_CHILD, store.path, prior_id, env={"LAYERSTORE_CRASH_AT": point})
+    assert res.returncode == -signal.SIGABRT, (res.returncode, res.stdout, res.stderr)
+    assert res.stdout == ""
+    committed = point == "after-commit"
+    assert (store.fsck()["garbage"] == []) == committed
+    layers = {x.id for x in store.layers()}
+    assert len(layers) == (2 if committed else 1) and prior_id in layers
+    expected = {prior_id: prior_tar}
+    for layer_id in layers - {prior_id}:
+        expected[layer_id] = export_bytes(store, layer_id)
+    check_recovered(store, expected)
+    again = run_python(COMMIT_CHILD, store.path, prior_id)
+    assert again.returncode == 0, again.stderr
+    new = store.stack([prior_id, again.stdout.strip()])
+    assert new.read_bytes("/prior/small") == b"changed\n"
+    assert new.stat("/new/big").size == 256 * 12 * 1024

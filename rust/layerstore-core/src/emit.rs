@@ -316,7 +316,7 @@ impl Store {
                 created_unix: meta::now(),
             };
             let (row, chunk_set) = crate::store::layer_row(info.clone(), &entries, &split)?;
-            let pack = writer.finish(|_| {})?;
+            let pack = writer.finish(crate::store::crash_point)?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existed = crate::store::insert_layer_and_pack(
                 &tx,
@@ -326,7 +326,9 @@ impl Store {
                 &chunk_set,
             )?;
             meta::release_lease(&tx, lease)?;
+            crate::store::crash_point("before-commit");
             tx.commit()?;
+            crate::store::crash_point("after-commit");
             let layer = if existed {
                 meta::find_layer(&conn, &info.id.to_string())?
             } else {

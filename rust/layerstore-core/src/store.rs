@@ -159,7 +159,7 @@ impl Drop for Conn<'_> {
     }
 }
 
-fn crash_point(name: &str) {
+pub(crate) fn crash_point(name: &str) {
     // Deterministic crash injection for the durability tests.
     if std::env::var("LAYERSTORE_CRASH_AT").is_ok_and(|v| v == name) {
         std::process::abort();
