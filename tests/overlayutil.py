@@ -865,7 +865,12 @@ def resolve_in_root(root_fd: int, root: str, p: str, follow: bool) -> tuple[str,
     flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     how = struct.pack("QQQ", flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
     buf = ctypes.create_string_buffer(how, len(how))
-    fd = _libc.syscall(_SYS_OPENAT2, root_fd, os.fsencode(p.lstrip("/") or "."), buf, len(how))
+    # A scoped lookup fails with EAGAIN when a rename anywhere on the system raced with it
+    # (openat2(2)); the answer is to ask again.
+    for _ in range(100):
+        fd = _libc.syscall(_SYS_OPENAT2, root_fd, os.fsencode(p.lstrip("/") or "."), buf, len(how))
+        if fd >= 0 or ctypes.get_errno() != errno.EAGAIN:
+            break
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), p)

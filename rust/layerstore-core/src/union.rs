@@ -173,6 +173,17 @@ pub struct Index {
     /// Every path of the view below the root → what it shows: one hash lookup answers a stat
     /// whose path has no symlink on the way. Kept in step with the trie by every edit.
     flat: Flat,
+    /// A plain hash map copy of `flat`, built once an index has served enough lookups to pay
+    /// for it (a persistent map's lookup walks several nodes; this one probes once). Every
+    /// edit drops it; clones share it.
+    frozen: Arc<Frozen>,
+}
+
+/// The lazily built read-only copy of an index's flat map.
+#[derive(Debug, Default)]
+struct Frozen {
+    served: std::sync::atomic::AtomicUsize,
+    map: OnceLock<HashMap<Name, Arc<ViewEntry>, foldhash::fast::RandomState>>,
 }
 
 /// Full normalised path → view entry (persistent, shared between stacks like the trie).
@@ -183,6 +194,7 @@ impl Default for Index {
         Index {
             root: DirNode::implicit(),
             flat: Flat::default(),
+            frozen: Arc::default(),
         }
     }
 }
@@ -231,6 +243,32 @@ pub struct Resolved {
 }
 
 impl Index {
+    /// The flat map's entry for `path`; once this index has answered about an eighth of its
+    /// size in lookups, from a frozen plain copy (the build then costs at most eight probes'
+    /// worth per lookup served, amortised, and every later lookup is one probe).
+    fn flat_get(&self, path: &[u8]) -> Option<&Arc<ViewEntry>> {
+        if let Some(map) = self.frozen.map.get() {
+            return map.get(path);
+        }
+        let served = self.frozen.served.fetch_add(1, Ordering::Relaxed);
+        if served > 64 + self.flat.len() / 8 {
+            let map = self.frozen.map.get_or_init(|| {
+                let mut m = HashMap::with_capacity_and_hasher(self.flat.len(), Default::default());
+                m.extend(self.flat.iter().map(|(k, v)| (k.clone(), v.clone())));
+                m
+            });
+            return map.get(path);
+        }
+        self.flat.get(path)
+    }
+
+    /// Forget the frozen copy (before any edit).
+    fn thaw(&mut self) {
+        if self.frozen.map.get().is_some() || Arc::strong_count(&self.frozen) > 1 {
+            self.frozen = Arc::default();
+        }
+    }
+
     /// What a normalised path shows (for `stat`): one hash lookup when no symlink or `..` is on
     /// the way, the full resolver otherwise. The path is `None` when it is the input itself.
     pub fn lookup_view(&self, path: &[u8], follow_last: bool) -> Result<Option<Found>> {
@@ -238,7 +276,7 @@ impl Index {
             return Ok(Some((None, self.root.meta.clone())));
         }
         // Keys are normalised entry paths (never `..`), reached through directories only.
-        if let Some(v) = self.flat.get(path) {
+        if let Some(v) = self.flat_get(path) {
             if !(follow_last && v.meta().kind == Kind::Symlink) {
                 return Ok(Some((None, v.clone())));
             }
@@ -404,7 +442,8 @@ impl Index {
                 layer: Some(layer),
             }));
         }
-        let Index { root, flat } = self;
+        self.thaw();
+        let Index { root, flat, .. } = self;
         for e in markers {
             let (dir, name) = split_parent(&e.path);
             if e.kind == Kind::Opaque {
@@ -489,17 +528,20 @@ impl Index {
     /// the children and takes the new attributes; anything else replaces what was there.
     /// Missing parents become implicit directories.
     pub fn put(&mut self, path: &[u8], view: Arc<ViewEntry>) {
+        self.thaw();
         insert(&mut self.root, &mut self.flat, path, view);
     }
 
     /// Remove `path` and everything below it (nothing happens when it is absent).
     pub fn remove_path(&mut self, path: &[u8]) {
+        self.thaw();
         remove(&mut self.root, &mut self.flat, path);
     }
 
     /// Put a whole subtree at `path` (whose parent must be a directory), replacing what was
     /// there: how a rename moves a directory.
     pub fn graft(&mut self, path: &[u8], node: Node) {
+        self.thaw();
         self.remove_path(path);
         let (parent, name) = split_parent(path);
         let comps: Vec<&[u8]> = components(parent).collect();
