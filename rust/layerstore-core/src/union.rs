@@ -764,6 +764,45 @@ mod tests {
     }
 
     #[test]
+    fn frozen_lookups_follow_every_edit() {
+        let files: Vec<Arc<Entry>> = (0..100).map(|i| e(&format!("f{i}"), Kind::File)).collect();
+        let mut ix = Index::default().apply(0, &files).unwrap();
+        let mode = |ix: &Index, p: &str| {
+            ix.lookup_view(p.as_bytes(), false)
+                .unwrap()
+                .map(|(_, v)| v.meta().mode)
+        };
+        for _ in 0..1000 {
+            assert_eq!(mode(&ix, "f7"), Some(0o644));
+        }
+        assert!(
+            ix.frozen.map.get().is_some(),
+            "the frozen copy was never built"
+        );
+        let shared = ix.clone();
+        let mut changed = (*e("f7", Kind::File)).clone();
+        changed.mode = 0o600;
+        ix.put(
+            b"f7",
+            Arc::new(ViewEntry {
+                entry: Arc::new(changed),
+                target: None,
+                layer: Some(1),
+            }),
+        );
+        ix.remove_path(b"f8");
+        assert_eq!(mode(&ix, "f7"), Some(0o600));
+        assert_eq!(mode(&ix, "f8"), None);
+        // The clone made before the edit still answers from its own (shared) frozen copy.
+        assert_eq!(mode(&shared, "f7"), Some(0o644));
+        assert_eq!(mode(&shared, "f8"), Some(0o644));
+        for _ in 0..1000 {
+            assert_eq!(mode(&ix, "f7"), Some(0o600));
+        }
+        assert!(ix.flat_is_consistent());
+    }
+
+    #[test]
     fn whiteouts_opaques_and_replacement() {
         let base = Index::default()
             .apply(
