@@ -13,6 +13,7 @@ pub mod error;
 pub mod fsio;
 pub mod layer;
 pub mod meta;
+pub mod oci;
 pub mod stack;
 pub mod store;
 pub mod tar;
