@@ -57,9 +57,7 @@ def layout_image(layout: Path, name: str | None = None) -> dict[str, Any]:
     """The index entry, manifest and config of the image `name` (or the only one) in a layout."""
     index = read_json(layout / "index.json")
     entries = [
-        m
-        for m in index["manifests"]
-        if name is None or m.get("annotations", {}).get(REF) == name
+        m for m in index["manifests"] if name is None or m.get("annotations", {}).get(REF) == name
     ]
     assert len(entries) == 1, index
     entry = entries[0]
@@ -216,7 +214,9 @@ def test_skopeo_copies_import_alike(
     assert copied.chain_id == image.chain_id
 
 
-def test_full_reference_names_and_platforms(store: ls.Store, made: ls.Stack, tmp_path: Path) -> None:
+def test_full_reference_names_and_platforms(
+    store: ls.Store, made: ls.Stack, tmp_path: Path
+) -> None:
     """A nested multi-platform index named `example.com/app:v1`, with an attestation and an
     artifact beside the images: each platform picks its image; the others are skipped."""
     layout = tmp_path / "multi"
@@ -411,7 +411,13 @@ def test_docker_archive_round_trip(
     assert diff_ids(image) == diff_ids(made)
     assert stack_view(image) == stack_view(made)
     # skopeo reads it too, and what it writes from it imports alike.
-    sh(SKOPEO or "skopeo", "copy", "--quiet", f"docker-archive:{archive}", f"oci:{tmp_path / 'o'}:o")
+    sh(
+        SKOPEO or "skopeo",
+        "copy",
+        "--quiet",
+        f"docker-archive:{archive}",
+        f"oci:{tmp_path / 'o'}:o",
+    )
     assert diff_ids(fresh.import_oci(tmp_path / "o")["o"]) == diff_ids(made)
 
 
