@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -567,3 +568,46 @@ def test_bad_docker_archive_changes_nothing(
     with pytest.raises(ls.IntegrityError, match="diff_id"):
         fresh.import_docker_archive(broken)
     assert _state(fresh) == ([], [], [])
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def cli(store: Path, *args: str | Path) -> Any:
+    out = sh(sys.executable, "-m", "layerstore", "--store", store, "--json", *args)
+    return json.loads(out)
+
+
+def test_cli_imports_images_and_exports_every_format(
+    umoci_image: dict[str, Path], tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    ref = layout_image(umoci_image["layout"], "t")
+    got = cli(store, "import", umoci_image["layout"], umoci_image["archive"])
+    assert [sorted(r["images"]) for r in got] == [["t"], ["docker.io/library/app:t"]]
+    assert got[0]["images"]["t"]["digest"] == ref["entry"]["digest"]
+    assert (
+        got[1]["images"]["docker.io/library/app:t"]["layers"] == ref["config"]["rootfs"]["diff_ids"]
+    )
+    out = tmp_path / "out"
+    doc = cli(store, "export", "--format", "oci", "t", out, "--tag", "v2")
+    assert doc["digest"] == ref["entry"]["digest"]
+    assert json.loads(sh(SKOPEO or "skopeo", "inspect", f"oci:{out}:v2"))["Digest"] == doc["digest"]
+    for classic in ([], ["--classic"]):
+        archive = tmp_path / f"d{len(classic)}.tar"
+        cli(store, "export", "--format", "docker", "t", archive, "--tag", "app:v2", *classic)
+        inspected = json.loads(sh(SKOPEO or "skopeo", "inspect", f"docker-archive:{archive}"))
+        assert inspected["Layers"] == ref["config"]["rootfs"]["diff_ids"]
+    layer = ref["config"]["rootfs"]["diff_ids"][0]
+    doc = cli(store, "export", "--format", "tar", layer, tmp_path / "l.tar")
+    assert doc["digest"] == layer == sha256_file(tmp_path / "l.tar")
+    # A plain layer tar is still a layer, not an archive.
+    assert [r["diff_id"] for r in cli(store, "import", tmp_path / "l.tar")] == [layer]
+    bad = subprocess.run(
+        [sys.executable, "-m", "layerstore", "--store", str(store), "import", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1

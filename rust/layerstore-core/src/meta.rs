@@ -104,6 +104,10 @@ CREATE TABLE IF NOT EXISTS oci_layer_blobs (
     kept INTEGER NOT NULL              -- 1: bytes in blobs/sha256/<hex>; 0: recompression rebuilds them
 );
 CREATE INDEX IF NOT EXISTS oci_layer_blobs_by_layer ON oci_layer_blobs(layer);
+CREATE TABLE IF NOT EXISTS oci_refs (
+    name TEXT PRIMARY KEY,             -- a refs.name an image import tagged
+    manifest TEXT NOT NULL             -- oci_images.manifest it was imported from
+);
 ";
 
 /// Open (creating if needed) the database at `path` with the pragmas the store relies on.

@@ -518,6 +518,12 @@ impl<'s> Staging<'s> {
         for image in images {
             let chain = self.store.stack(&image.layers)?.chain_id;
             record_image(&tx, image, &chain)?;
+            for name in &image.names {
+                tx.execute(
+                    "INSERT OR REPLACE INTO oci_refs (name, manifest) VALUES (?1, ?2)",
+                    params![name, image.manifest.0],
+                )?;
+            }
         }
         tx.commit()?;
         drop(conn);
@@ -692,11 +698,9 @@ impl Walk<'_> {
             }
             if let Some(p) = entry.get("platform") {
                 // Only an index that names platforms is filtered, and by the host's unless asked.
-                if depth > 0 || self.explicit_platform {
-                    if !self.platform.matches(p) {
-                        self.other_platforms.push(Platform::describe(p));
-                        continue;
-                    }
+                if (depth > 0 || self.explicit_platform) && !self.platform.matches(p) {
+                    self.other_platforms.push(Platform::describe(p));
+                    continue;
                 }
             }
             let name = entry_name(entry).or_else(|| name.clone());
@@ -971,6 +975,26 @@ impl Store {
         Ok(pending)
     }
 
+    /// The image an import tagged `name` with, if the tag still names a stack of that ChainID.
+    pub(crate) fn image_for_ref(&self, name: &str, chain_id: &str) -> Result<Option<ImageDigests>> {
+        let conn = self.conn()?;
+        Ok(conn
+            .query_row(
+                "SELECT i.manifest, i.config, b.media_type FROM oci_refs r
+                 JOIN oci_images i ON i.manifest = r.manifest JOIN oci_blobs b ON b.digest = i.manifest
+                 WHERE r.name = ?1 AND i.chain_id = ?2",
+                [name, chain_id],
+                |r| {
+                    Ok(ImageDigests {
+                        manifest: r.get(0)?,
+                        config: r.get(1)?,
+                        media_type: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
     /// The manifest and config recorded for `stack` (its own, else the latest for its ChainID).
     pub fn image_digests(&self, stack: &Stack) -> Result<Option<ImageDigests>> {
         if let Some(d) = &stack.image {
@@ -1140,7 +1164,7 @@ impl Store {
         stack: &Stack,
         recorded: &ImageDigests,
         want: Option<Compression>,
-    ) -> Result<Option<(Vec<u8>, String, Vec<BlobPlan>)>> {
+    ) -> Result<Option<Verbatim>> {
         let (media_type, manifest) = self.oci_blob(&recorded.manifest)?;
         let m = parse_json(&recorded.manifest, &manifest)?;
         let layers = m
@@ -1305,6 +1329,9 @@ impl Store {
             .is_some_and(|s| s == size)
     }
 }
+
+/// A recorded manifest to re-emit as is: its bytes, media type, and how to rebuild its layers.
+type Verbatim = (Vec<u8>, String, Vec<BlobPlan>);
 
 #[derive(Clone, Copy, Debug)]
 enum Rebuild {

@@ -574,7 +574,9 @@ impl Store {
             .iter()
             .map(|id| self.layer(id))
             .collect::<Result<Vec<_>>>()?;
-        self.stack(&layers)
+        let mut stack = self.stack(&layers)?;
+        stack.image = self.image_for_ref(name, &stack.chain_id)?;
+        Ok(stack)
     }
 
     pub fn tags(&self) -> Result<Vec<String>> {
