@@ -394,10 +394,36 @@ impl<'s> Staging<'s> {
             expected_digest: expected_digest.map(String::from),
             limits: None,
         };
-        let imported: Imported = self
-            .store
-            .import_tar(reader, &opts, progress)
-            .map_err(|e| name_blob(e, blob))?;
+        // A compressed blob the store does not hold yet is copied as the import reads it, so
+        // the kept bytes are exactly the ones whose digest the import checked.
+        let held = match expected_digest {
+            Some(d) => {
+                self.known_blobs.contains(d) || layer_blob(&*self.store.conn()?, d)?.is_some()
+            }
+            None => false,
+        };
+        let tee_path = self
+            .dir
+            .join(format!("{}.part", crate::store::unique_name()));
+        let reader: Box<dyn Read + Send> = if held {
+            reader
+        } else {
+            let out =
+                fs::File::create(&tee_path).ctx(|| format!("creating {}", tee_path.display()))?;
+            Box::new(TeeFile {
+                inner: reader,
+                out: Some(out),
+                first: true,
+            })
+        };
+        let imported = self.store.import_tar(reader, &opts, progress);
+        let imported: Imported = match imported {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = fs::remove_file(&tee_path);
+                return Err(name_blob(e, blob));
+            }
+        };
         if !imported.existed {
             self.created.push(imported.layer.clone());
         }
@@ -409,7 +435,7 @@ impl<'s> Staging<'s> {
                 let compression = Compression::parse(Some(c))?;
                 let kept = !self.reproducible(src, member, &info, compression)?;
                 if kept {
-                    self.keep(src, member, digest)?;
+                    self.keep(src, member, digest, &tee_path, size)?;
                 }
                 self.blobs.push(LayerBlob {
                     digest: digest.clone(),
@@ -421,6 +447,7 @@ impl<'s> Staging<'s> {
                 self.known_blobs.insert(digest.clone());
             }
         }
+        let _ = fs::remove_file(&tee_path);
         self.layers.insert(member.to_string(), info.clone());
         Ok(info)
     }
@@ -449,13 +476,26 @@ impl<'s> Staging<'s> {
         Ok(same && cmp.matched == size && cmp.at_end())
     }
 
-    /// Copy the blob into the staging directory, hashing it again on the way.
-    fn keep(&self, src: &dyn Source, member: &str, digest: &str) -> Result<()> {
+    /// Put the blob into the staging directory: the copy made while importing it when there is
+    /// one, else a new copy, hashed again on the way.
+    fn keep(
+        &self,
+        src: &dyn Source,
+        member: &str,
+        digest: &str,
+        teed: &Path,
+        size: u64,
+    ) -> Result<()> {
         let d = OciDigest::parse(digest)?;
+        let path = self.dir.join(&d.hex);
+        if fs::metadata(teed).is_ok_and(|m| m.len() == size) {
+            let f = fs::File::open(teed).ctx(|| format!("opening {}", teed.display()))?;
+            f.sync_all().ctx(|| "syncing a blob".into())?;
+            return fs::rename(teed, &path).ctx(|| format!("staging blob {digest}"));
+        }
         let (mut r, _) = src.open(member)?.ok_or_else(|| Error::MissingBlob {
             blob: digest.to_string(),
         })?;
-        let path = self.dir.join(&d.hex);
         let f = fs::File::create(&path).ctx(|| format!("creating {}", path.display()))?;
         let mut w = HashWriter::new(io::BufWriter::with_capacity(1 << 20, f));
         io::copy(&mut r, &mut w).ctx(|| format!("copying blob {digest}"))?;
@@ -594,6 +634,32 @@ pub(crate) fn layer_blob(conn: &Connection, digest: &str) -> Result<Option<(Stri
         .prepare_cached("SELECT compression, kept FROM oci_layer_blobs WHERE digest = ?1")?
         .query_row([digest], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?)
+}
+
+/// Copies what is read into a file, unless the stream's first bytes say it is not compressed.
+struct TeeFile<R> {
+    inner: R,
+    out: Option<fs::File>,
+    first: bool,
+}
+
+impl<R: Read> Read for TeeFile<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        if std::mem::take(&mut self.first)
+            && n >= 4
+            && crate::compress::detect_bytes(&buf[..n]) == Compression::None
+        {
+            self.out = None;
+        }
+        if let Some(out) = self.out.as_mut() {
+            out.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
 }
 
 /// Compares what is written with a reader's bytes; fails at the first difference.
