@@ -99,10 +99,14 @@ def test_export_oci_vs_umoci_repack(
 ) -> None:
     store, image = plain_v1
     ours_out, peer_out = scratch / "ours", scratch / "peer"
+
+    def fresh_dest() -> None:
+        reset_dir(ours_out)
+
     ours, digest = timed_pedantic(
         benchmark,
         lambda: store.export_oci(image, ours_out, tag="v1", compression="gzip"),
-        setup=lambda: reset_dir(ours_out),
+        setup=fresh_dest,
         rounds=ROUNDS,
         warmup_rounds=1,
     )

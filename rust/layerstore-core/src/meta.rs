@@ -101,7 +101,7 @@ CREATE TABLE IF NOT EXISTS oci_layer_blobs (
     layer TEXT NOT NULL,               -- layers.id
     compression TEXT NOT NULL,         -- 'gzip' | 'zstd'
     size INTEGER NOT NULL,
-    kept INTEGER NOT NULL              -- 1: bytes in blobs/sha256/<hex>; 0: recompression rebuilds them
+    rebuild TEXT NOT NULL              -- 'kept': bytes in blobs/sha256/<hex>; 'stream' | 'pgzip': recompressing rebuilds them
 );
 CREATE INDEX IF NOT EXISTS oci_layer_blobs_by_layer ON oci_layer_blobs(layer);
 CREATE TABLE IF NOT EXISTS oci_refs (

@@ -19,6 +19,7 @@
 //! - `index.json` of an existing layout is replaced atomically (temporary file, then rename).
 
 pub mod docker;
+pub mod pgzip;
 pub mod source;
 
 use std::collections::{HashMap, HashSet};
@@ -315,8 +316,8 @@ pub(crate) struct LayerBlob {
     pub layer: String,
     pub compression: &'static str,
     pub size: u64,
-    /// True: its bytes are kept under `blobs/`; false: recompressing the layer reproduces them.
-    pub kept: bool,
+    /// How export gets the bytes back (see [`Rebuild`]).
+    pub rebuild: Rebuild,
 }
 
 /// An image ready to be recorded once its layers are in.
@@ -433,16 +434,19 @@ impl<'s> Staging<'s> {
                 || layer_blob(&*self.store.conn()?, digest)?.is_some();
             if !known {
                 let compression = Compression::parse(Some(c))?;
-                let kept = !self.reproducible(src, member, &info, compression)?;
-                if kept {
-                    self.keep(src, member, digest, &tee_path, size)?;
-                }
+                let rebuild = match self.reproducible(src, member, &info, compression)? {
+                    Some(r) => r,
+                    None => {
+                        self.keep(src, member, digest, &tee_path, size)?;
+                        Rebuild::Kept
+                    }
+                };
                 self.blobs.push(LayerBlob {
                     digest: digest.clone(),
                     layer: info.id.to_string(),
                     compression: compression.name().unwrap_or("none"),
                     size,
-                    kept,
+                    rebuild,
                 });
                 self.known_blobs.insert(digest.clone());
             }
@@ -452,28 +456,38 @@ impl<'s> Staging<'s> {
         Ok(info)
     }
 
-    /// Whether recompressing the stored tar gives back the blob byte for byte (compared as it is
-    /// produced, so a blob from another compressor fails within its first block).
+    /// Which of our encoders, recompressing the stored tar, gives back the blob byte for byte
+    /// (compared as it is produced, so a blob from another compressor fails within its first
+    /// blocks); `None` when neither does.
     fn reproducible(
         &self,
         src: &dyn Source,
         member: &str,
         info: &LayerInfo,
         compression: Compression,
-    ) -> Result<bool> {
-        let Some((original, size)) = src.open(member)? else {
-            return Ok(false);
-        };
-        let mut cmp = CompareWriter {
-            expected: original,
-            buf: Vec::new(),
-            matched: 0,
-        };
-        let same = self
-            .store
-            .export_tar(&info.id, &mut cmp, compression, &crate::store::no_progress)
-            .is_ok();
-        Ok(same && cmp.matched == size && cmp.at_end())
+    ) -> Result<Option<Rebuild>> {
+        let mut tries = vec![Rebuild::Tar(compression)];
+        if compression == Compression::Gzip {
+            tries.insert(0, Rebuild::ParGzip);
+        }
+        for how in tries {
+            let Some((original, size)) = src.open(member)? else {
+                return Ok(None);
+            };
+            let mut cmp = CompareWriter {
+                expected: original,
+                buf: Vec::new(),
+                matched: 0,
+            };
+            let same = self
+                .store
+                .rebuild_layer(info, how, &mut cmp, &crate::store::no_progress)
+                .is_ok();
+            if same && cmp.matched == size && cmp.at_end() {
+                return Ok(Some(how));
+            }
+        }
+        Ok(None)
     }
 
     /// Put the blob into the staging directory: the copy made while importing it when there is
@@ -540,7 +554,7 @@ impl<'s> Staging<'s> {
     fn commit_inner(&self, images: &[PendingImage]) -> Result<()> {
         let blob_dir = self.store.root().join("blobs").join("sha256");
         fs::create_dir_all(&blob_dir).ctx(|| format!("creating {}", blob_dir.display()))?;
-        for b in self.blobs.iter().filter(|b| b.kept) {
+        for b in self.blobs.iter().filter(|b| b.rebuild == Rebuild::Kept) {
             let hex = b.digest.trim_start_matches("sha256:");
             let hex = hex.trim_start_matches("sha512:");
             fs::rename(self.dir.join(hex), blob_dir.join(hex))
@@ -551,8 +565,8 @@ impl<'s> Staging<'s> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for b in &self.blobs {
             tx.execute(
-                "INSERT OR REPLACE INTO oci_layer_blobs (digest, layer, compression, size, kept) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![b.digest, b.layer, b.compression, b.size, b.kept],
+                "INSERT OR REPLACE INTO oci_layer_blobs (digest, layer, compression, size, rebuild) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![b.digest, b.layer, b.compression, b.size, b.rebuild.name()],
             )?;
         }
         for image in images {
@@ -629,11 +643,14 @@ fn name_blob(e: Error, blob: &str) -> Error {
     }
 }
 
-pub(crate) fn layer_blob(conn: &Connection, digest: &str) -> Result<Option<(String, bool)>> {
-    Ok(conn
-        .prepare_cached("SELECT compression, kept FROM oci_layer_blobs WHERE digest = ?1")?
+/// How the store rebuilds the compressed layer blob `digest`, if it knows the blob.
+pub(crate) fn layer_blob(conn: &Connection, digest: &str) -> Result<Option<Rebuild>> {
+    let row: Option<(String, String)> = conn
+        .prepare_cached("SELECT compression, rebuild FROM oci_layer_blobs WHERE digest = ?1")?
         .query_row([digest], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?)
+        .optional()?;
+    row.map(|(c, r)| Rebuild::parse(&r, Compression::parse(Some(&c))?))
+        .transpose()
 }
 
 /// Copies what is read into a file, unless the stream's first bytes say it is not compressed.
@@ -1262,8 +1279,7 @@ impl Store {
                 Rebuild::Tar(Compression::None)
             } else {
                 match layer_blob(&conn, &digest)? {
-                    Some((_, true)) => Rebuild::Kept,
-                    Some((_, false)) => Rebuild::Tar(c),
+                    Some(how) => how,
                     None => return Ok(None),
                 }
             };
@@ -1286,16 +1302,18 @@ impl Store {
             let (digest, how) = if c == Compression::None {
                 (Some(info.diff_id.clone()), Rebuild::Tar(c))
             } else {
-                let known: Option<(String, bool)> = conn
+                // Prefer a blob rebuilt by recompression (no bytes kept), then any other.
+                let known: Option<(String, String)> = conn
                     .query_row(
-                        "SELECT digest, kept FROM oci_layer_blobs WHERE layer = ?1 AND compression = ?2 ORDER BY kept LIMIT 1",
+                        "SELECT digest, rebuild FROM oci_layer_blobs WHERE layer = ?1 AND compression = ?2
+                         ORDER BY rebuild = 'kept', digest LIMIT 1",
                         params![info.id.to_string(), c.name()],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
                 match known {
-                    Some((d, true)) => (Some(d), Rebuild::Kept),
-                    Some((d, false)) => (Some(d), Rebuild::Tar(c)),
+                    Some((d, how)) => (Some(d), Rebuild::parse(&how, c)?),
+                    None if c == Compression::Gzip => (None, Rebuild::ParGzip),
                     None => (None, Rebuild::Tar(c)),
                 }
             };
@@ -1345,15 +1363,13 @@ impl Store {
             let f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
             let mut w = HashWriter::new(io::BufWriter::with_capacity(1 << 20, f));
             match p.how {
-                Rebuild::Tar(c) => {
-                    self.export_tar(&p.info.id, &mut w, c, progress)?;
-                }
                 Rebuild::Kept => {
                     let d = OciDigest::parse(p.digest.as_deref().unwrap_or_default())?;
                     let path = self.root().join("blobs").join("sha256").join(&d.hex);
                     let mut f = fs::File::open(&path).ctx(|| format!("opening kept blob {d}"))?;
                     io::copy(&mut f, &mut w).ctx(|| format!("copying kept blob {d}"))?;
                 }
+                how => self.rebuild_layer(&p.info, how, &mut w, progress)?,
             }
             let (inner, digest, size) = w.finish();
             inner
@@ -1399,12 +1415,59 @@ impl Store {
 /// A recorded manifest to re-emit as is: its bytes, media type, and how to rebuild its layers.
 type Verbatim = (Vec<u8>, String, Vec<BlobPlan>);
 
-#[derive(Clone, Copy, Debug)]
-enum Rebuild {
-    /// Export the stored tar with this compression.
+/// How a compressed layer blob is produced again from the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rebuild {
+    /// Export the stored tar through the store's stream encoder for this compression
+    /// (`export_tar`'s: flate2 level 6, or zstd level 3 with a checksum).
     Tar(Compression),
-    /// Copy the bytes kept at import.
+    /// Export the stored tar through the block-parallel gzip encoder ([`pgzip`]).
+    ParGzip,
+    /// Copy the bytes kept at import (`STORE/blobs/sha256/<hex>`).
     Kept,
+}
+
+impl Rebuild {
+    fn name(&self) -> &'static str {
+        match self {
+            Rebuild::Tar(_) => "stream",
+            Rebuild::ParGzip => "pgzip",
+            Rebuild::Kept => "kept",
+        }
+    }
+
+    fn parse(name: &str, c: Compression) -> Result<Self> {
+        match name {
+            "stream" => Ok(Rebuild::Tar(c)),
+            "pgzip" => Ok(Rebuild::ParGzip),
+            "kept" => Ok(Rebuild::Kept),
+            other => Err(Error::Corrupt(format!("unknown blob rebuild {other:?}"))),
+        }
+    }
+}
+
+impl Store {
+    /// Write layer `info`'s blob as `how` makes it (not for [`Rebuild::Kept`]).
+    fn rebuild_layer(
+        &self,
+        info: &LayerInfo,
+        how: Rebuild,
+        out: &mut dyn Write,
+        progress: Progress<'_>,
+    ) -> Result<()> {
+        match how {
+            Rebuild::Tar(c) => self.export_tar(&info.id, out, c, progress).map(|_| ()),
+            Rebuild::ParGzip => {
+                let mut gz = pgzip::ParGzWriter::new(out);
+                self.export_tar(&info.id, &mut gz, Compression::None, progress)?;
+                gz.finish().ctx(|| "finishing the gzip stream".into())?;
+                Ok(())
+            }
+            Rebuild::Kept => Err(Error::InvalidArgument(
+                "a kept blob is copied, not rebuilt".into(),
+            )),
+        }
+    }
 }
 
 struct BlobPlan {
