@@ -8,15 +8,21 @@
 pub mod cas;
 pub mod chunk;
 pub mod compress;
+pub mod container;
+pub mod diff;
 pub mod digest;
+pub mod dirdiff;
+pub mod emit;
 pub mod error;
 pub mod fsio;
 pub mod layer;
 pub mod meta;
 pub mod oci;
+pub mod squash;
 pub mod stack;
 pub mod store;
 pub mod tar;
+pub mod tarwrite;
 pub mod union;
 
 pub use error::{Error, ErrorKind, Result};

@@ -29,7 +29,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsio;
 use crate::layer::{self, ChunkRef, Entry, LayerInfo};
 use crate::meta;
-use crate::stack::{ContentReader, LayerEntries, Stack};
+use crate::stack::{ContentReader, LayerEntries, Piece, Stack};
 use crate::tar::{EntrySink, Limits, Op, SplitOutput, Splitter, TarSplit};
 
 /// Settings fixed when a store is created.
@@ -223,6 +223,10 @@ impl Store {
         &self.options
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     pub(crate) fn conn(&self) -> Result<Conn<'_>> {
         let pooled = self
             .pool
@@ -239,7 +243,7 @@ impl Store {
         })
     }
 
-    fn packs_dir(&self) -> PathBuf {
+    pub(crate) fn packs_dir(&self) -> PathBuf {
         self.root.join("packs")
     }
 
@@ -475,6 +479,16 @@ impl Store {
         Ok(imported)
     }
 
+    /// Record the build step that made a layer (its OCI history `created_by`).
+    pub fn set_created_by(&self, id: &Blake3, created_by: &str) -> Result<()> {
+        meta::set_created_by(&*self.conn()?, id, created_by)
+    }
+
+    /// The build step recorded for a layer, if any.
+    pub fn created_by(&self, id: &Blake3) -> Result<Option<String>> {
+        meta::created_by(&*self.conn()?, id)
+    }
+
     pub fn layers(&self) -> Result<Vec<LayerInfo>> {
         meta::list_layers(&*self.conn()?)
     }
@@ -541,19 +555,42 @@ impl Store {
 
     /// A reader of a regular file's content.
     pub fn content(&self, entry: &Entry) -> Result<ContentReader> {
+        self.content_with(entry, None)
+    }
+
+    /// A reader of a regular file's content, whose chunks may also be in `fresh` (a
+    /// container's uncommitted writes).
+    pub fn content_with(
+        &self,
+        entry: &Entry,
+        fresh: Option<&crate::emit::FreshChunks>,
+    ) -> Result<ContentReader> {
         let conn = self.conn()?;
-        let locs = entry
+        let pieces = entry
             .chunks
             .iter()
             .map(|c| {
+                if let Some(b) = fresh.and_then(|f| f.get(&c.digest)) {
+                    return Ok(Piece::Fresh(b.clone()));
+                }
                 meta::chunk_loc(&conn, &c.digest)?
+                    .map(Piece::Stored)
                     .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", c.digest)))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ContentReader::new(
-            locs,
+        Ok(ContentReader::with_pieces(
+            pieces,
             PackReader::new(&self.packs_dir())?,
         ))
+    }
+
+    /// The bytes of one stored chunk.
+    pub fn chunk(&self, digest: &Blake3) -> Result<Arc<[u8]>> {
+        let loc = meta::chunk_loc(&*self.conn()?, digest)?
+            .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))?;
+        let mut buf = Vec::new();
+        PackReader::new(&self.packs_dir())?.read(&loc, &mut buf)?;
+        Ok(Arc::from(buf))
     }
 
     /// Point tag `name` at `stack` (recording the stack, so its layers cannot be deleted).
@@ -687,24 +724,7 @@ impl Store {
         compression: Compression,
         progress: Progress<'_>,
     ) -> Result<Exported> {
-        let dir = dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{}.layerstore-tmp", unique_name()));
-        let result = (|| {
-            let f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-            let mut w = io::BufWriter::with_capacity(1 << 20, f);
-            let exported = self.export_tar(id, &mut w, compression, progress)?;
-            w.into_inner()
-                .map_err(|e| Error::io("flushing the export", e.into_error()))?;
-            fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))?;
-            Ok(exported)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        fsio::write_atomically(dest, |w| self.export_tar(id, w, compression, progress))
     }
 
     pub fn stats(&self) -> Result<Stats> {
@@ -1276,7 +1296,7 @@ impl Write for HashingWriter<'_> {
     }
 }
 
-fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+pub(crate) fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     let bytes = postcard::to_stdvec(value)
         .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
     let mut enc =

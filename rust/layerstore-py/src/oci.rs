@@ -22,11 +22,7 @@ fn images_by_name<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     for image in images {
-        let stack = Stack {
-            store: store.clone(),
-            inner: image.stack,
-        };
-        d.set_item(image.name, stack)?;
+        d.set_item(image.name, Stack::new(store.clone(), image.stack))?;
     }
     Ok(d)
 }
