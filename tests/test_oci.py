@@ -658,3 +658,40 @@ def test_cli_imports_images_and_exports_every_format(
         check=False,
     )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+
+
+def test_synthesised_history_names_build_steps(
+    store: ls.Store, made: ls.Stack, tmp_path: Path
+) -> None:
+    with made.container() as c:
+        c.write_bytes("/etc/extra", b"x\n")
+        layer = c.commit(created_by="RUN echo x > /etc/extra")
+    image = made.push(layer)
+    store.export_oci(image, tmp_path / "o", tag="h")
+    history = layout_image(tmp_path / "o", "h")["config"]["history"]
+    assert history[-1] == {"created": "1970-01-01T00:00:00Z", "created_by": layer.created_by}
+    assert history[0]["created_by"] == f"layerstore: layer {made.layers[0].id}"
+
+
+def test_gc_and_fsck_know_kept_blobs(store: ls.Store, umoci_image: dict[str, Path]) -> None:
+    image = store.import_oci(umoci_image["layout"])["t"]
+    kept = Path(store.path) / "blobs" / "sha256"
+    files = sorted(kept.iterdir())
+    assert len(files) == len(image)
+    assert store.fsck()["ok"]
+    data = files[0].read_bytes()
+    files[0].unlink()
+    problems = store.fsck()["problems"]
+    assert len(problems) == 1 and files[0].name in problems[0]
+    files[0].write_bytes(data)
+    store.gc()
+    assert sorted(kept.iterdir()) == files  # still used
+    store.untag("t")
+    for layer in reversed(image.layers):
+        store.delete(layer)
+    old = 1_000_000_000
+    for f in files:
+        os.utime(f, (old, old))  # older than the grace period
+    store.gc()
+    assert not list(kept.iterdir())
+    assert store.fsck()["ok"]

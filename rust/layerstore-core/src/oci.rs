@@ -360,6 +360,70 @@ impl Store {
     }
 }
 
+impl Store {
+    /// `gc`'s part for images: forget compressed blobs whose layer is gone, and delete kept blob
+    /// files no record names once they are older than [`crate::cas::RETIRE_GRACE`] (an import
+    /// moves its blobs in just before the commit that records them). Returns the bytes freed.
+    pub(crate) fn gc_image_blobs(&self) -> Result<u64> {
+        let conn = self.conn()?;
+        conn.execute(
+            "DELETE FROM oci_layer_blobs WHERE layer NOT IN (SELECT id FROM layers)",
+            [],
+        )?;
+        let dir = self.root().join("blobs").join("sha256");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(0);
+        };
+        let mut stmt = conn.prepare("SELECT digest FROM oci_layer_blobs WHERE rebuild = 'kept'")?;
+        let kept: HashSet<String> = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .map(|d| d.trim_start_matches("sha256:").to_string())
+            .collect();
+        let mut freed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = e.metadata() else { continue };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= crate::cas::RETIRE_GRACE);
+            if meta.is_file() && !kept.contains(&name) && old && fs::remove_file(e.path()).is_ok() {
+                freed += meta.len();
+            }
+        }
+        Ok(freed)
+    }
+
+    /// `fsck`'s part for images: every kept blob is present with its recorded size.
+    pub(crate) fn fsck_image_blobs(&self, problems: &mut Vec<String>) -> Result<()> {
+        let conn = self.conn()?;
+        let mut stmt =
+            conn.prepare("SELECT digest, size FROM oci_layer_blobs WHERE rebuild = 'kept'")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for (digest, size) in rows {
+            let path = self
+                .root()
+                .join("blobs")
+                .join("sha256")
+                .join(digest.trim_start_matches("sha256:"));
+            match fs::metadata(&path) {
+                Ok(m) if m.len() == size => {}
+                Ok(m) => problems.push(format!(
+                    "kept blob {digest} is {} bytes, {size} recorded",
+                    m.len()
+                )),
+                Err(e) => problems.push(format!("kept blob {digest}: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -836,6 +836,7 @@ impl Store {
         }
         // Their bytes were counted when they were retired.
         expire_retired(&retired);
+        report.bytes_reclaimed += self.gc_image_blobs()?;
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
         Ok(report)
     }
@@ -1021,6 +1022,7 @@ impl Store {
                 ));
             }
         }
+        self.fsck_image_blobs(&mut report.problems)?;
         Ok(report)
     }
 }

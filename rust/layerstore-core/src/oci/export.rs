@@ -132,7 +132,14 @@ impl Store {
             _ => {
                 let config = match &recorded {
                     Some(r) => self.oci_blob(&r.config)?.1,
-                    None => synth_config(stack),
+                    None => {
+                        let steps = stack
+                            .layers
+                            .iter()
+                            .map(|l| self.created_by(&l.id))
+                            .collect::<Result<Vec<_>>>()?;
+                        synth_config(stack, &steps)
+                    }
                 };
                 let c = opts.compression.unwrap_or(Compression::Gzip);
                 let plan = self.fresh_plan(stack, c)?;
@@ -370,13 +377,19 @@ struct BlobPlan {
 }
 
 /// A minimal valid image config for a stack made in the store: the host's platform, the layers'
-/// diff_ids, one history entry per layer, fixed timestamps.
-fn synth_config(stack: &Stack) -> Vec<u8> {
+/// diff_ids, one history entry per layer (its recorded build step, if any), fixed timestamps.
+fn synth_config(stack: &Stack, steps: &[Option<String>]) -> Vec<u8> {
     let host = Platform::host();
     let history: Vec<Value> = stack
         .layers
         .iter()
-        .map(|l| json!({"created": EPOCH, "created_by": format!("layerstore: layer {}", l.id)}))
+        .zip(steps)
+        .map(|(l, step)| {
+            let by = step
+                .clone()
+                .unwrap_or_else(|| format!("layerstore: layer {}", l.id));
+            json!({"created": EPOCH, "created_by": by})
+        })
         .collect();
     let config = json!({
         "created": EPOCH,
