@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import sys
+import tarfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -308,8 +309,6 @@ def is_docker_archive(src: str) -> bool:
     are docker's (``manifest.json``, ``blobs/…``, ``<hex>/layer.tar``, ``<hex>.json``…) and
     that has a top-level ``manifest.json``. A layer's first member decides quickly that it is not.
     """
-    import tarfile
-
     try:
         with tarfile.open(src, "r:*") as tar:
             found = False

@@ -12,8 +12,10 @@
 //!   every layer is in.
 //! - Export reproduces what was imported digest for digest: manifests and configs are re-emitted
 //!   from their stored bytes, and a compressed layer blob either comes from the bytes kept at
-//!   import (`STORE/blobs/sha256/<hex>`) or from recompressing the stored tar, which the import
-//!   proved gives the very same bytes. Every blob written is hashed again and compared.
+//!   import (`STORE/blobs/sha256/<hex>`, written from the very bytes the layer import checked)
+//!   or from recompressing the stored tar with the encoder the import proved gives the same
+//!   bytes ([`Rebuild`]). Every blob whose digest is known is hashed again as it is written and
+//!   compared; a new blob is named by the digest of what was written.
 //! - What the store synthesises (a manifest or config for an image made in the store) is
 //!   deterministic: serde_json's sorted keys, fixed timestamps (the epoch), no host names.
 //! - `index.json` of an existing layout is replaced atomically (temporary file, then rename).
