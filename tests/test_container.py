@@ -379,3 +379,17 @@ def test_random_edits_match_a_real_directory(store: ls.Store, tmp_path: Path, se
         layer = c.commit()
     assert view_of(image.push(layer)) == view_of_dir(root)
     assert view_of(image) == initial
+
+
+def test_squash_merges_the_build_history(image: ls.Stack) -> None:
+    steps = []
+    for i, step in enumerate(["RUN apt-get install x", "COPY . /app"]):
+        with image.container() as c:
+            c.write_bytes(f"/step{i}", step.encode())
+            layer = c.commit(created_by=step)
+        image = image.push(layer)
+        steps.append(step)
+    flat = image.squash(1)
+    assert len(flat) == 2
+    assert flat.layers[1].created_by == "RUN apt-get install x && COPY . /app"
+    assert flat.read_bytes("/step1") == b"COPY . /app"

@@ -47,7 +47,8 @@ def view(image: ls.Stack) -> dict[str, Any]:
             p = os.path.join(dirpath, name)
             st = image.stat(p, follow_symlinks=False)
             extra = image.read_bytes(p) if st.kind == "file" else st.linkname
-            out[p] = (st.kind, st.mode, st.uid, st.gid, st.mtime_ns // 10**9, extra)
+            # umoci rounds mtimes to whole seconds; ours keep nanoseconds.
+            out[p] = (st.kind, st.mode, st.uid, st.gid, round(st.mtime_ns / 10**9), extra)
     return out
 
 

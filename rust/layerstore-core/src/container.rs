@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::layer::{ChunkRef, Entry, Kind};
 use crate::stack::Stack;
 use crate::store::{Imported, Progress, Store};
-use crate::union::{components, Index, Node, ViewEntry};
+use crate::union::{child_path, components, Index, Node, ViewEntry};
 
 /// What [`Container::chunk_bytes`] reads stored chunks with.
 pub type ChunkSource<'a> = &'a dyn Fn(&Blake3) -> Result<Arc<[u8]>>;
@@ -59,14 +59,6 @@ fn now_ns() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
-}
-
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    if dir.is_empty() {
-        name.to_vec()
-    } else {
-        [dir, b"/", name].concat()
-    }
 }
 
 /// A new entry of `kind` created now by root.
@@ -157,7 +149,7 @@ impl Container {
             return Err(os_error(Errno::NOTDIR, path));
         }
         let dir = resolved.path.unwrap_or(parent);
-        Ok(join(&dir, name))
+        Ok(child_path(&dir, name))
     }
 
     /// Why `path` cannot be reached: ENOTDIR when a non-directory is on the way, as the kernel

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use crate::emit::{member_path, Change, What};
 use crate::layer::{Entry, Kind};
-use crate::union::{DirNode, Index, Node, ViewEntry};
+use crate::union::{child_path, DirNode, Index, Node, ViewEntry};
 
 /// Same view-visible metadata and content (uname/gname are tar decoration, not compared).
 pub fn same_meta(x: &Entry, y: &Entry) -> bool {
@@ -47,14 +47,6 @@ pub fn same_meta(x: &Entry, y: &Entry) -> bool {
 fn same_leaf(x: &ViewEntry, y: &ViewEntry) -> bool {
     let link = |v: &ViewEntry| (v.entry.kind == Kind::Hardlink).then(|| v.entry.link.clone());
     link(x) == link(y) && same_meta(x.meta(), y.meta())
-}
-
-fn child_path(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    if dir.is_empty() {
-        name.to_vec()
-    } else {
-        [dir, b"/", name].concat()
-    }
 }
 
 struct Differ {
@@ -151,7 +143,7 @@ fn view_meta(view: &ViewEntry) -> Arc<Entry> {
 }
 
 /// Component-wise order of member paths: depth-first pre-order with siblings by name bytes.
-fn archive_order(a: &[u8], b: &[u8]) -> Ordering {
+pub(crate) fn archive_order(a: &[u8], b: &[u8]) -> Ordering {
     a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
 }
 

@@ -12,20 +12,20 @@
 //!   and are written with the canonical tar writer, then imported like any tar: applying them over
 //!   the image gives the directory's view. The directory's root itself is not compared.
 
-use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
+use crate::diff::archive_order;
 use crate::digest::Blake3;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{self, DirOptions, Kind as FsKind, Node as FsNode, TarWriter};
 use crate::layer::{Entry, Kind};
 use crate::stack::Stack;
 use crate::store::{ImportOptions, Imported, Progress, Store};
-use crate::tarwrite::{self, Member, MemberKind};
-use crate::union::{DirNode, Node};
+use crate::tarwrite;
+use crate::union::{child_path, split_parent, DirNode, Node};
 
 /// Options of a directory comparison.
 #[derive(Clone, Debug, Default)]
@@ -52,14 +52,6 @@ pub struct DirDiff {
     nodes: Vec<FsNode>,
     pub changes: Vec<DirChange>,
     pub warnings: Vec<String>,
-}
-
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    if dir.is_empty() {
-        name.to_vec()
-    } else {
-        [dir, b"/", name].concat()
-    }
 }
 
 fn base_name(rel: &[u8]) -> &[u8] {
@@ -160,7 +152,7 @@ impl Walker<'_> {
         }
         for name in a.children.keys() {
             if !names.contains_key(&name[..]) {
-                self.out.push(DirChange::Whiteout(join(path, name)));
+                self.out.push(DirChange::Whiteout(child_path(path, name)));
             }
         }
         for &c in &nodes[b].children {
@@ -185,11 +177,6 @@ impl Walker<'_> {
         }
         Ok(())
     }
-}
-
-/// Component-wise order of member paths (depth-first, siblings by name bytes).
-fn archive_order(a: &[u8], b: &[u8]) -> Ordering {
-    a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
 }
 
 impl DirDiff {
@@ -221,10 +208,10 @@ impl DirDiff {
         let key = |c: &DirChange| match c {
             DirChange::Node(i) => nodes[*i].rel.clone(),
             DirChange::Whiteout(p) => {
-                let (dir, name) = p.rsplit_once_slash();
-                join(dir, &[b".wh.".as_slice(), name].concat())
+                let (dir, name) = split_parent(p);
+                child_path(dir, &[b".wh.".as_slice(), name].concat())
             }
-            DirChange::Opaque(p) => join(p, b".wh..wh..opq"),
+            DirChange::Opaque(p) => child_path(p, b".wh..wh..opq"),
         };
         let mut keyed: Vec<(Vec<u8>, DirChange)> =
             changes.into_iter().map(|c| (key(&c), c)).collect();
@@ -290,47 +277,19 @@ impl DirDiff {
                     fsio::write_member(&mut tw, &self.root, n, link_to, &mut buf)?;
                 }
                 DirChange::Whiteout(p) => {
-                    let (dir, name) = p.rsplit_once_slash();
-                    let path = join(dir, &[b".wh.".as_slice(), name].concat());
-                    tw.put(&tarwrite::header(&marker(&path))?)?;
+                    let (dir, name) = split_parent(p);
+                    let path = child_path(dir, &[b".wh.".as_slice(), name].concat());
+                    tw.put(&tarwrite::header(&crate::emit::marker(&path))?)?;
                 }
                 DirChange::Opaque(p) => {
-                    let path = join(p, b".wh..wh..opq");
-                    tw.put(&tarwrite::header(&marker(&path))?)?;
+                    let path = child_path(p, b".wh..wh..opq");
+                    tw.put(&tarwrite::header(&crate::emit::marker(&path))?)?;
                 }
             }
         }
         let tail = tarwrite::trailer(tw.written);
         tw.put(&tail)?;
         tw.out.flush().ctx(|| "writing tar stream".to_string())
-    }
-}
-
-/// An empty root-owned 0644 file at mtime 0: a whiteout or opaque marker.
-fn marker(path: &[u8]) -> Member<'_> {
-    Member {
-        path,
-        kind: MemberKind::File { size: 0 },
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        uname: b"",
-        gname: b"",
-        mtime_ns: 0,
-        xattrs: Vec::new(),
-    }
-}
-
-trait SplitSlash {
-    fn rsplit_once_slash(&self) -> (&[u8], &[u8]);
-}
-
-impl SplitSlash for Vec<u8> {
-    fn rsplit_once_slash(&self) -> (&[u8], &[u8]) {
-        match self.iter().rposition(|&b| b == b'/') {
-            Some(i) => (&self[..i], &self[i + 1..]),
-            None => (&[], &self[..]),
-        }
     }
 }
 

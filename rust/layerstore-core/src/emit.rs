@@ -25,6 +25,7 @@ use crate::meta;
 use crate::store::{Imported, Progress, Store};
 use crate::tar::{EntrySink, Op, SplitOutput, Splitter, TarSplit};
 use crate::tarwrite::{self, Member, MemberKind};
+use crate::union::{child_path, split_parent};
 
 /// Chunks held in memory (a container's writes), by digest.
 pub type FreshChunks = HashMap<Blake3, Arc<[u8]>>;
@@ -50,20 +51,6 @@ pub enum What {
     Opaque,
 }
 
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    if dir.is_empty() {
-        return name.to_vec();
-    }
-    [dir, b"/", name].concat()
-}
-
-fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&[], path),
-    }
-}
-
 /// Clamp every entry's mtime to at most `max_ns` (a `SOURCE_DATE_EPOCH`), for reproducible
 /// layers; markers are already at 0.
 pub fn clamp_mtimes(changes: &mut [Change], max_ns: i64) {
@@ -82,10 +69,10 @@ pub fn clamp_mtimes(changes: &mut [Change], max_ns: i64) {
 pub fn member_path(change: &Change) -> Vec<u8> {
     match change.what {
         What::Whiteout => {
-            let (dir, name) = split_last(&change.path);
-            join(dir, &[b".wh.".as_slice(), name].concat())
+            let (dir, name) = split_parent(&change.path);
+            child_path(dir, &[b".wh.".as_slice(), name].concat())
         }
-        What::Opaque => join(&change.path, b".wh..wh..opq"),
+        What::Opaque => child_path(&change.path, b".wh..wh..opq"),
         // The root directory's own entry is "./" (an empty name would read as "/").
         _ if change.path.is_empty() => b".".to_vec(),
         _ => change.path.clone(),
@@ -93,7 +80,7 @@ pub fn member_path(change: &Change) -> Vec<u8> {
 }
 
 /// A marker: an empty regular file, root-owned, mode 0644, mtime 0.
-fn marker(path: &[u8]) -> Member<'_> {
+pub(crate) fn marker(path: &[u8]) -> Member<'_> {
     Member {
         path,
         kind: MemberKind::File { size: 0 },
@@ -328,27 +315,16 @@ impl Store {
                 compression: None,
                 created_unix: meta::now(),
             };
-            let mut chunk_set: Vec<Blake3> = entries
-                .iter()
-                .flat_map(|e| e.chunks.iter().map(|c| c.digest))
-                .collect();
-            chunk_set.sort_unstable();
-            chunk_set.dedup();
-            let row = meta::LayerRow {
-                info: info.clone(),
-                entries: crate::store::encode_blob(&entries)?,
-                split: crate::store::encode_blob(&split)?,
-            };
+            let (row, chunk_set) = crate::store::layer_row(info.clone(), &entries, &split)?;
             let pack = writer.finish(|_| {})?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if let Some((locs, size)) = &pack {
-                meta::insert_pack(&tx, &pack_name, *size)?;
-                meta::insert_chunks(&tx, locs)?;
-            }
-            let existed = meta::layer_exists(&tx, &info.id)?;
-            if !existed {
-                meta::insert_layer(&tx, &row, &chunk_set)?;
-            }
+            let existed = crate::store::insert_layer_and_pack(
+                &tx,
+                &pack_name,
+                pack.as_ref(),
+                &row,
+                &chunk_set,
+            )?;
             meta::release_lease(&tx, lease)?;
             tx.commit()?;
             let layer = if existed {

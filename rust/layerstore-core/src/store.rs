@@ -374,34 +374,14 @@ impl Store {
             compression: compression.name().map(str::to_string),
             created_unix: meta::now(),
         };
-        let chunk_set: Vec<Blake3> = {
-            let mut set: Vec<Blake3> = entries
-                .iter()
-                .flat_map(|e| e.chunks.iter().map(|c| c.digest))
-                .collect();
-            set.sort_unstable();
-            set.dedup();
-            set
-        };
-        let row = meta::LayerRow {
-            info: info.clone(),
-            entries: encode_blob(&entries)?,
-            split: encode_blob(&split)?,
-        };
+        let (row, chunk_set) = layer_row(info.clone(), &entries, &split)?;
         let finishing = Instant::now();
         let pack = writer.finish(crash_point)?;
         let pack_finish = finishing.elapsed();
         let committing = Instant::now();
 
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some((locs, size)) = &pack {
-            meta::insert_pack(&tx, pack_name, *size)?;
-            meta::insert_chunks(&tx, locs)?;
-        }
-        let existed = meta::layer_exists(&tx, &info.id)?;
-        if !existed {
-            meta::insert_layer(&tx, &row, &chunk_set)?;
-        }
+        let existed = insert_layer_and_pack(&tx, pack_name, pack.as_ref(), &row, &chunk_set)?;
         if let (Some(c), Some(name)) = (&compressed, compression.name()) {
             meta::insert_blob_digest(&tx, &c.sha256, &info.id, name)?;
         }
@@ -1296,6 +1276,46 @@ impl Write for HashingWriter<'_> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// A layer's database row and the set of chunks its entries name.
+pub(crate) fn layer_row(
+    info: LayerInfo,
+    entries: &[Entry],
+    split: &TarSplit,
+) -> Result<(meta::LayerRow, Vec<Blake3>)> {
+    let mut chunk_set: Vec<Blake3> = entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.digest))
+        .collect();
+    chunk_set.sort_unstable();
+    chunk_set.dedup();
+    let row = meta::LayerRow {
+        info,
+        entries: encode_blob(&entries)?,
+        split: encode_blob(split)?,
+    };
+    Ok((row, chunk_set))
+}
+
+/// In the caller's transaction: the pack a layer's import wrote (if any) and the layer itself,
+/// unless a layer with its id exists (returns whether it did).
+pub(crate) fn insert_layer_and_pack(
+    tx: &Connection,
+    pack_name: &str,
+    pack: Option<&(Vec<cas::ChunkLoc>, u64)>,
+    row: &meta::LayerRow,
+    chunk_set: &[Blake3],
+) -> Result<bool> {
+    if let Some((locs, size)) = pack {
+        meta::insert_pack(tx, pack_name, *size)?;
+        meta::insert_chunks(tx, locs)?;
+    }
+    let existed = meta::layer_exists(tx, &row.info.id)?;
+    if !existed {
+        meta::insert_layer(tx, row, chunk_set)?;
+    }
+    Ok(existed)
 }
 
 pub(crate) fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {

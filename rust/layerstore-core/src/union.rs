@@ -193,7 +193,17 @@ pub fn components(path: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
         .filter(|c| !c.is_empty() && *c != b".")
 }
 
-fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
+/// `dir/name` (just `name` in the root).
+pub fn child_path(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    if dir.is_empty() {
+        name.to_vec()
+    } else {
+        [dir, b"/", name].concat()
+    }
+}
+
+/// A path's directory and last component (the root's children have an empty directory).
+pub fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&b| b == b'/') {
         Some(i) => (&path[..i], &path[i + 1..]),
         None => (&[], path),

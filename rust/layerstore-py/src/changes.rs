@@ -80,6 +80,13 @@ fn change_name(c: &Change) -> &'static str {
     }
 }
 
+fn named(changes: &[Change]) -> Vec<(&'static str, Vec<u8>)> {
+    changes
+        .iter()
+        .map(|c| (change_name(c), c.path.clone()))
+        .collect()
+}
+
 fn listing(changes: Vec<(&'static str, Vec<u8>)>) -> Vec<(&'static str, OsString)> {
     changes
         .into_iter()
@@ -173,12 +180,7 @@ impl Store {
                 (a, b) => both_sides(&store, a, b, |sa, sb| {
                     Ok(core::diff::diff_indices(&sa.index, &sb.index))
                 })
-                .map(|changes| {
-                    changes
-                        .iter()
-                        .map(|c| (change_name(c), c.path.clone()))
-                        .collect()
-                }),
+                .map(|changes| named(&changes)),
             })
             .py()?;
         Ok(listing(listed))
@@ -229,18 +231,14 @@ impl Store {
         let changes = py
             .detach(|| store.squash_changes(&stack, start, stop))
             .py()?;
-        Ok(listing(
-            changes
-                .iter()
-                .map(|c| (change_name(c), c.path.clone()))
-                .collect(),
-        ))
+        Ok(listing(named(&changes)))
     }
 }
 
 #[pymethods]
 impl Stack {
-    /// This image with layers `start..stop` squashed into one.
+    /// This image with layers `start..stop` squashed into one; the new layer's `created_by`
+    /// joins the range's recorded build steps with " && ".
     #[pyo3(signature = (start=0, stop=None, *, source_date_epoch=None, progress=None))]
     fn squash(
         &self,
@@ -258,6 +256,14 @@ impl Stack {
             let flat = store.squash(&self.inner, start, stop, clamp, None, &|n| {
                 interrupts.check(n)
             })?;
+            // The squashed layer's history: the build steps of the range, in order.
+            let mut steps = Vec::new();
+            for layer in self.inner.layers.get(start..stop).unwrap_or_default() {
+                steps.extend(store.created_by(&layer.id)?);
+            }
+            if !steps.is_empty() {
+                store.set_created_by(&flat.layer.id, &steps.join(" && "))?;
+            }
             let mut layers = self.inner.layers[..start].to_vec();
             layers.push(flat.layer);
             layers.extend_from_slice(&self.inner.layers[stop..]);
