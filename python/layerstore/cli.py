@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import sys
+import tarfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -236,11 +237,21 @@ def cmd_import(args: argparse.Namespace) -> int:
                 raise CliError("refusing to read a tar from a terminal (pipe one into '-')")
             with progress_bar("stdin", None, args.progress) as progress:
                 layer = store.import_tar(sys.stdin.buffer, progress=progress)
+        elif os.path.isdir(src) and os.path.isfile(os.path.join(src, "oci-layout")):
+            with progress_bar(os.path.basename(src) or src, None, args.progress) as progress:
+                images = store.import_oci(src, platform=args.platform, progress=progress)
+            results.append(_report_images(src, images, args.json))
+            continue
         elif os.path.isdir(src):
             with progress_bar(os.path.basename(src) or src, None, args.progress) as progress:
                 layer = store.import_dir(
                     src, exclude_xattrs=list(args.exclude_xattr), progress=progress
                 )
+        elif is_docker_archive(src):
+            with progress_bar(os.path.basename(src), None, args.progress) as progress:
+                images = store.import_docker_archive(src, progress=progress)
+            results.append(_report_images(src, images, args.json))
+            continue
         else:
             total = _plain_size(src)
             with progress_bar(os.path.basename(src), total, args.progress) as progress:
@@ -257,6 +268,57 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.json:
         print_json(results)
     return 0
+
+
+def image_json(image: ls.Stack) -> dict[str, Any]:
+    return {
+        "digest": image.digest,
+        "config_digest": image.config_digest,
+        "chain_id": image.chain_id,
+        "layers": [layer.diff_id for layer in image.layers],
+    }
+
+
+def _report_images(src: str, images: Mapping[str, ls.Stack], as_json: bool) -> dict[str, Any]:
+    """Print what an image import brought in (text mode); the JSON document of it."""
+    if not as_json:
+        print(f"imported {src}")
+        for name, image in images.items():
+            print(f"  image    {name}")
+            print(f"  digest   {image.digest}")
+            print(f"  layers   {len(image)}")
+        sys.stdout.flush()
+    return {"source": src, "images": {name: image_json(im) for name, im in images.items()}}
+
+
+_DOCKER_ARCHIVE_FILES = frozenset({"manifest.json", "repositories", "index.json", "oci-layout"})
+
+
+def _looks_like_docker_member(name: str) -> bool:
+    first = name.removeprefix("./").split("/", 1)[0]
+    stem = first.removesuffix(".json").removesuffix(".tar")
+    return (
+        first in _DOCKER_ARCHIVE_FILES
+        or first == "blobs"
+        or (len(stem) == 64 and all(c in "0123456789abcdef" for c in stem))
+    )
+
+
+def is_docker_archive(src: str) -> bool:
+    """Whether `src` is a ``docker save`` archive (plain, gzip, bzip2 or xz): a tar whose members
+    are docker's (``manifest.json``, ``blobs/…``, ``<hex>/layer.tar``, ``<hex>.json``…) and
+    that has a top-level ``manifest.json``. A layer's first member decides quickly that it is not.
+    """
+    try:
+        with tarfile.open(src, "r:*") as tar:
+            found = False
+            for member in tar:
+                if not _looks_like_docker_member(member.name):
+                    return False
+                found = found or member.name.removeprefix("./") == "manifest.json"
+            return found
+    except (OSError, tarfile.TarError, EOFError):
+        return False  # not a tar tarfile can read (e.g. zstd): the layer import decides
 
 
 def _plain_size(src: str) -> int | None:
@@ -343,7 +405,47 @@ class _StdoutSink:
             raise
 
 
+def cmd_export_image(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    image = store.get(args.layer)
+    tag = args.tag or args.layer
+    if args.dest == "-":
+        raise CliError(f"--format {args.format} writes a file or directory, not standard output")
+    with progress_bar(args.layer, None, args.progress) as progress:
+        if args.format == "oci":
+            digest = store.export_oci(
+                image, args.dest, tag=tag, compression=args.compression, progress=progress
+            )
+        else:
+            if args.compression is not None:
+                raise CliError("docker archives hold uncompressed layers (drop --compression)")
+            digest = store.export_docker_archive(
+                image,
+                args.dest,
+                tag=tag,
+                format="classic" if args.classic else "oci",
+                progress=progress,
+            )
+    doc = {
+        "image": args.layer,
+        "tag": tag,
+        "dest": args.dest,
+        "format": args.format,
+        "digest": digest,
+        "config_digest": store.get(args.layer).config_digest if args.format == "oci" else None,
+    }
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"exported image {args.layer} to {args.dest} as {tag} ({digest})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format != "tar":
+        return cmd_export_image(args)
+    if args.tag is not None or args.classic:
+        raise CliError("--tag and --classic apply to --format oci|docker")
     store = open_store(args)
     layer = store.layer(args.layer)
     to_stdout = args.dest == "-"
@@ -628,18 +730,27 @@ def build_parser() -> argparse.ArgumentParser:
         "import",
         help="import tars or directories as layers",
         description=(
-            "Import each SRC as a layer: a tar file (plain, gzip or zstd, recognised by its "
-            "magic bytes), a directory (as a canonical tar of the tree), or '-' for a tar on "
-            "standard input."
+            "Import each SRC: an OCI image layout (a directory with an oci-layout file) or a "
+            "'docker save' archive as tagged images; else as a layer: a tar file (plain, gzip or "
+            "zstd, recognised by its magic bytes), a directory (as a canonical tar of the tree), "
+            "or '-' for a tar on standard input."
         ),
     )
-    p.add_argument("src", nargs="+", metavar="SRC", help="tar file, directory, or '-'")
+    p.add_argument(
+        "src", nargs="+", metavar="SRC", help="OCI layout, docker archive, tar, directory, or '-'"
+    )
     p.add_argument(
         "--exclude-xattr",
         action="append",
         default=[],
         metavar="NAME",
         help="leave this xattr out of directory imports (repeatable, e.g. security.selinux)",
+    )
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH",
+        default=None,
+        help="the image to take from a multi-platform OCI index (default: this machine's)",
     )
     p.set_defaults(func=cmd_import)
 
@@ -658,16 +769,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a layer as a tar",
+        help="write a layer as a tar, or an image as an OCI layout or docker archive",
         description=(
-            "Write a layer as a tar. Uncompressed, it is byte for byte the tar that was "
-            "imported (its sha256 is the diff_id)."
+            "Write a layer as a tar (--format tar, the default): uncompressed, it is byte for "
+            "byte the tar that was imported (its sha256 is the diff_id). With --format oci or "
+            "docker, SOURCE is an image tag, written into the OCI layout DEST (created or added "
+            "to) or as the docker archive DEST; an imported image keeps its digests."
         ),
     )
-    p.add_argument("layer", metavar="LAYER", help=layer_help)
-    p.add_argument("dest", metavar="DEST", help="output file, or '-' for standard output")
+    p.add_argument("layer", metavar="SOURCE", help=layer_help + "; or an image tag")
+    p.add_argument("dest", metavar="DEST", help="output file or directory, or '-' for stdout")
+    p.add_argument("--format", choices=["tar", "oci", "docker"], default="tar")
     p.add_argument(
-        "--compression", choices=["gzip", "zstd"], default=None, help="compress the output"
+        "--compression",
+        choices=["gzip", "zstd", "none"],
+        default=None,
+        help="compress the output (oci: default keeps an imported image's blobs, else gzip)",
+    )
+    p.add_argument("--tag", default=None, help="oci/docker: the name to write (default SOURCE)")
+    p.add_argument(
+        "--classic",
+        action="store_true",
+        help="docker: the classic layout (a directory per layer), not the OCI-embedding one",
     )
     p.set_defaults(func=cmd_export)
 

@@ -56,6 +56,16 @@ pub enum Error {
         expected: String,
         found: String,
     },
+    #[error("invalid image: {blob}: {reason}")]
+    InvalidImage { blob: String, reason: String },
+    #[error("blob {blob} is missing")]
+    MissingBlob { blob: String },
+    #[error("size mismatch for blob {blob}: expected {expected} bytes, found {found}")]
+    SizeMismatch {
+        blob: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("corrupt object: {0}")]
     Corrupt(String),
     #[error("not found: {0}")]
@@ -77,10 +87,14 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidTar { .. } | Error::InvalidLayer(_) | Error::LimitExceeded { .. } => {
-                ErrorKind::InvalidLayer
-            }
-            Error::DigestMismatch { .. } | Error::Corrupt(_) => ErrorKind::Integrity,
+            Error::InvalidTar { .. }
+            | Error::InvalidLayer(_)
+            | Error::LimitExceeded { .. }
+            | Error::InvalidImage { .. } => ErrorKind::InvalidLayer,
+            Error::DigestMismatch { .. }
+            | Error::Corrupt(_)
+            | Error::MissingBlob { .. }
+            | Error::SizeMismatch { .. } => ErrorKind::Integrity,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::StackDepth { .. } => ErrorKind::StackDepth,
             Error::Conflict(_) => ErrorKind::Conflict,

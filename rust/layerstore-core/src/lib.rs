@@ -17,6 +17,7 @@ pub mod error;
 pub mod fsio;
 pub mod layer;
 pub mod meta;
+pub mod oci;
 pub mod squash;
 pub mod stack;
 pub mod store;

@@ -81,6 +81,33 @@ CREATE TABLE IF NOT EXISTS leases (
     pack TEXT NOT NULL,
     created INTEGER NOT NULL
 );
+-- OCI images (oci.rs): raw manifests and configs, images, compressed layer blobs.
+CREATE TABLE IF NOT EXISTS oci_blobs (
+    digest TEXT PRIMARY KEY,           -- sha256:<hex> of data
+    media_type TEXT NOT NULL,
+    data BLOB NOT NULL                 -- the manifest or config, byte for byte
+);
+CREATE TABLE IF NOT EXISTS oci_images (
+    id INTEGER PRIMARY KEY,            -- larger = more recent
+    manifest TEXT NOT NULL UNIQUE,     -- oci_blobs.digest
+    config TEXT NOT NULL,              -- oci_blobs.digest
+    chain_id TEXT NOT NULL,            -- the stack it describes
+    descriptor BLOB NOT NULL,          -- its index entry (JSON)
+    created INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS oci_images_by_chain ON oci_images(chain_id);
+CREATE TABLE IF NOT EXISTS oci_layer_blobs (
+    digest TEXT PRIMARY KEY,           -- sha256:<hex> of a compressed layer blob
+    layer TEXT NOT NULL,               -- layers.id
+    compression TEXT NOT NULL,         -- 'gzip' | 'zstd'
+    size INTEGER NOT NULL,
+    rebuild TEXT NOT NULL              -- 'kept': bytes in blobs/sha256/<hex>; 'stream' | 'pgzip': recompressing rebuilds them
+);
+CREATE INDEX IF NOT EXISTS oci_layer_blobs_by_layer ON oci_layer_blobs(layer);
+CREATE TABLE IF NOT EXISTS oci_refs (
+    name TEXT PRIMARY KEY,             -- a refs.name an image import tagged
+    manifest TEXT NOT NULL             -- oci_images.manifest it was imported from
+);
 CREATE TABLE IF NOT EXISTS layer_history (
     layer TEXT PRIMARY KEY REFERENCES layers(id),
     created_by TEXT NOT NULL           -- the build step that made the layer (\"RUN ...\")

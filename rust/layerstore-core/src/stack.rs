@@ -20,6 +20,8 @@ pub struct Stack {
     pub layers: Vec<LayerInfo>,
     pub index: Index,
     pub chain_id: String,
+    /// The OCI manifest and config this stack was imported from (`oci`), if any.
+    pub image: Option<crate::oci::ImageDigests>,
     entries: Vec<LayerEntries>,
 }
 
@@ -55,6 +57,7 @@ impl Stack {
             layers: Vec::new(),
             index: Index::default(),
             chain_id: String::new(),
+            image: None,
             entries: Vec::new(),
         }
     }
@@ -86,6 +89,7 @@ impl Stack {
         self.index.apply_mut(self.layers.len() as u32, &entries)?;
         let parent = (!self.layers.is_empty()).then_some(self.chain_id.as_str());
         self.chain_id = next_chain_id(parent, &layer.diff_id);
+        self.image = None; // another image now
         self.layers.push(layer);
         self.entries.push(entries);
         Ok(())

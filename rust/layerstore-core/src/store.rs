@@ -591,7 +591,9 @@ impl Store {
             .iter()
             .map(|id| self.layer(id))
             .collect::<Result<Vec<_>>>()?;
-        self.stack(&layers)
+        let mut stack = self.stack(&layers)?;
+        stack.image = self.image_for_ref(name, &stack.chain_id)?;
+        Ok(stack)
     }
 
     pub fn tags(&self) -> Result<Vec<String>> {
@@ -814,6 +816,7 @@ impl Store {
         }
         // Their bytes were counted when they were retired.
         expire_retired(&retired);
+        report.bytes_reclaimed += self.gc_image_blobs()?;
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
         Ok(report)
     }
@@ -999,6 +1002,7 @@ impl Store {
                 ));
             }
         }
+        self.fsck_image_blobs(&mut report.problems)?;
         Ok(report)
     }
 }

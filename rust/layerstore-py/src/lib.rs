@@ -23,6 +23,7 @@ use pyo3::types::{PyBytes, PyDict};
 mod changes;
 mod container;
 mod errors;
+mod oci;
 mod stack;
 
 /// Layer data moves through many short-lived 128 KiB–1 MiB buffers across threads; glibc maps and

@@ -1,0 +1,765 @@
+//! The import side of OCI layouts: walking indexes to the image manifests they name, checking
+//! every JSON blob, then importing layers under a [`Staging`] that undoes them on failure.
+
+use super::*;
+
+/// An image manifest found in a layout, before anything is imported.
+struct Candidate {
+    name: Option<String>,
+    /// The index entry that led to it (re-emitted on export).
+    descriptor: Value,
+    manifest: (Descriptor, Vec<u8>, String),
+    config: (Descriptor, Vec<u8>, String),
+    layers: Vec<Descriptor>,
+    diff_ids: Vec<String>,
+}
+
+/// A compressed layer blob as the store keeps it.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerBlob {
+    pub digest: String,
+    pub layer: String,
+    pub compression: &'static str,
+    pub size: u64,
+    /// How export gets the bytes back (see [`Rebuild`]).
+    pub rebuild: Rebuild,
+}
+
+/// An image ready to be recorded once its layers are in.
+pub(crate) struct PendingImage {
+    pub names: Vec<String>,
+    pub descriptor: Value,
+    pub manifest: (String, String, Vec<u8>),
+    pub config: (String, String, Vec<u8>),
+    pub layers: Vec<LayerInfo>,
+}
+
+/// The state of one import: what to undo if it fails.
+pub(crate) struct Staging<'s> {
+    store: &'s Store,
+    pub dir: PathBuf,
+    created: Vec<LayerInfo>,
+    pub layers: HashMap<String, LayerInfo>,
+    pub blobs: Vec<LayerBlob>,
+    known_blobs: HashSet<String>,
+}
+
+impl<'s> Staging<'s> {
+    pub fn new(store: &'s Store) -> Result<Self> {
+        let dir = store
+            .root()
+            .join("tmp")
+            .join(format!("oci-{}", crate::store::unique_name()));
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        Ok(Staging {
+            store,
+            dir,
+            created: Vec::new(),
+            layers: HashMap::new(),
+            blobs: Vec::new(),
+            known_blobs: HashSet::new(),
+        })
+    }
+
+    /// Undo: delete the layers this import created and the staged blobs.
+    pub fn abort(self) {
+        for info in self.created.iter().rev() {
+            let _ = self.store.delete(&info.id);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// Import the layer blob `member` of `src` (unless this import already did), checking its
+    /// size, digest and diff_id; keep its compressed bytes when recompressing cannot rebuild them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer(
+        &mut self,
+        src: &dyn Source,
+        member: &str,
+        blob: &str,
+        expected_size: Option<u64>,
+        expected_digest: Option<&str>,
+        diff_id: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<LayerInfo> {
+        if let Some(info) = self.layers.get(member) {
+            return Ok(info.clone());
+        }
+        let (reader, size) = src.open(member)?.ok_or_else(|| Error::MissingBlob {
+            blob: blob.to_string(),
+        })?;
+        if let Some(expected) = expected_size.filter(|&e| e != size) {
+            return Err(Error::SizeMismatch {
+                blob: blob.to_string(),
+                expected,
+                found: size,
+            });
+        }
+        let opts = ImportOptions {
+            expected_diff_id: diff_id.map(String::from),
+            expected_digest: expected_digest.map(String::from),
+            limits: None,
+        };
+        // A compressed blob the store does not hold yet is copied as the import reads it, so
+        // the kept bytes are exactly the ones whose digest the import checked.
+        let held = match expected_digest {
+            Some(d) => {
+                self.known_blobs.contains(d) || layer_blob(&*self.store.conn()?, d)?.is_some()
+            }
+            None => false,
+        };
+        let tee_path = self
+            .dir
+            .join(format!("{}.part", crate::store::unique_name()));
+        let reader: Box<dyn Read + Send> = if held {
+            reader
+        } else {
+            let out =
+                fs::File::create(&tee_path).ctx(|| format!("creating {}", tee_path.display()))?;
+            Box::new(TeeFile {
+                inner: reader,
+                out: Some(out),
+                first: true,
+            })
+        };
+        let imported = self.store.import_tar(reader, &opts, progress);
+        let imported: Imported = match imported {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = fs::remove_file(&tee_path);
+                return Err(name_blob(e, blob));
+            }
+        };
+        if !imported.existed {
+            self.created.push(imported.layer.clone());
+        }
+        let info = imported.layer;
+        if let (Some(digest), Some(c)) = (&info.compressed_digest, info.compression.as_deref()) {
+            let known = self.known_blobs.contains(digest)
+                || layer_blob(&*self.store.conn()?, digest)?.is_some();
+            if !known {
+                let compression = Compression::parse(Some(c))?;
+                let rebuild = match self.reproducible(src, member, &info, compression)? {
+                    Some(r) => r,
+                    None => {
+                        self.keep(src, member, digest, &tee_path, size)?;
+                        Rebuild::Kept
+                    }
+                };
+                self.blobs.push(LayerBlob {
+                    digest: digest.clone(),
+                    layer: info.id.to_string(),
+                    compression: compression.name().unwrap_or("none"),
+                    size,
+                    rebuild,
+                });
+                self.known_blobs.insert(digest.clone());
+            }
+        }
+        let _ = fs::remove_file(&tee_path);
+        self.layers.insert(member.to_string(), info.clone());
+        Ok(info)
+    }
+
+    /// Which of our encoders, recompressing the stored tar, gives back the blob byte for byte
+    /// (compared as it is produced, so a blob from another compressor fails within its first
+    /// blocks); `None` when neither does.
+    fn reproducible(
+        &self,
+        src: &dyn Source,
+        member: &str,
+        info: &LayerInfo,
+        compression: Compression,
+    ) -> Result<Option<Rebuild>> {
+        let mut tries = vec![Rebuild::Tar(compression)];
+        if compression == Compression::Gzip {
+            tries.insert(0, Rebuild::ParGzip);
+        }
+        for how in tries {
+            let Some((original, size)) = src.open(member)? else {
+                return Ok(None);
+            };
+            let mut cmp = CompareWriter {
+                expected: original,
+                buf: Vec::new(),
+                matched: 0,
+            };
+            let same = self
+                .store
+                .rebuild_layer(info, how, &mut cmp, &crate::store::no_progress)
+                .is_ok();
+            if same && cmp.matched == size && cmp.at_end() {
+                return Ok(Some(how));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Put the blob into the staging directory: the copy made while importing it when there is
+    /// one, else a new copy, hashed again on the way.
+    fn keep(
+        &self,
+        src: &dyn Source,
+        member: &str,
+        digest: &str,
+        teed: &Path,
+        size: u64,
+    ) -> Result<()> {
+        let d = OciDigest::parse(digest)?;
+        let path = self.dir.join(&d.hex);
+        if fs::metadata(teed).is_ok_and(|m| m.len() == size) {
+            let f = fs::File::open(teed).ctx(|| format!("opening {}", teed.display()))?;
+            f.sync_all().ctx(|| "syncing a blob".into())?;
+            return fs::rename(teed, &path).ctx(|| format!("staging blob {digest}"));
+        }
+        let (mut r, _) = src.open(member)?.ok_or_else(|| Error::MissingBlob {
+            blob: digest.to_string(),
+        })?;
+        let f = fs::File::create(&path).ctx(|| format!("creating {}", path.display()))?;
+        let mut w = HashWriter::new(io::BufWriter::with_capacity(1 << 20, f));
+        io::copy(&mut r, &mut w).ctx(|| format!("copying blob {digest}"))?;
+        let (inner, found, _) = w.finish();
+        let f = inner
+            .into_inner()
+            .map_err(|e| Error::io("writing a blob", e.into_error()))?;
+        f.sync_all().ctx(|| "syncing a blob".into())?;
+        if found != digest {
+            return Err(Error::DigestMismatch {
+                what: format!("blob {digest}"),
+                expected: digest.to_string(),
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Move kept blobs into the store, record blobs, images and tags; consumes the staging.
+    pub fn commit(self, images: Vec<PendingImage>) -> Result<Vec<ImportedImage>> {
+        let result = self.commit_inner(&images);
+        let _ = fs::remove_dir_all(&self.dir);
+        let mut out = Vec::new();
+        result?;
+        for image in images {
+            let mut stack = self.store.stack(&image.layers)?;
+            stack.image = Some(ImageDigests {
+                manifest: image.manifest.0.clone(),
+                config: image.config.0.clone(),
+                media_type: image.manifest.1.clone(),
+            });
+            for name in &image.names {
+                out.push(ImportedImage {
+                    name: name.clone(),
+                    stack: stack.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit_inner(&self, images: &[PendingImage]) -> Result<()> {
+        let blob_dir = self.store.root().join("blobs").join("sha256");
+        fs::create_dir_all(&blob_dir).ctx(|| format!("creating {}", blob_dir.display()))?;
+        for b in self.blobs.iter().filter(|b| b.rebuild == Rebuild::Kept) {
+            let hex = b.digest.trim_start_matches("sha256:");
+            let hex = hex.trim_start_matches("sha512:");
+            fs::rename(self.dir.join(hex), blob_dir.join(hex))
+                .ctx(|| format!("storing blob {}", b.digest))?;
+        }
+        crate::cas::sync_dir(&blob_dir)?;
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for b in &self.blobs {
+            tx.execute(
+                "INSERT OR REPLACE INTO oci_layer_blobs (digest, layer, compression, size, rebuild) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![b.digest, b.layer, b.compression, b.size, b.rebuild.name()],
+            )?;
+        }
+        for image in images {
+            let chain = self.store.stack(&image.layers)?.chain_id;
+            record_image(&tx, image, &chain)?;
+            for name in &image.names {
+                tx.execute(
+                    "INSERT OR REPLACE INTO oci_refs (name, manifest) VALUES (?1, ?2)",
+                    params![name, image.manifest.0],
+                )?;
+            }
+        }
+        tx.commit()?;
+        drop(conn);
+        for image in images {
+            if image.names.is_empty() {
+                continue;
+            }
+            let stack = self.store.stack(&image.layers)?;
+            for name in &image.names {
+                self.store.tag(&stack, name)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn record_image(conn: &Connection, image: &PendingImage, chain_id: &str) -> Result<()> {
+    let mut put = conn.prepare_cached(
+        "INSERT OR IGNORE INTO oci_blobs (digest, media_type, data) VALUES (?1, ?2, ?3)",
+    )?;
+    put.execute(params![
+        image.manifest.0,
+        image.manifest.1,
+        image.manifest.2
+    ])?;
+    put.execute(params![image.config.0, image.config.1, image.config.2])?;
+    let descriptor = serde_json::to_vec(&image.descriptor)
+        .map_err(|e| Error::Corrupt(format!("encoding a descriptor: {e}")))?;
+    conn.execute(
+        "DELETE FROM oci_images WHERE manifest = ?1",
+        [&image.manifest.0],
+    )?;
+    conn.execute(
+        "INSERT INTO oci_images (manifest, config, chain_id, descriptor, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![image.manifest.0, image.config.0, chain_id, descriptor, crate::meta::now()],
+    )?;
+    Ok(())
+}
+
+/// Name the blob in a digest mismatch reported by the layer import.
+fn name_blob(e: Error, blob: &str) -> Error {
+    match e {
+        Error::DigestMismatch {
+            what,
+            expected,
+            found,
+        } => Error::DigestMismatch {
+            what: format!("{what} of layer blob {blob}"),
+            expected,
+            found,
+        },
+        Error::InvalidTar {
+            reason,
+            entry,
+            offset,
+        } => Error::InvalidTar {
+            reason: format!("layer blob {blob}: {reason}"),
+            entry,
+            offset,
+        },
+        Error::InvalidLayer(reason) => Error::InvalidLayer(format!("layer blob {blob}: {reason}")),
+        other => other,
+    }
+}
+
+/// How the store rebuilds the compressed layer blob `digest`, if it knows the blob.
+pub(crate) fn layer_blob(conn: &Connection, digest: &str) -> Result<Option<Rebuild>> {
+    let row: Option<(String, String)> = conn
+        .prepare_cached("SELECT compression, rebuild FROM oci_layer_blobs WHERE digest = ?1")?
+        .query_row([digest], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(c, r)| Rebuild::parse(&r, Compression::parse(Some(&c))?))
+        .transpose()
+}
+
+/// Copies what is read into a file, unless the stream's first bytes say it is not compressed.
+struct TeeFile<R> {
+    inner: R,
+    out: Option<fs::File>,
+    first: bool,
+}
+
+impl<R: Read> Read for TeeFile<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        if std::mem::take(&mut self.first)
+            && n >= 4
+            && crate::compress::detect_bytes(&buf[..n]) == Compression::None
+        {
+            self.out = None;
+        }
+        if let Some(out) = self.out.as_mut() {
+            out.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+}
+
+/// Compares what is written with a reader's bytes; fails at the first difference.
+struct CompareWriter {
+    expected: Box<dyn Read + Send>,
+    buf: Vec<u8>,
+    matched: u64,
+}
+
+impl CompareWriter {
+    fn at_end(&mut self) -> bool {
+        let mut one = [0u8; 1];
+        matches!(self.expected.read(&mut one), Ok(0))
+    }
+}
+
+impl Write for CompareWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.resize(data.len(), 0);
+        self.expected.read_exact(&mut self.buf)?;
+        if self.buf[..] != *data {
+            return Err(io::Error::other("differs from the original blob"));
+        }
+        self.matched += data.len() as u64;
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that hashes (sha256) and counts what passes through.
+pub(crate) struct HashWriter<W> {
+    inner: W,
+    sha: sha2::Sha256,
+    len: u64,
+}
+
+impl<W: Write> HashWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashWriter {
+            inner,
+            sha: sha2::Sha256::new(),
+            len: 0,
+        }
+    }
+    pub fn finish(self) -> (W, String, u64) {
+        let d = format!("sha256:{}", hex::encode(self.sha.finalize()));
+        (self.inner, d, self.len)
+    }
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The name an index entry gives its image.
+fn entry_name(v: &Value) -> Option<String> {
+    annotation(v, CONTAINERD_NAME)
+        .or_else(|| annotation(v, REF_NAME))
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+}
+
+struct Walk<'a> {
+    src: &'a dyn Source,
+    platform: Platform,
+    explicit_platform: bool,
+    found: Vec<Candidate>,
+    other_platforms: Vec<String>,
+}
+
+impl Walk<'_> {
+    fn index(
+        &mut self,
+        blob: &str,
+        index: &Value,
+        name: Option<String>,
+        depth: usize,
+    ) -> Result<()> {
+        if depth > MAX_INDEX_DEPTH {
+            return Err(invalid(blob, "indexes nested too deep"));
+        }
+        let entries = index
+            .get("manifests")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid(blob, "no \"manifests\" array"))?;
+        for entry in entries {
+            let d = descriptor(entry, blob)?;
+            if entry.get("artifactType").is_some()
+                || annotation(entry, DOCKER_REFERENCE_TYPE).is_some()
+            {
+                continue; // signatures, attestations, referrers
+            }
+            if let Some(p) = entry.get("platform") {
+                // Only an index that names platforms is filtered, and by the host's unless asked.
+                if (depth > 0 || self.explicit_platform) && !self.platform.matches(p) {
+                    self.other_platforms.push(Platform::describe(p));
+                    continue;
+                }
+            }
+            let name = entry_name(entry).or_else(|| name.clone());
+            let known = matches!(
+                d.media_type.as_deref(),
+                Some(OCI_INDEX | DOCKER_LIST | OCI_MANIFEST | DOCKER_MANIFEST) | None
+            );
+            if !known {
+                continue; // artifact manifests and other things that are no image
+            }
+            let (bytes, value) = read_json_blob(self.src, &d)?;
+            let media_type = d
+                .media_type
+                .clone()
+                .or_else(|| {
+                    value
+                        .get("mediaType")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                })
+                .unwrap_or_default();
+            match media_type.as_str() {
+                OCI_INDEX | DOCKER_LIST => {
+                    self.index(&d.digest.to_string(), &value, name, depth + 1)?;
+                }
+                OCI_MANIFEST | DOCKER_MANIFEST => {
+                    if let Some(c) = self.manifest(entry, &d, bytes, &value, media_type, name)? {
+                        self.found.push(c);
+                    }
+                }
+                _ if value.get("manifests").is_some() => {
+                    self.index(&d.digest.to_string(), &value, name, depth + 1)?;
+                }
+                _ if value.get("layers").is_some() => {
+                    let mt = OCI_MANIFEST.to_string();
+                    if let Some(c) = self.manifest(entry, &d, bytes, &value, mt, name)? {
+                        self.found.push(c);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn manifest(
+        &mut self,
+        entry: &Value,
+        d: &Descriptor,
+        bytes: Vec<u8>,
+        m: &Value,
+        media_type: String,
+        name: Option<String>,
+    ) -> Result<Option<Candidate>> {
+        let blob = d.digest.to_string();
+        if m.get("artifactType").is_some() {
+            return Ok(None);
+        }
+        let config = m
+            .get("config")
+            .ok_or_else(|| invalid(&blob, "manifest has no config"))?;
+        let config = descriptor(config, &blob)?;
+        let config_type = config.media_type.clone().unwrap_or_default();
+        if config_type != OCI_CONFIG && config_type != DOCKER_CONFIG {
+            return Ok(None); // an artifact (signature, SBOM, …) dressed as a manifest
+        }
+        let layers = m
+            .get("layers")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid(&blob, "manifest has no \"layers\" array"))?
+            .iter()
+            .map(|l| descriptor(l, &blob))
+            .collect::<Result<Vec<_>>>()?;
+        for l in &layers {
+            let mt = l.media_type.as_deref().unwrap_or("");
+            if layer_compression(mt).is_none() {
+                return Err(invalid(
+                    &l.digest.to_string(),
+                    format!("unknown layer media type {mt:?} (in manifest {blob})"),
+                ));
+            }
+            // Presence and size before anything is imported; the digest is checked on import.
+            match self.src.open(&blob_path(&l.digest))? {
+                None => {
+                    return Err(Error::MissingBlob {
+                        blob: l.digest.to_string(),
+                    })
+                }
+                Some((_, size)) if size != l.size => {
+                    return Err(Error::SizeMismatch {
+                        blob: l.digest.to_string(),
+                        expected: l.size,
+                        found: size,
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        let (config_bytes, config_value) = read_json_blob(self.src, &config)?;
+        let config_name = config.digest.to_string();
+        let diff_ids = diff_ids(&config_name, &config_value)?;
+        if diff_ids.len() != layers.len() {
+            return Err(invalid(
+                &config_name,
+                format!(
+                    "rootfs.diff_ids lists {} layers, manifest {blob} has {}",
+                    diff_ids.len(),
+                    layers.len()
+                ),
+            ));
+        }
+        if self.explicit_platform && entry.get("platform").is_none() {
+            let mut p = serde_json::Map::new();
+            for k in ["os", "architecture", "variant"] {
+                if let Some(v) = config_value.get(k) {
+                    p.insert(k.to_string(), v.clone());
+                }
+            }
+            let p = Value::Object(p);
+            if !self.platform.matches(&p) {
+                self.other_platforms.push(Platform::describe(&p));
+                return Ok(None);
+            }
+        }
+        Ok(Some(Candidate {
+            name,
+            descriptor: entry.clone(),
+            manifest: (d.clone(), bytes, media_type),
+            config: (config, config_bytes, config_type),
+            layers,
+            diff_ids,
+        }))
+    }
+}
+
+pub(crate) fn diff_ids(blob: &str, config: &Value) -> Result<Vec<String>> {
+    let ids = config
+        .get("rootfs")
+        .and_then(|r| r.get("diff_ids"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid(blob, "config has no rootfs.diff_ids"))?;
+    ids.iter()
+        .map(|v| {
+            let s = v
+                .as_str()
+                .ok_or_else(|| invalid(blob, "a diff_id is not a string"))?;
+            OciDigest::parse(s).map_err(|_| invalid(blob, format!("invalid diff_id {s:?}")))?;
+            Ok(s.to_string())
+        })
+        .collect()
+}
+
+/// Read `index.json` and `oci-layout` of a layout.
+fn read_layout_index(src: &dyn Source) -> Result<Value> {
+    let layout = read_small(src, "oci-layout")?;
+    let layout = parse_json("oci-layout", &layout)?;
+    if layout
+        .get("imageLayoutVersion")
+        .and_then(Value::as_str)
+        .is_none()
+    {
+        return Err(invalid("oci-layout", "no imageLayoutVersion"));
+    }
+    let index = read_small(src, "index.json")?;
+    parse_json("index.json", &index)
+}
+
+pub(crate) fn read_small(src: &dyn Source, name: &str) -> Result<Vec<u8>> {
+    let (r, _) = src.open(name)?.ok_or_else(|| Error::MissingBlob {
+        blob: format!("{name} (in {})", src.describe()),
+    })?;
+    let mut bytes = Vec::new();
+    r.take(MAX_JSON_BLOB + 1)
+        .read_to_end(&mut bytes)
+        .ctx(|| format!("reading {name}"))?;
+    if bytes.len() as u64 > MAX_JSON_BLOB {
+        return Err(invalid(name, "too large"));
+    }
+    Ok(bytes)
+}
+
+impl Store {
+    /// Import every image of the OCI image layout at `path` (see the module documentation);
+    /// returns them by the name each was tagged with.
+    pub fn import_oci(
+        &self,
+        path: &Path,
+        platform: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<Vec<ImportedImage>> {
+        let meta = fs::metadata(path).ctx(|| format!("reading {}", path.display()))?;
+        if !meta.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a directory (an OCI image layout)",
+                path.display()
+            )));
+        }
+        self.import_layout(&DirSource::new(path), platform, progress)
+    }
+
+    pub(crate) fn import_layout(
+        &self,
+        src: &dyn Source,
+        platform: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<Vec<ImportedImage>> {
+        let index = read_layout_index(src)?;
+        let mut walk = Walk {
+            src,
+            platform: platform.map_or_else(|| Ok(Platform::host()), Platform::parse)?,
+            explicit_platform: platform.is_some(),
+            found: Vec::new(),
+            other_platforms: Vec::new(),
+        };
+        walk.index("index.json", &index, None, 0)?;
+        if walk.found.is_empty() && !walk.other_platforms.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no image for platform {} in {} (it has {})",
+                walk.platform,
+                src.describe(),
+                walk.other_platforms.join(", ")
+            )));
+        }
+        let mut staging = Staging::new(self)?;
+        match self.import_candidates(src, walk.found, &mut staging, progress) {
+            Ok(pending) => staging.commit(pending),
+            Err(e) => {
+                staging.abort();
+                Err(e)
+            }
+        }
+    }
+
+    fn import_candidates(
+        &self,
+        src: &dyn Source,
+        found: Vec<Candidate>,
+        staging: &mut Staging<'_>,
+        progress: Progress<'_>,
+    ) -> Result<Vec<PendingImage>> {
+        let mut pending = Vec::new();
+        let mut names: HashSet<String> = HashSet::new();
+        for c in found {
+            let mut layers = Vec::with_capacity(c.layers.len());
+            for (d, diff_id) in c.layers.iter().zip(&c.diff_ids) {
+                let blob = d.digest.to_string();
+                let info = staging.layer(
+                    src,
+                    &blob_path(&d.digest),
+                    &blob,
+                    Some(d.size),
+                    Some(&blob),
+                    Some(diff_id),
+                    progress,
+                )?;
+                layers.push(info);
+            }
+            // The first image of a name wins; one without a name is known by its digest.
+            let name = c
+                .name
+                .filter(|n| !names.contains(n))
+                .unwrap_or_else(|| c.manifest.0.digest.to_string());
+            names.insert(name.clone());
+            pending.push(PendingImage {
+                names: vec![name],
+                descriptor: c.descriptor,
+                manifest: (c.manifest.0.digest.to_string(), c.manifest.2, c.manifest.1),
+                config: (c.config.0.digest.to_string(), c.config.2, c.config.1),
+                layers,
+            });
+        }
+        Ok(pending)
+    }
+}
