@@ -139,6 +139,7 @@ impl RawContainer {
         self.with(|c, _| {
             let mut base = c.base().clone();
             base.index = c.index().clone();
+            base.image = None; // not the image it started from: no manifest digest
             Ok((base, c.fresh()))
         })
         .map(|(inner, fresh)| {
