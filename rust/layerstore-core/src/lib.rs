@@ -5,6 +5,7 @@
 //! pieces together; every other module owns exactly one concept and knows nothing of Python.
 #![forbid(unsafe_code)]
 
+pub mod apply;
 pub mod cas;
 pub mod chunk;
 pub mod compress;
@@ -12,6 +13,7 @@ pub mod digest;
 pub mod error;
 pub mod fsio;
 pub mod layer;
+pub mod materialize;
 pub mod meta;
 pub mod stack;
 pub mod store;

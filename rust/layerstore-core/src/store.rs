@@ -133,7 +133,7 @@ pub struct Store {
 }
 
 /// A pooled connection, returned on drop.
-struct Conn<'a> {
+pub(crate) struct Conn<'a> {
     store: &'a Store,
     conn: Option<Connection>,
 }
@@ -223,7 +223,7 @@ impl Store {
         &self.options
     }
 
-    fn conn(&self) -> Result<Conn<'_>> {
+    pub(crate) fn conn(&self) -> Result<Conn<'_>> {
         let pooled = self
             .pool
             .lock()
@@ -239,7 +239,7 @@ impl Store {
         })
     }
 
-    fn packs_dir(&self) -> PathBuf {
+    pub(crate) fn packs_dir(&self) -> PathBuf {
         self.root.join("packs")
     }
 
@@ -1292,7 +1292,7 @@ fn decode_blob<T: serde::de::DeserializeOwned>(blob: &[u8]) -> Result<T> {
     postcard::from_bytes(&bytes).map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))
 }
 
-fn unique_name() -> String {
+pub(crate) fn unique_name() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

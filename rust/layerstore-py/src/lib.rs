@@ -21,6 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 mod errors;
+mod materialize;
 mod stack;
 
 /// Layer data moves through many short-lived 128 KiB–1 MiB buffers across threads; glibc maps and
