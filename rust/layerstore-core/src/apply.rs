@@ -255,7 +255,8 @@ impl Applier<'_> {
                         self.ctx,
                         &mut self.content,
                     )?;
-                    self.ctx.done(u64::from(written.is_some()), written.unwrap_or(0))?;
+                    self.ctx
+                        .done(u64::from(written.is_some()), written.unwrap_or(0))?;
                 }
             }
         }
@@ -288,9 +289,10 @@ impl Applier<'_> {
             match rfs::linkat(&from, from_name.as_slice(), &to, name, AtFlags::empty()) {
                 Ok(()) => self.ctx.done(1, 0)?,
                 // Its target was skipped (a device without root, an unknown type): so is it.
-                Err(Errno::NOENT) => self
-                    .ctx
-                    .warn(format!("{}: hardlink to a skipped entry skipped", show(&path))),
+                Err(Errno::NOENT) => self.ctx.warn(format!(
+                    "{}: hardlink to a skipped entry skipped",
+                    show(&path)
+                )),
                 Err(x) => return Err(io_err("link", &path, x)),
             }
         }

@@ -106,6 +106,9 @@ pub(crate) fn check_name(name: &[u8], path: &[u8]) -> Result<()> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Privileges {
     pub root: bool,
+    /// Every inode written is new, in a new directory (materialize): one owned by the caller
+    /// needs no chown. `apply` writes into existing (maybe setgid) directories: always chown.
+    pub fresh: bool,
     euid: u32,
     egid: u32,
 }
@@ -115,12 +118,15 @@ impl Privileges {
         let euid = rustix::process::geteuid().as_raw();
         Privileges {
             root: euid == 0,
+            fresh: false,
             euid,
             egid: rustix::process::getegid().as_raw(),
         }
     }
 
-    /// The owner to set, if one must be set (root only, and only when it differs).
+    /// The owner to set, if one must be set: as root, unless the inode is known to have it
+    /// already (created by this run in a directory of this run, so not setgid: it belongs to
+    /// the caller).
     fn owner(&self, e: &Entry, path: &[u8]) -> Result<Option<(rfs::Uid, rfs::Gid)>> {
         if !self.root {
             return Ok(None);
@@ -141,7 +147,7 @@ impl Privileges {
             .ok()
             .filter(|&g| g != u32::MAX)
             .ok_or_else(bad)?;
-        if (uid, gid) == (self.euid, self.egid) {
+        if self.fresh && (uid, gid) == (self.euid, self.egid) {
             return Ok(None);
         }
         Ok(Some((rfs::Uid::from_raw(uid), rfs::Gid::from_raw(gid))))
@@ -324,7 +330,8 @@ pub(crate) fn set_meta_fd(
     }
     rfs::fchmod(fd, Mode::from_raw_mode(e.mode & 0o7777)).map_err(|x| io_err("chmod", path, x))?;
     if replace_xattrs {
-        let list = xattr_list(|b| rfs::flistxattr(fd, b)).map_err(|x| io_err("listxattr", path, x))?;
+        let list =
+            xattr_list(|b| rfs::flistxattr(fd, b)).map_err(|x| io_err("listxattr", path, x))?;
         for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
             if !e.xattrs.contains_key(name) {
                 match rfs::fremovexattr(fd, name) {
@@ -457,11 +464,13 @@ pub(crate) fn create_leaf(
         }
         Kind::Symlink => {
             if e.link.is_empty() || e.link.contains(&0) {
-                ctx.warn(format!("{}: symlink with an empty target skipped", show(path)));
+                ctx.warn(format!(
+                    "{}: symlink with an empty target skipped",
+                    show(path)
+                ));
                 return Ok(None);
             }
-            rfs::symlinkat(e.link.as_slice(), dir, name)
-                .map_err(|x| io_err("symlink", path, x))?;
+            rfs::symlinkat(e.link.as_slice(), dir, name).map_err(|x| io_err("symlink", path, x))?;
             set_meta_at(dir, name, e, path, ctx)?;
             Ok(Some(0))
         }
@@ -557,8 +566,15 @@ struct LinkPlan {
     to: (usize, Name),
 }
 
-/// The view as directories (pre-order) and the hardlinks between its leaves.
-fn plan(stack: &Stack) -> Result<(Vec<DirPlan>, Vec<LinkPlan>, Vec<Vec<usize>>)> {
+/// The view as directories and the hardlinks between its leaves.
+struct Plan {
+    dirs: Vec<DirPlan>,
+    links: Vec<LinkPlan>,
+    /// Indices into `dirs` by depth (the root alone at 0).
+    levels: Vec<Vec<usize>>,
+}
+
+fn plan(stack: &Stack) -> Result<Plan> {
     let root = match stack.index.lookup(b"") {
         Some(Node::Dir(d)) => d,
         _ => return Err(Error::Corrupt("the view has no root directory".into())),
@@ -610,7 +626,11 @@ fn plan(stack: &Stack) -> Result<(Vec<DirPlan>, Vec<LinkPlan>, Vec<Vec<usize>>)>
     for (i, d) in dirs.iter().enumerate() {
         levels[d.depth].push(i);
     }
-    Ok((dirs, links, levels))
+    Ok(Plan {
+        dirs,
+        links,
+        levels,
+    })
 }
 
 impl Store {
@@ -666,7 +686,12 @@ impl Store {
                 .thread_name(|i| format!("layerstore-write-{i}"))
                 .build()
                 .map_err(|e| Error::io("starting the writers", std::io::Error::other(e)))?;
-            let ctx = Ctx::new(self, progress);
+            let mut ctx = Ctx::new(self, progress);
+            // A setgid parent passes its group and bit on: clear the bit, and chown everything
+            // unless the group is the caller's.
+            rfs::fchmod(&root, Mode::from_raw_mode(0o700)).map_err(|x| io_err("chmod", &tmp, x))?;
+            let st = rfs::fstat(&root).map_err(|x| io_err("stat", &tmp, x))?;
+            ctx.privs.fresh = (st.st_uid, st.st_gid) == (ctx.privs.euid, ctx.privs.egid);
             pool.install(|| write_view(stack, root.as_fd(), &ctx))?;
             match rfs::renameat_with(
                 &parent,
@@ -687,14 +712,24 @@ impl Store {
             ctx.report()
         })();
         if result.is_err() {
-            let _ = remove_entry(parent.as_fd(), &tmp, &tmp);
+            // Only root could add entries to it meanwhile (it is 0700): pass again while it
+            // does, up to a bound, then leave it.
+            for _ in 0..100 {
+                if remove_entry(parent.as_fd(), &tmp, &tmp).is_ok() {
+                    break;
+                }
+            }
         }
         result
     }
 }
 
 fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> {
-    let (dirs, links, levels) = plan(stack)?;
+    let Plan {
+        dirs,
+        links,
+        levels,
+    } = plan(stack)?;
     // Top-down, one level at a time: each directory creates its subdirectories (0700 until
     // their metadata is set) and its leaves; big directories are split over several tasks.
     for level in &levels {
@@ -716,7 +751,9 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
             .map_init(
                 || Content::new(ctx.store),
                 |content, &(i, start, end, mk_subdirs)| {
-                    let content = content.as_mut().map_err(|e| Error::Corrupt(e.to_string()))?;
+                    let content = content
+                        .as_mut()
+                        .map_err(|e| Error::Corrupt(e.to_string()))?;
                     let d = &dirs[i];
                     let fd = open_dir(root, &d.rel).map_err(|x| io_err("open", &d.rel, x))?;
                     if mk_subdirs {
@@ -729,7 +766,8 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
                     let (mut n, mut bytes) = (0, 0);
                     for (name, v) in &d.leaves[start..end] {
                         let path = join(&d.rel, name);
-                        if let Some(b) = create_leaf(fd.as_fd(), name, v.meta(), &path, ctx, content)?
+                        if let Some(b) =
+                            create_leaf(fd.as_fd(), name, v.meta(), &path, ctx, content)?
                         {
                             n += 1;
                             bytes += b;

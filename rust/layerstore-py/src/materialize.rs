@@ -38,8 +38,7 @@ impl crate::Store {
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let stack: &core::stack::Stack = &image.get().inner;
-        let result =
-            py.detach(|| store.materialize(stack, &dest, &opts, &|n| interrupts.check(n)));
+        let result = py.detach(|| store.materialize(stack, &dest, &opts, &|n| interrupts.check(n)));
         let r = interrupts.finish(result)?;
         report(py, &r)
     }
