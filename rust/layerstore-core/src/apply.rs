@@ -468,7 +468,7 @@ impl Applier<'_> {
         dirs.sort_by_key(|d| std::cmp::Reverse(components(&d.0).count()));
         for (rel, e, declared) in &dirs {
             let fd = open_dir(self.root.as_fd(), rel).map_err(|x| io_err("open", rel, x))?;
-            set_meta_fd(fd.as_fd(), e, rel, self.ctx, *declared)?;
+            set_meta_fd(fd.as_fd(), e, rel, self.ctx, *declared, false)?;
         }
         for (rel, ts) in &self.times {
             if set.contains(rel) {

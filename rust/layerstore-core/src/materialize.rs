@@ -111,6 +111,8 @@ pub(crate) struct Privileges {
     pub fresh: bool,
     euid: u32,
     egid: u32,
+    /// The process umask (read once; all bits when unknown, so nothing is assumed).
+    umask: u32,
 }
 
 impl Privileges {
@@ -121,6 +123,18 @@ impl Privileges {
             fresh: false,
             euid,
             egid: rustix::process::getegid().as_raw(),
+            umask: read_umask().unwrap_or(0o777),
+        }
+    }
+
+    /// The mode to create a file with, and whether that already is its final mode (no special
+    /// bits, none masked by the umask): then no chmod is needed.
+    fn create_mode(&self, e: &Entry) -> (u32, bool) {
+        let plain = e.mode & 0o7000 == 0 && e.mode & self.umask == 0;
+        if plain {
+            (e.mode & 0o777, true)
+        } else {
+            (0o600, false)
         }
     }
 
@@ -152,6 +166,14 @@ impl Privileges {
         }
         Ok(Some((rfs::Uid::from_raw(uid), rfs::Gid::from_raw(gid))))
     }
+}
+
+/// The `Umask:` line of `/proc/self/status` (Linux ≥ 4.7): reading it does not change it,
+/// unlike `umask(2)`, which would race with other threads creating files.
+fn read_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(line.trim(), 8).ok()
 }
 
 fn timestamps(e: &Entry) -> Timestamps {
@@ -324,11 +346,16 @@ pub(crate) fn set_meta_fd(
     path: &[u8],
     ctx: &Ctx<'_>,
     replace_xattrs: bool,
+    mode_is_set: bool,
 ) -> Result<()> {
     if let Some((u, g)) = ctx.privs.owner(e, path)? {
         rfs::fchown(fd, Some(u), Some(g)).map_err(|x| io_err("chown", path, x))?;
     }
-    rfs::fchmod(fd, Mode::from_raw_mode(e.mode & 0o7777)).map_err(|x| io_err("chmod", path, x))?;
+    // (chown clears setuid/setgid bits, but a mode already set has none.)
+    if !mode_is_set {
+        rfs::fchmod(fd, Mode::from_raw_mode(e.mode & 0o7777))
+            .map_err(|x| io_err("chmod", path, x))?;
+    }
     if replace_xattrs {
         let list =
             xattr_list(|b| rfs::flistxattr(fd, b)).map_err(|x| io_err("listxattr", path, x))?;
@@ -450,16 +477,17 @@ pub(crate) fn create_leaf(
     check_name(name, path)?;
     match e.kind {
         Kind::File => {
+            let (mode, mode_is_set) = ctx.privs.create_mode(e);
             let fd = rfs::openat(
                 dir,
                 name,
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
+                Mode::from_raw_mode(mode),
             )
             .map_err(|x| io_err("create", path, x))?;
             let mut f = File::from(fd);
             let n = content.write(ctx.store, e, &mut f, path)?;
-            set_meta_fd(f.as_fd(), e, path, ctx, false)?;
+            set_meta_fd(f.as_fd(), e, path, ctx, false, mode_is_set)?;
             Ok(Some(n))
         }
         Kind::Symlink => {
@@ -803,7 +831,7 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
             .map(|&i| {
                 let d = &dirs[i];
                 let fd = open_dir(root, &d.rel).map_err(|x| io_err("open", &d.rel, x))?;
-                set_meta_fd(fd.as_fd(), &d.meta.entry, &d.rel, ctx, false)
+                set_meta_fd(fd.as_fd(), &d.meta.entry, &d.rel, ctx, false, false)
             })
             .collect::<Result<()>>()?;
     }
