@@ -71,7 +71,7 @@ def layers(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_materialize_and_apply(layers: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    base_tar, upper_tar, store = layers
+    base_tar, _, store = layers
     ids = [json.loads(run(store, "--json", "import", str(t)).stdout)[0]["id"] for t in layers[:2]]
     run(store, "tag", "img:1", ids[0])
     run(store, "tag", "img:2", *ids)
@@ -104,5 +104,8 @@ def test_errors_are_one_line(layers: tuple[Path, Path, Path], tmp_path: Path) ->
         proc = run(store, *args, expect=1)
         lines = proc.stderr.decode().splitlines()
         assert len(lines) == 1 and lines[0].startswith("layerstore: error: "), lines
-    assert "exists" in run(store, "materialize", "img", str(tmp_path / "taken"), expect=1).stderr.decode()
+    assert (
+        "exists"
+        in run(store, "materialize", "img", str(tmp_path / "taken"), expect=1).stderr.decode()
+    )
     assert not (tmp_path / "new").exists()

@@ -8,12 +8,15 @@ Root-only where devices, owners or ``trusted.*`` xattrs are involved (CI runs as
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import stat
 import tarfile
+import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +110,10 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
                 data = Path(full).read_bytes()
             elif stat.S_ISLNK(st.st_mode):
                 data = os.readlink(full)
-            xattrs = {k: os.getxattr(full, k, follow_symlinks=False) for k in os.listxattr(full, follow_symlinks=False)}
+            xattrs = {
+                k: os.getxattr(full, k, follow_symlinks=False)
+                for k in os.listxattr(full, follow_symlinks=False)
+            }
             names = sorted(os.listdir(full)) if stat.S_ISDIR(st.st_mode) else None
             out[os.path.relpath(full, root)] = (
                 st.st_mode,
@@ -228,7 +234,9 @@ def test_materialize_refuses_an_existing_dest(store: ls.Store, tmp_path: Path) -
 
 
 def test_a_failed_materialize_leaves_nothing(store: ls.Store, tmp_path: Path) -> None:
-    files = {f"d{i:03d}/f{j}": tf.rand_bytes(i * 100 + j, 3000) for i in range(40) for j in range(40)}
+    files = {
+        f"d{i:03d}/f{j}": tf.rand_bytes(i * 100 + j, 3000) for i in range(40) for j in range(40)
+    }
     image = store.stack([store.import_tar(tf.simple_tar(files))])
     calls = []
 
@@ -377,7 +385,15 @@ def test_apply_needs_an_existing_directory(store: ls.Store, tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     "name",
-    ["../victim/x", "a/../../victim/x", "etc/.wh..", "etc/.wh.", ".wh...", "a/.wh.b/c", "a/.wh..wh..opq/c"],
+    [
+        "../victim/x",
+        "a/../../victim/x",
+        "etc/.wh..",
+        "etc/.wh.",
+        ".wh...",
+        "a/.wh.b/c",
+        "a/.wh..wh..opq/c",
+    ],
 )
 def test_impossible_names_are_rejected_at_import(store: ls.Store, name: str) -> None:
     with pytest.raises(ls.InvalidLayerError):
@@ -482,7 +498,10 @@ def test_hostile_hardlinks_are_typed_errors(store: ls.Store, tmp_path: Path, vic
     before = snapshot(victim)
     with pytest.warns(ls.LayerstoreWarning):
         absolute = layer_of(store, [hard("h", str(victim / "secret"))])
-    through = [layer_of(store, [sym("evil", "../victim")]), layer_of(store, [hard("h", "evil/secret")])]
+    through = [
+        layer_of(store, [sym("evil", "../victim")]),
+        layer_of(store, [hard("h", "evil/secret")]),
+    ]
     with pytest.raises(ls.InvalidLayerError):
         store.stack([absolute])
     with pytest.raises(ls.InvalidLayerError):
@@ -499,7 +518,9 @@ def test_hostile_hardlinks_are_typed_errors(store: ls.Store, tmp_path: Path, vic
     assert sorted(os.listdir(dest)) == ["evil", "tmp"]
 
 
-def swapper(parent: Path, prefix: str, victim: Path, stop: threading.Event, swaps: list[int]) -> None:
+def swapper(
+    parent: Path, prefix: str, victim: Path, stop: threading.Event, swaps: list[int]
+) -> None:
     """Keep replacing the directories just below any ``prefix*`` directory in ``parent`` by
     symlinks to the victim (the attack on a check-then-use implementation)."""
     while not stop.is_set():
@@ -526,7 +547,9 @@ def race_layer(store: ls.Store) -> ls.Layer:
     return store.import_tar(tf.simple_tar(files))
 
 
-def test_materialize_races_with_symlink_swaps(store: ls.Store, tmp_path: Path, victim: Path) -> None:
+def test_materialize_races_with_symlink_swaps(
+    store: ls.Store, tmp_path: Path, victim: Path
+) -> None:
     layer = race_layer(store)
     image = store.stack([layer])
     before = snapshot(victim)
@@ -552,7 +575,9 @@ def test_materialize_races_with_symlink_swaps(store: ls.Store, tmp_path: Path, v
 
 def test_apply_races_with_symlink_swaps(store: ls.Store, tmp_path: Path, victim: Path) -> None:
     layer = race_layer(store)
-    base = store.stack([store.import_tar(tf.simple_tar({f"d{i:03d}/s/old": b"" for i in range(60)}))])
+    base = store.stack(
+        [store.import_tar(tf.simple_tar({f"d{i:03d}/s/old": b"" for i in range(60)}))]
+    )
     before = snapshot(victim)
     swaps = [0]
     for attempt in range(5):
@@ -570,3 +595,64 @@ def test_apply_races_with_symlink_swaps(store: ls.Store, tmp_path: Path, victim:
             t.join()
         assert snapshot(victim) == before, f"attempt {attempt}"
     assert swaps[0] > 0, "the attacker never got in: the test proves nothing"
+
+
+@pytest.mark.root
+def test_without_root_devices_are_skipped_with_a_warning(store: ls.Store) -> None:
+    """The documented policy without privileges, checked in a forked child that drops to uid
+    65534: owners are the caller's, char/block devices and ``trusted.*`` xattrs are skipped with
+    a LayerstoreWarning each, fifos and everything else are written."""
+    layer = layer_of(
+        store,
+        [
+            tf.file_("f", b"data", 0o4755, uid=1000, gid=1000, pax={"SCHILY.xattr.user.k": "v"}),
+            tf.file_("t", b"", pax={"SCHILY.xattr.trusted.k": "v"}),
+            tf.Member("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
+            tf.Member("dev/sda", tarfile.BLKTYPE, mode=0o660, devmajor=8, devminor=0),
+            tf.Member("fifo", tarfile.FIFOTYPE, mode=0o640),
+        ],
+    )
+    work = Path(tempfile.mkdtemp(prefix="layerstore-nonroot-"))
+    try:
+        os.chmod(work, 0o777)
+        store_path = work / "store"
+        shutil.copytree(store.path, store_path)
+        for dirpath, _, filenames in os.walk(store_path):
+            for n in [".", *filenames]:
+                os.chown(os.path.join(dirpath, n), 65534, 65534)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            status = 1
+            try:
+                os.close(read)
+                os.setegid(65534)
+                os.seteuid(65534)
+                child_store = ls.Store(store_path)
+                image = child_store.stack([child_store.layer(layer.id)])
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    report = child_store.materialize(image, work / "out")
+                messages = [str(w.message) for w in caught if w.category is ls.LayerstoreWarning]
+                os.write(write, json.dumps({"report": report, "warnings": messages}).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            result = json.loads(f.read() or b"{}")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, result
+        out = work / "out"
+        assert sorted(os.listdir(out)) == ["dev", "f", "fifo", "t"]
+        assert os.listdir(out / "dev") == []
+        assert stat.S_ISFIFO(os.lstat(out / "fifo").st_mode)
+        st = os.lstat(out / "f")
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o4755)
+        assert os.getxattr(out / "f", "user.k") == b"v"
+        assert os.listxattr(out / "t") == []
+        assert result["report"]["skipped"] == 3
+        text = "\n".join(result["warnings"])
+        assert "/dev/null" in text and "/dev/sda" in text and "trusted.k" in text
+    finally:
+        shutil.rmtree(work)
