@@ -92,7 +92,7 @@ fn io_err(what: &str, path: &[u8], e: Errno) -> Error {
 struct Applier<'a> {
     root: OwnedFd,
     ctx: &'a Ctx<'a>,
-    content: Content,
+    content: Content<'a>,
     /// Times of every directory whose children changed, as they were before the first change.
     times: HashMap<Vec<u8>, Timestamps>,
     /// Directories created as implicit parents.

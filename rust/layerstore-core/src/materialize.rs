@@ -41,7 +41,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::layer::{Entry, Kind};
 use crate::meta;
 use crate::stack::Stack;
-use crate::store::{unique_name, Progress, Store};
+use crate::store::{unique_name, Conn, Progress, Store};
 use crate::union::{Name, Node, ViewEntry};
 
 /// Options of [`Store::materialize`] and [`Store::apply`].
@@ -294,30 +294,57 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// Reads file content from the packs (one per thread: it keeps the last decoded block).
-pub(crate) struct Content {
+/// Reads file content from the packs (one per thread: it keeps the last decoded block). Chunk
+/// locations are looked up inside one read transaction, held until [`Content::end`], so a run
+/// of files costs one database lock, not one per chunk.
+pub(crate) struct Content<'s> {
+    store: &'s Store,
+    conn: Option<Conn<'s>>,
+    in_tx: bool,
     reader: PackReader,
     buf: Vec<u8>,
 }
 
-impl Content {
-    pub fn new(store: &Store) -> Result<Self> {
+impl<'s> Content<'s> {
+    pub fn new(store: &'s Store) -> Result<Self> {
         Ok(Content {
+            store,
+            conn: None,
+            in_tx: false,
             reader: PackReader::new(&store.packs_dir())?,
             buf: Vec::new(),
         })
     }
 
+    fn loc(&mut self, digest: &crate::digest::Blake3) -> Result<crate::cas::ChunkLoc> {
+        if self.conn.is_none() {
+            self.conn = Some(self.store.conn()?);
+        }
+        let conn = self.conn.as_ref().expect("set above");
+        if !self.in_tx {
+            conn.execute_batch("BEGIN")?;
+            self.in_tx = true;
+        }
+        meta::chunk_loc(conn, digest)?
+            .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))
+    }
+
+    /// End the read transaction (the next lookup starts another).
+    pub fn end(&mut self) {
+        if let (true, Some(conn)) = (self.in_tx, &self.conn) {
+            let _ = conn.execute_batch("COMMIT");
+        }
+        self.in_tx = false;
+    }
+
     /// Write `e`'s content to `f`; returns the bytes written (checked against `e.size`).
-    fn write(&mut self, store: &Store, e: &Entry, f: &mut File, path: &[u8]) -> Result<u64> {
+    fn write(&mut self, e: &Entry, f: &mut File, path: &[u8]) -> Result<u64> {
         if e.chunks.is_empty() && e.size == 0 {
             return Ok(0);
         }
-        let conn = store.conn()?;
         let mut written = 0u64;
         for c in &e.chunks {
-            let loc = meta::chunk_loc(&conn, &c.digest)?
-                .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", c.digest)))?;
+            let loc = self.loc(&c.digest)?;
             self.reader.read(&loc, &mut self.buf)?;
             f.write_all(&self.buf)
                 .ctx(|| format!("writing {}", show(path)))?;
@@ -331,6 +358,12 @@ impl Content {
             )));
         }
         Ok(written)
+    }
+}
+
+impl Drop for Content<'_> {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -472,7 +505,7 @@ pub(crate) fn create_leaf(
     e: &Entry,
     path: &[u8],
     ctx: &Ctx<'_>,
-    content: &mut Content,
+    content: &mut Content<'_>,
 ) -> Result<Option<u64>> {
     check_name(name, path)?;
     match e.kind {
@@ -486,7 +519,7 @@ pub(crate) fn create_leaf(
             )
             .map_err(|x| io_err("create", path, x))?;
             let mut f = File::from(fd);
-            let n = content.write(ctx.store, e, &mut f, path)?;
+            let n = content.write(e, &mut f, path)?;
             set_meta_fd(f.as_fd(), e, path, ctx, false, mode_is_set)?;
             Ok(Some(n))
         }
@@ -801,6 +834,7 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
                             bytes += b;
                         }
                     }
+                    content.end();
                     ctx.done(n, bytes)
                 },
             )
