@@ -279,9 +279,10 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
+    /// The counts. The last progress report cannot cancel any more: the work is done.
     pub fn report(self) -> Result<WriteReport> {
         let bytes = self.bytes.load(Ordering::Relaxed);
-        (self.progress)(bytes)?;
+        let _ = (self.progress)(bytes);
         Ok(WriteReport {
             entries: self.entries.load(Ordering::Relaxed),
             bytes,
