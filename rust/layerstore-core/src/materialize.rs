@@ -786,6 +786,46 @@ impl Store {
     }
 }
 
+/// One unit of parallel work: `(directory, start, end)` items, run in order. `start == end`
+/// stands for "create the directory's subdirectories".
+type Task = Vec<(usize, usize, usize)>;
+
+/// A level's work in the order a tar lists it (directories depth-first, children by name), cut
+/// into tasks of about [`LEAVES_PER_TASK`] entries. Neighbouring small files share pack blocks
+/// (content is stored in tar order), and one task decodes a block once for all of them, where a
+/// task per directory would decode it again for each directory.
+fn level_tasks(dirs: &[DirPlan], level: &[usize]) -> Vec<Task> {
+    let mut order = level.to_vec();
+    order.sort_by(|&a, &b| {
+        let comps = |i: usize| dirs[i].rel.split(|&c| c == b'/').collect::<Vec<_>>();
+        comps(a).cmp(&comps(b))
+    });
+    let mut tasks = Vec::new();
+    let (mut cur, mut weight): (Task, usize) = (Vec::new(), 0);
+    for i in order {
+        let d = &dirs[i];
+        if !d.subdirs.is_empty() {
+            cur.push((i, 0, 0));
+            weight += d.subdirs.len();
+        }
+        let mut start = 0;
+        while start < d.leaves.len() {
+            let end = (start + LEAVES_PER_TASK.saturating_sub(weight).max(1)).min(d.leaves.len());
+            cur.push((i, start, end));
+            weight += end - start;
+            start = end;
+            if weight >= LEAVES_PER_TASK {
+                tasks.push(std::mem::take(&mut cur));
+                weight = 0;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        tasks.push(cur);
+    }
+    tasks
+}
+
 fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> {
     let Plan {
         dirs,
@@ -793,46 +833,36 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
         levels,
     } = plan(stack)?;
     // Top-down, one level at a time: each directory creates its subdirectories (0700 until
-    // their metadata is set) and its leaves; big directories are split over several tasks.
+    // their metadata is set) and its leaves, in tasks that follow the tar order.
     for level in &levels {
-        let mut tasks = Vec::new();
-        for &i in level {
-            let d = &dirs[i];
-            tasks.push((i, 0, 0, true));
-            for start in (0..d.leaves.len()).step_by(LEAVES_PER_TASK) {
-                tasks.push((
-                    i,
-                    start,
-                    (start + LEAVES_PER_TASK).min(d.leaves.len()),
-                    false,
-                ));
-            }
-        }
-        tasks
+        level_tasks(&dirs, level)
             .par_iter()
             .map_init(
                 || Content::new(ctx.store),
-                |content, &(i, start, end, mk_subdirs)| {
+                |content, task| {
                     let content = content
                         .as_mut()
                         .map_err(|e| Error::Corrupt(e.to_string()))?;
-                    let d = &dirs[i];
-                    let fd = open_dir(root, &d.rel).map_err(|x| io_err("open", &d.rel, x))?;
-                    if mk_subdirs {
-                        for s in &d.subdirs {
-                            rfs::mkdirat(&fd, &s[..], Mode::from_raw_mode(0o700))
-                                .map_err(|x| io_err("mkdir", &join(&d.rel, s), x))?;
-                        }
-                        return ctx.done(d.subdirs.len() as u64, 0);
-                    }
                     let (mut n, mut bytes) = (0, 0);
-                    for (name, v) in &d.leaves[start..end] {
-                        let path = join(&d.rel, name);
-                        if let Some(b) =
-                            create_leaf(fd.as_fd(), name, v.meta(), &path, ctx, content)?
-                        {
-                            n += 1;
-                            bytes += b;
+                    for &(i, start, end) in task {
+                        let d = &dirs[i];
+                        let fd = open_dir(root, &d.rel).map_err(|x| io_err("open", &d.rel, x))?;
+                        if start == end {
+                            for s in &d.subdirs {
+                                rfs::mkdirat(&fd, &s[..], Mode::from_raw_mode(0o700))
+                                    .map_err(|x| io_err("mkdir", &join(&d.rel, s), x))?;
+                            }
+                            n += d.subdirs.len() as u64;
+                            continue;
+                        }
+                        for (name, v) in &d.leaves[start..end] {
+                            let path = join(&d.rel, name);
+                            if let Some(b) =
+                                create_leaf(fd.as_fd(), name, v.meta(), &path, ctx, content)?
+                            {
+                                n += 1;
+                                bytes += b;
+                            }
                         }
                     }
                     content.end();
