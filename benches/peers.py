@@ -84,3 +84,25 @@ def naive_import(tar_path: Path, store: Path) -> NaiveResult:
         pack.flush()
         os.fsync(pack.fileno())
     return NaiveResult(entries=entries, chunks=len(index), stored_bytes=offset)
+
+
+def umoci(*args: str | Path) -> None:
+    """Run umoci (Debian package umoci), quietly."""
+    subprocess.run(["umoci", *map(str, args)], check=True, capture_output=True)
+
+
+def umoci_layout(tars: list[Path], layout: Path, tag: str) -> None:
+    """An OCI layout whose image `tag` has the given layer tars, bottom first (umoci gzips them)."""
+    if not (layout / "index.json").exists():
+        umoci("init", "--layout", layout)
+    umoci("new", "--image", f"{layout}:{tag}")
+    for tar in tars:
+        umoci("raw", "add-layer", "--image", f"{layout}:{tag}", tar)
+
+
+def umoci_flatten(layout: Path, tag: str, new_tag: str, rootfs: Path) -> None:
+    """umoci's squash: unpack the image's union to a directory, then insert that directory as
+    the only layer of a new image (unpack + repack)."""
+    umoci("raw", "unpack", "--image", f"{layout}:{tag}", rootfs)
+    umoci("new", "--image", f"{layout}:{new_tag}")
+    umoci("insert", "--image", f"{layout}:{new_tag}", rootfs, "/")

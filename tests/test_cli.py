@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import layerstore as ls
 import pytest
 import zstandard
 
@@ -507,3 +508,25 @@ def test_tag_images_cat_tree_untag(store: Path, tmp_path: Path) -> None:
     assert "invalid tag" in one_error_line(bad)
     run(store, "untag", "app:1")
     assert run_json(store, "images") == {}
+
+
+def test_diff_squash_commit(store: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/a").write_bytes(b"a")
+    (root / "etc/b").write_bytes(b"b")
+    doc = run_json(store, "import", str(root))
+    layer_id = doc[0]["id"] if isinstance(doc, list) else doc["id"]  # type: ignore[index]
+    run(store, "tag", "base", layer_id)
+    (root / "etc/a").unlink()
+    (root / "etc/c").write_bytes(b"c")
+    listed = run(store, "diff", "--compare-only", "base", str(root)).stdout.decode()
+    assert listed.splitlines()[-2:] == ["D /etc/a", "M /etc/c"]
+    committed = run_json(store, "commit", "base", str(root), "--tag", "next")
+    assert committed["tag"] == "next"  # type: ignore[index]
+    flat = tmp_path / "flat.tar"
+    squashed = run_json(store, "squash", "next", "--tag", "flat", "-o", str(flat))
+    assert flat.stat().st_size == squashed["size"]  # type: ignore[index]
+    s = ls.Store(store)
+    assert s.get("flat").listdir("/etc") == ["b", "c"] and len(s.get("flat")) == 1
+    assert run(store, "diff", "--compare-only", "next", "flat").stdout == b""

@@ -6,6 +6,7 @@ re-exports its classes and the exception hierarchy.
 
 from __future__ import annotations
 
+from layerstore._container import Container
 from layerstore._core import FORMAT_VERSION, Entry, Layer, Limits, Stack, Stat, Store, __version__
 from layerstore._errors import (
     ConflictError,
@@ -21,6 +22,7 @@ from layerstore._stackio import StackPath
 __all__ = [
     "FORMAT_VERSION",
     "ConflictError",
+    "Container",
     "Entry",
     "IntegrityError",
     "InvalidLayerError",

@@ -1,10 +1,11 @@
 """Type stubs of the compiled core (checked against the module by mypy.stubtest)."""
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from io import BufferedReader
 from typing import IO, Any, final
 
+from layerstore._container import Container
 from layerstore._stackio import StackPath
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Entry",
     "Layer",
     "Limits",
+    "RawContainer",
     "Stack",
     "Stat",
     "Store",
@@ -84,6 +86,8 @@ class Entry:
 
 @final
 class Layer:
+    @property
+    def created_by(self) -> str | None: ...
     @property
     def id(self) -> str: ...
     @property
@@ -157,7 +161,7 @@ class Store:
     def layer(self, key: Layer | str) -> Layer: ...
     def delete(self, layer: Layer | str) -> None: ...
     def stats(self) -> dict[str, Any]: ...
-    def stack(self, layers: list[Layer | str]) -> Stack: ...
+    def stack(self, layers: Sequence[Layer | str]) -> Stack: ...
     def tag(self, image: Stack, name: str) -> None: ...
     def get(self, name: str) -> Stack: ...
     def images(self) -> dict[str, Stack]: ...
@@ -176,6 +180,40 @@ class Store:
     def apply(
         self, layer: Layer | str, dest: StrPath, /, *, progress: Progress | None = None
     ) -> dict[str, int]: ...
+    def diff(
+        self,
+        a: Stack | StrPath,
+        b: Stack | StrPath,
+        /,
+        *,
+        compare_content: bool = False,
+        source_date_epoch: int | None = None,
+        max_threads: int | None = None,
+        progress: Progress | None = None,
+    ) -> Layer: ...
+    def changes(
+        self,
+        a: Stack | StrPath,
+        b: Stack | StrPath,
+        /,
+        *,
+        compare_content: bool = False,
+        max_threads: int | None = None,
+    ) -> list[tuple[str, str]]: ...
+    def squash(
+        self,
+        image: Stack,
+        /,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        dest: StrPath | None = None,
+        source_date_epoch: int | None = None,
+        progress: Progress | None = None,
+    ) -> Layer: ...
+    def squash_changes(
+        self, image: Stack, /, start: int = 0, stop: int | None = None
+    ) -> list[tuple[str, str]]: ...
 
 PathArg = str | bytes | os.PathLike[str]
 
@@ -255,3 +293,43 @@ class Stack:
     def provenance(self, path: PathArg) -> list[tuple[int, str]]: ...
     @staticmethod
     def index_nodes() -> int: ...
+    def squash(
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        source_date_epoch: int | None = None,
+        progress: Progress | None = None,
+    ) -> Stack: ...
+    def container(self) -> Container: ...
+
+@final
+class RawContainer:
+    def write_at(self, path: PathArg, offset: int, data: bytes, /, create: bool = False) -> int: ...
+    def write_bytes(self, path: PathArg, data: bytes) -> None: ...
+    def truncate(self, path: PathArg, size: int) -> None: ...
+    def mkdir(
+        self, path: PathArg, /, mode: int = 0o755, *, parents: bool = False, exist_ok: bool = False
+    ) -> None: ...
+    def remove(self, path: PathArg, /, *, recursive: bool = False) -> None: ...
+    def rename(self, src: PathArg, dst: PathArg) -> None: ...
+    def symlink(self, target: PathArg, path: PathArg) -> None: ...
+    def link(self, src: PathArg, dst: PathArg) -> None: ...
+    def chmod(self, path: PathArg, mode: int, /, *, follow_symlinks: bool = True) -> None: ...
+    def chown(
+        self, path: PathArg, uid: int, gid: int, /, *, follow_symlinks: bool = True
+    ) -> None: ...
+    def utime(
+        self, path: PathArg, /, mtime_ns: int | None = None, *, follow_symlinks: bool = True
+    ) -> None: ...
+    def setxattr(self, path: PathArg, name: str, value: bytes) -> None: ...
+    def removexattr(self, path: PathArg, name: str) -> None: ...
+    @property
+    def hashed_bytes(self) -> int: ...
+    def view(self) -> Stack: ...
+    def commit(
+        self, *, created_by: str | None = None, progress: Progress | None = None
+    ) -> Layer: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...

@@ -498,6 +498,68 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _side(store: ls.Store, arg: str) -> ls.Stack | Path:
+    """A diff side: an existing directory, else an image tag."""
+    return Path(arg) if os.path.isdir(arg) else store.get(arg)
+
+
+def _print_layer(args: argparse.Namespace, verb: str, layer: ls.Layer, **extra: object) -> None:
+    if args.json:
+        print_json(
+            {
+                "id": layer.id,
+                "diff_id": layer.diff_id,
+                "size": layer.size,
+                "entries": layer.entry_count,
+                **extra,
+            }
+        )
+    else:
+        tail = "".join(f"  {k}={v}" for k, v in extra.items())
+        print(f"{verb} {layer.id}  {layer.diff_id}  ({layer.entry_count} entries){tail}")
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    a, b = _side(store, args.a), _side(store, args.b)
+    if args.compare_only:
+        changes = store.changes(a, b, compare_content=args.compare_content)
+        if args.json:
+            print_json([{"change": kind, "path": path} for kind, path in changes])
+        else:
+            marks = {"entry": "M", "link": "L", "whiteout": "D", "opaque": "O"}
+            for kind, path in changes:
+                print(f"{marks[kind]} {path}")
+        return 0
+    with progress_bar("diff", None, args.progress) as progress:
+        layer = store.diff(a, b, compare_content=args.compare_content, progress=progress)
+    _print_layer(args, "diff", layer)
+    return 0
+
+
+def cmd_squash(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    image = store.get(args.image)
+    stop = len(image) if args.stop is None else args.stop
+    with progress_bar("squash", None, args.progress) as progress:
+        layer = store.squash(image, args.start, stop, dest=args.output, progress=progress)
+    if args.tag:
+        layers = [*image.layers[: args.start], layer, *image.layers[stop:]]
+        store.tag(store.stack(layers), args.tag)
+    _print_layer(args, "squashed", layer, **({"tag": args.tag} if args.tag else {}))
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    image = store.get(args.image)
+    with progress_bar("commit", None, args.progress) as progress:
+        layer = store.diff(image, Path(args.dir), progress=progress)
+    store.tag(image.push(layer), args.tag)
+    _print_layer(args, "committed", layer, tag=args.tag)
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     report = open_store(args).gc()
     if args.json:
@@ -724,6 +786,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("layer", metavar="LAYER", help=layer_help)
     p.add_argument("dest", metavar="DEST")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser(
+        "diff",
+        help="the changeset between two images or directories",
+        description="Store the changeset taking A to B as a layer (or, with --compare-only, "
+        "list it: M changed or added, L hard link, D deleted, O opaque directory). A and B are "
+        "image tags or directories (an existing directory wins); image to directory compares "
+        "metadata first and hashes only with --compare-content.",
+    )
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--compare-only", action="store_true", help="list changes, store nothing")
+    p.add_argument("--compare-content", action="store_true", help="hash same-looking files")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
+        "squash",
+        help="squash a range of an image's layers into one",
+        description="Squash layers START..STOP (default: all) of image IMAGE into one layer with "
+        "the same view; optionally tag the resulting image and write the layer's tar.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--stop", type=int, default=None)
+    p.add_argument("--tag", metavar="NAME", help="tag the image with the squashed range")
+    p.add_argument("-o", "--output", metavar="FILE", type=Path, help="also write the tar here")
+    p.set_defaults(func=cmd_squash)
+
+    p = sub.add_parser(
+        "commit",
+        help="commit a directory's changes over an image as a new image",
+        description="Store the changes from image IMAGE to directory DIR (a container's "
+        "root filesystem, say) as a layer, and tag IMAGE plus that layer as NAME.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--tag", metavar="NAME", required=True)
+    p.set_defaults(func=cmd_commit)
     return parser
 
 

@@ -6,19 +6,10 @@
 //!   directories with a trailing `/`. Order is depth-first pre-order with each directory's children
 //!   sorted by name bytes (GNU tar's `--sort=name`), so `a/`, `a/b`, `a.b`: a parent always precedes
 //!   its children.
-//! - Every member has a ustar header with octal numeric fields only (never base-256): mode is
-//!   `st_mode & 0o7777`, uname/gname empty, devmajor/devminor `0` unless a device, checksum as 7
-//!   octal digits + NUL.
-//! - When something does not fit ustar (a path that cannot be split into prefix/name, a link target
-//!   over 100 bytes, uid/gid > 0o7777777, size > 8 GiB − 1, an mtime that is negative, too large or
-//!   has nanoseconds, any xattr), a PAX `x` header precedes the member. Its records are sorted by
-//!   key; the value that did not fit is replaced in the ustar header by its first 100 bytes
-//!   (names) or 0 (numbers). `mtime` is `secs[.fraction]` with trailing zeros of the fraction
-//!   stripped; xattrs are `SCHILY.xattr.<name>` with raw value bytes.
+//! - Every member is written by [`crate::tarwrite`] (ustar, octal fields, PAX only where ustar
+//!   cannot hold a value or for xattrs): mode is `st_mode & 0o7777`, uname/gname empty.
 //! - Hardlinks (same `(dev, ino)`, `nlink > 1`, any non-directory): the first path in output order
 //!   carries the content, later ones are typeflag `1` naming it. Sockets are skipped with a warning.
-//! - Data is padded to 512 bytes; the archive ends with two zero blocks and is zero-padded to a
-//!   multiple of 10240 bytes, as GNU tar does.
 //!
 //! Metadata is gathered first (in parallel, one directory level at a time, so no recursion can
 //! overflow a stack); file contents are then streamed one file at a time through a fixed buffer.
@@ -34,17 +25,11 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
-use tar::{EntryType, Header};
 
 use crate::error::{Error, IoContext, Result};
+use crate::tarwrite::{self, Member, MemberKind};
 
-const BLOCK: u64 = 512;
-const RECORD: u64 = 10240;
-/// Largest value of an 8-byte octal field (7 digits + NUL): uid, gid, devmajor, devminor.
-const MAX_OCTAL_8: u64 = 0o7777777;
-/// Largest value of a 12-byte octal field (11 digits + NUL): size, mtime.
-const MAX_OCTAL_12: u64 = 0o77777777777;
-const COPY_BUF: usize = 256 * 1024;
+pub(crate) const COPY_BUF: usize = 256 * 1024;
 
 /// Options for [`write_dir_tar`].
 #[derive(Debug, Clone, Default)]
@@ -58,7 +43,7 @@ pub struct DirOptions {
 }
 
 #[derive(Default)]
-enum Kind {
+pub(crate) enum Kind {
     #[default]
     Dir,
     File,
@@ -70,23 +55,23 @@ enum Kind {
 
 /// Everything needed to write one member, gathered by the walk.
 #[derive(Default)]
-struct Node {
+pub(crate) struct Node {
     /// Path relative to the root, no trailing slash; empty for the root.
-    rel: Vec<u8>,
-    kind: Kind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-    mtime_nsec: u32,
-    size: u64,
-    dev: u64,
-    ino: u64,
-    nlink: u64,
+    pub(crate) rel: Vec<u8>,
+    pub(crate) kind: Kind,
+    pub(crate) mode: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) mtime: i64,
+    pub(crate) mtime_nsec: u32,
+    pub(crate) size: u64,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) nlink: u64,
     /// Sorted by name.
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(crate) xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Indices of the children in the node arena, sorted by name.
-    children: Vec<usize>,
+    pub(crate) children: Vec<usize>,
 }
 
 /// One directory child: its node (`None` if skipped) and the warnings it raised.
@@ -140,14 +125,38 @@ pub fn write_dir_tar<W: Write>(
         count += 1;
         stack.extend(node.children.iter().rev());
     }
-    tw.put(&[0u8; 2 * BLOCK as usize])?;
-    let tail = (RECORD - tw.written % RECORD) % RECORD;
-    tw.put(&vec![0u8; tail as usize])?;
+    tw.put(&tarwrite::trailer(tw.written))?;
     tw.out.flush().ctx(|| "writing tar stream".to_string())?;
     Ok(count)
 }
 
-fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
+/// Write `dest` through `write`, atomically: into a temporary file beside it, renamed into place
+/// only when `write` succeeds (removed otherwise), so `dest` is never seen half-written.
+pub fn write_atomically<T>(
+    dest: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<T>,
+) -> Result<T> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.layerstore-tmp", crate::store::unique_name()));
+    let result = (|| {
+        let f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, f);
+        let out = write(&mut w)?;
+        w.into_inner()
+            .map_err(|e| Error::io("flushing the output", e.into_error()))?;
+        fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))?;
+        Ok(out)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub(crate) fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
     if rel.is_empty() {
         root.to_path_buf()
     } else {
@@ -158,7 +167,11 @@ fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {
 /// Breadth-first, one level at a time: all directories of a level are listed in parallel and
 /// their children stat'ed in parallel; results are appended in a fixed order, so node indices,
 /// children lists and warnings do not depend on scheduling.
-fn scan_tree(root: &Path, opts: &DirOptions, warnings: &mut Vec<String>) -> Result<Vec<Node>> {
+pub(crate) fn scan_tree(
+    root: &Path,
+    opts: &DirOptions,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Node>> {
     let mut nodes = vec![Node::default()]; // the root, never emitted
     let mut level = vec![0usize];
     while !level.is_empty() {
@@ -330,13 +343,13 @@ fn sized_read(
 }
 
 /// The output, counting bytes for padding.
-struct TarWriter<W> {
-    out: W,
-    written: u64,
+pub(crate) struct TarWriter<W> {
+    pub(crate) out: W,
+    pub(crate) written: u64,
 }
 
 impl<W: Write> TarWriter<W> {
-    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn put(&mut self, bytes: &[u8]) -> Result<()> {
         self.out
             .write_all(bytes)
             .ctx(|| "writing tar stream".to_string())?;
@@ -345,170 +358,46 @@ impl<W: Write> TarWriter<W> {
     }
 
     fn pad_block(&mut self) -> Result<()> {
-        let n = (BLOCK - self.written % BLOCK) % BLOCK;
-        self.put(&[0u8; BLOCK as usize][..n as usize])
+        self.put(tarwrite::padding(self.written))
     }
 }
 
-/// Copy `value` into a fixed field, truncated; the rest stays NUL.
-fn put_field(field: &mut [u8], value: &[u8]) {
-    let n = value.len().min(field.len());
-    field[..n].copy_from_slice(&value[..n]);
-}
-
-/// Split a path over ustar's prefix (155) and name (100) fields at a '/', preferring the longest
-/// name. Returns false when no split fits (the name part must not be empty).
-fn split_ustar_path(path: &[u8], prefix: &mut [u8; 155], name: &mut [u8; 100]) -> bool {
-    if path.len() <= name.len() {
-        put_field(name, path);
-        return true;
-    }
-    let first = path.len().saturating_sub(name.len() + 1);
-    let body = path.strip_suffix(b"/").unwrap_or(path); // never split at a directory's own slash
-    let Some(at) = (first..body.len()).find(|&i| body[i] == b'/') else {
-        return false;
-    };
-    if at > prefix.len() || at == 0 {
-        return false;
-    }
-    put_field(prefix, &path[..at]);
-    put_field(name, &path[at + 1..]);
-    true
-}
-
-/// `secs[.fraction]`, the fraction's trailing zeros stripped; negative times count down from 0,
-/// so (-2 s, 5e8 ns) is "-1.5".
-fn format_mtime(secs: i64, nsec: u32) -> String {
-    let (sign, whole, frac) = if secs < 0 && nsec > 0 {
-        ("-", (secs + 1).unsigned_abs(), 1_000_000_000 - nsec)
-    } else {
-        (if secs < 0 { "-" } else { "" }, secs.unsigned_abs(), nsec)
-    };
-    if frac == 0 {
-        return format!("{sign}{whole}");
-    }
-    let digits = format!("{frac:09}");
-    format!("{sign}{whole}.{}", digits.trim_end_matches('0'))
-}
-
-/// One PAX record: "<len> <key>=<value>\n", where len counts the whole record, itself included.
-fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
-    let body = key.len() + value.len() + 3; // ' ', '=', '\n'
-    let mut len = body + 1;
-    while body + len.to_string().len() != len {
-        len = body + len.to_string().len(); // grows at most twice, at a digit rollover
-    }
-    out.extend_from_slice(len.to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(key);
-    out.push(b'=');
-    out.extend_from_slice(value);
-    out.push(b'\n');
-}
-
-fn write_member<W: Write>(
+pub(crate) fn write_member<W: Write>(
     tw: &mut TarWriter<W>,
     root: &Path,
     node: &Node,
     link_to: Option<&[u8]>,
     buf: &mut [u8],
 ) -> Result<()> {
-    let (etype, link, size, devs) = match (&node.kind, link_to) {
-        (_, Some(target)) => (EntryType::Link, Some(target), 0, (0, 0)),
-        (Kind::Dir, None) => (EntryType::Directory, None, 0, (0, 0)),
-        (Kind::File, None) => (EntryType::Regular, None, node.size, (0, 0)),
-        (Kind::Symlink(t), None) => (EntryType::Symlink, Some(t.as_slice()), 0, (0, 0)),
-        (Kind::Char(ma, mi), None) => (EntryType::Char, None, 0, (*ma, *mi)),
-        (Kind::Block(ma, mi), None) => (EntryType::Block, None, 0, (*ma, *mi)),
-        (Kind::Fifo, None) => (EntryType::Fifo, None, 0, (0, 0)),
+    let kind = match (&node.kind, link_to) {
+        (_, Some(target)) => MemberKind::Hardlink(target),
+        (Kind::Dir, None) => MemberKind::Dir,
+        (Kind::File, None) => MemberKind::File { size: node.size },
+        (Kind::Symlink(t), None) => MemberKind::Symlink(t),
+        (Kind::Char(ma, mi), None) => MemberKind::Char(*ma, *mi),
+        (Kind::Block(ma, mi), None) => MemberKind::Block(*ma, *mi),
+        (Kind::Fifo, None) => MemberKind::Fifo,
     };
-    let mut name = node.rel.clone();
-    if matches!(node.kind, Kind::Dir) {
-        name.push(b'/');
-    }
-    let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut h = Header::new_ustar();
-    let u = h.as_ustar_mut().expect("a ustar header");
-    if !split_ustar_path(&name, &mut u.prefix, &mut u.name) {
-        put_field(&mut u.name, &name);
-        pax.push((b"path".to_vec(), name.clone()));
-    }
-    if let Some(link) = link {
-        put_field(&mut u.linkname, link);
-        if link.len() > u.linkname.len() {
-            pax.push((b"linkpath".to_vec(), link.to_vec()));
-        }
-    }
-    if u64::from(devs.0.max(devs.1)) > MAX_OCTAL_8 {
-        let path = String::from_utf8_lossy(&node.rel);
-        return Err(Error::InvalidLayer(format!(
-            "device numbers of {path} do not fit a tar header"
-        )));
-    }
-    u.set_device_major(devs.0);
-    u.set_device_minor(devs.1);
-    let mut fit = |key: &str, value: u64, max: u64| {
-        if value <= max {
-            return value;
-        }
-        pax.push((key.as_bytes().to_vec(), value.to_string().into_bytes()));
-        0
+    let member = Member {
+        path: &node.rel,
+        kind,
+        mode: node.mode,
+        uid: node.uid.into(),
+        gid: node.gid.into(),
+        uname: b"",
+        gname: b"",
+        mtime_ns: node.mtime * 1_000_000_000 + i64::from(node.mtime_nsec),
+        xattrs: node
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect(),
     };
-    h.set_uid(fit("uid", node.uid.into(), MAX_OCTAL_8));
-    h.set_gid(fit("gid", node.gid.into(), MAX_OCTAL_8));
-    h.set_size(fit("size", size, MAX_OCTAL_12));
-    let secs_fit = u64::try_from(node.mtime).is_ok_and(|s| s <= MAX_OCTAL_12);
-    if !secs_fit || node.mtime_nsec != 0 {
-        pax.push((
-            b"mtime".to_vec(),
-            format_mtime(node.mtime, node.mtime_nsec).into_bytes(),
-        ));
-    }
-    h.set_mtime(if secs_fit { node.mtime as u64 } else { 0 });
-    h.set_mode(node.mode);
-    h.set_entry_type(etype);
-    h.set_cksum();
-
-    for (key, value) in &node.xattrs {
-        pax.push(([b"SCHILY.xattr.".as_slice(), key].concat(), value.clone()));
-    }
-    if !pax.is_empty() {
-        pax.sort();
-        write_pax(tw, &name, &pax)?;
-    }
-    tw.put(h.as_bytes())?;
-    if etype == EntryType::Regular {
+    tw.put(&tarwrite::header(&member)?)?;
+    if let MemberKind::File { .. } = kind {
         copy_file(tw, root, node, buf)?;
     }
     Ok(())
-}
-
-fn write_pax<W: Write>(
-    tw: &mut TarWriter<W>,
-    name: &[u8],
-    records: &[(Vec<u8>, Vec<u8>)],
-) -> Result<()> {
-    let mut data = Vec::new();
-    for (key, value) in records {
-        pax_record(&mut data, key, value);
-    }
-    let trimmed = name.strip_suffix(b"/").unwrap_or(name);
-    let base = trimmed.rsplit(|&b| b == b'/').next().unwrap_or(trimmed);
-    let mut h = Header::new_ustar();
-    let u = h.as_ustar_mut().expect("a ustar header");
-    put_field(&mut u.name, &[b"PaxHeaders/".as_slice(), base].concat());
-    u.set_device_major(0);
-    u.set_device_minor(0);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(data.len() as u64);
-    h.set_entry_type(EntryType::XHeader);
-    h.set_cksum();
-    tw.put(h.as_bytes())?;
-    tw.put(&data)?;
-    tw.pad_block()
 }
 
 /// Stream exactly `node.size` bytes of the file the walk saw; a file replaced, shrunk or grown
@@ -555,65 +444,6 @@ mod tests {
     //! Internals; the whole-tree tests (determinism, every entry kind, tar crate and GNU tar as
     //! oracles) are in `tests/fsio.rs`.
     use super::*;
-
-    #[test]
-    fn pax_record_lengths_count_themselves() {
-        // Covers the digit rollovers at 9→10 and 99→100 and 999→1000.
-        for n in 0..1100 {
-            let mut rec = Vec::new();
-            pax_record(&mut rec, b"path", &vec![b'x'; n]);
-            let sp = rec.iter().position(|&b| b == b' ').unwrap();
-            let len: usize = std::str::from_utf8(&rec[..sp]).unwrap().parse().unwrap();
-            assert_eq!(len, rec.len(), "value length {n}");
-        }
-        let mut rec = Vec::new();
-        pax_record(&mut rec, b"k", b"");
-        assert_eq!(rec, b"5 k=\n");
-    }
-
-    #[test]
-    fn mtime_text() {
-        let cases = [
-            (5, 0, "5"),
-            (5, 500_000_000, "5.5"),
-            (0, 1, "0.000000001"),
-            (-2, 500_000_000, "-1.5"),
-            (-1, 999_999_999, "-0.000000001"),
-            (-3, 0, "-3"),
-        ];
-        for (secs, nsec, text) in cases {
-            assert_eq!(format_mtime(secs, nsec), text);
-        }
-    }
-
-    #[test]
-    fn ustar_path_split() {
-        let split = |path: &[u8]| {
-            let (mut prefix, mut name) = ([0u8; 155], [0u8; 100]);
-            let ok = split_ustar_path(path, &mut prefix, &mut name);
-            let strip = |f: &[u8]| {
-                f.iter()
-                    .take_while(|&&b| b != 0)
-                    .copied()
-                    .collect::<Vec<u8>>()
-            };
-            ok.then(|| (strip(&prefix), strip(&name)))
-        };
-        let (a99, a100) = ("a".repeat(99), "a".repeat(100));
-        assert_eq!(
-            split(a100.as_bytes()),
-            Some((vec![], a100.clone().into_bytes()))
-        );
-        assert_eq!(split(format!("{a100}x").as_bytes()), None); // no '/' at all
-                                                                // The longest name that fits wins: "p/q/<99>" splits at the second '/'.
-        let (p, n) = split(format!("p/q/{a99}").as_bytes()).unwrap();
-        assert_eq!((p, n), (b"p/q".to_vec(), a99.clone().into_bytes()));
-        // A directory's own trailing slash is never the split point.
-        assert_eq!(split(format!("p/{a99}x/").as_bytes()), None);
-        let (p, n) = split(format!("p/{a99}/").as_bytes()).unwrap();
-        assert_eq!((p, n), (b"p".to_vec(), format!("{a99}/").into_bytes()));
-        assert_eq!(split(format!("{}/{a99}", "b".repeat(156)).as_bytes()), None);
-    }
 
     #[test]
     fn root_must_be_a_directory() {

@@ -81,6 +81,10 @@ CREATE TABLE IF NOT EXISTS leases (
     pack TEXT NOT NULL,
     created INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS layer_history (
+    layer TEXT PRIMARY KEY REFERENCES layers(id),
+    created_by TEXT NOT NULL           -- the build step that made the layer (\"RUN ...\")
+);
 ";
 
 /// Open (creating if needed) the database at `path` with the pragmas the store relies on.
@@ -388,11 +392,29 @@ pub fn delete_layer(conn: &mut Connection, id: &Blake3) -> Result<()> {
     }
     tx.execute("DELETE FROM layer_chunks WHERE layer = ?1", [&key])?;
     tx.execute("DELETE FROM blob_digests WHERE layer = ?1", [&key])?;
+    tx.execute("DELETE FROM layer_history WHERE layer = ?1", [&key])?;
     if tx.execute("DELETE FROM layers WHERE id = ?1", [&key])? == 0 {
         return Err(Error::NotFound(format!("no layer {id}")));
     }
     tx.commit()?;
     Ok(())
+}
+
+/// Record (or replace) what made a layer.
+pub fn set_created_by(conn: &Connection, id: &Blake3, created_by: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO layer_history (layer, created_by) VALUES (?1, ?2)
+         ON CONFLICT(layer) DO UPDATE SET created_by = excluded.created_by",
+        params![id.to_string(), created_by],
+    )?;
+    Ok(())
+}
+
+pub fn created_by(conn: &Connection, id: &Blake3) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT created_by FROM layer_history WHERE layer = ?1")?
+        .query_row([id.to_string()], |r| r.get(0))
+        .optional()?)
 }
 
 pub fn insert_pack(conn: &Connection, name: &str, size: u64) -> Result<()> {

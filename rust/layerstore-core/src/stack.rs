@@ -131,9 +131,15 @@ impl Stack {
     }
 }
 
+/// Where one chunk of a file is: in a pack, or in memory (written by a container).
+pub enum Piece {
+    Stored(ChunkLoc),
+    Fresh(Arc<[u8]>),
+}
+
 /// Reads a regular file's content at any offset, chunk by chunk.
 pub struct ContentReader {
-    chunks: Vec<ChunkLoc>,
+    chunks: Vec<Piece>,
     /// Offset of each chunk within the file.
     starts: Vec<u64>,
     size: u64,
@@ -143,11 +149,18 @@ pub struct ContentReader {
 
 impl ContentReader {
     pub fn new(chunks: Vec<ChunkLoc>, reader: PackReader) -> Self {
+        Self::with_pieces(chunks.into_iter().map(Piece::Stored).collect(), reader)
+    }
+
+    pub fn with_pieces(chunks: Vec<Piece>, reader: PackReader) -> Self {
         let mut starts = Vec::with_capacity(chunks.len());
         let mut at = 0u64;
         for c in &chunks {
             starts.push(at);
-            at += u64::from(c.len);
+            at += match c {
+                Piece::Stored(loc) => u64::from(loc.len),
+                Piece::Fresh(b) => b.len() as u64,
+            };
         }
         ContentReader {
             chunks,
@@ -171,10 +184,16 @@ impl ContentReader {
                 break;
             }
             let i = self.starts.partition_point(|&s| s <= pos) - 1;
-            self.reader.read(&self.chunks[i], &mut self.buf)?;
+            let bytes: &[u8] = match &self.chunks[i] {
+                Piece::Stored(loc) => {
+                    self.reader.read(loc, &mut self.buf)?;
+                    &self.buf
+                }
+                Piece::Fresh(b) => b,
+            };
             let within = (pos - self.starts[i]) as usize;
-            let n = (self.buf.len() - within).min(out.len() - done);
-            out[done..done + n].copy_from_slice(&self.buf[within..within + n]);
+            let n = (bytes.len() - within).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&bytes[within..within + n]);
             done += n;
         }
         Ok(done)

@@ -29,7 +29,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsio;
 use crate::layer::{self, ChunkRef, Entry, LayerInfo};
 use crate::meta;
-use crate::stack::{ContentReader, LayerEntries, Stack};
+use crate::stack::{ContentReader, LayerEntries, Piece, Stack};
 use crate::tar::{EntrySink, Limits, Op, SplitOutput, Splitter, TarSplit};
 
 /// Settings fixed when a store is created.
@@ -223,6 +223,10 @@ impl Store {
         &self.options
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     pub(crate) fn conn(&self) -> Result<Conn<'_>> {
         let pooled = self
             .pool
@@ -370,34 +374,14 @@ impl Store {
             compression: compression.name().map(str::to_string),
             created_unix: meta::now(),
         };
-        let chunk_set: Vec<Blake3> = {
-            let mut set: Vec<Blake3> = entries
-                .iter()
-                .flat_map(|e| e.chunks.iter().map(|c| c.digest))
-                .collect();
-            set.sort_unstable();
-            set.dedup();
-            set
-        };
-        let row = meta::LayerRow {
-            info: info.clone(),
-            entries: encode_blob(&entries)?,
-            split: encode_blob(&split)?,
-        };
+        let (row, chunk_set) = layer_row(info.clone(), &entries, &split)?;
         let finishing = Instant::now();
         let pack = writer.finish(crash_point)?;
         let pack_finish = finishing.elapsed();
         let committing = Instant::now();
 
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some((locs, size)) = &pack {
-            meta::insert_pack(&tx, pack_name, *size)?;
-            meta::insert_chunks(&tx, locs)?;
-        }
-        let existed = meta::layer_exists(&tx, &info.id)?;
-        if !existed {
-            meta::insert_layer(&tx, &row, &chunk_set)?;
-        }
+        let existed = insert_layer_and_pack(&tx, pack_name, pack.as_ref(), &row, &chunk_set)?;
         if let (Some(c), Some(name)) = (&compressed, compression.name()) {
             meta::insert_blob_digest(&tx, &c.sha256, &info.id, name)?;
         }
@@ -475,6 +459,16 @@ impl Store {
         Ok(imported)
     }
 
+    /// Record the build step that made a layer (its OCI history `created_by`).
+    pub fn set_created_by(&self, id: &Blake3, created_by: &str) -> Result<()> {
+        meta::set_created_by(&*self.conn()?, id, created_by)
+    }
+
+    /// The build step recorded for a layer, if any.
+    pub fn created_by(&self, id: &Blake3) -> Result<Option<String>> {
+        meta::created_by(&*self.conn()?, id)
+    }
+
     pub fn layers(&self) -> Result<Vec<LayerInfo>> {
         meta::list_layers(&*self.conn()?)
     }
@@ -541,19 +535,42 @@ impl Store {
 
     /// A reader of a regular file's content.
     pub fn content(&self, entry: &Entry) -> Result<ContentReader> {
+        self.content_with(entry, None)
+    }
+
+    /// A reader of a regular file's content, whose chunks may also be in `fresh` (a
+    /// container's uncommitted writes).
+    pub fn content_with(
+        &self,
+        entry: &Entry,
+        fresh: Option<&crate::emit::FreshChunks>,
+    ) -> Result<ContentReader> {
         let conn = self.conn()?;
-        let locs = entry
+        let pieces = entry
             .chunks
             .iter()
             .map(|c| {
+                if let Some(b) = fresh.and_then(|f| f.get(&c.digest)) {
+                    return Ok(Piece::Fresh(b.clone()));
+                }
                 meta::chunk_loc(&conn, &c.digest)?
+                    .map(Piece::Stored)
                     .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", c.digest)))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ContentReader::new(
-            locs,
+        Ok(ContentReader::with_pieces(
+            pieces,
             PackReader::new(&self.packs_dir())?,
         ))
+    }
+
+    /// The bytes of one stored chunk.
+    pub fn chunk(&self, digest: &Blake3) -> Result<Arc<[u8]>> {
+        let loc = meta::chunk_loc(&*self.conn()?, digest)?
+            .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))?;
+        let mut buf = Vec::new();
+        PackReader::new(&self.packs_dir())?.read(&loc, &mut buf)?;
+        Ok(Arc::from(buf))
     }
 
     /// Point tag `name` at `stack` (recording the stack, so its layers cannot be deleted).
@@ -685,24 +702,7 @@ impl Store {
         compression: Compression,
         progress: Progress<'_>,
     ) -> Result<Exported> {
-        let dir = dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{}.layerstore-tmp", unique_name()));
-        let result = (|| {
-            let f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-            let mut w = io::BufWriter::with_capacity(1 << 20, f);
-            let exported = self.export_tar(id, &mut w, compression, progress)?;
-            w.into_inner()
-                .map_err(|e| Error::io("flushing the export", e.into_error()))?;
-            fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))?;
-            Ok(exported)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        fsio::write_atomically(dest, |w| self.export_tar(id, w, compression, progress))
     }
 
     pub fn stats(&self) -> Result<Stats> {
@@ -1274,7 +1274,47 @@ impl Write for HashingWriter<'_> {
     }
 }
 
-fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+/// A layer's database row and the set of chunks its entries name.
+pub(crate) fn layer_row(
+    info: LayerInfo,
+    entries: &[Entry],
+    split: &TarSplit,
+) -> Result<(meta::LayerRow, Vec<Blake3>)> {
+    let mut chunk_set: Vec<Blake3> = entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.digest))
+        .collect();
+    chunk_set.sort_unstable();
+    chunk_set.dedup();
+    let row = meta::LayerRow {
+        info,
+        entries: encode_blob(&entries)?,
+        split: encode_blob(split)?,
+    };
+    Ok((row, chunk_set))
+}
+
+/// In the caller's transaction: the pack a layer's import wrote (if any) and the layer itself,
+/// unless a layer with its id exists (returns whether it did).
+pub(crate) fn insert_layer_and_pack(
+    tx: &Connection,
+    pack_name: &str,
+    pack: Option<&(Vec<cas::ChunkLoc>, u64)>,
+    row: &meta::LayerRow,
+    chunk_set: &[Blake3],
+) -> Result<bool> {
+    if let Some((locs, size)) = pack {
+        meta::insert_pack(tx, pack_name, *size)?;
+        meta::insert_chunks(tx, locs)?;
+    }
+    let existed = meta::layer_exists(tx, &row.info.id)?;
+    if !existed {
+        meta::insert_layer(tx, row, chunk_set)?;
+    }
+    Ok(existed)
+}
+
+pub(crate) fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     let bytes = postcard::to_stdvec(value)
         .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
     let mut enc =

@@ -61,6 +61,31 @@ impl Node {
     }
 }
 
+impl Node {
+    /// The same subtree with every entry credited to `layer` (a rename in a container moves
+    /// lower entries into its writable layer). Copies the subtree.
+    pub fn relabeled(&self, layer: u32) -> Node {
+        let relabel = |v: &Arc<ViewEntry>| {
+            Arc::new(ViewEntry {
+                entry: v.entry.clone(),
+                target: v.target.clone(),
+                layer: Some(layer),
+            })
+        };
+        match self {
+            Node::Leaf(v) => Node::Leaf(relabel(v)),
+            Node::Dir(d) => {
+                let children = d
+                    .children
+                    .iter()
+                    .map(|(k, c)| (k.clone(), c.relabeled(layer)))
+                    .collect();
+                Node::Dir(Arc::new(DirNode::new(relabel(&d.meta), children)))
+            }
+        }
+    }
+}
+
 static DIR_NODES: AtomicI64 = AtomicI64::new(0);
 
 /// Live directory nodes in this process (a debug counter for structural-sharing tests).
@@ -168,7 +193,17 @@ pub fn components(path: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
         .filter(|c| !c.is_empty() && *c != b".")
 }
 
-fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
+/// `dir/name` (just `name` in the root).
+pub fn child_path(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    if dir.is_empty() {
+        name.to_vec()
+    } else {
+        [dir, b"/", name].concat()
+    }
+}
+
+/// A path's directory and last component (the root's children have an empty directory).
+pub fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&b| b == b'/') {
         Some(i) => (&path[..i], &path[i + 1..]),
         None => (&[], path),
@@ -438,6 +473,47 @@ impl Index {
                 .is_some_and(|v| Arc::ptr_eq(v, node.view()));
         });
         ok && seen == self.flat.len()
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Arc<DirNode> {
+        &self.root
+    }
+
+    /// Every path of the view (unordered) with what it shows.
+    pub fn paths(&self) -> impl Iterator<Item = (&Name, &Arc<ViewEntry>)> {
+        self.flat.iter()
+    }
+
+    /// Put `view` at `path` (an edit of a writable view): over a directory, a directory keeps
+    /// the children and takes the new attributes; anything else replaces what was there.
+    /// Missing parents become implicit directories.
+    pub fn put(&mut self, path: &[u8], view: Arc<ViewEntry>) {
+        insert(&mut self.root, &mut self.flat, path, view);
+    }
+
+    /// Remove `path` and everything below it (nothing happens when it is absent).
+    pub fn remove_path(&mut self, path: &[u8]) {
+        remove(&mut self.root, &mut self.flat, path);
+    }
+
+    /// Put a whole subtree at `path` (whose parent must be a directory), replacing what was
+    /// there: how a rename moves a directory.
+    pub fn graft(&mut self, path: &[u8], node: Node) {
+        self.remove_path(path);
+        let (parent, name) = split_parent(path);
+        let comps: Vec<&[u8]> = components(parent).collect();
+        let mut added: Vec<(Name, Arc<ViewEntry>)> = Vec::new();
+        let mut at = path.to_vec();
+        walk_node(&mut at, &node, &mut |p, n| {
+            added.push((Name::from(p), n.view().clone()));
+        });
+        if let Some(dir) = dir_mut(&mut self.root, &comps) {
+            Arc::make_mut(dir).children.insert(Name::from(name), node);
+            for (p, v) in added {
+                self.flat.insert(p, v);
+            }
+        }
     }
 
     /// Every path of the view under `dir` (pre-order, sorted), with its node.

@@ -20,6 +20,8 @@ use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPerm
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+mod changes;
+mod container;
 mod errors;
 mod materialize;
 mod stack;
@@ -203,20 +205,20 @@ impl Write for PyWriter {
 }
 
 /// Progress and Ctrl-C from inside a detached call: the first Python error is kept and re-raised.
-struct Interrupts {
+pub(crate) struct Interrupts {
     callback: Option<Py<PyAny>>,
     error: Mutex<Option<PyErr>>,
 }
 
 impl Interrupts {
-    fn new(callback: Option<Py<PyAny>>) -> Self {
+    pub(crate) fn new(callback: Option<Py<PyAny>>) -> Self {
         Interrupts {
             callback,
             error: Mutex::new(None),
         }
     }
 
-    fn check(&self, done: u64) -> core::Result<()> {
+    pub(crate) fn check(&self, done: u64) -> core::Result<()> {
         Python::attach(|py| {
             let res = py.check_signals().and_then(|()| match &self.callback {
                 Some(cb) => cb.call1(py, (done,)).map(|_| ()),
@@ -232,7 +234,7 @@ impl Interrupts {
     }
 
     /// Re-raise the Python error that cancelled the call, if any.
-    fn finish<T>(self, result: core::Result<T>) -> PyResult<T> {
+    pub(crate) fn finish<T>(self, result: core::Result<T>) -> PyResult<T> {
         match result {
             Err(core::Error::Cancelled) => match self.error.into_inner().ok().flatten() {
                 Some(e) => Err(e),
@@ -473,10 +475,7 @@ impl Store {
             .collect::<PyResult<Vec<_>>>()?;
         let store = self.inner.clone();
         let inner = py.detach(|| store.stack(&infos)).py()?;
-        Ok(stack::Stack {
-            store: self.inner.clone(),
-            inner,
-        })
+        Ok(stack::Stack::new(self.inner.clone(), inner))
     }
 
     /// Point tag `name` at `image` (its layers cannot be deleted while tagged).
@@ -488,10 +487,7 @@ impl Store {
     fn get(&self, py: Python<'_>, name: &str) -> PyResult<stack::Stack> {
         let store = self.inner.clone();
         let inner = py.detach(|| store.get(name)).py()?;
-        Ok(stack::Stack {
-            store: self.inner.clone(),
-            inner,
-        })
+        Ok(stack::Stack::new(self.inner.clone(), inner))
     }
 
     /// Every tagged image, by tag.
@@ -514,7 +510,7 @@ impl Store {
 }
 
 impl Store {
-    fn finish_import(&self, py: Python<'_>, imported: Imported) -> PyResult<Layer> {
+    pub(crate) fn finish_import(&self, py: Python<'_>, imported: Imported) -> PyResult<Layer> {
         emit_warnings(py, &imported.warnings)?;
         Ok(Layer {
             store: self.inner.clone(),
@@ -536,6 +532,12 @@ impl Layer {
 
 #[pymethods]
 impl Layer {
+    /// The build step recorded for this layer (a container commit's `created_by`), if any.
+    #[getter]
+    fn created_by(&self) -> PyResult<Option<String>> {
+        self.store.created_by(&self.info.id).py()
+    }
+
     /// `blake3:` digest of the uncompressed tar.
     #[getter]
     fn id(&self) -> String {
@@ -726,6 +728,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stack::Stack>()?;
     m.add_class::<stack::Stat>()?;
     m.add_class::<stack::ContentFile>()?;
+    m.add_class::<container::RawContainer>()?;
     m.add("FORMAT_VERSION", core::meta::FORMAT_VERSION)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -3,9 +3,10 @@
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use layerstore_core as core;
+use layerstore_core::emit::FreshChunks;
 use layerstore_core::layer::Kind;
 use layerstore_core::union::{components, Node, ViewEntry};
 use pyo3::exceptions::{PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError, PyOSError};
@@ -219,6 +220,8 @@ impl Stat {
 pub struct Stack {
     pub store: Arc<core::Store>,
     pub inner: core::stack::Stack,
+    /// A container's uncommitted chunks, when this is a snapshot of a container's view.
+    pub fresh: Option<Arc<RwLock<FreshChunks>>>,
 }
 
 /// The outcome of a stat-like lookup.
@@ -230,6 +233,27 @@ enum Lookup {
 }
 
 impl Stack {
+    pub fn new(store: Arc<core::Store>, inner: core::stack::Stack) -> Self {
+        Stack {
+            store,
+            inner,
+            fresh: None,
+        }
+    }
+
+    /// A reader of a regular file's content (a container's fresh chunks included).
+    fn content(&self, meta: &core::layer::Entry) -> core::Result<core::stack::ContentReader> {
+        match &self.fresh {
+            Some(fresh) => {
+                let fresh = fresh
+                    .read()
+                    .map_err(|_| core::Error::Conflict("container state poisoned".into()))?;
+                self.store.content_with(meta, Some(&fresh))
+            }
+            None => self.store.content(meta),
+        }
+    }
+
     fn stat_each(&self, paths: &Bound<'_, PyAny>, follow: bool) -> PyResult<Vec<Option<Stat>>> {
         let mut out = Vec::new();
         for path in paths.try_iter()? {
@@ -314,10 +338,7 @@ impl Stack {
         let info = self.store.layer(&crate::layer_id(layer)?).py()?;
         let store = self.store.clone();
         let inner = py.detach(|| store.push(&self.inner, &info)).py()?;
-        Ok(Stack {
-            store: self.store.clone(),
-            inner,
-        })
+        Ok(Stack::new(self.store.clone(), inner))
     }
 
     #[pyo3(signature = (path, /, *, follow_symlinks=true))]
@@ -449,10 +470,9 @@ impl Stack {
     ) -> PyResult<Bound<'py, PyBytes>> {
         let p = norm(path)?;
         let view = self.file_entry(&p)?;
-        let store = self.store.clone();
         let data = py
             .detach(|| -> core::Result<Vec<u8>> {
-                let mut reader = store.content(view.meta())?;
+                let mut reader = self.content(view.meta())?;
                 let mut buf = vec![0u8; reader.size() as usize];
                 let n = reader.read_at(0, &mut buf)?;
                 buf.truncate(n);
@@ -490,7 +510,7 @@ impl Stack {
     fn _open_raw(&self, path: &Bound<'_, PyAny>) -> PyResult<ContentFile> {
         let p = norm(path)?;
         let view = self.file_entry(&p)?;
-        let reader = self.store.content(view.meta()).py()?;
+        let reader = self.content(view.meta()).py()?;
         Ok(ContentFile {
             name: display(&p),
             reader: Mutex::new(reader),
@@ -524,7 +544,7 @@ impl Stack {
 }
 
 /// A path given as str, bytes or os.PathLike.
-pub struct PathOrBytes(Vec<u8>);
+pub struct PathOrBytes(pub Vec<u8>);
 
 impl<'py> FromPyObject<'_, 'py> for PathOrBytes {
     type Error = PyErr;

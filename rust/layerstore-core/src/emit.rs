@@ -1,0 +1,444 @@
+//! Changesets → stored layers, without re-chunking: how diffs, squashes and container commits
+//! become layers.
+//!
+//! Invariants: the layer a [`Change`] list becomes is exactly the layer `import_tar` would make
+//! of the canonical tar ([`crate::tarwrite`]) of those changes — the headers are run through the
+//! same [`Splitter`] (with zeros standing in for payloads, so parsing costs no content read), and
+//! each regular file keeps the chunk list its source entry already has, which is the list
+//! chunking its bytes again would give (chunking is per file and deterministic). Content is read
+//! once, to hash the tar (`id`, `diff_id`) and optionally to write it out at the same time.
+//! Chunks a container wrote that the store lacks go into a new pack, made visible in the same
+//! transaction as the layer, under a lease.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rusqlite::TransactionBehavior;
+
+use crate::cas::{self, PackWriter};
+use crate::digest::{Blake3, StreamHasher};
+use crate::error::{Error, IoContext, Result};
+use crate::layer::{self, Entry, Kind, LayerInfo};
+use crate::meta;
+use crate::store::{Imported, Progress, Store};
+use crate::tar::{EntrySink, Op, SplitOutput, Splitter, TarSplit};
+use crate::tarwrite::{self, Member, MemberKind};
+use crate::union::{child_path, split_parent};
+
+/// Chunks held in memory (a container's writes), by digest.
+pub type FreshChunks = HashMap<Blake3, Arc<[u8]>>;
+
+/// One member of a changeset.
+#[derive(Clone, Debug)]
+pub struct Change {
+    /// The path the change is about (for a whiteout: the hidden path; for an opaque marker: its
+    /// directory), normalised.
+    pub path: Vec<u8>,
+    pub what: What,
+}
+
+#[derive(Clone, Debug)]
+pub enum What {
+    /// `path` becomes this entry (metadata and, for a regular file, its chunks).
+    Entry(Arc<Entry>),
+    /// `path` becomes a hard link to `target`, an earlier member; `meta` is the shared inode.
+    Link { target: Vec<u8>, meta: Arc<Entry> },
+    /// `.wh.NAME`: hides `path` below.
+    Whiteout,
+    /// `.wh..wh..opq` in directory `path`: hides its lower children.
+    Opaque,
+}
+
+/// Clamp every entry's mtime to at most `max_ns` (a `SOURCE_DATE_EPOCH`), for reproducible
+/// layers; markers are already at 0.
+pub fn clamp_mtimes(changes: &mut [Change], max_ns: i64) {
+    for c in changes {
+        let e = match &mut c.what {
+            What::Entry(e) | What::Link { meta: e, .. } => e,
+            What::Whiteout | What::Opaque => continue,
+        };
+        if e.mtime_ns > max_ns {
+            Arc::make_mut(e).mtime_ns = max_ns;
+        }
+    }
+}
+
+/// The tar member path of a change.
+pub fn member_path(change: &Change) -> Vec<u8> {
+    match change.what {
+        What::Whiteout => {
+            let (dir, name) = split_parent(&change.path);
+            child_path(dir, &[b".wh.".as_slice(), name].concat())
+        }
+        What::Opaque => child_path(&change.path, b".wh..wh..opq"),
+        // The root directory's own entry is "./" (an empty name would read as "/").
+        _ if change.path.is_empty() => b".".to_vec(),
+        _ => change.path.clone(),
+    }
+}
+
+/// A marker: an empty regular file, root-owned, mode 0644, mtime 0.
+pub(crate) fn marker(path: &[u8]) -> Member<'_> {
+    Member {
+        path,
+        kind: MemberKind::File { size: 0 },
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        uname: b"",
+        gname: b"",
+        mtime_ns: 0,
+        xattrs: Vec::new(),
+    }
+}
+
+fn entry_member<'a>(path: &'a [u8], e: &'a Entry, kind: MemberKind<'a>) -> Member<'a> {
+    Member {
+        path,
+        kind,
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        uname: &e.uname,
+        gname: &e.gname,
+        mtime_ns: e.mtime_ns,
+        xattrs: e
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect(),
+    }
+}
+
+/// The header bytes of one change and the size of the data that follows it.
+fn change_header(change: &Change) -> Result<(Vec<u8>, u64)> {
+    let path = member_path(change);
+    let (member, size) = match &change.what {
+        What::Whiteout | What::Opaque => (marker(&path), 0),
+        What::Link { target, meta } => (entry_member(&path, meta, MemberKind::Hardlink(target)), 0),
+        What::Entry(e) => {
+            let kind = match e.kind {
+                Kind::File => MemberKind::File { size: e.size },
+                Kind::Dir => MemberKind::Dir,
+                Kind::Symlink => MemberKind::Symlink(&e.link),
+                Kind::Char => MemberKind::Char(e.devmajor, e.devminor),
+                Kind::Block => MemberKind::Block(e.devmajor, e.devminor),
+                Kind::Fifo => MemberKind::Fifo,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: a {} entry cannot be part of a changeset",
+                        String::from_utf8_lossy(&path),
+                        other.name()
+                    )))
+                }
+            };
+            let size = if e.kind == Kind::File { e.size } else { 0 };
+            (entry_member(&path, e, kind), size)
+        }
+    };
+    Ok((tarwrite::header(&member)?, size))
+}
+
+/// The tar of the changes with zeros for payloads: enough for the splitter.
+struct HeaderStream<'c> {
+    changes: std::slice::Iter<'c, Change>,
+    /// Bytes of the current header, then how many zeros follow.
+    head: Vec<u8>,
+    head_pos: usize,
+    zeros: u64,
+    written: u64,
+    done: bool,
+    error: Option<Error>,
+}
+
+impl Read for HeaderStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.head_pos < self.head.len() {
+                let n = (self.head.len() - self.head_pos).min(buf.len());
+                buf[..n].copy_from_slice(&self.head[self.head_pos..self.head_pos + n]);
+                self.head_pos += n;
+                self.written += n as u64;
+                return Ok(n);
+            }
+            if self.zeros > 0 {
+                let n = usize::try_from(self.zeros)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                buf[..n].fill(0);
+                self.zeros -= n as u64;
+                self.written += n as u64;
+                return Ok(n);
+            }
+            if self.done {
+                return Ok(0);
+            }
+            match self.changes.next() {
+                Some(c) => match change_header(c) {
+                    Ok((head, size)) => {
+                        self.head = head;
+                        self.zeros = size + tarwrite::padding(size).len() as u64;
+                    }
+                    Err(e) => {
+                        self.error = Some(e);
+                        return Err(io::Error::other("changeset header failed"));
+                    }
+                },
+                None => {
+                    self.head = tarwrite::trailer(self.written);
+                    self.done = true;
+                }
+            }
+            self.head_pos = 0;
+        }
+    }
+}
+
+/// Gives each parsed entry the chunks of the change it came from.
+struct AttachChunks<'c> {
+    changes: std::slice::Iter<'c, Change>,
+}
+
+impl EntrySink for AttachChunks<'_> {
+    fn entry(&mut self, entry: &mut Entry, _payload: Option<&mut dyn Read>) -> Result<()> {
+        let change = self
+            .changes
+            .next()
+            .ok_or_else(|| Error::Corrupt("changeset: more entries than changes".into()))?;
+        if entry.kind == Kind::File {
+            let What::Entry(source) = &change.what else {
+                entry.digest = Some(Blake3::of(&[]));
+                return Ok(());
+            };
+            entry.chunks.clone_from(&source.chunks);
+            // A container-written file has no whole-file digest yet: the render computes it.
+            entry.digest = match source.chunks.len() {
+                0 => Some(Blake3::of(&[])),
+                _ => source.digest,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// Where the emitted tar's bytes go besides the hasher.
+pub type Tee<'a> = Option<&'a mut dyn Write>;
+
+impl Store {
+    /// Store `changes` (in archive order) as a layer; `fresh` supplies chunks the store does not
+    /// have yet; the tar is also written to `tee` when given.
+    pub fn emit(
+        &self,
+        changes: &[Change],
+        fresh: &FreshChunks,
+        tee: Tee<'_>,
+        progress: Progress<'_>,
+    ) -> Result<Imported> {
+        let started = Instant::now();
+        let mut sink = AttachChunks {
+            changes: changes.iter(),
+        };
+        let mut stream = HeaderStream {
+            changes: changes.iter(),
+            head: Vec::new(),
+            head_pos: 0,
+            zeros: 0,
+            written: 0,
+            done: false,
+            error: None,
+        };
+        let parsed = Splitter::new(&mut stream, self.limits(), &mut sink).run();
+        if let Some(e) = stream.error.take() {
+            return Err(e);
+        }
+        let SplitOutput {
+            split,
+            mut entries,
+            warnings,
+        } = parsed?;
+        if entries.len() != changes.len() {
+            return Err(Error::Corrupt(format!(
+                "changeset of {} changes parsed as {} entries",
+                changes.len(),
+                entries.len()
+            )));
+        }
+        let split_done = started.elapsed();
+
+        let pack_name = format!("{}.pack", crate::store::unique_name());
+        let mut conn = self.conn()?;
+        let lease = meta::acquire_lease(&conn, &pack_name)?;
+        let result = (|| {
+            let mut writer = PackWriter::new(
+                &self.packs_dir(),
+                pack_name.clone(),
+                self.options().compression_level,
+            );
+            let mut new_chunks = 0u64;
+            let mut new_bytes = 0u64;
+            let mut plan = Vec::new();
+            let mut stored = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for e in &entries {
+                for c in &e.chunks {
+                    match meta::chunk_loc(&conn, &c.digest)? {
+                        Some(loc) => {
+                            stored.push(loc);
+                            plan.push(Source::Stored);
+                        }
+                        None => {
+                            let data = fresh.get(&c.digest).ok_or_else(|| {
+                                Error::Corrupt(format!("chunk {} is missing", c.digest))
+                            })?;
+                            if seen.insert(c.digest) {
+                                writer.add(c.digest, data)?;
+                                new_chunks += 1;
+                                new_bytes += data.len() as u64;
+                            }
+                            plan.push(Source::Fresh(data.clone()));
+                        }
+                    }
+                }
+            }
+            let rendering = Instant::now();
+            let digests = self.render(&split, &mut entries, plan, stored, tee, progress)?;
+            let render_time = rendering.elapsed();
+            let info = LayerInfo {
+                id: digests.blake3,
+                diff_id: digests.sha256.clone(),
+                tree_id: layer::tree_id(&entries),
+                size: digests.len,
+                entry_count: entries.len() as u64,
+                compressed_digest: None,
+                compression: None,
+                created_unix: meta::now(),
+            };
+            let (row, chunk_set) = crate::store::layer_row(info.clone(), &entries, &split)?;
+            let pack = writer.finish(|_| {})?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existed = crate::store::insert_layer_and_pack(
+                &tx,
+                &pack_name,
+                pack.as_ref(),
+                &row,
+                &chunk_set,
+            )?;
+            meta::release_lease(&tx, lease)?;
+            tx.commit()?;
+            let layer = if existed {
+                meta::find_layer(&conn, &info.id.to_string())?
+            } else {
+                info
+            };
+            let secs = |d: std::time::Duration| d.as_secs_f64();
+            Ok(Imported {
+                layer,
+                existed,
+                new_chunks,
+                new_bytes,
+                warnings,
+                timings: vec![
+                    ("total", secs(started.elapsed())),
+                    ("split", secs(split_done)),
+                    ("render+hash", secs(render_time)),
+                ],
+            })
+        })();
+        if result.is_err() {
+            let _ = meta::release_lease(&conn, lease);
+        }
+        result
+    }
+
+    /// Rebuild the tar of `split` (chunks from `plan`, in payload order, the stored ones at
+    /// `stored`) into the stream hasher
+    /// and `tee`; returns its digests.
+    fn render(
+        &self,
+        split: &TarSplit,
+        entries: &mut [Entry],
+        plan: Vec<Source>,
+        stored: Vec<cas::ChunkLoc>,
+        mut tee: Tee<'_>,
+        progress: Progress<'_>,
+    ) -> Result<crate::digest::StreamDigests> {
+        const BATCH: usize = 1 << 20;
+        let mut chunks = cas::OrderedChunks::new(&self.packs_dir(), stored);
+        let hasher = StreamHasher::spawn(false);
+        let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
+        let mut done = 0u64;
+        let mut emit = |bytes: &[u8], batch: &mut Vec<u8>| -> Result<()> {
+            if let Some(out) = tee.as_deref_mut() {
+                out.write_all(bytes).ctx(|| "writing the layer".into())?;
+            }
+            batch.extend_from_slice(bytes);
+            if batch.len() >= BATCH {
+                hasher.update(Arc::from(std::mem::take(batch).into_boxed_slice()));
+                batch.reserve(BATCH);
+            }
+            Ok(())
+        };
+        let mut sources = plan.into_iter();
+        let mut raw_pos = 0usize;
+        for op in &split.ops {
+            match *op {
+                Op::Raw(n) => {
+                    let end = raw_pos + n as usize;
+                    emit(&split.raw[raw_pos..end], &mut batch)?;
+                    raw_pos = end;
+                    done += n;
+                }
+                Op::Payload(i) => {
+                    let entry = &mut entries[i as usize];
+                    let mut file_hash = entry.digest.is_none().then(blake3::Hasher::new);
+                    for _ in 0..entry.chunks.len() {
+                        match sources.next() {
+                            Some(Source::Fresh(data)) => {
+                                done += data.len() as u64;
+                                emit(&data, &mut batch)?;
+                                if let Some(h) = file_hash.as_mut() {
+                                    h.update(&data);
+                                }
+                            }
+                            Some(Source::Stored) => {
+                                let (block, range) = chunks.next_chunk().ok_or_else(|| {
+                                    Error::Corrupt("changeset: fewer chunks than planned".into())
+                                })??;
+                                done += range.len() as u64;
+                                if let Some(h) = file_hash.as_mut() {
+                                    h.update(&block[range.clone()]);
+                                }
+                                emit(&block[range], &mut batch)?;
+                            }
+                            None => {
+                                return Err(Error::Corrupt(
+                                    "changeset: fewer chunks than entries need".into(),
+                                ))
+                            }
+                        }
+                    }
+                    if let Some(h) = file_hash {
+                        entry.digest = Some(h.finalize().into());
+                    }
+                    progress(done)?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            hasher.update(Arc::from(batch.into_boxed_slice()));
+        }
+        if let Some(out) = tee {
+            out.flush().ctx(|| "writing the layer".into())?;
+        }
+        Ok(hasher.finish())
+    }
+}
+
+/// Where one payload chunk comes from.
+enum Source {
+    /// The next of the stored chunks (read ahead in order).
+    Stored,
+    Fresh(Arc<[u8]>),
+}
