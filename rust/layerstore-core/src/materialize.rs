@@ -191,13 +191,22 @@ fn timestamps(e: &Entry) -> Timestamps {
 /// reading and metadata changes, following no symlink and never leaving `root`.
 pub(crate) fn open_dir(root: BorrowedFd<'_>, rel: &[u8]) -> rustix::io::Result<OwnedFd> {
     let path: &[u8] = if rel.is_empty() { b"." } else { rel };
-    rfs::openat2(
-        root,
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )
+    let mut tries = 0;
+    loop {
+        let r = rfs::openat2(
+            root,
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        );
+        // A scoped lookup fails with EAGAIN when a rename or mount anywhere on the system raced
+        // with it: the kernel asks for a retry.
+        match r {
+            Err(Errno::AGAIN) if tries < 16 => tries += 1,
+            other => return other,
+        }
+    }
 }
 
 /// Open the child directory `name` of `dir` without following a symlink.
