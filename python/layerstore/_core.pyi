@@ -199,6 +199,18 @@ class Store:
     ) -> str: ...
     def gc(self) -> dict[str, Any]: ...
     def fsck(self) -> dict[str, Any]: ...
+    def materialize(
+        self,
+        image: Stack,
+        dest: StrPath,
+        /,
+        *,
+        max_threads: int | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, int]: ...
+    def apply(
+        self, layer: Layer | str, dest: StrPath, /, *, progress: Progress | None = None
+    ) -> dict[str, int]: ...
     def diff(
         self,
         a: Stack | StrPath,

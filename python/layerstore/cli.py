@@ -566,6 +566,40 @@ def _tree(image: ls.Stack, top: str) -> Iterator[tuple[str, ls.Stat]]:
                 yield p, st
 
 
+def cmd_materialize(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    image = store.get(args.image)
+    with progress_bar(args.image, None, args.progress) as progress:
+        report = store.materialize(
+            image, args.dest, max_threads=args.max_threads, progress=progress
+        )
+    if args.json:
+        print_json({"image": args.image, "dest": args.dest, **report})
+    else:
+        print(
+            f"materialized {args.image} into {args.dest}: {report['entries']:,} entries, "
+            f"{human_bytes(report['bytes'])}"
+            + (f", {report['skipped']} skipped" if report["skipped"] else "")
+        )
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    layer = store.layer(args.layer)
+    with progress_bar(short_digest(layer.id), None, args.progress) as progress:
+        report = store.apply(layer, args.dest, progress=progress)
+    if args.json:
+        print_json({"layer": layer.id, "dest": args.dest, **report})
+    else:
+        print(
+            f"applied {short_digest(layer.id)} onto {args.dest}: {report['entries']:,} entries "
+            f"written, {report['removed']:,} removed, {human_bytes(report['bytes'])}"
+            + (f", {report['skipped']} skipped" if report["skipped"] else "")
+        )
+    return 0
+
+
 def _side(store: ls.Store, arg: str) -> ls.Stack | Path:
     """A diff side: an existing directory, else an image tag."""
     return Path(arg) if os.path.isdir(arg) else store.get(arg)
@@ -851,6 +885,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("path", metavar="PATH", nargs="?", default="/")
     p.set_defaults(func=cmd_tree)
+
+    p = sub.add_parser(
+        "materialize",
+        help="write an image's files to a new directory",
+        description="Write the union view of image IMAGE (a tag) to DEST, which must not exist: "
+        "every owner (as root), mode, time, xattr, device (as root) and hardlink. DEST appears "
+        "only once complete.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument(
+        "--max-threads", type=int, default=None, metavar="N", help="writer threads (default: cores)"
+    )
+    p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser(
+        "apply",
+        help="apply a layer onto a directory",
+        description="Apply the changeset LAYER onto the existing directory DEST: its whiteouts "
+        "and opaque markers remove what they hide, then its entries are written.",
+    )
+    p.add_argument("layer", metavar="LAYER", help=layer_help)
+    p.add_argument("dest", metavar="DEST")
+    p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser(
         "diff",

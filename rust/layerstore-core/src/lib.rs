@@ -5,6 +5,7 @@
 //! pieces together; every other module owns exactly one concept and knows nothing of Python.
 #![forbid(unsafe_code)]
 
+pub mod apply;
 pub mod cas;
 pub mod chunk;
 pub mod compress;
@@ -16,6 +17,7 @@ pub mod emit;
 pub mod error;
 pub mod fsio;
 pub mod layer;
+pub mod materialize;
 pub mod meta;
 pub mod oci;
 pub mod squash;

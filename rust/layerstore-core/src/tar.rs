@@ -442,6 +442,17 @@ impl<'a, R: Read> Splitter<'a, R> {
         }
 
         let name = path.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
+        // A marker is a leaf: nothing can live beneath a whiteout or an opaque marker (AUFS
+        // metadata directories such as `.wh..wh.plnk/` do hold entries).
+        let mut parents = path.split(|&b| b == b'/').rev().skip(1);
+        if parents.any(|c| {
+            c == OPAQUE || (c.starts_with(WHITEOUT_PREFIX) && !c.starts_with(AUFS_META_PREFIX))
+        }) {
+            return Err(self.invalid(format!(
+                "entry beneath a whiteout or opaque marker: {:?}",
+                String::from_utf8_lossy(&raw_path)
+            )));
+        }
         let kind = match typeflag {
             _ if name == OPAQUE => Kind::Opaque,
             _ if name.starts_with(WHITEOUT_PREFIX) && !name.starts_with(AUFS_META_PREFIX) => {

@@ -23,6 +23,7 @@ use pyo3::types::{PyBytes, PyDict};
 mod changes;
 mod container;
 mod errors;
+mod materialize;
 mod oci;
 mod stack;
 

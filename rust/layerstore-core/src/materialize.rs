@@ -1,0 +1,913 @@
+//! Writing a stack's union view to a new directory (`materialize`), and the safe filesystem
+//! primitives it shares with [`crate::apply`].
+//!
+//! Invariants:
+//! - Nothing is ever written, chmod-ed, chown-ed or deleted outside the target. Every path is
+//!   resolved relative to an open directory handle: directories with `openat2` and
+//!   `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`, names with the `*at` call on
+//!   their parent's handle and no-follow flags (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`, `O_EXCL`). A
+//!   name handed to these primitives is one component: never empty, `.`, `..`, or containing `/`
+//!   or NUL. No path string is checked and then used; a symlink planted during the run makes the
+//!   operation fail (`ELOOP`/`ENOTDIR`), never follow.
+//! - `materialize` writes into a private directory (mode 0700) beside `dest` and renames it into
+//!   place with `RENAME_NOREPLACE` only when every entry and every piece of metadata is written:
+//!   a failure removes the private tree, a kill leaves at most a hidden
+//!   `.NAME.layerstore-tmp-*` directory beside `dest`, never a half tree at `dest`.
+//! - Metadata order per inode: content, owner, mode (after chown, which clears setuid bits), every
+//!   xattr (after the last write, which would clear `security.capability`), then times.
+//!   Directories get theirs last, deepest first, so adding their children does not disturb them.
+//! - Hardlinked paths of the view (the same inode entry) become one inode with several names.
+//! - Privileges: as root, numeric owners are set and device nodes created. Otherwise files belong
+//!   to the caller and char/block devices are skipped with a warning (fifos are still created).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use rustix::fs::{
+    self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, Timespec, Timestamps,
+    XattrFlags,
+};
+use rustix::io::Errno;
+
+use crate::cas::PackReader;
+use crate::error::{Error, IoContext, Result};
+use crate::layer::{Entry, Kind};
+use crate::meta;
+use crate::stack::Stack;
+use crate::store::{unique_name, Conn, Progress, Store};
+use crate::union::{Name, Node, ViewEntry};
+
+/// Options of [`Store::materialize`] and [`Store::apply`].
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    /// Threads writing in parallel; `None` uses one per core. The pool is the call's own.
+    pub max_threads: Option<usize>,
+}
+
+/// What a materialize or apply did.
+#[derive(Clone, Debug, Default)]
+pub struct WriteReport {
+    /// Paths created or updated (directories included, the root not).
+    pub entries: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+    /// Paths removed by whiteouts, opaque markers or replacement (apply only).
+    pub removed: u64,
+    /// What was skipped, and why (e.g. a device node without root).
+    pub warnings: Vec<String>,
+}
+
+/// Leaves of one directory written by one task at most (big directories are split).
+const LEAVES_PER_TASK: usize = 64;
+/// Progress is reported (and Ctrl-C checked) at least this often, in bytes and in entries.
+const REPORT_BYTES: u64 = 8 << 20;
+const REPORT_ENTRIES: u64 = 1024;
+
+pub(crate) fn errno_io(e: Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+pub(crate) fn show(path: &[u8]) -> String {
+    format!("/{}", String::from_utf8_lossy(path))
+}
+
+/// Join a directory path and a name (both relative, normalised).
+pub(crate) fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
+    p.extend_from_slice(dir);
+    if !dir.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// A name must be one plain component: anything else could address outside its directory.
+pub(crate) fn check_name(name: &[u8], path: &[u8]) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(Error::InvalidLayer(format!(
+            "unsafe path component {:?} in {}",
+            String::from_utf8_lossy(name),
+            show(path)
+        )));
+    }
+    Ok(())
+}
+
+/// Who runs the write: root sets owners and creates devices.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Privileges {
+    pub root: bool,
+    /// Every inode written is new, in a new directory (materialize): one owned by the caller
+    /// needs no chown. `apply` writes into existing (maybe setgid) directories: always chown.
+    pub fresh: bool,
+    euid: u32,
+    egid: u32,
+    /// The process umask (read once; all bits when unknown, so nothing is assumed).
+    umask: u32,
+}
+
+impl Privileges {
+    pub fn current() -> Self {
+        let euid = rustix::process::geteuid().as_raw();
+        Privileges {
+            root: euid == 0,
+            fresh: false,
+            euid,
+            egid: rustix::process::getegid().as_raw(),
+            umask: read_umask().unwrap_or(0o777),
+        }
+    }
+
+    /// The mode to create a file with, and whether that already is its final mode (no special
+    /// bits, none masked by the umask): then no chmod is needed.
+    fn create_mode(&self, e: &Entry) -> (u32, bool) {
+        let plain = e.mode & 0o7000 == 0 && e.mode & self.umask == 0;
+        if plain {
+            (e.mode & 0o777, true)
+        } else {
+            (0o600, false)
+        }
+    }
+
+    /// The owner to set, if one must be set: as root, unless the inode is known to have it
+    /// already (created by this run in a directory of this run, so not setgid: it belongs to
+    /// the caller).
+    fn owner(&self, e: &Entry, path: &[u8]) -> Result<Option<(rfs::Uid, rfs::Gid)>> {
+        if !self.root {
+            return Ok(None);
+        }
+        let bad = || {
+            Error::InvalidLayer(format!(
+                "owner {}:{} of {} is not a valid id",
+                e.uid,
+                e.gid,
+                show(path)
+            ))
+        };
+        let uid = u32::try_from(e.uid)
+            .ok()
+            .filter(|&u| u != u32::MAX)
+            .ok_or_else(bad)?;
+        let gid = u32::try_from(e.gid)
+            .ok()
+            .filter(|&g| g != u32::MAX)
+            .ok_or_else(bad)?;
+        if self.fresh && (uid, gid) == (self.euid, self.egid) {
+            return Ok(None);
+        }
+        Ok(Some((rfs::Uid::from_raw(uid), rfs::Gid::from_raw(gid))))
+    }
+}
+
+/// The `Umask:` line of `/proc/self/status` (Linux ≥ 4.7): reading it does not change it,
+/// unlike `umask(2)`, which would race with other threads creating files.
+fn read_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(line.trim(), 8).ok()
+}
+
+fn timestamps(e: &Entry) -> Timestamps {
+    let t = Timespec {
+        tv_sec: e.mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: e.mtime_ns.rem_euclid(1_000_000_000),
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// The directory `rel` (relative, normalised; empty for `root` itself) beneath `root`, opened for
+/// reading and metadata changes, following no symlink and never leaving `root`.
+pub(crate) fn open_dir(root: BorrowedFd<'_>, rel: &[u8]) -> rustix::io::Result<OwnedFd> {
+    let path: &[u8] = if rel.is_empty() { b"." } else { rel };
+    let mut tries = 0;
+    loop {
+        let r = rfs::openat2(
+            root,
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        );
+        // A scoped lookup fails with EAGAIN when a rename or mount anywhere on the system raced
+        // with it: the kernel asks for a retry.
+        match r {
+            Err(Errno::AGAIN) if tries < 16 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Open the child directory `name` of `dir` without following a symlink.
+pub(crate) fn open_child_dir(dir: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<OwnedFd> {
+    rfs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// `/proc/self/fd/<dir>/<name>`: the entry `name` of the very directory `dir` holds (the magic
+/// link jumps to that directory, whatever its path), for calls that have no `*at` form
+/// (`lsetxattr`, `chmod` of an `O_PATH` handle). `name` is one component and is not followed.
+fn proc_path(dir: BorrowedFd<'_>, name: Option<&[u8]>) -> Vec<u8> {
+    let mut p = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
+    if let Some(n) = name {
+        p.push(b'/');
+        p.extend_from_slice(n);
+    }
+    p
+}
+
+/// Shared state of one write: privileges, warnings, progress and Ctrl-C.
+pub(crate) struct Ctx<'a> {
+    pub store: &'a Store,
+    pub privs: Privileges,
+    pub warnings: Mutex<Vec<String>>,
+    pub progress: Progress<'a>,
+    bytes: AtomicU64,
+    entries: AtomicU64,
+    removed: AtomicU64,
+    reported: Mutex<(u64, u64)>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(store: &'a Store, progress: Progress<'a>) -> Self {
+        Ctx {
+            store,
+            privs: Privileges::current(),
+            warnings: Mutex::new(Vec::new()),
+            progress,
+            bytes: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            removed: AtomicU64::new(0),
+            reported: Mutex::new((0, 0)),
+        }
+    }
+
+    pub fn warn(&self, w: String) {
+        if let Ok(mut v) = self.warnings.lock() {
+            v.push(w);
+        }
+    }
+
+    pub fn removed(&self, n: u64) {
+        self.removed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Count work done; report progress (which may cancel) every few MiB or entries.
+    pub fn done(&self, entries: u64, bytes: u64) -> Result<()> {
+        let e = self.entries.fetch_add(entries, Ordering::Relaxed) + entries;
+        let b = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let due = {
+            let mut last = self
+                .reported
+                .lock()
+                .map_err(|_| Error::Conflict("progress state poisoned".into()))?;
+            let due = b >= last.0 + REPORT_BYTES || e >= last.1 + REPORT_ENTRIES;
+            if due {
+                *last = (b, e);
+            }
+            due
+        };
+        if due {
+            (self.progress)(b)?;
+        }
+        Ok(())
+    }
+
+    /// The counts. The last progress report cannot cancel any more: the work is done.
+    pub fn report(self) -> Result<WriteReport> {
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        let _ = (self.progress)(bytes);
+        Ok(WriteReport {
+            entries: self.entries.load(Ordering::Relaxed),
+            bytes,
+            removed: self.removed.load(Ordering::Relaxed),
+            warnings: self
+                .warnings
+                .into_inner()
+                .map_err(|_| Error::Conflict("warning list poisoned".into()))?,
+        })
+    }
+}
+
+/// Reads file content from the packs (one per thread: it keeps the last decoded block). Chunk
+/// locations are looked up inside one read transaction, held until [`Content::end`], so a run
+/// of files costs one database lock, not one per chunk.
+pub(crate) struct Content<'s> {
+    store: &'s Store,
+    conn: Option<Conn<'s>>,
+    in_tx: bool,
+    reader: PackReader,
+    buf: Vec<u8>,
+}
+
+impl<'s> Content<'s> {
+    pub fn new(store: &'s Store) -> Result<Self> {
+        Ok(Content {
+            store,
+            conn: None,
+            in_tx: false,
+            reader: PackReader::new(&store.packs_dir())?,
+            buf: Vec::new(),
+        })
+    }
+
+    fn loc(&mut self, digest: &crate::digest::Blake3) -> Result<crate::cas::ChunkLoc> {
+        if self.conn.is_none() {
+            self.conn = Some(self.store.conn()?);
+        }
+        let conn = self.conn.as_ref().expect("set above");
+        if !self.in_tx {
+            conn.execute_batch("BEGIN")?;
+            self.in_tx = true;
+        }
+        meta::chunk_loc(conn, digest)?
+            .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))
+    }
+
+    /// End the read transaction (the next lookup starts another).
+    pub fn end(&mut self) {
+        if let (true, Some(conn)) = (self.in_tx, &self.conn) {
+            let _ = conn.execute_batch("COMMIT");
+        }
+        self.in_tx = false;
+    }
+
+    /// Write `e`'s content to `f`; returns the bytes written (checked against `e.size`).
+    fn write(&mut self, e: &Entry, f: &mut File, path: &[u8]) -> Result<u64> {
+        if e.chunks.is_empty() && e.size == 0 {
+            return Ok(0);
+        }
+        let mut written = 0u64;
+        for c in &e.chunks {
+            let loc = self.loc(&c.digest)?;
+            self.reader.read(&loc, &mut self.buf)?;
+            f.write_all(&self.buf)
+                .ctx(|| format!("writing {}", show(path)))?;
+            written += self.buf.len() as u64;
+        }
+        if written != e.size {
+            return Err(Error::Corrupt(format!(
+                "{}: content is {written} bytes, the entry says {}",
+                show(path),
+                e.size
+            )));
+        }
+        Ok(written)
+    }
+}
+
+impl Drop for Content<'_> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+fn io_err(what: &str, path: &[u8], e: Errno) -> Error {
+    Error::io(format!("{what} {}", show(path)), errno_io(e))
+}
+
+/// Owner, mode, xattrs and times of an inode opened for reading or writing (a file or directory).
+/// `replace_xattrs`: remove the xattrs `e` does not have (a directory merged by `apply`).
+pub(crate) fn set_meta_fd(
+    fd: BorrowedFd<'_>,
+    e: &Entry,
+    path: &[u8],
+    ctx: &Ctx<'_>,
+    replace_xattrs: bool,
+    mode_is_set: bool,
+) -> Result<()> {
+    if let Some((u, g)) = ctx.privs.owner(e, path)? {
+        rfs::fchown(fd, Some(u), Some(g)).map_err(|x| io_err("chown", path, x))?;
+    }
+    // (chown clears setuid/setgid bits, but a mode already set has none.)
+    if !mode_is_set {
+        rfs::fchmod(fd, Mode::from_raw_mode(e.mode & 0o7777))
+            .map_err(|x| io_err("chmod", path, x))?;
+    }
+    if replace_xattrs {
+        let list =
+            xattr_list(|b| rfs::flistxattr(fd, b)).map_err(|x| io_err("listxattr", path, x))?;
+        for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if !e.xattrs.contains_key(name) {
+                match rfs::fremovexattr(fd, name) {
+                    Ok(()) | Err(Errno::NODATA) => {}
+                    Err(x) => return Err(io_err("removexattr", path, x)),
+                }
+            }
+        }
+    }
+    for (k, v) in &e.xattrs {
+        if let Err(x) = rfs::fsetxattr(fd, k.as_slice(), v, XattrFlags::empty()) {
+            xattr_failed(ctx, k, path, x, false)?;
+        }
+    }
+    rfs::futimens(fd, &timestamps(e)).map_err(|x| io_err("set times of", path, x))
+}
+
+fn xattr_list(
+    fetch: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
+) -> rustix::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match fetch(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) => buf.resize(buf.len() * 4, 0),
+            Err(Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An xattr the kernel will not take is a warning, as GNU tar makes it: a value it deems
+/// malformed (`EINVAL`, e.g. a `security.capability` of the wrong size), a namespace the
+/// filesystem lacks (`ENOTSUP`), `trusted.*`/`security.*` without root, `user.*` on a symlink
+/// (Linux allows none). Any other failure is an error.
+fn xattr_failed(ctx: &Ctx<'_>, name: &[u8], path: &[u8], e: Errno, symlink: bool) -> Result<()> {
+    let denied = matches!(e, Errno::PERM | Errno::ACCESS);
+    let refused = matches!(e, Errno::INVAL | Errno::NOTSUP)
+        || (denied && (!ctx.privs.root || (symlink && name.starts_with(b"user."))));
+    if refused {
+        ctx.warn(format!(
+            "{}: xattr {:?} not set: {e}",
+            show(path),
+            String::from_utf8_lossy(name)
+        ));
+        return Ok(());
+    }
+    Err(io_err(
+        &format!("setting xattr {:?} of", String::from_utf8_lossy(name)),
+        path,
+        e,
+    ))
+}
+
+/// Owner, mode, xattrs and times of the non-regular, non-directory inode `name` in `dir`
+/// (symlink, device, fifo), addressed through `dir` without following it.
+fn set_meta_at(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    e: &Entry,
+    path: &[u8],
+    ctx: &Ctx<'_>,
+) -> Result<()> {
+    if let Some((u, g)) = ctx.privs.owner(e, path)? {
+        rfs::chownat(dir, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|x| io_err("chown", path, x))?;
+    }
+    if e.kind != Kind::Symlink {
+        // No `fchmodat(AT_SYMLINK_NOFOLLOW)` here: chmod the inode an O_PATH handle holds, after
+        // checking it is the kind just created (a swapped-in symlink is never followed).
+        let h = rfs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|x| io_err("open", path, x))?;
+        let st = rfs::fstat(&h).map_err(|x| io_err("stat", path, x))?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            return Err(Error::Conflict(format!(
+                "{} was replaced by a symlink while being written",
+                show(path)
+            )));
+        }
+        rfs::chmod(
+            proc_path(h.as_fd(), None),
+            Mode::from_raw_mode(e.mode & 0o7777),
+        )
+        .map_err(|x| io_err("chmod", path, x))?;
+    }
+    if !e.xattrs.is_empty() {
+        let p = proc_path(dir, Some(name));
+        for (k, v) in &e.xattrs {
+            if let Err(x) = rfs::lsetxattr(p.as_slice(), k.as_slice(), v, XattrFlags::empty()) {
+                xattr_failed(ctx, k, path, x, e.kind == Kind::Symlink)?;
+            }
+        }
+    }
+    rfs::utimensat(dir, name, &timestamps(e), AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|x| io_err("set times of", path, x))
+}
+
+/// Create the non-directory `e` as `name` in `dir` (which must not have it), with its metadata.
+/// Returns the content bytes written, or `None` when the entry was skipped (with a warning).
+pub(crate) fn create_leaf(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    e: &Entry,
+    path: &[u8],
+    ctx: &Ctx<'_>,
+    content: &mut Content<'_>,
+) -> Result<Option<u64>> {
+    check_name(name, path)?;
+    match e.kind {
+        Kind::File => {
+            let (mode, mode_is_set) = ctx.privs.create_mode(e);
+            let fd = rfs::openat(
+                dir,
+                name,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(mode),
+            )
+            .map_err(|x| io_err("create", path, x))?;
+            let mut f = File::from(fd);
+            let n = content.write(e, &mut f, path)?;
+            set_meta_fd(f.as_fd(), e, path, ctx, false, mode_is_set)?;
+            Ok(Some(n))
+        }
+        Kind::Symlink => {
+            if e.link.is_empty() || e.link.contains(&0) {
+                ctx.warn(format!(
+                    "{}: symlink with an empty target skipped",
+                    show(path)
+                ));
+                return Ok(None);
+            }
+            rfs::symlinkat(e.link.as_slice(), dir, name).map_err(|x| io_err("symlink", path, x))?;
+            set_meta_at(dir, name, e, path, ctx)?;
+            Ok(Some(0))
+        }
+        Kind::Char | Kind::Block | Kind::Fifo => {
+            let ft = match e.kind {
+                Kind::Char => FileType::CharacterDevice,
+                Kind::Block => FileType::BlockDevice,
+                _ => FileType::Fifo,
+            };
+            if ft != FileType::Fifo && !ctx.privs.root {
+                ctx.warn(format!(
+                    "{}: {} device {}:{} skipped (creating devices needs root)",
+                    show(path),
+                    e.kind.name(),
+                    e.devmajor,
+                    e.devminor
+                ));
+                return Ok(None);
+            }
+            let dev = rfs::makedev(e.devmajor, e.devminor);
+            rfs::mknodat(dir, name, ft, Mode::from_raw_mode(0o600), dev)
+                .map_err(|x| io_err("mknod", path, x))?;
+            set_meta_at(dir, name, e, path, ctx)?;
+            Ok(Some(0))
+        }
+        Kind::Dir | Kind::Hardlink | Kind::Whiteout | Kind::Opaque => Err(Error::InvalidLayer(
+            format!("{}: a {} is not a leaf", show(path), e.kind.name()),
+        )),
+        Kind::Other(t) => {
+            ctx.warn(format!(
+                "{}: entry of unknown type {:?} skipped",
+                show(path),
+                char::from(t)
+            ));
+            Ok(None)
+        }
+    }
+}
+
+/// Remove `name` from `dir` whatever it is (a directory with everything below it), following
+/// no symlink. Returns how many paths went; a missing name is no error.
+pub(crate) fn remove_entry(dir: BorrowedFd<'_>, name: &[u8], path: &[u8]) -> Result<u64> {
+    match rfs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) => return Ok(1),
+        Err(Errno::NOENT) => return Ok(0),
+        Err(Errno::ISDIR) => {}
+        Err(x) => return Err(io_err("unlink", path, x)),
+    }
+    let sub = match open_child_dir(dir, name) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(0),
+        Err(x) => return Err(io_err("open", path, x)),
+    };
+    // Its children go first; a read-only directory must let us remove them.
+    let _ = rfs::fchmod(&sub, Mode::from_raw_mode(0o700));
+    let n = clear_dir(sub.as_fd(), None, path)?;
+    match rfs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(n + 1),
+        Err(x) => Err(io_err("rmdir", path, x)),
+    }
+}
+
+/// Remove every child of the directory `dir` (at `path`) except `keep`.
+pub(crate) fn clear_dir(dir: BorrowedFd<'_>, keep: Option<&[u8]>, path: &[u8]) -> Result<u64> {
+    let mut names = Vec::new();
+    let mut it = rfs::Dir::read_from(dir).map_err(|x| io_err("read directory", path, x))?;
+    while let Some(ent) = it.read() {
+        let ent = ent.map_err(|x| io_err("read directory", path, x))?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." && Some(n) != keep {
+            names.push(n.to_vec());
+        }
+    }
+    let mut removed = 0;
+    for n in names {
+        removed += remove_entry(dir, &n, &join(path, &n))?;
+    }
+    Ok(removed)
+}
+
+/// One directory of the view, with its children split into subdirectories and leaves.
+struct DirPlan {
+    rel: Vec<u8>,
+    depth: usize,
+    meta: Arc<ViewEntry>,
+    subdirs: Vec<Name>,
+    leaves: Vec<(Name, Arc<ViewEntry>)>,
+}
+
+/// A further name of an inode created elsewhere in the view.
+struct LinkPlan {
+    from: (usize, Name),
+    to: (usize, Name),
+}
+
+/// The view as directories and the hardlinks between its leaves.
+struct Plan {
+    dirs: Vec<DirPlan>,
+    links: Vec<LinkPlan>,
+    /// Indices into `dirs` by depth (the root alone at 0).
+    levels: Vec<Vec<usize>>,
+}
+
+fn plan(stack: &Stack) -> Result<Plan> {
+    let root = match stack.index.lookup(b"") {
+        Some(Node::Dir(d)) => d,
+        _ => return Err(Error::Corrupt("the view has no root directory".into())),
+    };
+    let mut dirs = Vec::new();
+    let mut todo = vec![(Vec::new(), 0usize, root)];
+    while let Some((rel, depth, node)) = todo.pop() {
+        let mut subdirs = Vec::new();
+        let mut leaves = Vec::new();
+        for (name, child) in node.sorted() {
+            check_name(name, &join(&rel, name))?;
+            match child {
+                Node::Dir(d) => {
+                    subdirs.push(name.clone());
+                    todo.push((join(&rel, name), depth + 1, d.clone()));
+                }
+                Node::Leaf(v) => leaves.push((name.clone(), v.clone())),
+            }
+        }
+        dirs.push(DirPlan {
+            rel,
+            depth,
+            meta: node.meta.clone(),
+            subdirs,
+            leaves,
+        });
+    }
+    // Hardlinks: every path showing the same inode entry after the first links to the first.
+    let mut first: HashMap<*const Entry, (usize, Name)> = HashMap::new();
+    let mut links = Vec::new();
+    for (i, d) in dirs.iter_mut().enumerate() {
+        let mut kept = Vec::with_capacity(d.leaves.len());
+        for (name, v) in std::mem::take(&mut d.leaves) {
+            let key: *const Entry = v.meta();
+            if let Some(from) = first.get(&key) {
+                links.push(LinkPlan {
+                    from: from.clone(),
+                    to: (i, name),
+                });
+            } else {
+                first.insert(key, (i, name.clone()));
+                kept.push((name, v));
+            }
+        }
+        d.leaves = kept;
+    }
+    let max_depth = dirs.iter().map(|d| d.depth).max().unwrap_or(0);
+    let mut levels = vec![Vec::new(); max_depth + 1];
+    for (i, d) in dirs.iter().enumerate() {
+        levels[d.depth].push(i);
+    }
+    Ok(Plan {
+        dirs,
+        links,
+        levels,
+    })
+}
+
+impl Store {
+    /// Write the union view of `stack` to the new directory `dest` (which must not exist).
+    pub fn materialize(
+        &self,
+        stack: &Stack,
+        dest: &Path,
+        opts: &WriteOptions,
+        progress: Progress<'_>,
+    ) -> Result<WriteReport> {
+        let name = dest
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .filter(|n| n != b"." && n != b"..")
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("{}: not a directory name", dest.display()))
+            })?;
+        let parent_path = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let parent = rfs::open(
+            parent_path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno_io)
+        .ctx(|| format!("opening {}", parent_path.display()))?;
+        let exists = || {
+            Error::io(
+                format!("materialize: {} already exists", dest.display()),
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            )
+        };
+        match rfs::statat(&parent, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => return Err(exists()),
+            Err(Errno::NOENT) => {}
+            Err(x) => return Err(io_err("stat", dest.as_os_str().as_bytes(), x)),
+        }
+        let mut tmp = b".".to_vec();
+        tmp.extend_from_slice(&name);
+        tmp.extend_from_slice(format!(".layerstore-tmp-{}", unique_name()).as_bytes());
+        rfs::mkdirat(&parent, tmp.as_slice(), Mode::from_raw_mode(0o700))
+            .map_err(errno_io)
+            .ctx(|| format!("creating a directory beside {}", dest.display()))?;
+        let result = (|| {
+            let root = open_child_dir(parent.as_fd(), &tmp)
+                .map_err(errno_io)
+                .ctx(|| format!("opening a directory beside {}", dest.display()))?;
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(opts.max_threads.unwrap_or(0))
+                .thread_name(|i| format!("layerstore-write-{i}"))
+                .build()
+                .map_err(|e| Error::io("starting the writers", std::io::Error::other(e)))?;
+            let mut ctx = Ctx::new(self, progress);
+            // A setgid parent passes its group and bit on: clear the bit, and chown everything
+            // unless the group is the caller's.
+            rfs::fchmod(&root, Mode::from_raw_mode(0o700)).map_err(|x| io_err("chmod", &tmp, x))?;
+            let st = rfs::fstat(&root).map_err(|x| io_err("stat", &tmp, x))?;
+            ctx.privs.fresh = (st.st_uid, st.st_gid) == (ctx.privs.euid, ctx.privs.egid);
+            pool.install(|| write_view(stack, root.as_fd(), &ctx))?;
+            match rfs::renameat_with(
+                &parent,
+                tmp.as_slice(),
+                &parent,
+                name.as_slice(),
+                RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => {}
+                Err(Errno::EXIST) => return Err(exists()),
+                Err(x) => {
+                    return Err(Error::io(
+                        format!("renaming into {}", dest.display()),
+                        errno_io(x),
+                    ))
+                }
+            }
+            ctx.report()
+        })();
+        if result.is_err() {
+            // Only root could add entries to it meanwhile (it is 0700): pass again while it
+            // does, up to a bound, then leave it.
+            for _ in 0..100 {
+                if remove_entry(parent.as_fd(), &tmp, &tmp).is_ok() {
+                    break;
+                }
+            }
+        }
+        result
+    }
+}
+
+/// One unit of parallel work: `(directory, start, end)` items, run in order. `start == end`
+/// stands for "create the directory's subdirectories".
+type Task = Vec<(usize, usize, usize)>;
+
+/// A level's work in the order a tar lists it (directories depth-first, children by name), cut
+/// into tasks of about [`LEAVES_PER_TASK`] entries. Neighbouring small files share pack blocks
+/// (content is stored in tar order), and one task decodes a block once for all of them, where a
+/// task per directory would decode it again for each directory.
+fn level_tasks(dirs: &[DirPlan], level: &[usize]) -> Vec<Task> {
+    let mut order = level.to_vec();
+    order.sort_by(|&a, &b| {
+        let comps = |i: usize| dirs[i].rel.split(|&c| c == b'/').collect::<Vec<_>>();
+        comps(a).cmp(&comps(b))
+    });
+    let mut tasks = Vec::new();
+    let (mut cur, mut weight): (Task, usize) = (Vec::new(), 0);
+    for i in order {
+        let d = &dirs[i];
+        if !d.subdirs.is_empty() {
+            cur.push((i, 0, 0));
+            weight += d.subdirs.len();
+        }
+        let mut start = 0;
+        while start < d.leaves.len() {
+            let end = (start + LEAVES_PER_TASK.saturating_sub(weight).max(1)).min(d.leaves.len());
+            cur.push((i, start, end));
+            weight += end - start;
+            start = end;
+            if weight >= LEAVES_PER_TASK {
+                tasks.push(std::mem::take(&mut cur));
+                weight = 0;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        tasks.push(cur);
+    }
+    tasks
+}
+
+fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> {
+    let Plan {
+        dirs,
+        links,
+        levels,
+    } = plan(stack)?;
+    // Top-down, one level at a time: each directory creates its subdirectories (0700 until
+    // their metadata is set) and its leaves, in tasks that follow the tar order.
+    for level in &levels {
+        level_tasks(&dirs, level)
+            .par_iter()
+            .map_init(
+                || Content::new(ctx.store),
+                |content, task| {
+                    let content = content
+                        .as_mut()
+                        .map_err(|e| Error::Corrupt(e.to_string()))?;
+                    let (mut n, mut bytes) = (0, 0);
+                    for &(i, start, end) in task {
+                        let d = &dirs[i];
+                        let fd = open_dir(root, &d.rel).map_err(|x| io_err("open", &d.rel, x))?;
+                        if start == end {
+                            for s in &d.subdirs {
+                                rfs::mkdirat(&fd, &s[..], Mode::from_raw_mode(0o700))
+                                    .map_err(|x| io_err("mkdir", &join(&d.rel, s), x))?;
+                            }
+                            n += d.subdirs.len() as u64;
+                            continue;
+                        }
+                        for (name, v) in &d.leaves[start..end] {
+                            let path = join(&d.rel, name);
+                            if let Some(b) =
+                                create_leaf(fd.as_fd(), name, v.meta(), &path, ctx, content)?
+                            {
+                                n += 1;
+                                bytes += b;
+                            }
+                        }
+                    }
+                    content.end();
+                    ctx.done(n, bytes)
+                },
+            )
+            .collect::<Result<()>>()?;
+    }
+    // Further names of hardlinked inodes.
+    links
+        .par_iter()
+        .map(|l| {
+            let (fd_dir, fname) = (&dirs[l.from.0], &l.from.1);
+            let (td_dir, tname) = (&dirs[l.to.0], &l.to.1);
+            let to_path = join(&td_dir.rel, tname);
+            let from_fd =
+                open_dir(root, &fd_dir.rel).map_err(|x| io_err("open", &fd_dir.rel, x))?;
+            let to_fd = open_dir(root, &td_dir.rel).map_err(|x| io_err("open", &td_dir.rel, x))?;
+            match rfs::linkat(&from_fd, &fname[..], &to_fd, &tname[..], AtFlags::empty()) {
+                Ok(()) => ctx.done(1, 0),
+                // The first name was skipped (e.g. a device without root): so is this one.
+                Err(Errno::NOENT) => Ok(()),
+                Err(x) => Err(io_err("link", &to_path, x)),
+            }
+        })
+        .collect::<Result<()>>()?;
+    // Directory metadata last, deepest first (the root, at level 0, last of all).
+    for level in levels.iter().rev() {
+        level
+            .par_iter()
+            .map(|&i| {
+                let d = &dirs[i];
+                let fd = open_dir(root, &d.rel).map_err(|x| io_err("open", &d.rel, x))?;
+                set_meta_fd(fd.as_fd(), &d.meta.entry, &d.rel, ctx, false, false)
+            })
+            .collect::<Result<()>>()?;
+    }
+    Ok(())
+}
