@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -637,3 +638,33 @@ def test_reader_survives_a_concurrent_compaction(tmp_path: Path) -> None:
     assert f.read() == small
     assert s.fsck()["ok"] and s.fsck()["garbage"] == []
     assert image.read_bytes("/small") == small
+
+
+@pytest.mark.root
+def test_export_into_a_device_or_fifo_writes_into_it(store: ls.Store, tmp_path: Path) -> None:
+    """Exporting to /dev/null (or any existing non-regular file) writes into it: the atomic
+    temporary-file-and-rename must not replace the device node."""
+    import stat as st
+
+    layer = store.import_tar(tf.simple_tar({"f": b"x" * 10_000}))
+    null = tmp_path / "null"
+    os.mknod(null, st.S_IFCHR | 0o666, os.makedev(1, 3))
+    assert store.export_tar(layer, null) == layer.diff_id
+    assert st.S_ISCHR(os.lstat(null).st_mode)
+    image = store.stack([layer])
+    store.squash(image, dest=null)
+    assert st.S_ISCHR(os.lstat(null).st_mode)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = bytearray()
+
+    def drain() -> None:
+        with open(fifo, "rb") as f:
+            got.extend(f.read())
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    store.export_tar(layer, fifo)
+    reader.join(timeout=30)
+    assert st.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert hashlib.sha256(got).hexdigest() == layer.diff_id.removeprefix("sha256:")

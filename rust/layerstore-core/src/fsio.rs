@@ -131,11 +131,24 @@ pub fn write_dir_tar<W: Write>(
 }
 
 /// Write `dest` through `write`, atomically: into a temporary file beside it, renamed into place
-/// only when `write` succeeds (removed otherwise), so `dest` is never seen half-written.
+/// only when `write` succeeds (removed otherwise), so `dest` is never seen half-written. A `dest`
+/// that exists and is not a regular file (`/dev/null`, a FIFO, a terminal) is written into
+/// directly: renaming over it would replace the device.
 pub fn write_atomically<T>(
     dest: &Path,
     write: impl FnOnce(&mut dyn Write) -> Result<T>,
 ) -> Result<T> {
+    if fs::metadata(dest).is_ok_and(|md| !md.is_file() && !md.is_dir()) {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(dest)
+            .ctx(|| format!("opening {}", dest.display()))?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, f);
+        let out = write(&mut w)?;
+        w.into_inner()
+            .map_err(|e| Error::io("flushing the output", e.into_error()))?;
+        return Ok(out);
+    }
     let dir = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -430,25 +430,7 @@ fn write_tar(out: &mut dyn Write, members: &[(String, Member)]) -> Result<()> {
 }
 
 fn write_tar_atomic(dest: &Path, members: &[(String, Member)]) -> Result<()> {
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.layerstore-tmp", crate::store::unique_name()));
-    let result = (|| {
-        let f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-        let mut w = io::BufWriter::with_capacity(1 << 20, f);
-        write_tar(&mut w, members)?;
-        let f = w
-            .into_inner()
-            .map_err(|e| Error::io("writing the archive", e.into_error()))?;
-        f.sync_all().ctx(|| "syncing the archive".into())?;
-        fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::fsio::write_atomically(dest, |w| write_tar(w, members))
 }
 
 #[cfg(test)]
