@@ -499,9 +499,15 @@ fn read_block(
         .map_err(|e| corrupt(&e))?;
     match loc.codec {
         Codec::Raw => Ok(raw),
-        Codec::Zstd => dctx
-            .decompress(&raw, BLOCK_DECODED_MAX)
-            .map_err(|e| corrupt(&e)),
+        Codec::Zstd => {
+            // The frame header records the decoded size: allocate exactly that, not the
+            // ceiling (a 32 MiB allocation per block is an mmap and munmap each time).
+            let capacity = match zstd::zstd_safe::get_frame_content_size(&raw) {
+                Ok(Some(n)) if n <= BLOCK_DECODED_MAX as u64 => n as usize,
+                _ => BLOCK_DECODED_MAX,
+            };
+            dctx.decompress(&raw, capacity).map_err(|e| corrupt(&e))
+        }
     }
 }
 
