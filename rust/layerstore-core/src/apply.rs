@@ -34,7 +34,7 @@ use crate::materialize::{
     set_meta_fd, show, Content, Ctx, WriteReport,
 };
 use crate::store::{unique_name, Progress, Store};
-use crate::union::{components, MAX_SYMLINKS};
+use crate::union::{components, is_aufs_meta, MAX_SYMLINKS};
 
 /// Where a hardlink's inode comes from.
 enum LinkSource {
@@ -53,32 +53,9 @@ fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// AUFS metadata (`.wh..wh.plnk`…) and everything under it is not part of the view.
-fn is_aufs_meta(path: &[u8]) -> bool {
-    components(path).any(|c| c.starts_with(b".wh..wh.") && c != b".wh..wh..opq")
-}
-
 /// A directory no layer declares, as the view shows it.
 fn implicit_dir() -> Entry {
-    Entry {
-        path: Vec::new(),
-        kind: Kind::Dir,
-        typeflag: b'5',
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        uname: Vec::new(),
-        gname: Vec::new(),
-        mtime_ns: 0,
-        size: 0,
-        link: Vec::new(),
-        devmajor: 0,
-        devminor: 0,
-        xattrs: Default::default(),
-        chunks: Vec::new(),
-        digest: None,
-        sparse: false,
-    }
+    Entry::new(Vec::new(), Kind::Dir, b'5', 0o755)
 }
 
 fn is_dir(st: &rfs::Stat) -> bool {

@@ -18,7 +18,6 @@
 //!   [`crate::diff`]): explicit whiteouts, an opaque marker where a directory was deleted and
 //!   recreated, a renamed directory as a whiteout plus its full subtree.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, RwLock};
 
@@ -69,25 +68,10 @@ fn new_entry(path: &[u8], kind: Kind, mode: u32) -> Entry {
         Kind::Hardlink => b'1',
         _ => b'0',
     };
-    Entry {
-        path: path.to_vec(),
-        kind,
-        typeflag,
-        mode,
-        uid: 0,
-        gid: 0,
-        uname: Vec::new(),
-        gname: Vec::new(),
-        mtime_ns: now_ns(),
-        size: 0,
-        link: Vec::new(),
-        devmajor: 0,
-        devminor: 0,
-        xattrs: BTreeMap::new(),
-        chunks: Vec::new(),
-        digest: (kind == Kind::File).then(|| Blake3::of(&[])),
-        sparse: false,
-    }
+    let mut e = Entry::new(path.to_vec(), kind, typeflag, mode);
+    e.mtime_ns = now_ns();
+    e.digest = (kind == Kind::File).then(|| Blake3::of(&[]));
+    e
 }
 
 impl Container {

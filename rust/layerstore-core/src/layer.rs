@@ -81,6 +81,30 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An entry with no data and default metadata: root-owned, mtime 0, no xattrs (what the
+    /// view shows for an implicit directory; a base for entries made in the store).
+    pub fn new(path: Vec<u8>, kind: Kind, typeflag: u8, mode: u32) -> Entry {
+        Entry {
+            path,
+            kind,
+            typeflag,
+            mode,
+            uid: 0,
+            gid: 0,
+            uname: Vec::new(),
+            gname: Vec::new(),
+            mtime_ns: 0,
+            size: 0,
+            link: Vec::new(),
+            devmajor: 0,
+            devminor: 0,
+            xattrs: BTreeMap::new(),
+            chunks: Vec::new(),
+            digest: None,
+            sparse: false,
+        }
+    }
+
     /// The device number as Linux's `makedev(devmajor, devminor)` (what `os.makedev` returns).
     pub fn rdev(&self) -> u64 {
         let (ma, mi) = (u64::from(self.devmajor), u64::from(self.devminor));

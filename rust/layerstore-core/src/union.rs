@@ -137,25 +137,7 @@ fn implicit_dir() -> Arc<ViewEntry> {
     IMPLICIT
         .get_or_init(|| {
             Arc::new(ViewEntry {
-                entry: Arc::new(Entry {
-                    path: Vec::new(),
-                    kind: Kind::Dir,
-                    typeflag: b'5',
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    uname: Vec::new(),
-                    gname: Vec::new(),
-                    mtime_ns: 0,
-                    size: 0,
-                    link: Vec::new(),
-                    devmajor: 0,
-                    devminor: 0,
-                    xattrs: Default::default(),
-                    chunks: Vec::new(),
-                    digest: None,
-                    sparse: false,
-                }),
+                entry: Arc::new(Entry::new(Vec::new(), Kind::Dir, b'5', 0o755)),
                 target: None,
                 layer: None,
             })
@@ -223,7 +205,7 @@ pub fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// AUFS metadata (`.wh..wh.plnk`, `.wh..wh.aufs`…) and everything under it is not part of the view.
-fn is_aufs_meta(path: &[u8]) -> bool {
+pub fn is_aufs_meta(path: &[u8]) -> bool {
     components(path).any(|c| c.starts_with(b".wh..wh.") && c != b".wh..wh..opq")
 }
 
