@@ -47,7 +47,8 @@ fn norm_query(path: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, bool)> {
             .as_bytes()
             .ends_with(b"/")
     };
-    Ok((p.clone(), slash && !p.is_empty()))
+    let must_be_dir = slash && !p.is_empty();
+    Ok((p, must_be_dir))
 }
 
 /// Relative, no empty or `.` components; one copy when the input is already in that form.
@@ -269,9 +270,20 @@ impl Stack {
         let mut out = Vec::new();
         for path in paths.try_iter()? {
             let (p, must_be_dir) = norm_query(&path?)?;
-            out.push(match self.lookup(&p, follow, must_be_dir)? {
-                Lookup::Found(stat) => Some(stat),
-                Lookup::Missing | Lookup::NotDir => None,
+            // The normalised path moves into the result (no copy), as most paths resolve to
+            // themselves.
+            let found = self
+                .inner
+                .index
+                .lookup_view(&p, follow || must_be_dir)
+                .py()?;
+            out.push(match found {
+                Some((_, view)) if must_be_dir && view.meta().kind != Kind::Dir => None,
+                Some((resolved, view)) => Some(Stat {
+                    path: resolved.unwrap_or(p),
+                    view,
+                }),
+                None => None,
             });
         }
         Ok(out)
