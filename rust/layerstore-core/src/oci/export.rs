@@ -13,13 +13,7 @@ impl Store {
                  JOIN oci_images i ON i.manifest = r.manifest JOIN oci_blobs b ON b.digest = i.manifest
                  WHERE r.name = ?1 AND i.chain_id = ?2",
                 [name, chain_id],
-                |r| {
-                    Ok(ImageDigests {
-                        manifest: r.get(0)?,
-                        config: r.get(1)?,
-                        media_type: r.get(2)?,
-                    })
-                },
+                digests_row,
             )
             .optional()?)
     }
@@ -38,13 +32,7 @@ impl Store {
                 "SELECT i.manifest, i.config, b.media_type FROM oci_images i JOIN oci_blobs b ON b.digest = i.manifest
                  WHERE i.chain_id = ?1 ORDER BY i.id DESC LIMIT 1",
                 [&stack.chain_id],
-                |r| {
-                    Ok(ImageDigests {
-                        manifest: r.get(0)?,
-                        config: r.get(1)?,
-                        media_type: r.get(2)?,
-                    })
-                },
+                digests_row,
             )
             .optional()?)
     }
@@ -474,6 +462,15 @@ fn update_index(dest: &Path, entry: &Value, tag: Option<&str>) -> Result<()> {
     manifests.push(entry.clone());
     let bytes = serde_json::to_vec(&index).expect("a JSON value serialises");
     write_atomic(&path, &bytes)
+}
+
+/// An `ImageDigests` from a (manifest, config, media type) row.
+fn digests_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageDigests> {
+    Ok(ImageDigests {
+        manifest: r.get(0)?,
+        config: r.get(1)?,
+        media_type: r.get(2)?,
+    })
 }
 
 #[cfg(test)]
