@@ -310,6 +310,7 @@ pub struct PackReader {
     dir: PathBuf,
     files: HashMap<String, File>,
     cache: Option<(String, u64, Arc<Vec<u8>>)>,
+    scratch: Vec<u8>,
 }
 
 impl PackReader {
@@ -319,6 +320,7 @@ impl PackReader {
             dir: dir.to_path_buf(),
             files: HashMap::new(),
             cache: None,
+            scratch: Vec::new(),
         })
     }
 
@@ -333,7 +335,7 @@ impl PackReader {
             self.files.insert(loc.pack.clone(), f);
         }
         let f = self.files.get(&loc.pack).expect("inserted above");
-        let data = read_block(f, loc, &mut self.dctx)?;
+        let data = read_block(f, loc, &mut self.dctx, &mut self.scratch)?;
         let data = Arc::new(data);
         self.cache = Some((loc.pack.clone(), loc.block_offset, data.clone()));
         Ok(data)
@@ -353,20 +355,42 @@ impl PackReader {
 /// A chunk as a range of its decoded block.
 pub type ChunkSlice = (Arc<Vec<u8>>, std::ops::Range<usize>);
 
-/// Blocks decoded together ahead of the consumer (each at most `max(BLOCK_TARGET, chunk_max)`).
-const READ_AHEAD_BLOCKS: usize = 16;
+/// Blocks read ahead of the consumer (each at most `max(BLOCK_TARGET, chunk_max)` decoded).
+const READ_AHEAD_BLOCKS: usize = 64;
 
-/// Reads a sequence of chunks in order, with their blocks read, decoded and verified ahead of the
-/// consumer on a background thread (a window of blocks at a time, split over the cores). Memory
-/// stays bounded by two windows of decoded blocks.
-pub struct OrderedChunks {
+type BlockResult = Result<Arc<Vec<u8>>>;
+
+/// What the read-ahead workers share: the chunks in order, cut into runs that share a block.
+struct ReadPlan {
+    dir: PathBuf,
     locs: Vec<ChunkLoc>,
     /// For each run of consecutive chunks in one block: the index of its first chunk.
     starts: Vec<usize>,
+}
+
+impl ReadPlan {
+    fn run(&self, run: usize) -> &[ChunkLoc] {
+        let end = self.starts.get(run + 1).copied().unwrap_or(self.locs.len());
+        &self.locs[self.starts[run]..end]
+    }
+}
+
+/// One read-ahead job: a run to decode and where to send its block.
+type Job = (usize, crossbeam_channel::Sender<BlockResult>);
+
+/// Reads a sequence of chunks in order. One worker per core reads, decodes and verifies the
+/// blocks ahead of the consumer, each taking the next block as soon as it is free (no window
+/// barrier); the consumer takes them back in order. At most [`READ_AHEAD_BLOCKS`] blocks are in
+/// flight, so memory stays bounded.
+pub struct OrderedChunks {
+    plan: Arc<ReadPlan>,
     next: usize,
     run: usize,
     block: Option<Arc<Vec<u8>>>,
-    rx: crossbeam_channel::Receiver<Result<Arc<Vec<u8>>>>,
+    /// Replies of the dispatched runs, oldest first.
+    queued: std::collections::VecDeque<crossbeam_channel::Receiver<BlockResult>>,
+    dispatched: usize,
+    jobs: crossbeam_channel::Sender<Job>,
 }
 
 impl OrderedChunks {
@@ -379,113 +403,104 @@ impl OrderedChunks {
                 starts.push(i);
             }
         }
-        let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_BLOCKS);
-        let (dir, plan, runs) = (dir.to_path_buf(), locs.clone(), starts.clone());
-        std::thread::Builder::new()
-            .name("layerstore-read-ahead".into())
-            .spawn(move || read_ahead(&dir, &plan, &runs, &tx))
-            .expect("spawn read-ahead");
-        OrderedChunks {
+        let plan = Arc::new(ReadPlan {
+            dir: dir.to_path_buf(),
             locs,
             starts,
+        });
+        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for _ in 0..cores.min(plan.starts.len()) {
+            let (plan, rx) = (plan.clone(), rx.clone());
+            std::thread::Builder::new()
+                .name("layerstore-read-ahead".into())
+                .spawn(move || read_ahead(&plan, &rx))
+                .expect("spawn read-ahead");
+        }
+        let mut chunks = OrderedChunks {
+            plan,
             next: 0,
             run: 0,
             block: None,
-            rx,
+            queued: std::collections::VecDeque::with_capacity(READ_AHEAD_BLOCKS),
+            dispatched: 0,
+            jobs,
+        };
+        for _ in 0..READ_AHEAD_BLOCKS {
+            chunks.dispatch();
+        }
+        chunks
+    }
+
+    /// Queue the next undispatched run, if any.
+    fn dispatch(&mut self) {
+        if self.dispatched < self.plan.starts.len() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            // Workers live as long as `jobs`; a send can only fail if they all panicked, and
+            // then the reply channel reports it.
+            let _ = self.jobs.send((self.dispatched, tx));
+            self.queued.push_back(rx);
+            self.dispatched += 1;
         }
     }
 
     /// The next chunk's bytes, or `None` after the last one.
     pub fn next_chunk(&mut self) -> Option<Result<ChunkSlice>> {
-        let loc = self.locs.get(self.next)?;
-        if self.starts.get(self.run) == Some(&self.next) {
+        let loc = self.plan.locs.get(self.next)?;
+        let range = loc.inner_offset as usize..(loc.inner_offset + loc.len) as usize;
+        if self.plan.starts.get(self.run) == Some(&self.next) {
             self.run += 1;
-            match self.rx.recv() {
+            let reply = self.queued.pop_front()?;
+            self.dispatch();
+            match reply.recv() {
                 Ok(Ok(block)) => self.block = Some(block),
                 Ok(Err(e)) => return Some(Err(e)),
                 Err(_) => return Some(Err(Error::Corrupt("read-ahead stopped early".into()))),
             }
         }
         self.next += 1;
-        let block = self.block.clone()?;
-        let start = loc.inner_offset as usize;
-        Some(Ok((block, start..start + loc.len as usize)))
+        Some(Ok((self.block.clone()?, range)))
     }
 }
 
-fn read_ahead(
-    dir: &Path,
-    locs: &[ChunkLoc],
-    starts: &[usize],
-    tx: &crossbeam_channel::Sender<Result<Arc<Vec<u8>>>>,
-) {
-    let files = std::sync::Mutex::new(HashMap::<String, Arc<File>>::new());
-    let decode =
-        |run: usize, dctx: &mut zstd::bulk::Decompressor<'static>| -> Result<Arc<Vec<u8>>> {
-            let first = starts[run];
-            let end = starts.get(run + 1).copied().unwrap_or(locs.len());
-            let loc = &locs[first];
-            let file = {
-                let mut files = files
-                    .lock()
-                    .map_err(|_| Error::Corrupt("pack file table poisoned".into()))?;
-                match files.get(&loc.pack) {
-                    Some(f) => f.clone(),
-                    None => {
-                        let f = Arc::new(open_pack(dir, &loc.pack)?);
-                        files.insert(loc.pack.clone(), f.clone());
-                        f
-                    }
-                }
-            };
-            let data = read_block(&file, loc, dctx)?;
-            for l in &locs[first..end] {
+/// A read-ahead worker: decodes and verifies runs until the consumer goes away.
+fn read_ahead(plan: &ReadPlan, jobs: &crossbeam_channel::Receiver<Job>) {
+    let mut dctx = match zstd::bulk::Decompressor::new() {
+        Ok(d) => d,
+        Err(e) => {
+            for (_, reply) in jobs {
+                let e = std::io::Error::new(e.kind(), e.to_string());
+                let _ = reply.send(Err(Error::io("creating a decompressor", e)));
+            }
+            return;
+        }
+    };
+    let mut files = HashMap::<String, File>::new();
+    let mut scratch = Vec::new();
+    for (run, reply) in jobs {
+        let decoded = (|| -> BlockResult {
+            let chunks = plan.run(run);
+            let loc = &chunks[0];
+            if !files.contains_key(&loc.pack) {
+                files.insert(loc.pack.clone(), open_pack(&plan.dir, &loc.pack)?);
+            }
+            let data = read_block(&files[&loc.pack], loc, &mut dctx, &mut scratch)?;
+            for l in chunks {
                 check_chunk(&data, l)?;
             }
             Ok(Arc::new(data))
-        };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for window in (0..starts.len())
-        .collect::<Vec<_>>()
-        .chunks(READ_AHEAD_BLOCKS)
-    {
-        let per = window.len().div_ceil(threads);
-        let decoded: Vec<Result<Arc<Vec<u8>>>> = std::thread::scope(|s| {
-            let parts: Vec<_> = window
-                .chunks(per)
-                .map(|part| {
-                    s.spawn(|| match zstd::bulk::Decompressor::new() {
-                        Ok(mut dctx) => part
-                            .iter()
-                            .map(|&r| decode(r, &mut dctx))
-                            .collect::<Vec<_>>(),
-                        Err(e) => vec![Err(Error::io("creating a decompressor", e))],
-                    })
-                })
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
-        if decoded.len() != window.len() {
-            let _ = tx.send(Err(Error::Corrupt("a read-ahead worker panicked".into())));
-            return;
-        }
-        for block in decoded {
-            let failed = block.is_err();
-            if tx.send(block).is_err() || failed {
-                return;
-            }
-        }
+        })();
+        let _ = reply.send(decoded); // the consumer may have stopped early
     }
 }
 
-/// Read one block from `file` and decode it (with a reused decompression context).
+/// Read one block from `file` and decode it (with a reused decompression context; `scratch`
+/// holds the compressed bytes between calls, so it is allocated once per reader).
 fn read_block(
     file: &File,
     loc: &ChunkLoc,
     dctx: &mut zstd::bulk::Decompressor<'static>,
+    scratch: &mut Vec<u8>,
 ) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let corrupt = |e: &dyn std::fmt::Display| {
@@ -494,21 +509,28 @@ fn read_block(
             loc.pack, loc.block_offset
         ))
     };
-    let mut raw = vec![0u8; loc.block_len as usize];
-    file.read_exact_at(&mut raw, loc.block_offset)
-        .map_err(|e| corrupt(&e))?;
-    match loc.codec {
-        Codec::Raw => Ok(raw),
-        Codec::Zstd => {
-            // The frame header records the decoded size: allocate exactly that, not the
-            // ceiling (a 32 MiB allocation per block is an mmap and munmap each time).
-            let capacity = match zstd::zstd_safe::get_frame_content_size(&raw) {
-                Ok(Some(n)) if n <= BLOCK_DECODED_MAX as u64 => n as usize,
-                _ => BLOCK_DECODED_MAX,
-            };
-            dctx.decompress(&raw, capacity).map_err(|e| corrupt(&e))
+    let len = loc.block_len as usize;
+    let raw = match loc.codec {
+        Codec::Raw => {
+            let mut raw = vec![0u8; len];
+            file.read_exact_at(&mut raw, loc.block_offset)
+                .map_err(|e| corrupt(&e))?;
+            return Ok(raw);
         }
-    }
+        Codec::Zstd => {
+            scratch.resize(len, 0);
+            &mut scratch[..len]
+        }
+    };
+    file.read_exact_at(raw, loc.block_offset)
+        .map_err(|e| corrupt(&e))?;
+    // The frame header records the decoded size: allocate exactly that, not the ceiling (a
+    // 32 MiB allocation per block is an mmap and munmap each time).
+    let capacity = match zstd::zstd_safe::get_frame_content_size(raw) {
+        Ok(Some(n)) if n <= BLOCK_DECODED_MAX as u64 => n as usize,
+        _ => BLOCK_DECODED_MAX,
+    };
+    dctx.decompress(raw, capacity).map_err(|e| corrupt(&e))
 }
 
 /// Largest decoded block we accept (a block holds chunks of at most 16 MiB, FastCDC's ceiling).
@@ -558,6 +580,43 @@ mod tests {
             r.read(by_digest[d], &mut buf).unwrap();
             assert_eq!(&buf, data);
         }
+    }
+
+    #[test]
+    fn ordered_chunks_come_back_in_the_asked_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::new(dir.path(), "p.pack".into(), 1);
+        let mut chunks = Vec::new();
+        for i in 0..400u32 {
+            let data: Vec<u8> = (0..(20_000 + i * 131 % 50_000))
+                .map(|j| (j ^ i) as u8)
+                .collect();
+            let d = Blake3::of(&data);
+            w.add(d, &data).unwrap();
+            chunks.push((d, data));
+        }
+        let (locs, _) = w.finish(|_| {}).unwrap().unwrap();
+        let by_digest: HashMap<Blake3, &ChunkLoc> = locs.iter().map(|l| (l.digest, l)).collect();
+        // Far more blocks than are read ahead, out of pack order, with repeats.
+        let order: Vec<usize> = (0..1200).map(|k| (k * 7919) % 400).collect();
+        let plan = order
+            .iter()
+            .map(|&k| by_digest[&chunks[k].0].clone())
+            .collect();
+        let mut reader = OrderedChunks::new(dir.path(), plan);
+        for &k in &order {
+            let (block, range) = reader.next_chunk().unwrap().unwrap();
+            assert_eq!(&block[range], &chunks[k].1[..]);
+        }
+        assert!(reader.next_chunk().is_none());
+        // A consumer that stops early just drops the reader.
+        let plan = order
+            .iter()
+            .map(|&k| by_digest[&chunks[k].0].clone())
+            .collect();
+        let mut reader = OrderedChunks::new(dir.path(), plan);
+        reader.next_chunk().unwrap().unwrap();
+        drop(reader);
     }
 
     #[test]

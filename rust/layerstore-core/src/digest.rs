@@ -118,16 +118,19 @@ pub struct StreamDigests {
     pub busy_seconds: f64,
 }
 
+/// Bytes handed to the hasher thread, moved or shared rather than copied.
+type Block = Box<dyn AsRef<[u8]> + Send>;
+
 /// Hashes a stream on its own thread: the sha256 of a layer costs more than everything else in an
 /// import, so it runs beside the parser instead of in front of it.
 pub struct StreamHasher {
-    tx: Option<Sender<std::sync::Arc<[u8]>>>,
+    tx: Option<Sender<Block>>,
     handle: Option<JoinHandle<StreamDigests>>,
 }
 
 impl StreamHasher {
     pub fn spawn(with_sha512: bool) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded::<std::sync::Arc<[u8]>>(64);
+        let (tx, rx) = crossbeam_channel::bounded::<Block>(64);
         let handle = std::thread::Builder::new()
             .name("layerstore-hash".into())
             .spawn(move || {
@@ -137,12 +140,13 @@ impl StreamHasher {
                 let mut len = 0u64;
                 let mut busy = std::time::Duration::ZERO;
                 for block in rx {
+                    let block: &[u8] = (*block).as_ref();
                     let started = std::time::Instant::now();
-                    sha.update(&block);
+                    sha.update(block);
                     if let Some(s) = sha512.as_mut() {
-                        s.update(&block);
+                        s.update(block);
                     }
-                    b3.update(&block);
+                    b3.update(block);
                     len += block.len() as u64;
                     busy += started.elapsed();
                 }
@@ -161,10 +165,11 @@ impl StreamHasher {
         }
     }
 
-    pub fn update(&self, block: std::sync::Arc<[u8]>) {
+    /// Hash `block` next (an `Arc<[u8]>` shared with another consumer, or a buffer moved in).
+    pub fn update(&self, block: impl AsRef<[u8]> + Send + 'static) {
         if let Some(tx) = &self.tx {
             // The receiver only stops when we drop the sender, so this cannot fail.
-            let _ = tx.send(block);
+            let _ = tx.send(Box::new(block));
         }
     }
 
@@ -210,8 +215,9 @@ mod tests {
     #[test]
     fn stream_hasher_matches_one_shot() {
         let h = StreamHasher::spawn(true);
-        h.update(b"hello "[..].into());
-        h.update(b"world"[..].into());
+        // A shared buffer, then one moved in.
+        h.update(std::sync::Arc::<[u8]>::from(&b"hello "[..]));
+        h.update(b"world".to_vec());
         let d = h.finish();
         assert_eq!(d.len, 11);
         assert_eq!(d.blake3, Blake3::of(b"hello world"));

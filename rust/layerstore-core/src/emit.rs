@@ -237,36 +237,6 @@ impl Store {
         progress: Progress<'_>,
     ) -> Result<Imported> {
         let started = Instant::now();
-        let mut sink = AttachChunks {
-            changes: changes.iter(),
-        };
-        let mut stream = HeaderStream {
-            changes: changes.iter(),
-            head: Vec::new(),
-            head_pos: 0,
-            zeros: 0,
-            written: 0,
-            done: false,
-            error: None,
-        };
-        let parsed = Splitter::new(&mut stream, self.limits(), &mut sink).run();
-        if let Some(e) = stream.error.take() {
-            return Err(e);
-        }
-        let SplitOutput {
-            split,
-            mut entries,
-            warnings,
-        } = parsed?;
-        if entries.len() != changes.len() {
-            return Err(Error::Corrupt(format!(
-                "changeset of {} changes parsed as {} entries",
-                changes.len(),
-                entries.len()
-            )));
-        }
-        let split_done = started.elapsed();
-
         let pack_name = format!("{}.pack", crate::store::unique_name());
         let mut conn = self.conn()?;
         let lease = meta::acquire_lease(&conn, &pack_name)?;
@@ -276,34 +246,79 @@ impl Store {
                 pack_name.clone(),
                 self.options().compression_level,
             );
-            let mut new_chunks = 0u64;
-            let mut new_bytes = 0u64;
+            // Payloads come in change order: plan them first, so the stored chunks are read
+            // and decoded (on the other cores) while the headers are being split.
+            let payloads = changes.iter().filter_map(|c| match &c.what {
+                What::Entry(e) if e.kind == Kind::File => Some(&e.chunks),
+                _ => None,
+            });
+            let locs = meta::chunk_locs(&conn, payloads.clone().flatten().map(|c| &c.digest))?;
+            let (mut new_chunks, mut new_bytes) = (0u64, 0u64);
             let mut plan = Vec::new();
             let mut stored = Vec::new();
             let mut seen = std::collections::HashSet::new();
-            for e in &entries {
-                for c in &e.chunks {
-                    match meta::chunk_loc(&conn, &c.digest)? {
-                        Some(loc) => {
-                            stored.push(loc);
-                            plan.push(Source::Stored);
+            for c in payloads.flatten() {
+                match locs.get(&c.digest) {
+                    Some(loc) => {
+                        stored.push(loc.clone());
+                        plan.push(Source::Stored);
+                    }
+                    None => {
+                        let data = fresh.get(&c.digest).ok_or_else(|| {
+                            Error::Corrupt(format!("chunk {} is missing", c.digest))
+                        })?;
+                        if seen.insert(c.digest) {
+                            writer.add(c.digest, data)?;
+                            new_chunks += 1;
+                            new_bytes += data.len() as u64;
                         }
-                        None => {
-                            let data = fresh.get(&c.digest).ok_or_else(|| {
-                                Error::Corrupt(format!("chunk {} is missing", c.digest))
-                            })?;
-                            if seen.insert(c.digest) {
-                                writer.add(c.digest, data)?;
-                                new_chunks += 1;
-                                new_bytes += data.len() as u64;
-                            }
-                            plan.push(Source::Fresh(data.clone()));
-                        }
+                        plan.push(Source::Fresh(data.clone()));
                     }
                 }
             }
+            let chunks = cas::OrderedChunks::new(&self.packs_dir(), stored);
+            let planned = started.elapsed();
+
+            let mut sink = AttachChunks {
+                changes: changes.iter(),
+            };
+            let mut stream = HeaderStream {
+                changes: changes.iter(),
+                head: Vec::new(),
+                head_pos: 0,
+                zeros: 0,
+                written: 0,
+                done: false,
+                error: None,
+            };
+            let parsed = Splitter::new(&mut stream, self.limits(), &mut sink).run();
+            if let Some(e) = stream.error.take() {
+                return Err(e);
+            }
+            let SplitOutput {
+                split,
+                mut entries,
+                warnings,
+            } = parsed?;
+            if entries.len() != changes.len() {
+                return Err(Error::Corrupt(format!(
+                    "changeset of {} changes parsed as {} entries",
+                    changes.len(),
+                    entries.len()
+                )));
+            }
+            let split_done = started.elapsed() - planned;
             let rendering = Instant::now();
-            let digests = self.render(&split, &mut entries, plan, stored, tee, progress)?;
+            // The split is final: encode it for the database while the tar renders.
+            let (digests, split_blob) = std::thread::scope(|s| {
+                let blob = s.spawn(|| crate::store::encode_blob(&split));
+                let digests = self.render(&split, &mut entries, plan, chunks, tee, progress);
+                let blob = blob
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Corrupt("encoding the split panicked".into())));
+                (digests, blob)
+            });
+            let (digests, split_blob) = (digests?, split_blob?);
             let render_time = rendering.elapsed();
             let info = LayerInfo {
                 id: digests.blake3,
@@ -315,7 +330,8 @@ impl Store {
                 compression: None,
                 created_unix: meta::now(),
             };
-            let (row, chunk_set) = crate::store::layer_row(info.clone(), &entries, &split)?;
+            let (row, chunk_set) =
+                crate::store::layer_row_with(info.clone(), &entries, split_blob)?;
             let pack = writer.finish(crate::store::crash_point)?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existed = crate::store::insert_layer_and_pack(
@@ -343,6 +359,7 @@ impl Store {
                 warnings,
                 timings: vec![
                     ("total", secs(started.elapsed())),
+                    ("plan", secs(planned)),
                     ("split", secs(split_done)),
                     ("render+hash", secs(render_time)),
                 ],
@@ -354,31 +371,34 @@ impl Store {
         result
     }
 
-    /// Rebuild the tar of `split` (chunks from `plan`, in payload order, the stored ones at
-    /// `stored`) into the stream hasher
-    /// and `tee`; returns its digests.
+    /// Rebuild the tar of `split` (chunks from `plan`, in payload order, the stored ones read
+    /// by `chunks`) into the stream hasher and `tee`; returns its digests.
     fn render(
         &self,
         split: &TarSplit,
         entries: &mut [Entry],
         plan: Vec<Source>,
-        stored: Vec<cas::ChunkLoc>,
+        mut chunks: cas::OrderedChunks,
         mut tee: Tee<'_>,
         progress: Progress<'_>,
     ) -> Result<crate::digest::StreamDigests> {
         const BATCH: usize = 1 << 20;
-        let mut chunks = cas::OrderedChunks::new(&self.packs_dir(), stored);
         let hasher = StreamHasher::spawn(false);
         let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
         let mut done = 0u64;
-        let mut emit = |bytes: &[u8], batch: &mut Vec<u8>| -> Result<()> {
+        // Bytes are gathered once into a batch, which is written to `tee` and then moved to
+        // the hasher: one copy of the tar in all.
+        let mut flush = |batch: &mut Vec<u8>| -> Result<()> {
             if let Some(out) = tee.as_deref_mut() {
-                out.write_all(bytes).ctx(|| "writing the layer".into())?;
+                out.write_all(batch).ctx(|| "writing the layer".into())?;
             }
+            hasher.update(std::mem::replace(batch, Vec::with_capacity(BATCH)));
+            Ok(())
+        };
+        let mut emit = |bytes: &[u8], batch: &mut Vec<u8>| -> Result<()> {
             batch.extend_from_slice(bytes);
             if batch.len() >= BATCH {
-                hasher.update(Arc::from(std::mem::take(batch).into_boxed_slice()));
-                batch.reserve(BATCH);
+                flush(batch)?;
             }
             Ok(())
         };
@@ -429,7 +449,7 @@ impl Store {
             }
         }
         if !batch.is_empty() {
-            hasher.update(Arc::from(batch.into_boxed_slice()));
+            flush(&mut batch)?;
         }
         if let Some(out) = tee {
             out.flush().ctx(|| "writing the layer".into())?;

@@ -56,6 +56,7 @@ pub struct ChunkRef {
 /// One entry of a layer, with every piece of metadata the tar carried.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    #[serde(with = "serde_bytes")]
     pub path: Vec<u8>,
     pub kind: Kind,
     /// The typeflag as archived (after the pre-POSIX trailing-slash rule).
@@ -64,12 +65,15 @@ pub struct Entry {
     pub mode: u32,
     pub uid: u64,
     pub gid: u64,
+    #[serde(with = "serde_bytes")]
     pub uname: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub gname: Vec<u8>,
     pub mtime_ns: i64,
     /// Content size in bytes (0 for entries without data).
     pub size: u64,
     /// Symlink target as archived, or the normalised hardlink target.
+    #[serde(with = "serde_bytes")]
     pub link: Vec<u8>,
     pub devmajor: u32,
     pub devminor: u32,
@@ -159,4 +163,46 @@ pub fn tree_id(entries: &[Entry]) -> Blake3 {
         h.update(e.digest.map_or([0u8; 32], |d| d.0).as_slice());
     }
     h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte strings are encoded as slices (`serde_bytes`); stores written when they were plain
+    /// sequences of u8 must still decode. Postcard writes both as a length and the bytes, and a
+    /// struct as its fields in order, so the old encoding is that of a tuple of plain vectors.
+    #[test]
+    fn byte_strings_keep_the_stored_encoding() {
+        let mut e = Entry::new(b"usr/bin/\xffx".to_vec(), Kind::Symlink, b'2', 0o777);
+        e.uname = b"root".to_vec();
+        e.gname = b"wheel".to_vec();
+        e.link = vec![b'a'; 300];
+        e.xattrs.insert(b"user.k".to_vec(), vec![0, 1, 2]);
+        let plain = |b: &[u8]| b.to_vec();
+        let head = (
+            plain(&e.path),
+            e.kind,
+            e.typeflag,
+            e.mode,
+            e.uid,
+            e.gid,
+            plain(&e.uname),
+            plain(&e.gname),
+        );
+        let tail = (
+            e.mtime_ns,
+            e.size,
+            plain(&e.link),
+            e.devmajor,
+            e.devminor,
+            e.xattrs.clone(),
+            e.chunks.clone(),
+            e.digest,
+            e.sparse,
+        );
+        let old = postcard::to_stdvec(&(head, tail)).unwrap();
+        assert_eq!(postcard::to_stdvec(&e).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<Entry>(&old).unwrap(), e);
+    }
 }

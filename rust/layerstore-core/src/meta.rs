@@ -7,6 +7,7 @@
 //! and no live import holds a lease. Blob names know nothing of layers: this module owns
 //! references and garbage collection, the pack files only bytes.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -201,6 +202,31 @@ pub fn chunk_loc(conn: &Connection, digest: &Blake3) -> Result<Option<ChunkLoc>>
         .optional()?
         .map(make_loc)
         .transpose()
+}
+
+/// Where each of `digests` lives (those stored; the others are absent from the map). Looked up
+/// in batches, an order of magnitude faster than one query per chunk.
+pub fn chunk_locs<'a>(
+    conn: &Connection,
+    digests: impl IntoIterator<Item = &'a Blake3>,
+) -> Result<HashMap<Blake3, ChunkLoc>> {
+    const BATCH: usize = 512;
+    let mut wanted: Vec<&Blake3> = digests.into_iter().collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut locs = HashMap::with_capacity(wanted.len());
+    for batch in wanted.chunks(BATCH) {
+        let marks = vec!["?"; batch.len()].join(",");
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {LOC_COLUMNS} FROM chunks WHERE digest IN ({marks})"
+        ))?;
+        let keys = batch.iter().map(|d| &d.0[..]);
+        for row in stmt.query_map(rusqlite::params_from_iter(keys), loc_from_row)? {
+            let loc = make_loc(row?)?;
+            locs.insert(loc.digest, loc);
+        }
+    }
+    Ok(locs)
 }
 
 pub fn all_chunk_locs(conn: &Connection) -> Result<Vec<ChunkLoc>> {

@@ -545,7 +545,12 @@ impl Store {
         entry: &Entry,
         fresh: Option<&crate::emit::FreshChunks>,
     ) -> Result<ContentReader> {
-        let conn = self.conn()?;
+        let stored = entry
+            .chunks
+            .iter()
+            .map(|c| &c.digest)
+            .filter(|d| fresh.is_none_or(|f| !f.contains_key(d)));
+        let locs = meta::chunk_locs(&*self.conn()?, stored)?;
         let pieces = entry
             .chunks
             .iter()
@@ -553,7 +558,8 @@ impl Store {
                 if let Some(b) = fresh.and_then(|f| f.get(&c.digest)) {
                     return Ok(Piece::Fresh(b.clone()));
                 }
-                meta::chunk_loc(&conn, &c.digest)?
+                locs.get(&c.digest)
+                    .cloned()
                     .map(Piece::Stored)
                     .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", c.digest)))
             })
@@ -679,7 +685,10 @@ impl Store {
         entries: &[Entry],
         split: &TarSplit,
     ) -> Result<Vec<cas::ChunkLoc>> {
-        let conn = self.conn()?;
+        let wanted = entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().map(|c| &c.digest));
+        let locs = meta::chunk_locs(&*self.conn()?, wanted)?;
         let mut plan = Vec::new();
         for op in &split.ops {
             if let Op::Payload(i) = *op {
@@ -687,7 +696,7 @@ impl Store {
                     Error::Corrupt(format!("layer {id}: payload of missing entry {i}"))
                 })?;
                 for c in &entry.chunks {
-                    plan.push(meta::chunk_loc(&conn, &c.digest)?.ok_or_else(|| {
+                    plan.push(locs.get(&c.digest).cloned().ok_or_else(|| {
                         Error::Corrupt(format!("layer {id}: chunk {} is missing", c.digest))
                     })?);
                 }
@@ -1284,6 +1293,15 @@ pub(crate) fn layer_row(
     entries: &[Entry],
     split: &TarSplit,
 ) -> Result<(meta::LayerRow, Vec<Blake3>)> {
+    layer_row_with(info, entries, encode_blob(split)?)
+}
+
+/// [`layer_row`] with the split already encoded (by [`encode_blob`]).
+pub(crate) fn layer_row_with(
+    info: LayerInfo,
+    entries: &[Entry],
+    split: Vec<u8>,
+) -> Result<(meta::LayerRow, Vec<Blake3>)> {
     let mut chunk_set: Vec<Blake3> = entries
         .iter()
         .flat_map(|e| e.chunks.iter().map(|c| c.digest))
@@ -1293,7 +1311,7 @@ pub(crate) fn layer_row(
     let row = meta::LayerRow {
         info,
         entries: encode_blob(&entries)?,
-        split: encode_blob(split)?,
+        split,
     };
     Ok((row, chunk_set))
 }

@@ -64,6 +64,7 @@ pub enum Op {
 /// The recipe that rebuilds a tar byte for byte from raw bytes and entry payloads.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TarSplit {
+    #[serde(with = "serde_bytes")]
     pub raw: Vec<u8>,
     pub ops: Vec<Op>,
 }
@@ -721,6 +722,19 @@ fn parse_pax_time(v: &[u8]) -> Option<i128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `raw` is encoded as one slice (`serde_bytes`), byte for byte what the plain `Vec<u8>`
+    /// encoding wrote, so existing stores decode unchanged.
+    #[test]
+    fn split_keeps_the_stored_encoding() {
+        let split = TarSplit {
+            raw: (0..2000u32).map(|i| (i * 7) as u8).collect(),
+            ops: vec![Op::Raw(1500), Op::Payload(3), Op::Raw(500)],
+        };
+        let old = postcard::to_stdvec(&(split.raw.clone(), split.ops.clone())).unwrap();
+        assert_eq!(postcard::to_stdvec(&split).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<TarSplit>(&old).unwrap(), split);
+    }
 
     #[test]
     fn pax_records_follow_their_length_not_newlines() {
