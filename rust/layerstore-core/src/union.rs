@@ -161,11 +161,28 @@ pub struct Index {
     frozen: Arc<Frozen>,
 }
 
+/// Lookups an index serves from its persistent map before it builds its frozen copy.
+const FREEZE_AFTER: usize = 64;
+
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// A plain hash map copy of a flat map (one probe per lookup).
+fn freeze(flat: &Flat) -> FrozenMap {
+    let mut m = HashMap::with_capacity_and_hasher(flat.len(), Default::default());
+    m.extend(flat.iter().map(|(k, v)| (k.clone(), v.clone())));
+    m
+}
+
+type FrozenMap = HashMap<Name, Arc<ViewEntry>, foldhash::fast::RandomState>;
+
 /// The lazily built read-only copy of an index's flat map.
 #[derive(Debug, Default)]
 struct Frozen {
     served: std::sync::atomic::AtomicUsize,
-    map: OnceLock<HashMap<Name, Arc<ViewEntry>, foldhash::fast::RandomState>>,
+    map: OnceLock<FrozenMap>,
 }
 
 /// Full normalised path → view entry (persistent, shared between stacks like the trie).
@@ -225,21 +242,25 @@ pub struct Resolved {
 }
 
 impl Index {
-    /// The flat map's entry for `path`; once this index has answered about an eighth of its
-    /// size in lookups, from a frozen plain copy (the build then costs at most eight probes'
-    /// worth per lookup served, amortised, and every later lookup is one probe).
+    /// The flat map's entry for `path`, from the frozen plain copy once it is built. The copy
+    /// is built once an index has served [`FREEZE_AFTER`] lookups: on another core while this
+    /// one goes on probing the persistent map (a batch of stats never waits for it), or inline
+    /// after about an eighth of its size in lookups on a single core (amortised: at most eight
+    /// probes' worth per lookup served).
     fn flat_get(&self, path: &[u8]) -> Option<&Arc<ViewEntry>> {
         if let Some(map) = self.frozen.map.get() {
             return map.get(path);
         }
         let served = self.frozen.served.fetch_add(1, Ordering::Relaxed);
-        if served > 64 + self.flat.len() / 8 {
-            let map = self.frozen.map.get_or_init(|| {
-                let mut m = HashMap::with_capacity_and_hasher(self.flat.len(), Default::default());
-                m.extend(self.flat.iter().map(|(k, v)| (k.clone(), v.clone())));
-                m
-            });
-            return map.get(path);
+        if cores() > 1 {
+            if served == FREEZE_AFTER {
+                let (flat, frozen) = (self.flat.clone(), self.frozen.clone());
+                rayon::spawn(move || {
+                    frozen.map.get_or_init(|| freeze(&flat));
+                });
+            }
+        } else if served > FREEZE_AFTER + self.flat.len() / 8 {
+            return self.frozen.map.get_or_init(|| freeze(&self.flat)).get(path);
         }
         self.flat.get(path)
     }
@@ -757,10 +778,16 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(mode(&ix, "f7"), Some(0o644));
         }
+        // (Built on another core when there is one: give it a moment.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ix.frozen.map.get().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert!(
             ix.frozen.map.get().is_some(),
             "the frozen copy was never built"
         );
+        assert_eq!(mode(&ix, "f7"), Some(0o644));
         let shared = ix.clone();
         let mut changed = (*e("f7", Kind::File)).clone();
         changed.mode = 0o600;

@@ -19,46 +19,34 @@ use crate::Layer;
 /// A path argument (str, bytes or os.PathLike) normalised to the index's form: relative,
 /// no empty or `.` components (`..` is kept for the resolver).
 fn norm(path: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    // A str that is valid UTF-8 (no surrogate escapes) is the common case: no copy until the
-    // normalised result.
-    if let Ok(s) = path.cast::<pyo3::types::PyString>() {
-        if let Ok(text) = s.to_str() {
-            return Ok(normalise(text.as_bytes()));
-        }
-    }
-    let raw: Vec<u8> = if let Ok(b) = path.cast::<PyBytes>() {
-        b.as_bytes().to_vec()
-    } else {
-        path.extract::<PathBuf>()?.into_os_string().into_vec()
-    };
-    Ok(normalise(&raw))
+    with_raw(path, normalise)
 }
 
 /// `norm`, and whether the path ends with a slash (so it must name a directory).
 fn norm_query(path: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, bool)> {
-    let p = norm(path)?;
-    let slash = if let Ok(s) = path.cast::<pyo3::types::PyString>() {
-        s.to_cow().is_ok_and(|t| t.ends_with('/'))
-    } else if let Ok(b) = path.cast::<PyBytes>() {
-        b.as_bytes().ends_with(b"/")
-    } else {
-        path.extract::<PathBuf>()?
-            .as_os_str()
-            .as_bytes()
-            .ends_with(b"/")
-    };
+    let (p, slash) = with_raw(path, |raw| (normalise(raw), raw.ends_with(b"/")))?;
     let must_be_dir = slash && !p.is_empty();
     Ok((p, must_be_dir))
+}
+
+/// Apply `f` to a path argument's bytes: a str's UTF-8 (no copy, the common case), bytes, or
+/// an os.PathLike's file-system encoding.
+fn with_raw<T>(path: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> T) -> PyResult<T> {
+    if let Ok(s) = path.cast::<pyo3::types::PyString>() {
+        if let Ok(text) = s.to_str() {
+            return Ok(f(text.as_bytes()));
+        }
+    }
+    if let Ok(b) = path.cast::<PyBytes>() {
+        return Ok(f(b.as_bytes()));
+    }
+    Ok(f(path.extract::<PathBuf>()?.as_os_str().as_bytes()))
 }
 
 /// Relative, no empty or `.` components; one copy when the input is already in that form.
 fn normalise(raw: &[u8]) -> Vec<u8> {
     let trimmed = raw.strip_prefix(b"/").unwrap_or(raw);
-    let clean = !trimmed.ends_with(b"/")
-        && !trimmed.windows(2).any(|w| w == b"//")
-        && !trimmed.split(|&b| b == b'/').any(|c| c == b".")
-        && !trimmed.starts_with(b"/");
-    if clean {
+    if is_clean(trimmed) {
         return trimmed.to_vec();
     }
     let mut out = Vec::with_capacity(raw.len());
@@ -69,6 +57,21 @@ fn normalise(raw: &[u8]) -> Vec<u8> {
         out.extend_from_slice(c);
     }
     out
+}
+
+/// Whether every `/`-separated component is non-empty and not `.` (one pass over the bytes).
+fn is_clean(path: &[u8]) -> bool {
+    let mut start = 0;
+    for (i, b) in path.iter().copied().enumerate().chain([(path.len(), b'/')]) {
+        if b == b'/' {
+            let comp = &path[start..i];
+            if comp.is_empty() || comp == b"." {
+                return false;
+            }
+            start = i + 1;
+        }
+    }
+    true
 }
 
 fn display(path: &[u8]) -> OsString {
