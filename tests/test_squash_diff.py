@@ -13,6 +13,7 @@ without the implicit flag (a squash may declare a directory a lower layer left i
 from __future__ import annotations
 
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,10 @@ def test_squashed_layer_reimports_identically(shared: ls.Store, tmp_path: Path) 
     again = ls.Store(tmp_path / "other").import_tar(dest)
     assert (again.id, again.diff_id, again.tree_id) == (flat.id, flat.diff_id, flat.tree_id)
     assert os.path.getsize(dest) == flat.size
+    # A canonical tar: whole 10 KiB records, and what Python's tarfile reads back.
+    assert flat.size % 10240 == 0
+    with tarfile.open(dest) as t:
+        assert sorted(m.name for m in t.getmembers()) == ["b"]
     with pytest.raises(ValueError, match="range"):
         shared.squash(image, 2, 1)
     assert not dest.with_name("other.tar").exists()

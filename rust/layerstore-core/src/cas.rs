@@ -356,7 +356,7 @@ impl PackReader {
 pub type ChunkSlice = (Arc<Vec<u8>>, std::ops::Range<usize>);
 
 /// Blocks read ahead of the consumer (each at most `max(BLOCK_TARGET, chunk_max)` decoded).
-const READ_AHEAD_BLOCKS: usize = 64;
+const READ_AHEAD_BLOCKS: usize = 128;
 
 type BlockResult = Result<Arc<Vec<u8>>>;
 

@@ -147,7 +147,8 @@ struct HeaderStream<'c> {
     /// Bytes of the current header, then how many zeros follow.
     head: Vec<u8>,
     head_pos: usize,
-    zeros: u64,
+    /// Zeros (a payload and its padding) before the next header; the splitter may skip them.
+    zeros: &'c std::cell::Cell<u64>,
     written: u64,
     done: bool,
     error: Option<Error>,
@@ -163,13 +164,11 @@ impl Read for HeaderStream<'_> {
                 self.written += n as u64;
                 return Ok(n);
             }
-            if self.zeros > 0 {
-                let n = usize::try_from(self.zeros)
-                    .unwrap_or(usize::MAX)
-                    .min(buf.len());
+            let zeros = self.zeros.get();
+            if zeros > 0 {
+                let n = usize::try_from(zeros).unwrap_or(usize::MAX).min(buf.len());
                 buf[..n].fill(0);
-                self.zeros -= n as u64;
-                self.written += n as u64;
+                self.zeros.set(zeros - n as u64);
                 return Ok(n);
             }
             if self.done {
@@ -179,7 +178,10 @@ impl Read for HeaderStream<'_> {
                 Some(c) => match change_header(c) {
                     Ok((head, size)) => {
                         self.head = head;
-                        self.zeros = size + tarwrite::padding(size).len() as u64;
+                        // Counted as written now: the splitter reads or skips them all.
+                        let zeros = size + tarwrite::padding(size).len() as u64;
+                        self.zeros.set(zeros);
+                        self.written += zeros;
                     }
                     Err(e) => {
                         self.error = Some(e);
@@ -282,16 +284,27 @@ impl Store {
             let mut sink = AttachChunks {
                 changes: changes.iter(),
             };
+            let zeros = std::cell::Cell::new(0);
             let mut stream = HeaderStream {
                 changes: changes.iter(),
                 head: Vec::new(),
                 head_pos: 0,
-                zeros: 0,
+                zeros: &zeros,
                 written: 0,
                 done: false,
                 error: None,
             };
-            let parsed = Splitter::new(&mut stream, self.limits(), &mut sink).run();
+            // Payloads are zeros: skip them rather than make and read them.
+            let skip = |n: u64| match zeros.get().checked_sub(n) {
+                Some(left) => {
+                    zeros.set(left);
+                    true
+                }
+                None => false,
+            };
+            let parsed = Splitter::new(&mut stream, self.limits(), &mut sink)
+                .skip_payloads_with(&skip)
+                .run();
             if let Some(e) = stream.error.take() {
                 return Err(e);
             }

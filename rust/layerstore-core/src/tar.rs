@@ -97,10 +97,14 @@ struct Counted<R> {
     limit: u64,
 }
 
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.pos += n as u64;
+impl<R> Counted<R> {
+    /// Count `n` bytes the source skipped.
+    fn advance(&mut self, n: u64) -> io::Result<()> {
+        self.pos += n;
+        self.check_limit()
+    }
+
+    fn check_limit(&self) -> io::Result<()> {
         if self.pos > self.limit {
             return Err(io::Error::other(Error::LimitExceeded {
                 what: "decompressed size",
@@ -110,6 +114,15 @@ impl<R: Read> Read for Counted<R> {
                 offset: self.pos,
             }));
         }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        self.check_limit()?;
         Ok(n)
     }
 }
@@ -122,11 +135,17 @@ struct Pending {
     long_link: Option<Vec<u8>>,
 }
 
+/// Passes over `n` payload bytes of the source without producing them, when the source can
+/// (its payloads are placeholders, as the header-only tars `emit` splits); returns whether it
+/// did.
+pub type SkipPayload<'a> = &'a dyn Fn(u64) -> bool;
+
 /// Splits a tar stream into raw segments and entries (delivered to `sink`).
 pub struct Splitter<'a, R: Read> {
     src: Counted<R>,
     limits: Limits,
     sink: &'a mut dyn EntrySink,
+    skip: Option<SkipPayload<'a>>,
     split: TarSplit,
     entries: Vec<Entry>,
     warnings: Vec<String>,
@@ -151,12 +170,19 @@ impl<'a, R: Read> Splitter<'a, R> {
             },
             limits,
             sink,
+            skip: None,
             split: TarSplit::default(),
             entries: Vec::new(),
             warnings: Vec::new(),
             global_pax: BTreeMap::new(),
             header_offset: 0,
         }
+    }
+
+    /// Payloads the sink leaves unread are skipped by `skip` instead of read and dropped.
+    pub fn skip_payloads_with(mut self, skip: SkipPayload<'a>) -> Self {
+        self.skip = Some(skip);
+        self
     }
 
     fn invalid(&self, reason: impl Into<String>) -> Error {
@@ -524,8 +550,14 @@ impl<'a, R: Read> Splitter<'a, R> {
             self.split.ops.push(Op::Payload(index));
             let mut take = (&mut self.src).take(data_size);
             let res = self.sink.entry(&mut entry, Some(&mut take));
-            let res = res.and_then(|()| io::copy(&mut take, &mut io::sink()).map_err(Error::from));
-            let missing = take.limit();
+            let untouched = res.is_ok() && take.limit() == data_size;
+            let (res, missing) = if untouched && self.skip.is_some_and(|skip| skip(data_size)) {
+                (self.src.advance(data_size).map_err(Error::from), 0)
+            } else {
+                let res =
+                    res.and_then(|()| io::copy(&mut take, &mut io::sink()).map_err(Error::from));
+                (res.map(drop), take.limit())
+            };
             res.map_err(|e| self.read_error_from(e))?;
             if missing > 0 {
                 return Err(
