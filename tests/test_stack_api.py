@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import layerstore as ls
@@ -637,6 +637,18 @@ def test_stat_many_matches_stat_with_none_for_missing(image: Image) -> None:
     assert s.stat_many(paths, follow_symlinks=False)[2].kind == "symlink"
     assert s.stat_many(("/etc/passwd",))[0].size == len(PASSWD)
     assert s.stat_many(iter(["/etc/passwd"]))[0].size == len(PASSWD)
+    # Every spelling of a path gives the same result, path included (normalised spellings are
+    # answered without copying the argument; the others are normalised first).
+    spellings = [
+        "/etc/passwd",
+        "etc/passwd",
+        b"/etc/passwd",
+        PurePosixPath("/etc/passwd"),
+        "//etc/./passwd",
+    ]
+    got = s.stat_many(spellings)
+    assert [st.path for st in got] == ["/etc/passwd"] * len(spellings)
+    assert all(fields(st) == fields(got[0]) for st in got)
 
 
 def walk_reference(root: Path, top: Path) -> list[tuple[str, list[str], list[str]]]:

@@ -29,6 +29,10 @@ fn norm_query(path: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, bool)> {
     Ok((p, must_be_dir))
 }
 
+fn is_str_or_bytes(arg: &Bound<'_, PyAny>) -> bool {
+    arg.cast::<pyo3::types::PyString>().is_ok() || arg.cast::<PyBytes>().is_ok()
+}
+
 /// Apply `f` to a path argument's bytes: a str's UTF-8 (no copy, the common case), bytes, or
 /// an os.PathLike's file-system encoding.
 fn with_raw<T>(path: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> T) -> PyResult<T> {
@@ -88,8 +92,25 @@ fn not_found(path: &[u8]) -> PyErr {
 /// The state of one path in a stack's view.
 #[pyclass(frozen, module = "layerstore._core")]
 pub struct Stat {
-    path: Vec<u8>,
+    path: StatPath,
     view: Arc<ViewEntry>,
+}
+
+/// Where a stat's (normalised) path comes from.
+enum StatPath {
+    Normalised(Vec<u8>),
+    /// The caller's argument, already in normalised form (`stat_many`'s common case: nothing
+    /// copied until `.path` is asked for).
+    Given(Py<PyAny>),
+}
+
+impl Stat {
+    fn path_bytes(&self, py: Python<'_>) -> Vec<u8> {
+        match &self.path {
+            StatPath::Normalised(p) => p.clone(),
+            StatPath::Given(arg) => norm(arg.bind(py)).unwrap_or_default(),
+        }
+    }
 }
 
 fn type_bits(kind: Kind) -> u32 {
@@ -106,8 +127,8 @@ fn type_bits(kind: Kind) -> u32 {
 #[pymethods]
 impl Stat {
     #[getter]
-    fn path(&self) -> OsString {
-        display(&self.path)
+    fn path(&self, py: Python<'_>) -> OsString {
+        display(&self.path_bytes(py))
     }
     /// `file`, `dir`, `symlink`, `char`, `block`, `fifo` (a hardlink shows as its target, a file).
     #[getter]
@@ -208,10 +229,10 @@ impl Stat {
     fn is_symlink(&self) -> bool {
         self.view.meta().kind == Kind::Symlink
     }
-    fn __repr__(&self) -> String {
+    fn __repr__(&self, py: Python<'_>) -> String {
         format!(
             "Stat({:?}, kind={:?}, mode=0o{:o}, size={})",
-            String::from_utf8_lossy(&display(&self.path).into_vec()),
+            String::from_utf8_lossy(&display(&self.path_bytes(py)).into_vec()),
             self.kind(),
             self.mode(),
             self.size()
@@ -271,23 +292,31 @@ impl Stack {
 
     fn stat_each(&self, paths: &Bound<'_, PyAny>, follow: bool) -> PyResult<Vec<Option<Stat>>> {
         let mut out = Vec::new();
+        let index = &self.inner.index;
         for path in paths.try_iter()? {
-            let (p, must_be_dir) = norm_query(&path?)?;
-            // The normalised path moves into the result (no copy), as most paths resolve to
-            // themselves.
-            let found = self
-                .inner
-                .index
-                .lookup_view(&p, follow || must_be_dir)
-                .py()?;
-            out.push(match found {
-                Some((_, view)) if must_be_dir && view.meta().kind != Kind::Dir => None,
-                Some((resolved, view)) => Some(Stat {
-                    path: resolved.unwrap_or(p),
+            let path = path?;
+            // Most arguments are already normalised: look them up as they are, and keep the
+            // argument itself as the result's path.
+            let fast = with_raw(&path, |raw| {
+                let trimmed = raw.strip_prefix(b"/").unwrap_or(raw);
+                is_clean(trimmed).then(|| index.lookup_view(trimmed, follow))
+            })?;
+            let stat = match fast {
+                Some(found) => found.py()?.map(|(resolved, view)| Stat {
+                    path: match resolved {
+                        Some(p) => StatPath::Normalised(p),
+                        // (str and bytes cannot change; an os.PathLike could.)
+                        None if is_str_or_bytes(&path) => StatPath::Given(path.unbind()),
+                        None => StatPath::Normalised(norm(&path).unwrap_or_default()),
+                    },
                     view,
                 }),
-                None => None,
-            });
+                None => match self.lookup_query(&path, follow)? {
+                    Lookup::Found(stat) => Some(stat),
+                    Lookup::Missing | Lookup::NotDir => None,
+                },
+            };
+            out.push(stat);
         }
         Ok(out)
     }
@@ -307,9 +336,15 @@ impl Stack {
             return Ok(Lookup::NotDir);
         }
         Ok(Lookup::Found(Stat {
-            path: path.unwrap_or_else(|| p.to_vec()),
+            path: StatPath::Normalised(path.unwrap_or_else(|| p.to_vec())),
             view,
         }))
+    }
+
+    /// [`Self::lookup`] of a path argument, normalised.
+    fn lookup_query(&self, path: &Bound<'_, PyAny>, follow: bool) -> PyResult<Lookup> {
+        let (p, must_be_dir) = norm_query(path)?;
+        self.lookup(&p, follow, must_be_dir)
     }
 
     fn resolve(&self, path: &[u8], follow: bool) -> PyResult<Option<core::union::Resolved>> {
