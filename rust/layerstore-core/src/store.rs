@@ -254,6 +254,19 @@ impl Store {
         opts: &ImportOptions,
         progress: Progress<'_>,
     ) -> Result<Imported> {
+        self.import_tar_pinned(src, opts, None, progress)
+    }
+
+    /// [`Store::import_tar`], pinning the layer (new or existing) for the import holding lease
+    /// `pin` in the transaction that commits it, so no moment exists where another process
+    /// could delete it before the pin is in place.
+    pub(crate) fn import_tar_pinned(
+        &self,
+        src: Box<dyn Read + Send>,
+        opts: &ImportOptions,
+        pin: Option<i64>,
+        progress: Progress<'_>,
+    ) -> Result<Imported> {
         let expected_diff_id = opts
             .expected_diff_id
             .as_deref()
@@ -277,7 +290,7 @@ impl Store {
             src,
             &mut conn,
             &pack_name,
-            lease,
+            (lease, pin),
             limits,
             want_sha512,
             progress,
@@ -303,7 +316,7 @@ impl Store {
         src: Box<dyn Read + Send>,
         conn: &mut Connection,
         pack_name: &str,
-        lease: i64,
+        (lease, pin): (i64, Option<i64>),
         limits: Limits,
         want_sha512: bool,
         progress: Progress<'_>,
@@ -384,6 +397,9 @@ impl Store {
         let existed = insert_layer_and_pack(&tx, pack_name, pack.as_ref(), &row, &chunk_set)?;
         if let (Some(c), Some(name)) = (&compressed, compression.name()) {
             meta::insert_blob_digest(&tx, &c.sha256, &info.id, name)?;
+        }
+        if let Some(pin) = pin {
+            meta::pin_layer(&tx, pin, &info.id)?;
         }
         meta::release_lease(&tx, lease)?;
         crash_point("before-commit");
@@ -477,8 +493,14 @@ impl Store {
         meta::find_layer(&*self.conn()?, key)
     }
 
+    /// Delete a layer that no recorded stack uses and no image import in flight has pinned.
     pub fn delete(&self, id: &Blake3) -> Result<()> {
-        meta::delete_layer(&mut *self.conn()?, id)
+        meta::delete_layer(&mut *self.conn()?, id, None)
+    }
+
+    /// [`Store::delete`] on behalf of the import holding `lease`: its own pins do not count.
+    pub(crate) fn delete_as(&self, id: &Blake3, lease: i64) -> Result<()> {
+        meta::delete_layer(&mut *self.conn()?, id, Some(lease))
     }
 
     /// The layer's entries and reconstruction recipe.

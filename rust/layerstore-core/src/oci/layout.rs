@@ -35,9 +35,15 @@ pub(crate) struct PendingImage {
 }
 
 /// The state of one import: what to undo if it fails.
+///
+/// The import holds a lease for its whole life and pins every layer it uses, whether it created
+/// the layer or found it in the store, so that neither another import's undo nor `delete` removes
+/// a layer it is about to record. Dropping the staging ends the lease and its pins: after
+/// `commit` the images' tags protect their layers instead.
 pub(crate) struct Staging<'s> {
     store: &'s Store,
     pub dir: PathBuf,
+    lease: i64,
     created: Vec<LayerInfo>,
     pub layers: HashMap<String, LayerInfo>,
     pub blobs: Vec<LayerBlob>,
@@ -46,14 +52,17 @@ pub(crate) struct Staging<'s> {
 
 impl<'s> Staging<'s> {
     pub fn new(store: &'s Store) -> Result<Self> {
-        let dir = store
-            .root()
-            .join("tmp")
-            .join(format!("oci-{}", crate::store::unique_name()));
-        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let name = format!("oci-{}", crate::store::unique_name());
+        let lease = crate::meta::acquire_lease(&*store.conn()?, &format!("tmp/{name}"))?;
+        let dir = store.root().join("tmp").join(name);
+        if let Err(e) = fs::create_dir_all(&dir) {
+            let _ = crate::meta::release_lease(&*store.conn()?, lease);
+            return Err(Error::io(format!("creating {}", dir.display()), e));
+        }
         Ok(Staging {
             store,
             dir,
+            lease,
             created: Vec::new(),
             layers: HashMap::new(),
             blobs: Vec::new(),
@@ -61,10 +70,12 @@ impl<'s> Staging<'s> {
         })
     }
 
-    /// Undo: delete the layers this import created and the staged blobs.
+    /// Undo: delete the layers this import created, except those another live import has
+    /// pinned since (it found them here and will record them), and the staged blobs.
     pub fn abort(self) {
         for info in self.created.iter().rev() {
-            let _ = self.store.delete(&info.id);
+            // A refusal (pinned by another import, or tagged meanwhile) is the point: keep it.
+            let _ = self.store.delete_as(&info.id, self.lease);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -122,7 +133,9 @@ impl<'s> Staging<'s> {
                 first: true,
             })
         };
-        let imported = self.store.import_tar(reader, &opts, progress);
+        let imported = self
+            .store
+            .import_tar_pinned(reader, &opts, Some(self.lease), progress);
         let imported: Imported = match imported {
             Ok(i) => i,
             Err(e) => {
@@ -296,6 +309,15 @@ impl<'s> Staging<'s> {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Staging<'_> {
+    /// End the lease and its pins (a lease left behind would expire with the process anyway).
+    fn drop(&mut self) {
+        if let Ok(conn) = self.store.conn() {
+            let _ = crate::meta::release_lease(&conn, self.lease);
+        }
     }
 }
 
