@@ -240,3 +240,33 @@ fn a_live_pin_blocks_delete_and_a_stale_one_does_not() {
     assert_eq!(pins, 0, "the stale pin went with the layer");
     assert_eq!(store.layers().unwrap().len(), 0);
 }
+
+#[test]
+fn gc_removes_the_scratch_of_dead_processes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let tmp = store.root().join("tmp");
+    let pid = std::process::id();
+    let me = layerstore_core::meta::process_start_time(pid).unwrap();
+    // Our pid with another start time stands for a killed process whose pid was reused.
+    let dead_dir = tmp.join(format!("oci-{pid}-{}-0123abcd", me + 1));
+    let dead_file = tmp.join(format!("docker-{pid}-{}-4567ef.tar", me + 1));
+    let live_dir = tmp.join(format!("oci-{pid}-{me}-89abcdef"));
+    let unowned = tmp.join("oci-0123456789abcdef01234567");
+    for d in [&dead_dir, &live_dir, &unowned] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("blob.part"), b"staged bytes").unwrap();
+    }
+    std::fs::write(&dead_file, b"a decompressed archive").unwrap();
+    let report = store.gc().unwrap();
+    assert!(!dead_dir.exists() && !dead_file.exists());
+    assert!(
+        live_dir.join("blob.part").exists(),
+        "a live import's staging stays"
+    );
+    assert!(
+        unowned.exists(),
+        "a name that records no owner is left alone"
+    );
+    assert!(report.bytes_reclaimed >= 34);
+}

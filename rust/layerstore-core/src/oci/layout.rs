@@ -52,7 +52,7 @@ pub(crate) struct Staging<'s> {
 
 impl<'s> Staging<'s> {
     pub fn new(store: &'s Store) -> Result<Self> {
-        let name = format!("oci-{}", crate::store::unique_name());
+        let name = crate::store::owned_tmp_name("oci");
         let lease = crate::meta::acquire_lease(&*store.conn()?, &format!("tmp/{name}"))?;
         let dir = store.root().join("tmp").join(name);
         if let Err(e) = fs::create_dir_all(&dir) {
