@@ -275,8 +275,9 @@ impl<'s> Staging<'s> {
         for b in self.blobs.iter().filter(|b| b.rebuild == Rebuild::Kept) {
             let hex = b.digest.trim_start_matches("sha256:");
             let hex = hex.trim_start_matches("sha512:");
-            fs::rename(self.dir.join(hex), blob_dir.join(hex))
-                .ctx(|| format!("storing blob {}", b.digest))?;
+            let staged = self.dir.join(hex);
+            date_now(&staged)?;
+            fs::rename(&staged, blob_dir.join(hex)).ctx(|| format!("storing blob {}", b.digest))?;
         }
         crate::cas::sync_dir(&blob_dir)?;
         let mut conn = self.store.conn()?;
@@ -342,6 +343,18 @@ pub(crate) fn record_image(conn: &Connection, image: &PendingImage, chain_id: &s
         params![image.manifest.0, image.config.0, chain_id, descriptor, crate::meta::now()],
     )?;
     Ok(())
+}
+
+/// Set a staged blob's modification time to now. `gc` deletes a file of `blobs/` that no row
+/// names once it is older than [`crate::cas::RETIRE_GRACE`]; the grace must run from the move
+/// into `blobs/`, not from when a long import wrote the blob, or a `gc` between the move and the
+/// transaction recording it could take it.
+fn date_now(path: &Path) -> Result<()> {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .ctx(|| format!("dating {}", path.display()))
 }
 
 /// Name the blob in a digest mismatch reported by the layer import.
