@@ -103,6 +103,34 @@ def test_crash_point(prior: tuple[ls.Store, str, bytes], tmp_path: Path, point: 
     check_recovered(store, expected)
 
 
+OCI_CHILD = """
+import sys
+import layerstore as ls
+ls.Store(sys.argv[1]).import_oci(sys.argv[2])
+print("imported", flush=True)
+"""
+
+
+def test_crash_during_an_image_import_leaves_scratch_gc_removes(
+    store: ls.Store, tmp_path: Path
+) -> None:
+    """A killed image import leaves its staging directory in tmp/; gc knows its owner is dead."""
+    source = ls.Store(tmp_path / "source")
+    data = tf.simple_tar({"image/big": tf.rand_bytes("image", 2 * MiB)})
+    layer = source.import_tar(data)
+    layout = tmp_path / "layout"
+    source.export_oci(source.stack([layer]), layout, tag="v1")
+
+    res = run_python(
+        OCI_CHILD, store.path, str(layout), env={"LAYERSTORE_CRASH_AT": "before-commit"}
+    )
+    assert res.returncode == -signal.SIGABRT, (res.returncode, res.stdout, res.stderr)
+    left = os.listdir(Path(store.path) / "tmp")
+    assert len(left) == 1 and left[0].startswith("oci-"), left
+    check_recovered(store, {})  # gc empties tmp/
+    assert list(store.import_oci(layout)) == ["v1"]
+
+
 def test_crash_env_var_is_inert_for_other_values(store: ls.Store, tmp_path: Path) -> None:
     src = tmp_path / "t.tar"
     src.write_bytes(tf.simple_tar({"f": tf.rand_bytes("inert", 100_000)}))

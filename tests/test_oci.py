@@ -10,17 +10,21 @@ accepted by ``umoci unpack`` (whose rootfs must equal our union view), ``skopeo 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import layerstore as ls
 import pytest
+from storeutil import export_bytes
 
 UMOCI = shutil.which("umoci")
 SKOPEO = shutil.which("skopeo")
@@ -590,6 +594,73 @@ def test_failure_after_a_layer_rolls_it_back(
     assert top.name in str(info.value)
     assert _state(fresh) == ([], [], [])
     assert not list((Path(fresh.path) / "tmp").iterdir())
+
+
+def _on_layer_start(nth: int, then: Callable[[], None]) -> Callable[[int], None]:
+    """A progress callback running `then` when the `nth` layer import of a call starts (each
+    reports 0 on its first block, once every layer before it has committed)."""
+    starts = itertools.count(1)
+
+    def progress(done: int) -> None:
+        if done == 0 and next(starts) == nth:
+            then()
+
+    return progress
+
+
+def test_failed_import_keeps_a_layer_another_import_is_using(
+    store: ls.Store, made: ls.Stack, tmp_path: Path
+) -> None:
+    """Two imports of images sharing the bottom layer L, through two handles on one store: A
+    creates L, B finds it, A fails on its corrupt next blob and undoes what it created while B
+    is still importing; B then commits. L must survive A's undo."""
+    shared = made.layers[0]
+    only_b = tmp_path / "only-b"
+    only_b.mkdir()
+    (only_b / "b.txt").write_text("only in B\n")
+    layout_a, layout_b = tmp_path / "a", tmp_path / "b"
+    store.export_oci(made, layout_a, tag="a:v1", compression="none")
+    image_b = store.stack([shared, store.import_dir(only_b)])
+    store.export_oci(image_b, layout_b, tag="b:v1", compression="none")
+    top = _top_layer(layout_a)
+    data = bytearray(top.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    top.write_bytes(bytes(data))
+
+    root = tmp_path / "shared-store"
+    a, b = ls.Store(root), ls.Store(root)
+    a_made_l, b_has_l, a_failed = threading.Event(), threading.Event(), threading.Event()
+    result: dict[str, Any] = {}
+
+    def pause(done: threading.Event, wait_for: threading.Event) -> None:
+        done.set()
+        assert wait_for.wait(60)
+
+    def import_b() -> None:
+        assert a_made_l.wait(60)
+        try:
+            progress = _on_layer_start(2, lambda: pause(b_has_l, a_failed))
+            result["images"] = b.import_oci(layout_b, progress=progress)
+        except Exception as e:  # reported by the main thread
+            result["error"] = e
+
+    thread = threading.Thread(target=import_b)
+    thread.start()
+    try:
+        with pytest.raises(ls.LayerstoreError) as info:
+            a.import_oci(layout_a, progress=_on_layer_start(2, lambda: pause(a_made_l, b_has_l)))
+        assert top.name in str(info.value)
+    finally:
+        a_failed.set()
+        thread.join(120)
+    assert "error" not in result, result.get("error")
+    assert shared.id in {layer.id for layer in a.layers()}
+    image = a.get("b:v1")
+    assert [layer.diff_id for layer in image.layers] == [layer.diff_id for layer in image_b.layers]
+    for layer in image.layers:
+        blob_bytes = export_bytes(a, layer)
+        assert "sha256:" + hashlib.sha256(blob_bytes).hexdigest() == layer.diff_id
+    assert a.fsck()["ok"]
 
 
 def test_bad_docker_archive_changes_nothing(

@@ -74,6 +74,9 @@ pub enum Error {
     StackDepth { depth: usize, limit: usize },
     #[error("conflict: {0}")]
     Conflict(String),
+    /// Image imports in flight (other than the caller's) have pinned the layer.
+    #[error("conflict: layer {layer} is in use by {imports} image import(s) in progress")]
+    LayerPinned { layer: String, imports: usize },
     #[error("{0}")]
     InvalidArgument(String),
     #[error("cancelled")]
@@ -97,7 +100,7 @@ impl Error {
             | Error::SizeMismatch { .. } => ErrorKind::Integrity,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::StackDepth { .. } => ErrorKind::StackDepth,
-            Error::Conflict(_) => ErrorKind::Conflict,
+            Error::Conflict(_) | Error::LayerPinned { .. } => ErrorKind::Conflict,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Io { .. } => ErrorKind::Io,

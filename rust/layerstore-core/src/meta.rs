@@ -4,8 +4,10 @@
 //! Invariants: a row only ever points at pack bytes that were fsynced before the transaction
 //! inserting it committed (`synchronous=FULL`). A layer's chunk set (`layer_chunks`) is written
 //! in the same transaction as the layer. `gc` deletes a chunk only when no layer references it
-//! and no live import holds a lease. Blob names know nothing of layers: this module owns
-//! references and garbage collection, the pack files only bytes.
+//! and no live import holds a lease. `delete_layer` refuses a layer a stack uses or a live
+//! image import has pinned (`pins`, rows tied to a lease: a dead process's pins count for
+//! nothing). Blob names know nothing of layers: this module owns references and garbage
+//! collection, the pack files only bytes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -79,9 +81,16 @@ CREATE TABLE IF NOT EXISTS leases (
     id INTEGER PRIMARY KEY,
     pid INTEGER NOT NULL,
     start_time INTEGER NOT NULL,       -- the process's start time, so a reused pid is not alive
-    pack TEXT NOT NULL,
+    pack TEXT NOT NULL,                -- a tar import's pack file, or an image import's tmp/ directory
     created INTEGER NOT NULL
 );
+-- Layers an image import in flight uses (created or found), kept from `delete` until it ends.
+CREATE TABLE IF NOT EXISTS pins (
+    layer TEXT NOT NULL,               -- layers.id
+    lease INTEGER NOT NULL,            -- leases.id of the import; a pin lives as long as its lease
+    PRIMARY KEY (layer, lease)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pins_by_lease ON pins(lease);
 -- OCI images (oci.rs): raw manifests and configs, images, compressed layer blobs.
 CREATE TABLE IF NOT EXISTS oci_blobs (
     digest TEXT PRIMARY KEY,           -- sha256:<hex> of data
@@ -429,8 +438,9 @@ pub fn layer_chunk_set(conn: &Connection, id: &Blake3) -> Result<Vec<Blake3>> {
         .collect()
 }
 
-/// Delete a layer unless a stack or tag uses it. Its chunks stay until `gc`.
-pub fn delete_layer(conn: &mut Connection, id: &Blake3) -> Result<()> {
+/// Delete a layer unless a stack or tag uses it, or a live import other than `owner` (the
+/// caller's own lease, whose pins do not count) has pinned it. Its chunks stay until `gc`.
+pub fn delete_layer(conn: &mut Connection, id: &Blake3, owner: Option<i64>) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let key = id.to_string();
     let users: i64 = tx.query_row(
@@ -443,6 +453,15 @@ pub fn delete_layer(conn: &mut Connection, id: &Blake3) -> Result<()> {
             "layer {id} is used by {users} stack(s); untag or delete them first"
         )));
     }
+    let imports = live_pins(&tx, &key, owner)?;
+    if imports > 0 {
+        return Err(Error::LayerPinned {
+            layer: key,
+            imports,
+        });
+    }
+    // What is left are the owner's pins and those of dead processes.
+    tx.execute("DELETE FROM pins WHERE layer = ?1", [&key])?;
     tx.execute("DELETE FROM layer_chunks WHERE layer = ?1", [&key])?;
     tx.execute("DELETE FROM blob_digests WHERE layer = ?1", [&key])?;
     tx.execute("DELETE FROM layer_history WHERE layer = ?1", [&key])?;
@@ -504,12 +523,49 @@ pub fn acquire_lease(conn: &Connection, pack: &str) -> Result<i64> {
     Ok(conn.last_insert_rowid())
 }
 
+/// End a lease and drop the pins it holds.
 pub fn release_lease(conn: &Connection, id: i64) -> Result<()> {
+    conn.execute("DELETE FROM pins WHERE lease = ?1", [id])?;
     conn.execute("DELETE FROM leases WHERE id = ?1", [id])?;
     Ok(())
 }
 
-/// Drop leases whose process is gone; return the live ones' packs.
+/// Whether the process a lease names still runs (the same pid *and* start time).
+fn lease_alive(pid: u32, start_time: u64) -> bool {
+    process_start_time(pid) == Some(start_time)
+}
+
+/// Pin layer `id` for the import holding `lease`, in the caller's transaction. The caller
+/// checks in that same transaction that the layer exists, so a concurrent `delete` either ran
+/// before (and the layer is imported again) or sees the pin.
+pub fn pin_layer(conn: &Connection, lease: i64, id: &Blake3) -> Result<()> {
+    conn.prepare_cached("INSERT OR IGNORE INTO pins (layer, lease) VALUES (?1, ?2)")?
+        .execute(params![id.to_string(), lease])?;
+    Ok(())
+}
+
+/// How many live leases other than `owner` pin the layer `key`.
+fn live_pins(conn: &Connection, key: &str, owner: Option<i64>) -> Result<usize> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT leases.id, leases.pid, leases.start_time FROM pins
+         JOIN leases ON leases.id = pins.lease WHERE pins.layer = ?1",
+    )?;
+    let holders = stmt
+        .query_map([key], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, u64>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(holders
+        .into_iter()
+        .filter(|&(lease, pid, start)| Some(lease) != owner && lease_alive(pid, start))
+        .count())
+}
+
+/// Drop leases whose process is gone (and their pins); return the live ones' packs.
 pub fn live_leases(conn: &Connection) -> Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT id, pid, start_time, pack FROM leases")?;
     let rows = stmt
@@ -524,12 +580,16 @@ pub fn live_leases(conn: &Connection) -> Result<Vec<String>> {
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut live = Vec::new();
     for (id, pid, start, pack) in rows {
-        if process_start_time(pid) == Some(start) {
+        if lease_alive(pid, start) {
             live.push(pack);
         } else {
-            conn.execute("DELETE FROM leases WHERE id = ?1", [id])?;
+            release_lease(conn, id)?;
         }
     }
+    conn.execute(
+        "DELETE FROM pins WHERE lease NOT IN (SELECT id FROM leases)",
+        [],
+    )?;
     Ok(live)
 }
 

@@ -254,6 +254,19 @@ impl Store {
         opts: &ImportOptions,
         progress: Progress<'_>,
     ) -> Result<Imported> {
+        self.import_tar_pinned(src, opts, None, progress)
+    }
+
+    /// [`Store::import_tar`], pinning the layer (new or existing) for the import holding lease
+    /// `pin` in the transaction that commits it, so no moment exists where another process
+    /// could delete it before the pin is in place.
+    pub(crate) fn import_tar_pinned(
+        &self,
+        src: Box<dyn Read + Send>,
+        opts: &ImportOptions,
+        pin: Option<i64>,
+        progress: Progress<'_>,
+    ) -> Result<Imported> {
         let expected_diff_id = opts
             .expected_diff_id
             .as_deref()
@@ -277,7 +290,7 @@ impl Store {
             src,
             &mut conn,
             &pack_name,
-            lease,
+            (lease, pin),
             limits,
             want_sha512,
             progress,
@@ -303,7 +316,7 @@ impl Store {
         src: Box<dyn Read + Send>,
         conn: &mut Connection,
         pack_name: &str,
-        lease: i64,
+        (lease, pin): (i64, Option<i64>),
         limits: Limits,
         want_sha512: bool,
         progress: Progress<'_>,
@@ -384,6 +397,9 @@ impl Store {
         let existed = insert_layer_and_pack(&tx, pack_name, pack.as_ref(), &row, &chunk_set)?;
         if let (Some(c), Some(name)) = (&compressed, compression.name()) {
             meta::insert_blob_digest(&tx, &c.sha256, &info.id, name)?;
+        }
+        if let Some(pin) = pin {
+            meta::pin_layer(&tx, pin, &info.id)?;
         }
         meta::release_lease(&tx, lease)?;
         crash_point("before-commit");
@@ -477,8 +493,14 @@ impl Store {
         meta::find_layer(&*self.conn()?, key)
     }
 
+    /// Delete a layer that no recorded stack uses and no image import in flight has pinned.
     pub fn delete(&self, id: &Blake3) -> Result<()> {
-        meta::delete_layer(&mut *self.conn()?, id)
+        meta::delete_layer(&mut *self.conn()?, id, None)
+    }
+
+    /// [`Store::delete`] on behalf of the import holding `lease`: its own pins do not count.
+    pub(crate) fn delete_as(&self, id: &Blake3, lease: i64) -> Result<()> {
+        meta::delete_layer(&mut *self.conn()?, id, Some(lease))
     }
 
     /// The layer's entries and reconstruction recipe.
@@ -744,7 +766,8 @@ impl Store {
     }
 
     /// Remove what nothing references: unreferenced chunks, packs without live chunks, and
-    /// files left by interrupted imports; rewrite packs that are mostly garbage.
+    /// files left by interrupted imports (packs, and `tmp/` scratch of dead processes); rewrite
+    /// packs that are mostly garbage.
     pub fn gc(&self) -> Result<GcReport> {
         let mut conn = self.conn()?;
         let mut report = GcReport::default();
@@ -826,6 +849,7 @@ impl Store {
         // Their bytes were counted when they were retired.
         expire_retired(&retired);
         report.bytes_reclaimed += self.gc_image_blobs()?;
+        report.bytes_reclaimed += sweep_tmp(&self.root.join("tmp"));
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
         Ok(report)
     }
@@ -1372,6 +1396,66 @@ pub(crate) fn unique_name() -> String {
     h.finalize().to_hex()[..24].to_string()
 }
 
+/// The kinds of scratch entries image imports and exports make under `tmp/`.
+const TMP_KINDS: [&str; 2] = ["oci", "docker"];
+
+/// A fresh name for scratch space under `tmp/` that says who owns it,
+/// `<kind>-<pid>-<start time>-<unique>`: `gc` removes what a dead process left there and never
+/// what a live one uses.
+pub(crate) fn owned_tmp_name(kind: &str) -> String {
+    let pid = std::process::id();
+    let start = meta::process_start_time(pid).unwrap_or(0);
+    format!("{kind}-{pid}-{start}-{}", unique_name())
+}
+
+/// The owner (pid, start time) an [`owned_tmp_name`] records; `None` for any other name.
+fn tmp_owner(name: &str) -> Option<(u32, u64)> {
+    let (kind, rest) = name.split_once('-')?;
+    if !TMP_KINDS.contains(&kind) {
+        return None;
+    }
+    let mut parts = rest.splitn(3, '-');
+    let pid = parts.next()?.parse().ok()?;
+    let start = parts.next()?.parse().ok()?;
+    parts.next().filter(|unique| !unique.is_empty())?;
+    Some((pid, start))
+}
+
+/// Whether the `tmp/` entry `name` belongs to a process that is gone. A name that records no
+/// owner (left by an older build, or by hand) is never judged abandoned.
+fn tmp_abandoned(name: &str) -> bool {
+    tmp_owner(name).is_some_and(|(pid, start)| meta::process_start_time(pid) != Some(start))
+}
+
+/// Remove the scratch entries of `tmp/` whose owner is dead; returns the bytes freed.
+fn sweep_tmp(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut freed = 0;
+    for e in entries.flatten() {
+        if !tmp_abandoned(&e.file_name().to_string_lossy()) {
+            continue;
+        }
+        let path = e.path();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        let size = if is_dir {
+            dir_size(&path).unwrap_or(0)
+        } else {
+            e.metadata().map_or(0, |m| m.len())
+        };
+        let removed = if is_dir {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if removed.is_ok() {
+            freed += size;
+        }
+    }
+    freed
+}
+
 /// Delete retired packs older than the grace period.
 fn expire_retired(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -1407,4 +1491,20 @@ fn dir_size(root: &Path) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tmp_names_record_their_owner() {
+        let name = owned_tmp_name("oci");
+        assert_eq!(tmp_owner(&name).map(|o| o.0), Some(std::process::id()));
+        assert!(!tmp_abandoned(&name));
+        assert_eq!(tmp_owner("docker-12-34-ab.tar"), Some((12, 34)));
+        for other in ["oci-0123abcd", "oci-12-34-", "pack-12-34-ab", "oci-x-34-ab"] {
+            assert_eq!(tmp_owner(other), None, "{other}");
+        }
+    }
 }

@@ -11,6 +11,7 @@ use layerstore_core::stack::Stack;
 use layerstore_core::store::{no_progress, ImportOptions, StoreOptions};
 use layerstore_core::tar::Limits;
 use layerstore_core::{ErrorKind, Store};
+use sha2::Digest as _;
 
 fn open(dir: &Path) -> Store {
     Store::open(dir, StoreOptions::default(), Limits::default()).unwrap()
@@ -156,4 +157,161 @@ fn docker_archives_round_trip_in_both_formats() {
             assert_eq!(digests.manifest, exported.digests.manifest);
         }
     }
+}
+
+/// A layer made in `store` from `files`.
+fn layer(store: &Store, files: &[(&str, &[u8])]) -> layerstore_core::layer::LayerInfo {
+    let tar = layer_tar(files);
+    store
+        .import_tar(
+            Box::new(Cursor::new(tar)),
+            &ImportOptions::default(),
+            &no_progress,
+        )
+        .unwrap()
+        .layer
+}
+
+/// Export `layers` as an uncompressed layout at `out`; returns the layer blob paths.
+fn uncompressed_layout(
+    store: &Store,
+    layers: &[layerstore_core::layer::LayerInfo],
+    out: &Path,
+) -> Vec<std::path::PathBuf> {
+    let opts = OciExportOptions {
+        tag: Some("v1".into()),
+        compression: Some(Compression::None),
+    };
+    let image = store.stack(layers).unwrap();
+    let exported = store.export_oci(&image, out, &opts, &no_progress).unwrap();
+    exported
+        .layers
+        .iter()
+        .map(|(d, _, _)| {
+            out.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:"))
+        })
+        .collect()
+}
+
+/// Runs `then` the `nth` time a layer import starts (the import reports progress 0 when it
+/// reads its first block; every layer before it has committed by then).
+fn on_layer_start(
+    nth: usize,
+    then: impl Fn() + Sync,
+) -> impl Fn(u64) -> layerstore_core::Result<()> + Sync {
+    let starts = std::sync::atomic::AtomicUsize::new(0);
+    move |done| {
+        if done == 0 && starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nth {
+            then();
+        }
+        Ok(())
+    }
+}
+
+/// Two imports of images sharing layer L, through two handles on one store (as two processes
+/// would): A creates L, B finds it and goes on, A fails on its next blob and undoes what it
+/// created while B is still importing, then B commits. L must survive A's undo.
+#[test]
+fn an_aborted_import_keeps_a_layer_another_import_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = open(&dir.path().join("src"));
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    let shared = layer(
+        &src,
+        &[("etc/shared", b"both images\n"), ("shared.bin", &big)],
+    );
+    let broken = layer(&src, &[("a.bin", &big[..1_000_000])]);
+    let good = layer(&src, &[("b.txt", b"only in B\n")]);
+    let layout_a = dir.path().join("a");
+    let layout_b = dir.path().join("b");
+    let blobs_a = uncompressed_layout(&src, &[shared.clone(), broken], &layout_a);
+    uncompressed_layout(&src, &[shared.clone(), good], &layout_b);
+    let mut bytes = std::fs::read(&blobs_a[1]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55; // inside a.bin's data: the size stays right, the diff_id does not
+    std::fs::write(&blobs_a[1], bytes).unwrap();
+
+    let root = dir.path().join("store");
+    let (a, b) = (open(&root), open(&root));
+    let (a_made_l, a_made_l_rx) = crossbeam_channel::bounded::<()>(1);
+    let (b_has_l, b_has_l_rx) = crossbeam_channel::bounded::<()>(1);
+    let (a_failed, a_failed_rx) = crossbeam_channel::bounded::<()>(1);
+    let wait = |rx: &crossbeam_channel::Receiver<()>| {
+        rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap();
+    };
+    let imported_b = std::thread::scope(|s| {
+        let b_thread = s.spawn(|| {
+            wait(&a_made_l_rx);
+            // B's second layer starts: it has imported L (found, since A made it) and holds it.
+            let progress = on_layer_start(2, || {
+                b_has_l.send(()).unwrap();
+                wait(&a_failed_rx);
+            });
+            b.import_oci(&layout_b, None, &progress)
+        });
+        // A's second (corrupt) layer starts: A has created L.
+        let progress = on_layer_start(2, || {
+            a_made_l.send(()).unwrap();
+            wait(&b_has_l_rx);
+        });
+        let err = a.import_oci(&layout_a, None, &progress).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+        // B is still importing: gc leaves its chunks alone.
+        assert!(a.gc().unwrap().deferred);
+        a_failed.send(()).unwrap();
+        b_thread.join().unwrap()
+    });
+
+    let images = imported_b.expect("B imports although A undid its import meanwhile");
+    let stack = &images[0].stack;
+    assert_eq!(stack.layers[0].id, shared.id);
+    assert!(
+        a.layer(&shared.id.to_string()).is_ok(),
+        "L survived A's undo"
+    );
+    let stack = a.get("v1").unwrap();
+    for l in &stack.layers {
+        let mut out = Vec::new();
+        let exported = a
+            .export_tar(&l.id, &mut out, Compression::None, &no_progress)
+            .unwrap();
+        assert_eq!(exported.digest, l.diff_id);
+        let sha = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&out)));
+        assert_eq!(sha, l.diff_id);
+    }
+    let report = a.fsck().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // With both imports over, nothing pins L any more: it goes once its tag does.
+    a.untag("v1").unwrap();
+    a.delete(&shared.id).unwrap();
+}
+
+/// A layer an import found in the store is deleted before that import commits it: the import
+/// stores it again (its commit checks and pins in one transaction), and the image is whole.
+#[test]
+fn a_layer_deleted_under_an_import_is_imported_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = open(&dir.path().join("src"));
+    let shared = layer(&src, &[("etc/shared", b"deleted meanwhile\n")]);
+    let top = layer(&src, &[("top.txt", b"top\n")]);
+    let layout = dir.path().join("layout");
+    uncompressed_layout(&src, &[shared.clone(), top], &layout);
+    let root = dir.path().join("store");
+    let (a, b) = (open(&root), open(&root));
+    let tar = layer_tar(&[("etc/shared", b"deleted meanwhile\n")]);
+    let imported = a
+        .import_tar(
+            Box::new(Cursor::new(tar)),
+            &ImportOptions::default(),
+            &no_progress,
+        )
+        .unwrap();
+    assert_eq!(imported.layer.id, shared.id);
+    let progress = on_layer_start(1, || a.delete(&shared.id).unwrap());
+    let images = b.import_oci(&layout, None, &progress).unwrap();
+    assert_eq!(images[0].stack.layers[0].id, shared.id);
+    assert!(a.layer(&shared.id.to_string()).is_ok());
+    let report = a.fsck().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

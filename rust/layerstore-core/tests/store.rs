@@ -197,3 +197,76 @@ fn golden_chunk_boundaries() {
         "chunk boundaries changed: that is a store format change"
     );
 }
+
+/// Pin `id` under a lease row claiming to be this process with `start_time`; returns the lease.
+fn pin_as(store: &Store, start_time: u64, id: &Blake3) -> i64 {
+    let conn = layerstore_core::meta::open(&store.root().join("meta.db")).unwrap();
+    conn.execute(
+        "INSERT INTO leases (pid, start_time, pack, created) VALUES (?1, ?2, 'tmp/oci-test', 0)",
+        rusqlite::params![std::process::id(), start_time],
+    )
+    .unwrap();
+    let lease = conn.last_insert_rowid();
+    layerstore_core::meta::pin_layer(&conn, lease, id).unwrap();
+    lease
+}
+
+#[test]
+fn a_live_pin_blocks_delete_and_a_stale_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let id = import(&store, &rust_tar(&noise(10_000, 7)))
+        .unwrap()
+        .layer
+        .id;
+    let me = layerstore_core::meta::process_start_time(std::process::id()).unwrap();
+
+    // Our pid with another start time: the process that pinned it is gone and the pid reused.
+    pin_as(&store, me + 1, &id);
+    let live = pin_as(&store, me, &id);
+    let err = store.delete(&id).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    assert!(
+        matches!(err, layerstore_core::Error::LayerPinned { imports: 1, .. }),
+        "{err}"
+    );
+
+    let conn = layerstore_core::meta::open(&store.root().join("meta.db")).unwrap();
+    layerstore_core::meta::release_lease(&conn, live).unwrap();
+    store.delete(&id).unwrap();
+    let pins: i64 = conn
+        .query_row("SELECT count(*) FROM pins", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(pins, 0, "the stale pin went with the layer");
+    assert_eq!(store.layers().unwrap().len(), 0);
+}
+
+#[test]
+fn gc_removes_the_scratch_of_dead_processes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let tmp = store.root().join("tmp");
+    let pid = std::process::id();
+    let me = layerstore_core::meta::process_start_time(pid).unwrap();
+    // Our pid with another start time stands for a killed process whose pid was reused.
+    let dead_dir = tmp.join(format!("oci-{pid}-{}-0123abcd", me + 1));
+    let dead_file = tmp.join(format!("docker-{pid}-{}-4567ef.tar", me + 1));
+    let live_dir = tmp.join(format!("oci-{pid}-{me}-89abcdef"));
+    let unowned = tmp.join("oci-0123456789abcdef01234567");
+    for d in [&dead_dir, &live_dir, &unowned] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("blob.part"), b"staged bytes").unwrap();
+    }
+    std::fs::write(&dead_file, b"a decompressed archive").unwrap();
+    let report = store.gc().unwrap();
+    assert!(!dead_dir.exists() && !dead_file.exists());
+    assert!(
+        live_dir.join("blob.part").exists(),
+        "a live import's staging stays"
+    );
+    assert!(
+        unowned.exists(),
+        "a name that records no owner is left alone"
+    );
+    assert!(report.bytes_reclaimed >= 34);
+}

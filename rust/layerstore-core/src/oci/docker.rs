@@ -82,7 +82,7 @@ impl Store {
             let tmp = self
                 .root()
                 .join("tmp")
-                .join(format!("docker-{}.tar", crate::store::unique_name()));
+                .join(format!("{}.tar", crate::store::owned_tmp_name("docker")));
             let result = (|| -> Result<()> {
                 let src = File::open(path).ctx(|| format!("opening {}", path.display()))?;
                 let (_, mut decoded) = compress::decoder(src).ctx(|| "decompressing".into())?;
@@ -260,7 +260,7 @@ impl Store {
         let stage = self
             .root()
             .join("tmp")
-            .join(format!("docker-{}", crate::store::unique_name()));
+            .join(crate::store::owned_tmp_name("docker"));
         let result = self.export_docker_staged(stack, dest, &stage, opts, progress);
         let _ = fs::remove_dir_all(&stage);
         result

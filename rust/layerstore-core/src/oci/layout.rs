@@ -35,9 +35,15 @@ pub(crate) struct PendingImage {
 }
 
 /// The state of one import: what to undo if it fails.
+///
+/// The import holds a lease for its whole life and pins every layer it uses, whether it created
+/// the layer or found it in the store, so that neither another import's undo nor `delete` removes
+/// a layer it is about to record. Dropping the staging ends the lease and its pins: after
+/// `commit` the images' tags protect their layers instead.
 pub(crate) struct Staging<'s> {
     store: &'s Store,
     pub dir: PathBuf,
+    lease: i64,
     created: Vec<LayerInfo>,
     pub layers: HashMap<String, LayerInfo>,
     pub blobs: Vec<LayerBlob>,
@@ -46,14 +52,17 @@ pub(crate) struct Staging<'s> {
 
 impl<'s> Staging<'s> {
     pub fn new(store: &'s Store) -> Result<Self> {
-        let dir = store
-            .root()
-            .join("tmp")
-            .join(format!("oci-{}", crate::store::unique_name()));
-        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let name = crate::store::owned_tmp_name("oci");
+        let lease = crate::meta::acquire_lease(&*store.conn()?, &format!("tmp/{name}"))?;
+        let dir = store.root().join("tmp").join(name);
+        if let Err(e) = fs::create_dir_all(&dir) {
+            let _ = crate::meta::release_lease(&*store.conn()?, lease);
+            return Err(Error::io(format!("creating {}", dir.display()), e));
+        }
         Ok(Staging {
             store,
             dir,
+            lease,
             created: Vec::new(),
             layers: HashMap::new(),
             blobs: Vec::new(),
@@ -61,10 +70,12 @@ impl<'s> Staging<'s> {
         })
     }
 
-    /// Undo: delete the layers this import created and the staged blobs.
+    /// Undo: delete the layers this import created, except those another live import has
+    /// pinned since (it found them here and will record them), and the staged blobs.
     pub fn abort(self) {
         for info in self.created.iter().rev() {
-            let _ = self.store.delete(&info.id);
+            // A refusal (pinned by another import, or tagged meanwhile) is the point: keep it.
+            let _ = self.store.delete_as(&info.id, self.lease);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -122,7 +133,9 @@ impl<'s> Staging<'s> {
                 first: true,
             })
         };
-        let imported = self.store.import_tar(reader, &opts, progress);
+        let imported = self
+            .store
+            .import_tar_pinned(reader, &opts, Some(self.lease), progress);
         let imported: Imported = match imported {
             Ok(i) => i,
             Err(e) => {
@@ -262,8 +275,9 @@ impl<'s> Staging<'s> {
         for b in self.blobs.iter().filter(|b| b.rebuild == Rebuild::Kept) {
             let hex = b.digest.trim_start_matches("sha256:");
             let hex = hex.trim_start_matches("sha512:");
-            fs::rename(self.dir.join(hex), blob_dir.join(hex))
-                .ctx(|| format!("storing blob {}", b.digest))?;
+            let staged = self.dir.join(hex);
+            date_now(&staged)?;
+            fs::rename(&staged, blob_dir.join(hex)).ctx(|| format!("storing blob {}", b.digest))?;
         }
         crate::cas::sync_dir(&blob_dir)?;
         let mut conn = self.store.conn()?;
@@ -299,6 +313,15 @@ impl<'s> Staging<'s> {
     }
 }
 
+impl Drop for Staging<'_> {
+    /// End the lease and its pins (a lease left behind would expire with the process anyway).
+    fn drop(&mut self) {
+        if let Ok(conn) = self.store.conn() {
+            let _ = crate::meta::release_lease(&conn, self.lease);
+        }
+    }
+}
+
 pub(crate) fn record_image(conn: &Connection, image: &PendingImage, chain_id: &str) -> Result<()> {
     let mut put = conn.prepare_cached(
         "INSERT OR IGNORE INTO oci_blobs (digest, media_type, data) VALUES (?1, ?2, ?3)",
@@ -320,6 +343,18 @@ pub(crate) fn record_image(conn: &Connection, image: &PendingImage, chain_id: &s
         params![image.manifest.0, image.config.0, chain_id, descriptor, crate::meta::now()],
     )?;
     Ok(())
+}
+
+/// Set a staged blob's modification time to now. `gc` deletes a file of `blobs/` that no row
+/// names once it is older than [`crate::cas::RETIRE_GRACE`]; the grace must run from the move
+/// into `blobs/`, not from when a long import wrote the blob, or a `gc` between the move and the
+/// transaction recording it could take it.
+fn date_now(path: &Path) -> Result<()> {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .ctx(|| format!("dating {}", path.display()))
 }
 
 /// Name the blob in a digest mismatch reported by the layer import.
