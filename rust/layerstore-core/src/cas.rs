@@ -335,7 +335,7 @@ impl PackReader {
             self.files.insert(loc.pack.clone(), f);
         }
         let f = self.files.get(&loc.pack).expect("inserted above");
-        let data = read_block(f, loc, &mut self.dctx, &mut self.scratch)?;
+        let data = read_block(f, loc, &mut self.dctx, &mut self.scratch, Vec::new())?;
         let data = Arc::new(data);
         self.cache = Some((loc.pack.clone(), loc.block_offset, data.clone()));
         Ok(data)
@@ -391,6 +391,8 @@ pub struct OrderedChunks {
     queued: std::collections::VecDeque<crossbeam_channel::Receiver<BlockResult>>,
     dispatched: usize,
     jobs: crossbeam_channel::Sender<Job>,
+    /// Blocks the consumer is done with, back to the workers to decode into.
+    spare: crossbeam_channel::Sender<Vec<u8>>,
 }
 
 impl OrderedChunks {
@@ -409,12 +411,13 @@ impl OrderedChunks {
             starts,
         });
         let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
+        let (spare, spares) = crossbeam_channel::bounded::<Vec<u8>>(READ_AHEAD_BLOCKS);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         for _ in 0..cores.min(plan.starts.len()) {
-            let (plan, rx) = (plan.clone(), rx.clone());
+            let (plan, rx, spares) = (plan.clone(), rx.clone(), spares.clone());
             std::thread::Builder::new()
                 .name("layerstore-read-ahead".into())
-                .spawn(move || read_ahead(&plan, &rx))
+                .spawn(move || read_ahead(&plan, &rx, &spares))
                 .expect("spawn read-ahead");
         }
         let mut chunks = OrderedChunks {
@@ -425,6 +428,7 @@ impl OrderedChunks {
             queued: std::collections::VecDeque::with_capacity(READ_AHEAD_BLOCKS),
             dispatched: 0,
             jobs,
+            spare,
         };
         for _ in 0..READ_AHEAD_BLOCKS {
             chunks.dispatch();
@@ -452,6 +456,11 @@ impl OrderedChunks {
             self.run += 1;
             let reply = self.queued.pop_front()?;
             self.dispatch();
+            // The last block, unless a caller still holds a chunk of it, is decoded into again
+            // (refilling memory already mapped costs far less than faulting in fresh pages).
+            if let Some(done) = self.block.take().and_then(|b| Arc::try_unwrap(b).ok()) {
+                let _ = self.spare.try_send(done);
+            }
             match reply.recv() {
                 Ok(Ok(block)) => self.block = Some(block),
                 Ok(Err(e)) => return Some(Err(e)),
@@ -464,7 +473,11 @@ impl OrderedChunks {
 }
 
 /// A read-ahead worker: decodes and verifies runs until the consumer goes away.
-fn read_ahead(plan: &ReadPlan, jobs: &crossbeam_channel::Receiver<Job>) {
+fn read_ahead(
+    plan: &ReadPlan,
+    jobs: &crossbeam_channel::Receiver<Job>,
+    spares: &crossbeam_channel::Receiver<Vec<u8>>,
+) {
     let mut dctx = match zstd::bulk::Decompressor::new() {
         Ok(d) => d,
         Err(e) => {
@@ -484,7 +497,8 @@ fn read_ahead(plan: &ReadPlan, jobs: &crossbeam_channel::Receiver<Job>) {
             if !files.contains_key(&loc.pack) {
                 files.insert(loc.pack.clone(), open_pack(&plan.dir, &loc.pack)?);
             }
-            let data = read_block(&files[&loc.pack], loc, &mut dctx, &mut scratch)?;
+            let out = spares.try_recv().unwrap_or_default();
+            let data = read_block(&files[&loc.pack], loc, &mut dctx, &mut scratch, out)?;
             for l in chunks {
                 check_chunk(&data, l)?;
             }
@@ -501,6 +515,7 @@ fn read_block(
     loc: &ChunkLoc,
     dctx: &mut zstd::bulk::Decompressor<'static>,
     scratch: &mut Vec<u8>,
+    mut out: Vec<u8>,
 ) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let corrupt = |e: &dyn std::fmt::Display| {
@@ -510,12 +525,13 @@ fn read_block(
         ))
     };
     let len = loc.block_len as usize;
+    out.clear();
     let raw = match loc.codec {
         Codec::Raw => {
-            let mut raw = vec![0u8; len];
-            file.read_exact_at(&mut raw, loc.block_offset)
+            out.resize(len, 0);
+            file.read_exact_at(&mut out, loc.block_offset)
                 .map_err(|e| corrupt(&e))?;
-            return Ok(raw);
+            return Ok(out);
         }
         Codec::Zstd => {
             scratch.resize(len, 0);
@@ -530,7 +546,10 @@ fn read_block(
         Ok(Some(n)) if n <= BLOCK_DECODED_MAX as u64 => n as usize,
         _ => BLOCK_DECODED_MAX,
     };
-    dctx.decompress(raw, capacity).map_err(|e| corrupt(&e))
+    out.reserve(capacity);
+    dctx.decompress_to_buffer(raw, &mut out)
+        .map_err(|e| corrupt(&e))?;
+    Ok(out)
 }
 
 /// Largest decoded block we accept (a block holds chunks of at most 16 MiB, FastCDC's ceiling).

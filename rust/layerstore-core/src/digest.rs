@@ -119,18 +119,37 @@ pub struct StreamDigests {
 }
 
 /// Bytes handed to the hasher thread, moved or shared rather than copied.
-type Block = Box<dyn AsRef<[u8]> + Send>;
+enum Block {
+    Shared(Box<dyn AsRef<[u8]> + Send>),
+    /// A buffer the hasher hands back afterwards (see [`StreamHasher::spare`]).
+    Owned(Vec<u8>),
+}
+
+impl Block {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Block::Shared(b) => (**b).as_ref(),
+            Block::Owned(v) => v,
+        }
+    }
+}
+
+/// Hashed owned buffers kept for reuse: refilling a buffer already in memory is far cheaper
+/// than faulting in (and zeroing) a fresh one per megabyte.
+const SPARE_BUFFERS: usize = 4;
 
 /// Hashes a stream on its own thread: the sha256 of a layer costs more than everything else in an
 /// import, so it runs beside the parser instead of in front of it.
 pub struct StreamHasher {
     tx: Option<Sender<Block>>,
     handle: Option<JoinHandle<StreamDigests>>,
+    spare: crossbeam_channel::Receiver<Vec<u8>>,
 }
 
 impl StreamHasher {
     pub fn spawn(with_sha512: bool) -> Self {
         let (tx, rx) = crossbeam_channel::bounded::<Block>(64);
+        let (spare_tx, spare) = crossbeam_channel::bounded::<Vec<u8>>(SPARE_BUFFERS);
         let handle = std::thread::Builder::new()
             .name("layerstore-hash".into())
             .spawn(move || {
@@ -140,15 +159,19 @@ impl StreamHasher {
                 let mut len = 0u64;
                 let mut busy = std::time::Duration::ZERO;
                 for block in rx {
-                    let block: &[u8] = (*block).as_ref();
+                    let bytes = block.bytes();
                     let started = std::time::Instant::now();
-                    sha.update(block);
+                    sha.update(bytes);
                     if let Some(s) = sha512.as_mut() {
-                        s.update(block);
+                        s.update(bytes);
                     }
-                    b3.update(block);
-                    len += block.len() as u64;
+                    b3.update(bytes);
+                    len += bytes.len() as u64;
                     busy += started.elapsed();
+                    if let Block::Owned(mut v) = block {
+                        v.clear();
+                        let _ = spare_tx.try_send(v); // enough kept: let it go
+                    }
                 }
                 StreamDigests {
                     blake3: b3.finalize().into(),
@@ -162,14 +185,29 @@ impl StreamHasher {
         StreamHasher {
             tx: Some(tx),
             handle: Some(handle),
+            spare,
         }
     }
 
     /// Hash `block` next (an `Arc<[u8]>` shared with another consumer, or a buffer moved in).
     pub fn update(&self, block: impl AsRef<[u8]> + Send + 'static) {
+        self.send(Block::Shared(Box::new(block)));
+    }
+
+    /// Hash `buf` next; once hashed it may come back, emptied, from [`Self::spare`].
+    pub fn update_owned(&self, buf: Vec<u8>) {
+        self.send(Block::Owned(buf));
+    }
+
+    /// An empty buffer the hasher is done with, if one is free.
+    pub fn spare(&self) -> Option<Vec<u8>> {
+        self.spare.try_recv().ok()
+    }
+
+    fn send(&self, block: Block) {
         if let Some(tx) = &self.tx {
             // The receiver only stops when we drop the sender, so this cannot fail.
-            let _ = tx.send(Box::new(block));
+            let _ = tx.send(block);
         }
     }
 
@@ -215,9 +253,17 @@ mod tests {
     #[test]
     fn stream_hasher_matches_one_shot() {
         let h = StreamHasher::spawn(true);
-        // A shared buffer, then one moved in.
+        // A shared buffer, then one moved in (and handed back once hashed).
         h.update(std::sync::Arc::<[u8]>::from(&b"hello "[..]));
-        h.update(b"world".to_vec());
+        h.update_owned(b"world".to_vec());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut back = None;
+        while back.is_none() && std::time::Instant::now() < deadline {
+            back = h.spare();
+            std::thread::yield_now();
+        }
+        let back = back.expect("the owned buffer comes back once hashed");
+        assert!(back.is_empty() && back.capacity() >= 5);
         let d = h.finish();
         assert_eq!(d.len, 11);
         assert_eq!(d.blake3, Blake3::of(b"hello world"));

@@ -405,7 +405,8 @@ impl Store {
             if let Some(out) = tee.as_deref_mut() {
                 out.write_all(batch).ctx(|| "writing the layer".into())?;
             }
-            hasher.update(std::mem::replace(batch, Vec::with_capacity(BATCH)));
+            let next = hasher.spare().unwrap_or_else(|| Vec::with_capacity(BATCH));
+            hasher.update_owned(std::mem::replace(batch, next));
             Ok(())
         };
         let mut emit = |bytes: &[u8], batch: &mut Vec<u8>| -> Result<()> {
