@@ -366,6 +366,8 @@ struct ReadPlan {
     locs: Vec<ChunkLoc>,
     /// For each run of consecutive chunks in one block: the index of its first chunk.
     starts: Vec<usize>,
+    /// The reader is gone: its queued runs are dropped, not decoded.
+    cancelled: std::sync::atomic::AtomicBool,
 }
 
 impl ReadPlan {
@@ -375,11 +377,35 @@ impl ReadPlan {
     }
 }
 
-/// One read-ahead job: a run to decode and where to send its block.
-type Job = (usize, crossbeam_channel::Sender<BlockResult>);
+/// One read-ahead job: a run of a plan to decode, where to send its block, and where to find
+/// buffers to decode into.
+struct Job {
+    plan: Arc<ReadPlan>,
+    run: usize,
+    reply: crossbeam_channel::Sender<BlockResult>,
+    spares: crossbeam_channel::Receiver<Vec<u8>>,
+}
 
-/// Reads a sequence of chunks in order. One worker per core reads, decodes and verifies the
-/// blocks ahead of the consumer, each taking the next block as soon as it is free (no window
+/// The read-ahead workers: one per core, started once and shared by every reader in the
+/// process (their allocator heaps and decompression contexts stay warm between reads).
+fn read_ahead_pool() -> &'static crossbeam_channel::Sender<Job> {
+    static POOL: std::sync::OnceLock<crossbeam_channel::Sender<Job>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for _ in 0..cores {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name("layerstore-read-ahead".into())
+                .spawn(move || read_ahead(&rx))
+                .expect("spawn read-ahead");
+        }
+        tx
+    })
+}
+
+/// Reads a sequence of chunks in order. The pool's workers read, decode and verify the blocks
+/// ahead of the consumer, each taking the next block as soon as it is free (no window
 /// barrier); the consumer takes them back in order. At most [`READ_AHEAD_BLOCKS`] blocks are in
 /// flight, so memory stays bounded.
 pub struct OrderedChunks {
@@ -390,9 +416,17 @@ pub struct OrderedChunks {
     /// Replies of the dispatched runs, oldest first.
     queued: std::collections::VecDeque<crossbeam_channel::Receiver<BlockResult>>,
     dispatched: usize,
-    jobs: crossbeam_channel::Sender<Job>,
     /// Blocks the consumer is done with, back to the workers to decode into.
     spare: crossbeam_channel::Sender<Vec<u8>>,
+    spares: crossbeam_channel::Receiver<Vec<u8>>,
+}
+
+impl Drop for OrderedChunks {
+    fn drop(&mut self) {
+        self.plan
+            .cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl OrderedChunks {
@@ -409,17 +443,9 @@ impl OrderedChunks {
             dir: dir.to_path_buf(),
             locs,
             starts,
+            cancelled: false.into(),
         });
-        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
         let (spare, spares) = crossbeam_channel::bounded::<Vec<u8>>(READ_AHEAD_BLOCKS);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        for _ in 0..cores.min(plan.starts.len()) {
-            let (plan, rx, spares) = (plan.clone(), rx.clone(), spares.clone());
-            std::thread::Builder::new()
-                .name("layerstore-read-ahead".into())
-                .spawn(move || read_ahead(&plan, &rx, &spares))
-                .expect("spawn read-ahead");
-        }
         let mut chunks = OrderedChunks {
             plan,
             next: 0,
@@ -427,8 +453,8 @@ impl OrderedChunks {
             block: None,
             queued: std::collections::VecDeque::with_capacity(READ_AHEAD_BLOCKS),
             dispatched: 0,
-            jobs,
             spare,
+            spares,
         };
         for _ in 0..READ_AHEAD_BLOCKS {
             chunks.dispatch();
@@ -440,9 +466,13 @@ impl OrderedChunks {
     fn dispatch(&mut self) {
         if self.dispatched < self.plan.starts.len() {
             let (tx, rx) = crossbeam_channel::bounded(1);
-            // Workers live as long as `jobs`; a send can only fail if they all panicked, and
-            // then the reply channel reports it.
-            let _ = self.jobs.send((self.dispatched, tx));
+            // The pool lives as long as the process (its workers never stop taking jobs).
+            let _ = read_ahead_pool().send(Job {
+                plan: self.plan.clone(),
+                run: self.dispatched,
+                reply: tx,
+                spares: self.spares.clone(),
+            });
             self.queued.push_back(rx);
             self.dispatched += 1;
         }
@@ -472,40 +502,58 @@ impl OrderedChunks {
     }
 }
 
-/// A read-ahead worker: decodes and verifies runs until the consumer goes away.
-fn read_ahead(
-    plan: &ReadPlan,
-    jobs: &crossbeam_channel::Receiver<Job>,
-    spares: &crossbeam_channel::Receiver<Vec<u8>>,
-) {
-    let mut dctx = match zstd::bulk::Decompressor::new() {
-        Ok(d) => d,
-        Err(e) => {
-            for (_, reply) in jobs {
-                let e = std::io::Error::new(e.kind(), e.to_string());
-                let _ = reply.send(Err(Error::io("creating a decompressor", e)));
-            }
-            return;
-        }
-    };
-    let mut files = HashMap::<String, File>::new();
+/// A read-ahead worker of the pool: decodes and verifies runs as they come.
+fn read_ahead(jobs: &crossbeam_channel::Receiver<Job>) {
+    let mut dctx: Option<zstd::bulk::Decompressor<'static>> = None;
     let mut scratch = Vec::new();
-    for (run, reply) in jobs {
-        let decoded = (|| -> BlockResult {
-            let chunks = plan.run(run);
-            let loc = &chunks[0];
-            if !files.contains_key(&loc.pack) {
-                files.insert(loc.pack.clone(), open_pack(&plan.dir, &loc.pack)?);
-            }
-            let out = spares.try_recv().unwrap_or_default();
-            let data = read_block(&files[&loc.pack], loc, &mut dctx, &mut scratch, out)?;
-            for l in chunks {
-                check_chunk(&data, l)?;
-            }
-            Ok(Arc::new(data))
-        })();
-        let _ = reply.send(decoded); // the consumer may have stopped early
+    // Pack files open for the plan of the last job.
+    let mut files: Option<(Arc<ReadPlan>, HashMap<String, File>)> = None;
+    for job in jobs {
+        if job
+            .plan
+            .cancelled
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            continue;
+        }
+        if !files
+            .as_ref()
+            .is_some_and(|(p, _)| Arc::ptr_eq(p, &job.plan))
+        {
+            files = Some((job.plan.clone(), HashMap::new()));
+        }
+        let open = &mut files.as_mut().expect("set above").1;
+        // A panic must not cost the pool a worker, nor leave a reader waiting.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode_run(&job, open, &mut dctx, &mut scratch)
+        }))
+        .unwrap_or_else(|_| Err(Error::Corrupt("a read-ahead worker panicked".into())));
+        let _ = job.reply.send(decoded); // the consumer may have stopped early
     }
+}
+
+/// Read, decode and verify the block of one run.
+fn decode_run(
+    job: &Job,
+    files: &mut HashMap<String, File>,
+    dctx: &mut Option<zstd::bulk::Decompressor<'static>>,
+    scratch: &mut Vec<u8>,
+) -> BlockResult {
+    let chunks = job.plan.run(job.run);
+    let loc = &chunks[0];
+    if !files.contains_key(&loc.pack) {
+        files.insert(loc.pack.clone(), open_pack(&job.plan.dir, &loc.pack)?);
+    }
+    if dctx.is_none() {
+        *dctx = Some(zstd::bulk::Decompressor::new().ctx(|| "creating a decompressor".into())?);
+    }
+    let dctx = dctx.as_mut().expect("set above");
+    let out = job.spares.try_recv().unwrap_or_default();
+    let data = read_block(&files[&loc.pack], loc, dctx, scratch, out)?;
+    for l in chunks {
+        check_chunk(&data, l)?;
+    }
+    Ok(Arc::new(data))
 }
 
 /// Read one block from `file` and decode it (with a reused decompression context; `scratch`
