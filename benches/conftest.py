@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,6 +65,13 @@ def casync() -> str:
     if found is None:
         pytest.skip("casync is not installed (Debian package `casync`)")
     return found
+
+
+@pytest.fixture(autouse=True)
+def _settled() -> None:
+    """Each benchmark starts with what earlier ones wrote already on disk: the kernel's
+    writeback of their gigabytes would otherwise compete for the two cores while it runs."""
+    os.sync()
 
 
 @pytest.fixture
