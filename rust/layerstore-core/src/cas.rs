@@ -94,7 +94,7 @@ impl PackWriter {
     pub fn new(dir: &Path, name: String, level: i32) -> Self {
         let (tx, rx) = crossbeam_channel::bounded::<OpenBlock>(QUEUE_BLOCKS);
         let (etx, erx) = crossbeam_channel::bounded::<Result<Encoded>>(QUEUE_BLOCKS);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = crate::cores();
         for _ in 0..cores {
             let (rx, etx) = (rx.clone(), etx.clone());
             std::thread::Builder::new()
@@ -392,7 +392,7 @@ fn read_ahead_pool() -> &'static crossbeam_channel::Sender<Job> {
     static POOL: std::sync::OnceLock<crossbeam_channel::Sender<Job>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = crate::cores();
         for _ in 0..cores {
             let rx = rx.clone();
             std::thread::Builder::new()

@@ -29,3 +29,9 @@ pub mod union;
 
 pub use error::{Error, ErrorKind, Result};
 pub use store::Store;
+
+/// The cores this process may use (1 when unknown), looked up once.
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

@@ -164,11 +164,6 @@ pub struct Index {
 /// Lookups an index serves from its persistent map before it builds its frozen copy.
 const FREEZE_AFTER: usize = 64;
 
-fn cores() -> usize {
-    static CORES: OnceLock<usize> = OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
 /// A plain hash map copy of a flat map (one probe per lookup).
 fn freeze(flat: &Flat) -> FrozenMap {
     let mut m = HashMap::with_capacity_and_hasher(flat.len(), Default::default());
@@ -252,7 +247,7 @@ impl Index {
             return map.get(path);
         }
         let served = self.frozen.served.fetch_add(1, Ordering::Relaxed);
-        if cores() > 1 {
+        if crate::cores() > 1 {
             if served == FREEZE_AFTER {
                 let (flat, frozen) = (self.flat.clone(), self.frozen.clone());
                 rayon::spawn(move || {
