@@ -116,7 +116,7 @@ class Store:
         cls,
         path: StrPath,
         *,
-        compression_level: int = 1,
+        compression_level: int = 3,
         chunk_min: int | None = None,
         chunk_avg: int | None = None,
         chunk_max: int | None = None,

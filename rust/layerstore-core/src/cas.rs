@@ -18,7 +18,7 @@ use crate::digest::Blake3;
 use crate::error::{Error, IoContext, Result};
 
 /// Blocks are cut at about this many uncompressed bytes.
-pub const BLOCK_TARGET: usize = 128 * 1024;
+pub const BLOCK_TARGET: usize = 1024 * 1024;
 /// Pack file header: magic and format version.
 pub const PACK_MAGIC: &[u8; 8] = b"LSPACK01";
 
@@ -277,6 +277,111 @@ fn encode_block(data: Vec<u8>, level: i32) -> Result<(Codec, Vec<u8>)> {
     Ok((Codec::Raw, data))
 }
 
+/// A block as `gc` sees it: where it lies, how it is stored, and how many decoded bytes of live
+/// chunks it still holds.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveBlock {
+    pub offset: u64,
+    pub len: u64,
+    pub codec: Codec,
+    pub live: u64,
+}
+
+impl LiveBlock {
+    /// Its decoded size: a zstd frame records it in its header, a raw block is its own size.
+    /// `None` when the header cannot be read or records no size.
+    pub fn decoded_len(&self, pack: &File) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        match self.codec {
+            Codec::Raw => Some(self.len),
+            Codec::Zstd => {
+                let mut header = [0u8; 18]; // the longest zstd frame header
+                let n = (self.len as usize).min(header.len());
+                pack.read_exact_at(&mut header[..n], self.offset).ok()?;
+                zstd::zstd_safe::get_frame_content_size(&header[..n])
+                    .ok()
+                    .flatten()
+            }
+        }
+    }
+
+    /// Whether most of it is dead: `gc` then re-encodes its live chunks into new blocks
+    /// instead of copying it whole (a 1 MiB block keeping one small chunk alive).
+    pub fn is_sparse(&self, decoded: Option<u64>) -> bool {
+        decoded.is_some_and(|d| self.live * 2 < d)
+    }
+
+    /// Stored bytes its live chunks account for (its length scaled by their share).
+    pub fn live_stored(&self, decoded: Option<u64>) -> u64 {
+        match decoded {
+            Some(d) if self.live < d => self.len * self.live / d.max(1),
+            _ => self.len,
+        }
+    }
+
+    /// Decode it (every chunk in it is then checked against its digest by [`Regrouper::add`]).
+    pub fn decode(&self, pack: &File, name: &str) -> Result<Vec<u8>> {
+        let loc = ChunkLoc {
+            digest: Blake3([0; 32]),
+            pack: name.to_owned(),
+            block_offset: self.offset,
+            block_len: self.len,
+            codec: self.codec,
+            inner_offset: 0,
+            len: 0,
+        };
+        let mut dctx = zstd::bulk::Decompressor::new().ctx(|| "creating a decompressor".into())?;
+        read_block(pack, &loc, &mut dctx, &mut Vec::new(), Vec::new())
+    }
+}
+
+/// Live chunks of sparse blocks, regrouped into new blocks of about [`BLOCK_TARGET`] bytes.
+pub struct Regrouper {
+    level: i32,
+    open: OpenBlock,
+}
+
+/// A regrouped block ready to append: its stored bytes and codec, and each chunk's
+/// (digest, inner offset, length).
+pub type RegroupedBlock = (Codec, Vec<u8>, Vec<(Blake3, u32, u32)>);
+
+impl Regrouper {
+    pub fn new(level: i32) -> Self {
+        Regrouper {
+            level,
+            open: OpenBlock::default(),
+        }
+    }
+
+    /// Add the chunk `loc` of the decoded `block` (checked against its digest); returns a block
+    /// to append once one is full.
+    pub fn add(&mut self, block: &[u8], loc: &ChunkLoc) -> Result<Option<RegroupedBlock>> {
+        check_chunk(block, loc)?;
+        let start = loc.inner_offset as usize;
+        let data = &block[start..start + loc.len as usize];
+        let full = if !self.open.data.is_empty() && self.open.data.len() + data.len() > BLOCK_TARGET
+        {
+            self.take()?
+        } else {
+            None
+        };
+        let inner = self.open.data.len() as u32;
+        self.open.data.extend_from_slice(data);
+        self.open.chunks.push((loc.digest, inner, loc.len));
+        Ok(full)
+    }
+
+    /// The last, partly filled block.
+    pub fn take(&mut self) -> Result<Option<RegroupedBlock>> {
+        let block = std::mem::take(&mut self.open);
+        if block.chunks.is_empty() {
+            return Ok(None);
+        }
+        let (codec, bytes) = encode_block(block.data, self.level)?;
+        Ok(Some((codec, bytes, block.chunks)))
+    }
+}
+
 /// Where `gc` moves packs it replaced or emptied, for [`RETIRE_GRACE`] before deleting them: a
 /// reader in another process that looked a chunk's location up before the compaction still
 /// finds its bytes there.
@@ -303,13 +408,69 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .ctx(|| format!("syncing directory {}", dir.display()))
 }
 
+/// Decoded blocks shared by a store's readers, least recently used first out, bounded in bytes.
+/// A block never changes once written (packs are append-only and never reuse a name), so an
+/// entry never goes stale; a pack `gc` removes just stops being asked for.
+#[derive(Debug)]
+pub struct BlockCache {
+    budget: usize,
+    inner: std::sync::Mutex<CachedBlocks>,
+}
+
+#[derive(Debug, Default)]
+struct CachedBlocks {
+    bytes: usize,
+    blocks: hashlink::LinkedHashMap<(String, u64), Arc<Vec<u8>>>,
+}
+
+impl BlockCache {
+    /// A cache holding at most `budget` decoded bytes.
+    pub fn new(budget: usize) -> Self {
+        BlockCache {
+            budget,
+            inner: std::sync::Mutex::default(),
+        }
+    }
+
+    fn get(&self, pack: &str, offset: u64) -> Option<Arc<Vec<u8>>> {
+        let mut inner = self.inner.lock().ok()?;
+        inner.blocks.to_back(&(pack.to_owned(), offset)).cloned()
+    }
+
+    fn put(&self, pack: &str, offset: u64, data: &Arc<Vec<u8>>) {
+        if data.len() > self.budget / 4 {
+            return; // one block must not flush the rest
+        }
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if let Some(old) = inner.blocks.insert((pack.to_owned(), offset), data.clone()) {
+            inner.bytes -= old.len();
+        }
+        inner.bytes += data.len();
+        while inner.bytes > self.budget {
+            match inner.blocks.pop_front() {
+                Some((_, evicted)) => inner.bytes -= evicted.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Decoded bytes held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().map(|i| i.bytes).unwrap_or(0)
+    }
+}
+
 /// Reads chunks back, verifying each against its digest. Keeps pack files open and the last
-/// decoded block, since consecutive chunks of a layer usually share a block.
+/// decoded block, since consecutive chunks of a layer usually share a block, and may share
+/// decoded blocks with other readers through a [`BlockCache`].
 pub struct PackReader {
     dctx: zstd::bulk::Decompressor<'static>,
     dir: PathBuf,
     files: HashMap<String, File>,
     cache: Option<(String, u64, Arc<Vec<u8>>)>,
+    shared: Option<Arc<BlockCache>>,
     scratch: Vec<u8>,
 }
 
@@ -320,8 +481,16 @@ impl PackReader {
             dir: dir.to_path_buf(),
             files: HashMap::new(),
             cache: None,
+            shared: None,
             scratch: Vec::new(),
         })
+    }
+
+    /// A reader that looks blocks up in `cache` and leaves the ones it decodes there.
+    pub fn with_cache(dir: &Path, cache: Arc<BlockCache>) -> Result<Self> {
+        let mut reader = Self::new(dir)?;
+        reader.shared = Some(cache);
+        Ok(reader)
     }
 
     fn block(&mut self, loc: &ChunkLoc) -> Result<Arc<Vec<u8>>> {
@@ -330,13 +499,23 @@ impl PackReader {
                 return Ok(data.clone());
             }
         }
-        if !self.files.contains_key(&loc.pack) {
-            let f = open_pack(&self.dir, &loc.pack)?;
-            self.files.insert(loc.pack.clone(), f);
-        }
-        let f = self.files.get(&loc.pack).expect("inserted above");
-        let data = read_block(f, loc, &mut self.dctx, &mut self.scratch, Vec::new())?;
-        let data = Arc::new(data);
+        let cached = (self.shared.as_ref()).and_then(|c| c.get(&loc.pack, loc.block_offset));
+        let data = match cached {
+            Some(data) => data,
+            None => {
+                if !self.files.contains_key(&loc.pack) {
+                    let f = open_pack(&self.dir, &loc.pack)?;
+                    self.files.insert(loc.pack.clone(), f);
+                }
+                let f = self.files.get(&loc.pack).expect("inserted above");
+                let data = read_block(f, loc, &mut self.dctx, &mut self.scratch, Vec::new())?;
+                let data = Arc::new(data);
+                if let Some(shared) = &self.shared {
+                    shared.put(&loc.pack, loc.block_offset, &data);
+                }
+                data
+            }
+        };
         self.cache = Some((loc.pack.clone(), loc.block_offset, data.clone()));
         Ok(data)
     }
@@ -355,8 +534,9 @@ impl PackReader {
 /// A chunk as a range of its decoded block.
 pub type ChunkSlice = (Arc<Vec<u8>>, std::ops::Range<usize>);
 
-/// Blocks read ahead of the consumer (each at most `max(BLOCK_TARGET, chunk_max)` decoded).
-const READ_AHEAD_BLOCKS: usize = 128;
+/// Blocks read ahead of the consumer (each at most `max(BLOCK_TARGET, chunk_max)` decoded, so
+/// about 16 MiB in flight: plenty to keep one worker per core busy).
+const READ_AHEAD_BLOCKS: usize = 16;
 
 type BlockResult = Result<Arc<Vec<u8>>>;
 
@@ -621,6 +801,51 @@ fn check_chunk(block: &[u8], loc: &ChunkLoc) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_cache_keeps_the_most_recently_used_within_its_budget() {
+        let cache = BlockCache::new(4000);
+        let block = |n: u8| Arc::new(vec![n; 1000]);
+        for i in 0..4u8 {
+            cache.put("p", u64::from(i), &block(i));
+        }
+        assert_eq!(cache.bytes(), 4000);
+        assert!(cache.get("p", 0).is_some()); // now the most recent
+        cache.put("p", 4, &block(4)); // evicts block 1, the least recently used
+        assert_eq!(cache.bytes(), 4000);
+        assert!(cache.get("p", 1).is_none());
+        assert_eq!(cache.get("p", 0).unwrap()[0], 0);
+        assert_eq!(cache.get("p", 4).unwrap()[0], 4);
+        assert!(cache.get("q", 4).is_none(), "keyed by pack and offset");
+        cache.put("p", 9, &Arc::new(vec![9; 1001])); // over a quarter of the budget: not kept
+        assert!(cache.get("p", 9).is_none());
+        assert_eq!(cache.bytes(), 4000);
+    }
+
+    #[test]
+    fn readers_sharing_a_cache_decode_a_block_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::new(dir.path(), "p1.pack".into(), 3);
+        let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 5000]).collect();
+        for d in &data {
+            w.add(Blake3::of(d), d).unwrap();
+        }
+        let (locs, _) = w.finish(|_| {}).unwrap().unwrap();
+        let cache = Arc::new(BlockCache::new(1 << 20));
+        let mut buf = Vec::new();
+        PackReader::with_cache(dir.path(), cache.clone())
+            .unwrap()
+            .read(&locs[0], &mut buf)
+            .unwrap();
+        assert_eq!(cache.bytes(), 20_000, "the whole decoded block is kept");
+        // With the pack gone, a second reader can only be answered from the cache.
+        std::fs::remove_file(dir.path().join("p1.pack")).unwrap();
+        let mut second = PackReader::with_cache(dir.path(), cache).unwrap();
+        for (loc, d) in locs.iter().zip(&data) {
+            second.read(loc, &mut buf).unwrap();
+            assert_eq!(&buf, d);
+        }
+    }
 
     #[test]
     fn write_then_read_back_small_and_large_chunks() {

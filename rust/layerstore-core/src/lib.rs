@@ -15,6 +15,7 @@ pub mod digest;
 pub mod dirdiff;
 pub mod emit;
 pub mod error;
+pub mod frozen;
 pub mod fsio;
 pub mod layer;
 pub mod materialize;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::cas::{ChunkLoc, Codec};
+use crate::cas::{ChunkLoc, Codec, LiveBlock};
 use crate::digest::Blake3;
 use crate::error::{Error, Result};
 use crate::layer::LayerInfo;
@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS layer_chunks (
     digest BLOB NOT NULL,
     PRIMARY KEY (layer, digest)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS layer_chunks_by_digest ON layer_chunks(digest);
+-- Once an index by digest (for gc's sweep, which builds its own transient one instead).
+DROP INDEX IF EXISTS layer_chunks_by_digest;
 CREATE TABLE IF NOT EXISTS blob_digests (
     digest TEXT PRIMARY KEY,           -- a compressed blob this layer was imported from
     layer TEXT NOT NULL REFERENCES layers(id),
@@ -246,6 +247,58 @@ pub fn all_chunk_locs(conn: &Connection) -> Result<Vec<ChunkLoc>> {
         .query_map([], loc_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(make_loc).collect()
+}
+
+/// The blocks of `pack` holding live chunks, in pack order, with their live bytes.
+pub fn live_blocks(conn: &Connection, pack: &str) -> Result<Vec<LiveBlock>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT block_offset, block_len, codec, sum(len) FROM chunks WHERE pack = ?1 \
+         GROUP BY block_offset ORDER BY block_offset",
+    )?;
+    let rows = stmt
+        .query_map([pack], |r| <(u64, u64, u8, u64)>::try_from(r))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(offset, len, codec, live)| {
+            Ok(LiveBlock {
+                offset,
+                len,
+                codec: Codec::from_u8(codec)?,
+                live,
+            })
+        })
+        .collect()
+}
+
+/// The chunks stored in one block.
+pub fn block_chunks(conn: &Connection, pack: &str, block_offset: u64) -> Result<Vec<ChunkLoc>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {LOC_COLUMNS} FROM chunks WHERE pack = ?1 AND block_offset = ?2 \
+         ORDER BY inner_offset"
+    ))?;
+    let rows = stmt
+        .query_map(params![pack, block_offset], loc_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(make_loc).collect()
+}
+
+/// Point the chunks of a block `gc` rewrote at their new place.
+pub fn move_chunks(conn: &Connection, locs: &[ChunkLoc]) -> Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE chunks SET pack = ?2, block_offset = ?3, block_len = ?4, codec = ?5, \
+         inner_offset = ?6 WHERE digest = ?1",
+    )?;
+    for l in locs {
+        stmt.execute(params![
+            &l.digest.0[..],
+            l.pack,
+            l.block_offset,
+            l.block_len,
+            l.codec as u8,
+            l.inner_offset
+        ])?;
+    }
+    Ok(())
 }
 
 pub fn insert_chunks(conn: &Connection, locs: &[ChunkLoc]) -> Result<()> {

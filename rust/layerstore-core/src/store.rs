@@ -45,7 +45,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            compression_level: 1,
+            compression_level: 3,
             chunk: ChunkParams::default(),
             max_depth: 127,
         }
@@ -130,7 +130,13 @@ pub struct Store {
     pool: Mutex<Vec<Connection>>,
     /// Decoded entries of layers some live stack uses, shared between stacks.
     entry_cache: Mutex<HashMap<Blake3, Weak<Vec<Arc<Entry>>>>>,
+    /// Decoded blocks shared by the readers of file contents (a directory of small files
+    /// lies in a few blocks: reading it file by file decodes each block once).
+    blocks: Arc<cas::BlockCache>,
 }
+
+/// Decoded bytes a store keeps for its content readers.
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
 
 /// A pooled connection, returned on drop.
 pub(crate) struct Conn<'a> {
@@ -212,6 +218,7 @@ impl Store {
             limits,
             pool: Mutex::new(vec![conn]),
             entry_cache: Mutex::new(HashMap::new()),
+            blocks: Arc::new(cas::BlockCache::new(BLOCK_CACHE_BYTES)),
         })
     }
 
@@ -586,10 +593,7 @@ impl Store {
                     .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", c.digest)))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ContentReader::with_pieces(
-            pieces,
-            PackReader::new(&self.packs_dir())?,
-        ))
+        Ok(ContentReader::with_pieces(pieces, self.cached_reader()?))
     }
 
     /// The bytes of one stored chunk.
@@ -597,8 +601,13 @@ impl Store {
         let loc = meta::chunk_loc(&*self.conn()?, digest)?
             .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))?;
         let mut buf = Vec::new();
-        PackReader::new(&self.packs_dir())?.read(&loc, &mut buf)?;
+        self.cached_reader()?.read(&loc, &mut buf)?;
         Ok(Arc::from(buf))
+    }
+
+    /// A chunk reader sharing this store's decoded blocks.
+    fn cached_reader(&self) -> Result<PackReader> {
+        PackReader::with_cache(&self.packs_dir(), self.blocks.clone())
     }
 
     /// Point tag `name` at `stack` (recording the stack, so its layers cannot be deleted).
@@ -786,12 +795,7 @@ impl Store {
             let mut rewrite: Vec<(String, u64)> = Vec::new();
             let mut small: Vec<(String, u64)> = Vec::new();
             for (name, size) in meta::packs(&tx)? {
-                let live_bytes: Option<i64> = tx.query_row(
-                    "SELECT sum(block_len) FROM (SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1)",
-                    [&name],
-                    |r| r.get(0),
-                )?;
-                let live_bytes = live_bytes.unwrap_or(0) as u64;
+                let live_bytes = self.live_pack_bytes(&tx, &name)?;
                 if live_bytes == 0 {
                     tx.execute("DELETE FROM packs WHERE name = ?1", [&name])?;
                     retire.push(name);
@@ -871,6 +875,17 @@ impl Store {
 
     /// Copy the live blocks of `names` into one fresh pack and repoint their chunks, inside `tx`.
     /// On failure the new file is removed and `tx` (rolled back by the caller) changes nothing.
+    /// Stored bytes of `pack` that live chunks account for: whole blocks, but a block mostly
+    /// dead only for its live share (gc regroups those chunks when it rewrites the pack).
+    fn live_pack_bytes(&self, tx: &Connection, pack: &str) -> Result<u64> {
+        let blocks = meta::live_blocks(tx, pack)?;
+        let file = cas::open_pack(&self.packs_dir(), pack).ok();
+        Ok(blocks
+            .iter()
+            .map(|b| b.live_stored(file.as_ref().and_then(|f| b.decoded_len(f))))
+            .sum())
+    }
+
     fn rewrite_packs(&self, tx: &Connection, names: &[&str]) -> Result<u64> {
         let new_name = format!("{}.pack", unique_name());
         let new_path = self.packs_dir().join(&new_name);
@@ -902,24 +917,53 @@ impl Store {
         let mut update = tx.prepare(
             "UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4",
         )?;
-        let mut blocks_of = tx.prepare(
-            "SELECT DISTINCT block_offset, block_len FROM chunks WHERE pack = ?1 ORDER BY block_offset",
-        )?;
+        let mut regroup = cas::Regrouper::new(self.options.compression_level);
+        let append = |out: &mut fs::File,
+                      offset: &mut u64,
+                      (codec, bytes, chunks): cas::RegroupedBlock|
+         -> Result<()> {
+            out.write_all(&bytes).ctx(|| "writing pack".into())?;
+            let moved: Vec<cas::ChunkLoc> = chunks
+                .into_iter()
+                .map(|(digest, inner_offset, len)| cas::ChunkLoc {
+                    digest,
+                    pack: new_name.to_owned(),
+                    block_offset: *offset,
+                    block_len: bytes.len() as u64,
+                    codec,
+                    inner_offset,
+                    len,
+                })
+                .collect();
+            meta::move_chunks(tx, &moved)?;
+            *offset += bytes.len() as u64;
+            Ok(())
+        };
         for name in names {
-            let blocks = blocks_of
-                .query_map([name], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let mut src = fs::File::open(self.packs_dir().join(name))
-                .ctx(|| format!("opening pack {name}"))?;
-            for (block_offset, block_len) in blocks {
-                buf.resize(block_len as usize, 0);
-                std::io::Seek::seek(&mut src, io::SeekFrom::Start(block_offset))
-                    .and_then(|_| src.read_exact(&mut buf))
+            let src = cas::open_pack(&self.packs_dir(), name)?;
+            for block in meta::live_blocks(tx, name)? {
+                if block.is_sparse(block.decoded_len(&src)) {
+                    // Mostly dead: keep only its live chunks, in new blocks.
+                    let decoded = block.decode(&src, name)?;
+                    for loc in meta::block_chunks(tx, name, block.offset)? {
+                        if let Some(full) = regroup.add(&decoded, &loc)? {
+                            append(&mut out, &mut offset, full)?;
+                        }
+                    }
+                    continue;
+                }
+                buf.resize(block.len as usize, 0);
+                std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf, block.offset)
                     .ctx(|| format!("reading pack {name}"))?;
                 out.write_all(&buf).ctx(|| "writing pack".into())?;
-                update.execute(rusqlite::params![new_name, offset, name, block_offset])?;
-                offset += block_len;
+                update.execute(rusqlite::params![new_name, offset, name, block.offset])?;
+                offset += block.len;
             }
+        }
+        if let Some(last) = regroup.take()? {
+            append(&mut out, &mut offset, last)?;
+        }
+        for name in names {
             tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
         }
         out.sync_all().ctx(|| "syncing pack".into())?;

@@ -15,6 +15,7 @@ use imbl::shared_ptr::DefaultSharedPtr;
 use imbl::GenericHashMap;
 
 use crate::error::{Error, Result};
+use crate::frozen::FrozenMap;
 use crate::layer::{Entry, Kind};
 
 /// A path component.
@@ -155,29 +156,26 @@ pub struct Index {
     /// Every path of the view below the root → what it shows: one hash lookup answers a stat
     /// whose path has no symlink on the way. Kept in step with the trie by every edit.
     flat: Flat,
-    /// A plain hash map copy of `flat`, built once an index has served enough lookups to pay
-    /// for it (a persistent map's lookup walks several nodes; this one probes once). Every
-    /// edit drops it; clones share it.
+    /// A lookup-only copy of `flat` ([`FrozenMap`]), built once an index has served enough
+    /// lookups to pay for it (a persistent map's lookup walks several nodes; this one probes
+    /// once). Every edit drops it; clones share it.
     frozen: Arc<Frozen>,
 }
 
 /// Lookups an index serves from its persistent map before it builds its frozen copy.
 const FREEZE_AFTER: usize = 64;
 
-/// A plain hash map copy of a flat map (one probe per lookup).
-fn freeze(flat: &Flat) -> FrozenMap {
-    let mut m = HashMap::with_capacity_and_hasher(flat.len(), Default::default());
-    m.extend(flat.iter().map(|(k, v)| (k.clone(), v.clone())));
-    m
+/// A lookup-only copy of a flat map (one probe per lookup).
+/// (`None` for a view past the map's limits, which then keeps probing its persistent map.)
+fn freeze(flat: &Flat) -> Option<FrozenMap<Arc<ViewEntry>>> {
+    FrozenMap::new(flat.len(), flat.iter().map(|(k, v)| (&k[..], v.clone())))
 }
-
-type FrozenMap = HashMap<Name, Arc<ViewEntry>, foldhash::fast::RandomState>;
 
 /// The lazily built read-only copy of an index's flat map.
 #[derive(Debug, Default)]
 struct Frozen {
     served: std::sync::atomic::AtomicUsize,
-    map: OnceLock<FrozenMap>,
+    map: OnceLock<Option<FrozenMap<Arc<ViewEntry>>>>,
 }
 
 /// Full normalised path → view entry (persistent, shared between stacks like the trie).
@@ -243,8 +241,10 @@ impl Index {
     /// after about an eighth of its size in lookups on a single core (amortised: at most eight
     /// probes' worth per lookup served).
     fn flat_get(&self, path: &[u8]) -> Option<&Arc<ViewEntry>> {
-        if let Some(map) = self.frozen.map.get() {
-            return map.get(path);
+        match self.frozen.map.get() {
+            Some(Some(map)) => return map.get(path),
+            Some(None) => return self.flat.get(path),
+            None => {}
         }
         let served = self.frozen.served.fetch_add(1, Ordering::Relaxed);
         if crate::cores() > 1 {
@@ -255,7 +255,9 @@ impl Index {
                 });
             }
         } else if served > FREEZE_AFTER + self.flat.len() / 8 {
-            return self.frozen.map.get_or_init(|| freeze(&self.flat)).get(path);
+            if let Some(map) = self.frozen.map.get_or_init(|| freeze(&self.flat)) {
+                return map.get(path);
+            }
         }
         self.flat.get(path)
     }

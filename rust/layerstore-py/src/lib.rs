@@ -275,7 +275,7 @@ pub(crate) fn layer_id(layer: &Bound<'_, PyAny>) -> PyResult<String> {
 impl Store {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
-    #[pyo3(signature = (path, *, compression_level=1, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None))]
+    #[pyo3(signature = (path, *, compression_level=3, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
