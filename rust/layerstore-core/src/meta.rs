@@ -2,7 +2,7 @@
 //! locations, layers, references between them, and import leases.
 //!
 //! Invariants: a row only ever points at pack bytes that were fsynced before the transaction
-//! inserting it committed (`synchronous=FULL`). A layer's chunk set (`layer_chunks`) is written
+//! inserting it committed (`synchronous=FULL`). A layer's chunk set (`layer_chunk_sets`) is written
 //! in the same transaction as the layer. `gc` deletes a chunk only when no layer references it
 //! and no live import holds a lease. `delete_layer` refuses a layer a stack uses or a live
 //! image import has pinned (`pins`, rows tied to a lease: a dead process's pins count for
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::layer::LayerInfo;
 
 /// Version of the on-disk format (docs/format.md). Bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,13 +51,10 @@ CREATE TABLE IF NOT EXISTS layers (
     entries BLOB NOT NULL,             -- zstd(postcard(Vec<Entry>))
     split BLOB NOT NULL                -- zstd(postcard(TarSplit))
 );
-CREATE TABLE IF NOT EXISTS layer_chunks (
-    layer TEXT NOT NULL REFERENCES layers(id),
-    digest BLOB NOT NULL,
-    PRIMARY KEY (layer, digest)
-) WITHOUT ROWID;
--- Once an index by digest (for gc's sweep, which builds its own transient one instead).
-DROP INDEX IF EXISTS layer_chunks_by_digest;
+CREATE TABLE IF NOT EXISTS layer_chunk_sets (
+    layer TEXT PRIMARY KEY REFERENCES layers(id),
+    digests BLOB NOT NULL              -- the distinct chunks its entries name: sorted 32-byte digests
+);
 CREATE TABLE IF NOT EXISTS blob_digests (
     digest TEXT PRIMARY KEY,           -- a compressed blob this layer was imported from
     layer TEXT NOT NULL REFERENCES layers(id),
@@ -135,6 +132,39 @@ pub fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Version 1 kept a layer's chunk set as one `layer_chunks` row per (layer, chunk) (110 bytes
+/// each with its index); version 2 keeps it as one sorted blob per layer (32 bytes a chunk).
+/// Rewritten in the opening transaction, so a store is either wholly version 1 or wholly 2.
+fn migrate_from_v1(tx: &Connection) -> Result<()> {
+    let mut sets: Vec<(String, Vec<u8>)> = Vec::new();
+    {
+        let mut stmt =
+            tx.prepare("SELECT layer, digest FROM layer_chunks ORDER BY layer, digest")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let (layer, digest): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
+            if digest.len() != 32 {
+                return Err(Error::Corrupt("bad digest in layer_chunks".into()));
+            }
+            match sets.last_mut() {
+                Some((last, blob)) if *last == layer => blob.extend_from_slice(&digest),
+                _ => sets.push((layer, digest)),
+            }
+        }
+    }
+    for (layer, blob) in &sets {
+        tx.execute(
+            "INSERT INTO layer_chunk_sets (layer, digests) VALUES (?1, ?2)",
+            params![layer, blob],
+        )?;
+    }
+    tx.execute_batch(
+        "DROP TABLE layer_chunks;
+         UPDATE settings SET value = '2' WHERE key = 'format_version';",
+    )?;
+    Ok(())
+}
+
 /// Create the schema and settings on first use; check the format version afterwards.
 pub fn init(conn: &mut Connection, defaults: &[(&str, String)]) -> Result<Vec<(String, String)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -160,6 +190,7 @@ pub fn init(conn: &mut Connection, defaults: &[(&str, String)]) -> Result<Vec<(S
             }
         }
         Some(v) if v == FORMAT_VERSION.to_string() => {}
+        Some(v) if v == "1" => migrate_from_v1(&tx)?,
         Some(v) => {
             return Err(Error::Conflict(format!(
             "store format version {v} is not supported (this build reads version {FORMAT_VERSION})"
@@ -382,12 +413,11 @@ pub fn insert_layer(conn: &Connection, row: &LayerRow, chunk_set: &[Blake3]) -> 
             row.split
         ],
     )?;
-    let mut stmt =
-        conn.prepare_cached("INSERT OR IGNORE INTO layer_chunks (layer, digest) VALUES (?1, ?2)")?;
-    let id = i.id.to_string();
-    for d in chunk_set {
-        stmt.execute(params![id, &d.0[..]])?;
-    }
+    let digests: Vec<u8> = chunk_set.iter().flat_map(|d| d.0).collect();
+    conn.execute(
+        "INSERT OR IGNORE INTO layer_chunk_sets (layer, digests) VALUES (?1, ?2)",
+        params![i.id.to_string(), digests],
+    )?;
     Ok(())
 }
 
@@ -478,17 +508,60 @@ pub fn layer_blobs(conn: &Connection, id: &Blake3) -> Result<(Vec<u8>, Vec<u8>)>
 }
 
 pub fn layer_chunk_set(conn: &Connection, id: &Blake3) -> Result<Vec<Blake3>> {
-    let mut stmt = conn.prepare("SELECT digest FROM layer_chunks WHERE layer = ?1")?;
-    let rows = stmt
-        .query_map([id.to_string()], |r| r.get::<_, Vec<u8>>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter()
-        .map(|d| {
-            d.try_into()
-                .map(Blake3)
-                .map_err(|_| Error::Corrupt("bad digest in layer_chunks".into()))
-        })
-        .collect()
+    let blob: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT digests FROM layer_chunk_sets WHERE layer = ?1",
+            [id.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    decode_chunk_set(&blob.unwrap_or_default())
+}
+
+fn decode_chunk_set(blob: &[u8]) -> Result<Vec<Blake3>> {
+    if !blob.len().is_multiple_of(32) {
+        return Err(Error::Corrupt(
+            "chunk set of a length not a multiple of 32".into(),
+        ));
+    }
+    Ok(blob
+        .chunks_exact(32)
+        .map(|d| Blake3(d.try_into().expect("32 bytes")))
+        .collect())
+}
+
+/// Every chunk some layer names (what `gc` must keep).
+pub fn referenced_chunks(conn: &Connection) -> Result<std::collections::HashSet<Blake3>> {
+    let mut stmt = conn.prepare("SELECT digests FROM layer_chunk_sets")?;
+    let mut rows = stmt.query([])?;
+    let mut all = std::collections::HashSet::new();
+    while let Some(row) = rows.next()? {
+        let blob = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+        all.extend(decode_chunk_set(blob)?);
+    }
+    Ok(all)
+}
+
+/// Delete the chunk rows no layer names; returns how many went.
+pub fn delete_unreferenced_chunks(conn: &Connection) -> Result<u64> {
+    let keep = referenced_chunks(conn)?;
+    let mut dead: Vec<Vec<u8>> = Vec::new();
+    {
+        let mut stmt = conn.prepare("SELECT digest FROM chunks")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let digest = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+            let known = <[u8; 32]>::try_from(digest).is_ok_and(|d| keep.contains(&Blake3(d)));
+            if !known {
+                dead.push(digest.to_vec());
+            }
+        }
+    }
+    let mut delete = conn.prepare_cached("DELETE FROM chunks WHERE digest = ?1")?;
+    for digest in &dead {
+        delete.execute([digest])?;
+    }
+    Ok(dead.len() as u64)
 }
 
 /// Delete a layer unless a stack or tag uses it, or a live import other than `owner` (the
@@ -515,7 +588,7 @@ pub fn delete_layer(conn: &mut Connection, id: &Blake3, owner: Option<i64>) -> R
     }
     // What is left are the owner's pins and those of dead processes.
     tx.execute("DELETE FROM pins WHERE layer = ?1", [&key])?;
-    tx.execute("DELETE FROM layer_chunks WHERE layer = ?1", [&key])?;
+    tx.execute("DELETE FROM layer_chunk_sets WHERE layer = ?1", [&key])?;
     tx.execute("DELETE FROM blob_digests WHERE layer = ?1", [&key])?;
     tx.execute("DELETE FROM layer_history WHERE layer = ?1", [&key])?;
     if tx.execute("DELETE FROM layers WHERE id = ?1", [&key])? == 0 {

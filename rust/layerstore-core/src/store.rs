@@ -787,10 +787,7 @@ impl Store {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let live = meta::live_leases(&tx)?;
         if live.is_empty() {
-            report.chunks_removed = tx.execute(
-                "DELETE FROM chunks WHERE digest NOT IN (SELECT digest FROM layer_chunks)",
-                [],
-            )? as u64;
+            report.chunks_removed = meta::delete_unreferenced_chunks(&tx)?;
             let header = cas::PACK_MAGIC.len() as u64;
             let mut rewrite: Vec<(String, u64)> = Vec::new();
             let mut small: Vec<(String, u64)> = Vec::new();

@@ -270,3 +270,95 @@ fn gc_removes_the_scratch_of_dead_processes_only() {
     );
     assert!(report.bytes_reclaimed >= 34);
 }
+
+/// A version-1 store (one `layer_chunks` row per layer and chunk) opens as version 2 with the
+/// same chunk sets, which gc and fsck then rely on.
+#[test]
+fn a_version_1_store_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, dropped) = {
+        let store = open(dir.path());
+        let kept = import(&store, &rust_tar(&noise(300_000, 1)))
+            .unwrap()
+            .layer
+            .id;
+        let dropped = import(&store, &rust_tar(&noise(300_000, 2)))
+            .unwrap()
+            .layer
+            .id;
+        (kept, dropped)
+    };
+    // Rewrite the chunk sets the way version 1 kept them.
+    let db = rusqlite::Connection::open(dir.path().join("store/meta.db")).unwrap();
+    db.execute_batch(
+        "CREATE TABLE layer_chunks (layer TEXT NOT NULL REFERENCES layers(id), digest BLOB NOT NULL,
+             PRIMARY KEY (layer, digest)) WITHOUT ROWID;
+         CREATE INDEX layer_chunks_by_digest ON layer_chunks(digest);",
+    )
+    .unwrap();
+    let sets: Vec<(String, Vec<u8>)> = db
+        .prepare("SELECT layer, digests FROM layer_chunk_sets")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(sets.len(), 2);
+    for (layer, digests) in &sets {
+        for d in digests.chunks(32) {
+            db.execute(
+                "INSERT INTO layer_chunks (layer, digest) VALUES (?1, ?2)",
+                rusqlite::params![layer, d],
+            )
+            .unwrap();
+        }
+    }
+    db.execute_batch(
+        "DROP TABLE layer_chunk_sets;
+         UPDATE settings SET value = '1' WHERE key = 'format_version';",
+    )
+    .unwrap();
+    drop(db);
+
+    let store = open(dir.path());
+    let db = rusqlite::Connection::open(dir.path().join("store/meta.db")).unwrap();
+    let version: String = db
+        .query_row(
+            "SELECT value FROM settings WHERE key = 'format_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, "2");
+    let old_table: i64 = db
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE 'layer_chunks%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(old_table, 0, "the version-1 table and its index are gone");
+    let migrated: Vec<(String, Vec<u8>)> = db
+        .prepare("SELECT layer, digests FROM layer_chunk_sets ORDER BY layer")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut want = sets.clone();
+    want.sort();
+    assert_eq!(migrated, want);
+    assert!(store.fsck().unwrap().problems.is_empty());
+    // gc keeps exactly what the migrated sets name.
+    assert_eq!(store.gc().unwrap().chunks_removed, 0);
+    let set_of = |id: &Blake3| -> std::collections::HashSet<Vec<u8>> {
+        let (_, digests) = sets.iter().find(|(l, _)| *l == id.to_string()).unwrap();
+        digests.chunks(32).map(<[u8]>::to_vec).collect()
+    };
+    let only_dropped = set_of(&dropped).difference(&set_of(&kept)).count();
+    assert!(only_dropped > 0);
+    store.delete(&dropped).unwrap();
+    assert_eq!(store.gc().unwrap().chunks_removed as usize, only_dropped);
+    assert_eq!(export(&store, &kept), rust_tar(&noise(300_000, 1)));
+    assert!(store.fsck().unwrap().problems.is_empty());
+}
