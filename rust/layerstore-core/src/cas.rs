@@ -546,11 +546,57 @@ struct ReadPlan {
     locs: Vec<ChunkLoc>,
     /// For each run of consecutive chunks in one block: the index of its first chunk.
     starts: Vec<usize>,
+    /// The runs whose block the reader must fetch (the others reuse a block it holds, see
+    /// [`RECENT_BLOCKS`]).
+    fetch: Vec<usize>,
     /// The reader is gone: its queued runs are dropped, not decoded.
     cancelled: std::sync::atomic::AtomicBool,
 }
 
+/// Decoded blocks a reader keeps after their run ends: a layer's chunks come in import order,
+/// but a file stored before (a duplicate, a hardlink's twin) interrupts a block's runs, and
+/// decoding a 1 MiB block again for the rest of it would cost more than the whole read.
+const RECENT_BLOCKS: usize = 8;
+
+/// Which blocks a sequence of runs needs, most recent first, as the reader keeps them.
+#[derive(Default)]
+struct Recent<T> {
+    blocks: std::collections::VecDeque<(usize, T)>,
+}
+
+impl<T> Recent<T> {
+    /// Make `run`'s block the most recent; returns what it held for an earlier run of the same
+    /// block (`same` compares two runs' blocks), and what fell out.
+    fn touch(
+        &mut self,
+        run: usize,
+        same: impl Fn(usize) -> bool,
+        fresh: impl FnOnce() -> T,
+    ) -> (bool, Option<T>) {
+        let found = self.blocks.iter().position(|(r, _)| same(*r));
+        let (hit, value) = match found.and_then(|i| self.blocks.remove(i)) {
+            Some((_, v)) => (true, v),
+            None => (false, fresh()),
+        };
+        self.blocks.push_front((run, value));
+        let evicted = (self.blocks.len() > RECENT_BLOCKS)
+            .then(|| self.blocks.pop_back())
+            .flatten()
+            .map(|(_, v)| v);
+        (hit, evicted)
+    }
+
+    fn front(&self) -> Option<&T> {
+        self.blocks.front().map(|(_, v)| v)
+    }
+}
+
 impl ReadPlan {
+    fn same_block(&self, a: usize, b: usize) -> bool {
+        let (x, y) = (&self.locs[self.starts[a]], &self.locs[self.starts[b]]);
+        x.block_offset == y.block_offset && x.pack == y.pack
+    }
+
     fn run(&self, run: usize) -> &[ChunkLoc] {
         let end = self.starts.get(run + 1).copied().unwrap_or(self.locs.len());
         &self.locs[self.starts[run]..end]
@@ -592,7 +638,8 @@ pub struct OrderedChunks {
     plan: Arc<ReadPlan>,
     next: usize,
     run: usize,
-    block: Option<Arc<Vec<u8>>>,
+    /// The blocks of the last runs, most recent (the current one) first.
+    recent: Recent<Option<Arc<Vec<u8>>>>,
     /// Replies of the dispatched runs, oldest first.
     queued: std::collections::VecDeque<crossbeam_channel::Receiver<BlockResult>>,
     dispatched: usize,
@@ -619,18 +666,26 @@ impl OrderedChunks {
                 starts.push(i);
             }
         }
-        let plan = Arc::new(ReadPlan {
+        let mut plan = ReadPlan {
             dir: dir.to_path_buf(),
             locs,
             starts,
+            fetch: Vec::new(),
             cancelled: false.into(),
-        });
+        };
+        let mut recent = Recent::<()>::default();
+        for run in 0..plan.starts.len() {
+            if !recent.touch(run, |r| plan.same_block(r, run), || ()).0 {
+                plan.fetch.push(run);
+            }
+        }
+        let plan = Arc::new(plan);
         let (spare, spares) = crossbeam_channel::bounded::<Vec<u8>>(READ_AHEAD_BLOCKS);
         let mut chunks = OrderedChunks {
             plan,
             next: 0,
             run: 0,
-            block: None,
+            recent: Recent::default(),
             queued: std::collections::VecDeque::with_capacity(READ_AHEAD_BLOCKS),
             dispatched: 0,
             spare,
@@ -642,14 +697,14 @@ impl OrderedChunks {
         chunks
     }
 
-    /// Queue the next undispatched run, if any.
+    /// Queue the next undispatched run to fetch, if any.
     fn dispatch(&mut self) {
-        if self.dispatched < self.plan.starts.len() {
+        if let Some(&run) = self.plan.fetch.get(self.dispatched) {
             let (tx, rx) = crossbeam_channel::bounded(1);
             // The pool lives as long as the process (its workers never stop taking jobs).
             let _ = read_ahead_pool().send(Job {
                 plan: self.plan.clone(),
-                run: self.dispatched,
+                run,
                 reply: tx,
                 spares: self.spares.clone(),
             });
@@ -663,22 +718,31 @@ impl OrderedChunks {
         let loc = self.plan.locs.get(self.next)?;
         let range = loc.inner_offset as usize..(loc.inner_offset + loc.len) as usize;
         if self.plan.starts.get(self.run) == Some(&self.next) {
+            let run = self.run;
             self.run += 1;
-            let reply = self.queued.pop_front()?;
-            self.dispatch();
-            // The last block, unless a caller still holds a chunk of it, is decoded into again
-            // (refilling memory already mapped costs far less than faulting in fresh pages).
-            if let Some(done) = self.block.take().and_then(|b| Arc::try_unwrap(b).ok()) {
+            let plan = self.plan.clone();
+            let (hit, evicted) = self.recent.touch(run, |r| plan.same_block(r, run), || None);
+            // A block no run will reuse, unless a caller still holds a chunk of it, is decoded
+            // into again (refilling memory already mapped costs far less than faulting in
+            // fresh pages).
+            if let Some(done) = evicted.flatten().and_then(|b| Arc::try_unwrap(b).ok()) {
                 let _ = self.spare.try_send(done);
             }
-            match reply.recv() {
-                Ok(Ok(block)) => self.block = Some(block),
-                Ok(Err(e)) => return Some(Err(e)),
-                Err(_) => return Some(Err(Error::Corrupt("read-ahead stopped early".into()))),
+            if !hit {
+                let reply = self.queued.pop_front()?;
+                self.dispatch();
+                let block = match reply.recv() {
+                    Ok(Ok(block)) => block,
+                    Ok(Err(e)) => return Some(Err(e)),
+                    Err(_) => return Some(Err(Error::Corrupt("read-ahead stopped early".into()))),
+                };
+                if let Some(front) = self.recent.blocks.front_mut() {
+                    front.1 = Some(block);
+                }
             }
         }
         self.next += 1;
-        Some(Ok((self.block.clone()?, range)))
+        Some(Ok((self.recent.front()?.clone()?, range)))
     }
 }
 
@@ -909,6 +973,48 @@ mod tests {
         let mut reader = OrderedChunks::new(dir.path(), plan);
         reader.next_chunk().unwrap().unwrap();
         drop(reader);
+    }
+
+    #[test]
+    fn a_block_interrupted_by_another_is_fetched_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::new(dir.path(), "p.pack".into(), 1);
+        let chunks: Vec<(Blake3, Vec<u8>)> = (0..40u8)
+            .map(|i| {
+                let data = vec![i; 100_000];
+                (Blake3::of(&data), data)
+            })
+            .collect();
+        for (d, data) in &chunks {
+            w.add(*d, data).unwrap();
+        }
+        let (locs, _) = w.finish(|_| {}).unwrap().unwrap();
+        let by_digest: HashMap<Blake3, &ChunkLoc> = locs.iter().map(|l| (l.digest, l)).collect();
+        let block_of = |k: usize| by_digest[&chunks[k].0].block_offset;
+        assert_ne!(block_of(0), block_of(39));
+        // Block A's chunks, one of block B's (a duplicate file), the rest of A's, then B's.
+        let order: Vec<usize> = [0, 1, 2, 39, 3, 4, 5, 38, 37].into();
+        assert!(order[..3]
+            .iter()
+            .chain(&order[4..7])
+            .all(|&k| block_of(k) == block_of(0)));
+        assert!(order[7..].iter().all(|&k| block_of(k) == block_of(39)));
+        let plan = order
+            .iter()
+            .map(|&k| by_digest[&chunks[k].0].clone())
+            .collect();
+        let mut reader = OrderedChunks::new(dir.path(), plan);
+        assert_eq!(reader.plan.starts.len(), 4, "four runs");
+        assert_eq!(
+            reader.plan.fetch,
+            vec![0, 1],
+            "two blocks, each fetched once"
+        );
+        for &k in &order {
+            let (block, range) = reader.next_chunk().unwrap().unwrap();
+            assert_eq!(&block[range], &chunks[k].1[..]);
+        }
+        assert!(reader.next_chunk().is_none());
     }
 
     #[test]

@@ -321,7 +321,7 @@ impl<'s> Content<'s> {
             store,
             conn: None,
             in_tx: false,
-            reader: PackReader::new(&store.packs_dir())?,
+            reader: store.cached_reader()?,
             buf: Vec::new(),
         })
     }
@@ -799,12 +799,13 @@ impl Store {
 /// stands for "create the directory's subdirectories".
 type Task = Vec<(usize, usize, usize)>;
 
-/// A level's work in the order a tar lists it (directories depth-first, children by name), cut
-/// into tasks of about [`LEAVES_PER_TASK`] entries. Neighbouring small files share pack blocks
-/// (content is stored in tar order), and one task decodes a block once for all of them, where a
-/// task per directory would decode it again for each directory.
-fn level_tasks(dirs: &[DirPlan], level: &[usize]) -> Vec<Task> {
-    let mut order = level.to_vec();
+/// The work of directories `which` in the order a tar lists them (directories depth-first,
+/// children by name): creating their subdirectories, their leaves, or both, cut into tasks of
+/// about [`LEAVES_PER_TASK`] entries. Neighbouring small files share pack blocks (content is
+/// stored in tar order), and one task decodes a block once for all of them, where a task per
+/// directory would decode it again for each directory.
+fn tar_order_tasks(dirs: &[DirPlan], which: &[usize], subdirs: bool, leaves: bool) -> Vec<Task> {
+    let mut order = which.to_vec();
     order.sort_by(|&a, &b| {
         let comps = |i: usize| dirs[i].rel.split(|&c| c == b'/').collect::<Vec<_>>();
         comps(a).cmp(&comps(b))
@@ -813,12 +814,12 @@ fn level_tasks(dirs: &[DirPlan], level: &[usize]) -> Vec<Task> {
     let (mut cur, mut weight): (Task, usize) = (Vec::new(), 0);
     for i in order {
         let d = &dirs[i];
-        if !d.subdirs.is_empty() {
+        if subdirs && !d.subdirs.is_empty() {
             cur.push((i, 0, 0));
             weight += d.subdirs.len();
         }
         let mut start = 0;
-        while start < d.leaves.len() {
+        while leaves && start < d.leaves.len() {
             let end = (start + LEAVES_PER_TASK.saturating_sub(weight).max(1)).min(d.leaves.len());
             cur.push((i, start, end));
             weight += end - start;
@@ -841,10 +842,16 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
         links,
         levels,
     } = plan(stack)?;
-    // Top-down, one level at a time: each directory creates its subdirectories (0700 until
-    // their metadata is set) and its leaves, in tasks that follow the tar order.
-    for level in &levels {
-        level_tasks(&dirs, level)
+    // Directories top-down, one level at a time (0700 until their metadata is set); then every
+    // leaf, in tar order across the whole tree, so that files sharing a pack block are written
+    // one after another (a level at a time, one 1 MiB block would be decoded once per level).
+    let every_dir: Vec<usize> = (0..dirs.len()).collect();
+    let phases = levels
+        .iter()
+        .map(|level| tar_order_tasks(&dirs, level, true, false))
+        .chain([tar_order_tasks(&dirs, &every_dir, false, true)]);
+    for tasks in phases {
+        tasks
             .par_iter()
             .map_init(
                 || Content::new(ctx.store),

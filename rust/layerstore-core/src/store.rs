@@ -606,7 +606,7 @@ impl Store {
     }
 
     /// A chunk reader sharing this store's decoded blocks.
-    fn cached_reader(&self) -> Result<PackReader> {
+    pub(crate) fn cached_reader(&self) -> Result<PackReader> {
         PackReader::with_cache(&self.packs_dir(), self.blocks.clone())
     }
 
