@@ -329,7 +329,8 @@ impl Store {
         progress: Progress<'_>,
         check: impl FnOnce(&StreamDigests, Option<&StreamDigests>) -> Result<()>,
     ) -> Result<Imported> {
-        let (blocks, reader) = spawn_reader(src, want_sha512);
+        let (spare, spares) = crossbeam_channel::bounded::<Vec<u8>>(8);
+        let (blocks, reader) = spawn_reader(src, want_sha512, spares);
         let mut sink = ImportSink {
             chunker: Chunker::new(self.options.chunk),
             conn,
@@ -349,7 +350,8 @@ impl Store {
         let input = ChannelReader {
             waited: &waited,
             rx: blocks,
-            cur: Arc::from(&[][..]),
+            spare,
+            cur: Arc::default(),
             pos: 0,
             total: 0,
             reported: 0,
@@ -1166,7 +1168,16 @@ struct ReaderOut {
     busy_seconds: f64,
 }
 
-type Block = io::Result<Arc<[u8]>>;
+type Block = io::Result<Arc<Vec<u8>>>;
+
+/// A block of the input stream as the stream hasher sees it (shared with the parser).
+struct SharedBlock(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBlock {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 const READ_BLOCK: usize = 1 << 20;
 
@@ -1174,6 +1185,7 @@ const READ_BLOCK: usize = 1 << 20;
 fn spawn_reader(
     src: Box<dyn Read + Send>,
     want_sha512: bool,
+    spares: Receiver<Vec<u8>>,
 ) -> (Receiver<Block>, JoinHandle<Result<ReaderOut>>) {
     let (tx, rx) = crossbeam_channel::bounded::<Block>(8);
     let handle = std::thread::Builder::new()
@@ -1205,7 +1217,9 @@ fn spawn_reader(
             let hasher = StreamHasher::spawn(want_sha512);
             let mut busy = std::time::Duration::ZERO;
             loop {
-                let mut block = vec![0u8; READ_BLOCK];
+                // A block the parser is done with when there is one (no fresh pages to fault in).
+                let mut block = spares.try_recv().unwrap_or_default();
+                block.resize(READ_BLOCK, 0);
                 let mut filled = 0;
                 let mut failed = None;
                 let reading = Instant::now();
@@ -1223,8 +1237,8 @@ fn spawn_reader(
                 busy += reading.elapsed();
                 if filled > 0 {
                     block.truncate(filled);
-                    let block: Arc<[u8]> = block.into();
-                    hasher.update(block.clone());
+                    let block = Arc::new(block);
+                    hasher.update(SharedBlock(block.clone()));
                     if tx.send(Ok(block)).is_err() {
                         break; // the parser stopped (an error); it reports why
                     }
@@ -1298,7 +1312,9 @@ impl<R: Read> Read for TeeReader<'_, R> {
 struct ChannelReader<'p> {
     waited: &'p std::cell::Cell<std::time::Duration>,
     rx: Receiver<Block>,
-    cur: Arc<[u8]>,
+    /// Blocks read, back to the reader thread to fill again (once the hasher is done too).
+    spare: crossbeam_channel::Sender<Vec<u8>>,
+    cur: Arc<Vec<u8>>,
     pos: usize,
     total: u64,
     reported: u64,
@@ -1313,7 +1329,10 @@ impl Read for ChannelReader<'_> {
             self.waited.set(self.waited.get() + waiting.elapsed());
             match got {
                 Ok(Ok(block)) => {
-                    self.cur = block;
+                    let done = std::mem::replace(&mut self.cur, block);
+                    if let Ok(done) = Arc::try_unwrap(done) {
+                        let _ = self.spare.try_send(done);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),
