@@ -315,27 +315,27 @@ pub fn block_chunks(conn: &Connection, pack: &str, block_offset: u64) -> Result<
 
 /// Point the chunks of a block `gc` rewrote at their new place.
 pub fn move_chunks(conn: &Connection, locs: &[ChunkLoc]) -> Result<()> {
-    let mut stmt = conn.prepare_cached(
+    write_locs(
+        conn,
         "UPDATE chunks SET pack = ?2, block_offset = ?3, block_len = ?4, codec = ?5, \
-         inner_offset = ?6 WHERE digest = ?1",
-    )?;
-    for l in locs {
-        stmt.execute(params![
-            &l.digest.0[..],
-            l.pack,
-            l.block_offset,
-            l.block_len,
-            l.codec as u8,
-            l.inner_offset
-        ])?;
-    }
-    Ok(())
+         inner_offset = ?6, len = ?7 WHERE digest = ?1",
+        locs,
+    )
 }
 
 pub fn insert_chunks(conn: &Connection, locs: &[ChunkLoc]) -> Result<()> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "INSERT OR IGNORE INTO chunks ({LOC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-    ))?;
+    write_locs(
+        conn,
+        &format!(
+            "INSERT OR IGNORE INTO chunks ({LOC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        ),
+        locs,
+    )
+}
+
+/// Run `sql` once per location, with its columns as parameters in [`LOC_COLUMNS`] order.
+fn write_locs(conn: &Connection, sql: &str, locs: &[ChunkLoc]) -> Result<()> {
+    let mut stmt = conn.prepare_cached(sql)?;
     for l in locs {
         stmt.execute(params![
             &l.digest.0[..],
