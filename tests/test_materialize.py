@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -251,6 +252,36 @@ def test_a_failed_materialize_leaves_nothing(store: ls.Store, tmp_path: Path) ->
     # and the same call without the failure works, with one writer thread too
     store.materialize(image, tmp_path / "out", max_threads=1)
     assert (tmp_path / "out/d007/f3").read_bytes() == files["d007/f3"]
+
+
+def start_time(pid: int) -> int:
+    """A process's start time as /proc shows it (field 22 of its stat line)."""
+    stat_line = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat_line.rsplit(")", 1)[1].split()[19])
+
+
+def test_materialize_removes_what_a_killed_one_left(store: ls.Store, tmp_path: Path) -> None:
+    """A materialize killed mid-way leaves its private directory beside `dest`; the next
+    materialize to that `dest` removes it when its owner is gone, and keeps a live one's."""
+    image = store.stack([layer_of(store, [tf.file_("f", b"x")])])
+    gone = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    abandoned = tmp_path / f".out.layerstore-tmp-{dead_pid}-12345-abc"
+    (abandoned / "deep/er").mkdir(parents=True)
+    (abandoned / "deep/er/file").write_bytes(b"half written")
+    os.symlink("/", abandoned / "deep/root")  # removed as a link, never followed
+    me = os.getpid()
+    live = tmp_path / f".out.layerstore-tmp-{me}-{start_time(me)}-def"
+    live.mkdir()
+    untagged = tmp_path / ".out.layerstore-tmp-0123456789abcdef"  # an older build's: no owner
+    untagged.mkdir()
+    other = tmp_path / f".other.layerstore-tmp-{dead_pid}-12345-abc"  # another destination's
+    other.mkdir()
+    store.materialize(image, tmp_path / "out")
+    assert (tmp_path / "out/f").read_bytes() == b"x"
+    assert not abandoned.exists()
+    assert live.is_dir() and untagged.is_dir() and other.is_dir()
+    assert Path("/etc/passwd").exists()
 
 
 @pytest.mark.root

@@ -41,7 +41,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::layer::{Entry, Kind};
 use crate::meta;
 use crate::stack::Stack;
-use crate::store::{unique_name, Conn, Progress, Store};
+use crate::store::{owner_gone, owner_tag, Conn, Progress, Store};
 use crate::union::{Name, Node, ViewEntry};
 
 /// Options of [`Store::materialize`] and [`Store::apply`].
@@ -705,7 +705,10 @@ fn plan(stack: &Stack) -> Result<Plan> {
 }
 
 impl Store {
-    /// Write the union view of `stack` to the new directory `dest` (which must not exist).
+    /// Write the union view of `stack` to the new directory `dest` (which must not exist). It is
+    /// built in `.NAME.layerstore-tmp-<pid>-<start>-<unique>` beside `dest` and renamed into
+    /// place; such a directory that a killed run left is removed by the next materialize to the
+    /// same `dest` once its owner process is gone.
     pub fn materialize(
         &self,
         stack: &Stack,
@@ -742,9 +745,11 @@ impl Store {
             Err(Errno::NOENT) => {}
             Err(x) => return Err(io_err("stat", dest.as_os_str().as_bytes(), x)),
         }
-        let mut tmp = b".".to_vec();
-        tmp.extend_from_slice(&name);
-        tmp.extend_from_slice(format!(".layerstore-tmp-{}", unique_name()).as_bytes());
+        let mut prefix = b".".to_vec();
+        prefix.extend_from_slice(&name);
+        prefix.extend_from_slice(b".layerstore-tmp-");
+        remove_abandoned(parent.as_fd(), &prefix);
+        let tmp = [&prefix[..], owner_tag().as_bytes()].concat();
         rfs::mkdirat(&parent, tmp.as_slice(), Mode::from_raw_mode(0o700))
             .map_err(errno_io)
             .ctx(|| format!("creating a directory beside {}", dest.display()))?;
@@ -792,6 +797,24 @@ impl Store {
             }
         }
         result
+    }
+}
+
+/// Remove what an earlier materialize of the same destination, killed before it could clean up,
+/// left beside it: entries named `prefix` + an owner tag of a process that is gone. Best effort
+/// (what cannot be removed stays; the new one does not depend on it).
+fn remove_abandoned(parent: BorrowedFd<'_>, prefix: &[u8]) {
+    let Ok(dir) = rustix::fs::Dir::read_from(parent) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_bytes();
+        let tag = name
+            .strip_prefix(prefix)
+            .and_then(|t| std::str::from_utf8(t).ok());
+        if tag.is_some_and(owner_gone) {
+            let _ = remove_entry(parent, name, name);
+        }
     }
 }
 

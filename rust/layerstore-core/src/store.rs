@@ -1463,18 +1463,25 @@ const TMP_KINDS: [&str; 2] = ["oci", "docker"];
 /// `<kind>-<pid>-<start time>-<unique>`: `gc` removes what a dead process left there and never
 /// what a live one uses.
 pub(crate) fn owned_tmp_name(kind: &str) -> String {
-    let pid = std::process::id();
-    let start = meta::process_start_time(pid).unwrap_or(0);
-    format!("{kind}-{pid}-{start}-{}", unique_name())
+    format!("{kind}-{}", owner_tag())
 }
 
-/// The owner (pid, start time) an [`owned_tmp_name`] records; `None` for any other name.
-fn tmp_owner(name: &str) -> Option<(u32, u64)> {
-    let (kind, rest) = name.split_once('-')?;
-    if !TMP_KINDS.contains(&kind) {
-        return None;
-    }
-    let mut parts = rest.splitn(3, '-');
+/// `<pid>-<start time>-<unique>`: a fresh name part that says which process made it.
+pub(crate) fn owner_tag() -> String {
+    let pid = std::process::id();
+    let start = meta::process_start_time(pid).unwrap_or(0);
+    format!("{pid}-{start}-{}", unique_name())
+}
+
+/// Whether an [`owner_tag`] names a process that is gone; `false` for text that is not one
+/// (a name without an owner is never judged abandoned).
+pub(crate) fn owner_gone(tag: &str) -> bool {
+    tag_owner(tag).is_some_and(|(pid, start)| meta::process_start_time(pid) != Some(start))
+}
+
+/// The owner (pid, start time) an [`owner_tag`] records; `None` for any other text.
+fn tag_owner(tag: &str) -> Option<(u32, u64)> {
+    let mut parts = tag.splitn(3, '-');
     let pid = parts.next()?.parse().ok()?;
     let start = parts.next()?.parse().ok()?;
     parts.next().filter(|unique| !unique.is_empty())?;
@@ -1484,7 +1491,8 @@ fn tmp_owner(name: &str) -> Option<(u32, u64)> {
 /// Whether the `tmp/` entry `name` belongs to a process that is gone. A name that records no
 /// owner (left by an older build, or by hand) is never judged abandoned.
 fn tmp_abandoned(name: &str) -> bool {
-    tmp_owner(name).is_some_and(|(pid, start)| meta::process_start_time(pid) != Some(start))
+    name.split_once('-')
+        .is_some_and(|(kind, tag)| TMP_KINDS.contains(&kind) && owner_gone(tag))
 }
 
 /// Remove the scratch entries of `tmp/` whose owner is dead; returns the bytes freed.
@@ -1560,11 +1568,18 @@ mod tests {
     #[test]
     fn tmp_names_record_their_owner() {
         let name = owned_tmp_name("oci");
-        assert_eq!(tmp_owner(&name).map(|o| o.0), Some(std::process::id()));
-        assert!(!tmp_abandoned(&name));
-        assert_eq!(tmp_owner("docker-12-34-ab.tar"), Some((12, 34)));
-        for other in ["oci-0123abcd", "oci-12-34-", "pack-12-34-ab", "oci-x-34-ab"] {
-            assert_eq!(tmp_owner(other), None, "{other}");
+        let tag = name.strip_prefix("oci-").unwrap();
+        assert_eq!(tag_owner(tag).map(|o| o.0), Some(std::process::id()));
+        assert!(!tmp_abandoned(&name) && !owner_gone(tag));
+        assert_eq!(tag_owner("12-34-ab.tar"), Some((12, 34)));
+        assert!(
+            tmp_abandoned("docker-12-34-ab.tar"),
+            "no process 12 started at tick 34"
+        );
+        for other in ["0123abcd", "12-34-", "x-34-ab"] {
+            assert_eq!(tag_owner(other), None, "{other}");
+            assert!(!owner_gone(other), "{other}");
         }
+        assert!(!tmp_abandoned("pack-12-34-ab"), "not a scratch kind");
     }
 }
