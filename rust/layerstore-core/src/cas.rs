@@ -820,7 +820,9 @@ impl OrderedChunks {
                 let _ = self.spare.try_send(done);
             }
             if !hit {
-                let reply = self.queued.pop_front()?;
+                let Some(reply) = self.queued.pop_front() else {
+                    return Some(Err(Error::Corrupt("read-ahead lost a block".into())));
+                };
                 self.dispatch();
                 let block = match reply.recv() {
                     Ok(Ok(block)) => block,
@@ -833,7 +835,10 @@ impl OrderedChunks {
             }
         }
         self.next += 1;
-        Some(Ok((self.recent.front()?.clone()?, range)))
+        match self.recent.front().cloned().flatten() {
+            Some(block) => Some(Ok((block, range))),
+            None => Some(Err(Error::Corrupt("read-ahead lost a block".into()))),
+        }
     }
 }
 
