@@ -962,6 +962,26 @@ fn check_chunk(block: &[u8], loc: &ChunkLoc) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Chunks with their digests, as written.
+    type Chunks = Vec<(Blake3, Vec<u8>)>;
+
+    /// Write `data` as chunks of a new pack `name` at `level`; returns each chunk with its
+    /// digest, their locations (in block order, not `data` order) and the pack's length.
+    fn write_pack(
+        dir: &Path,
+        name: &str,
+        level: i32,
+        data: impl IntoIterator<Item = Vec<u8>>,
+    ) -> (Chunks, Vec<ChunkLoc>, u64) {
+        let mut w = PackWriter::new(dir, name.into(), level);
+        let chunks: Chunks = data.into_iter().map(|d| (Blake3::of(&d), d)).collect();
+        for (d, data) in &chunks {
+            w.add(*d, data).unwrap();
+        }
+        let (locs, len) = w.finish(|_| {}).unwrap().unwrap();
+        (chunks, locs, len)
+    }
+
     #[test]
     fn block_cache_keeps_the_most_recently_used_within_its_budget() {
         let cache = BlockCache::new(4000);
@@ -985,12 +1005,9 @@ mod tests {
     #[test]
     fn readers_sharing_a_cache_decode_a_block_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = PackWriter::new(dir.path(), "p1.pack".into(), 3);
-        let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 5000]).collect();
-        for d in &data {
-            w.add(Blake3::of(d), d).unwrap();
-        }
-        let (locs, _) = w.finish(|_| {}).unwrap().unwrap();
+        let (chunks, locs, _) =
+            write_pack(dir.path(), "p1.pack", 3, (0..4u8).map(|i| vec![i; 5000]));
+        let data: Vec<&Vec<u8>> = chunks.iter().map(|(_, d)| d).collect();
         let cache = Arc::new(BlockCache::new(1 << 20));
         let mut buf = Vec::new();
         PackReader::with_cache(dir.path(), cache.clone())
@@ -1003,22 +1020,15 @@ mod tests {
         let mut second = PackReader::with_cache(dir.path(), cache).unwrap();
         for (loc, d) in locs.iter().zip(&data) {
             second.read(loc, &mut buf).unwrap();
-            assert_eq!(&buf, d);
+            assert_eq!(&buf, *d);
         }
     }
 
     #[test]
     fn write_then_read_back_small_and_large_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = PackWriter::new(dir.path(), "p1.pack".into(), 3);
-        let mut chunks = Vec::new();
-        for i in 0..300u32 {
-            let data: Vec<u8> = (0..(i * 997 % 70_000)).map(|j| (j * i) as u8).collect();
-            let d = Blake3::of(&data);
-            w.add(d, &data).unwrap();
-            chunks.push((d, data));
-        }
-        let (locs, len) = w.finish(|_| {}).unwrap().unwrap();
+        let data = (0..300u32).map(|i| (0..(i * 997 % 70_000)).map(|j| (j * i) as u8).collect());
+        let (chunks, locs, len) = write_pack(dir.path(), "p1.pack", 3, data);
         assert_eq!(locs.len(), 300);
         assert_eq!(
             std::fs::metadata(dir.path().join("p1.pack")).unwrap().len(),
@@ -1037,17 +1047,12 @@ mod tests {
     #[test]
     fn ordered_chunks_come_back_in_the_asked_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = PackWriter::new(dir.path(), "p.pack".into(), 1);
-        let mut chunks = Vec::new();
-        for i in 0..400u32 {
-            let data: Vec<u8> = (0..(20_000 + i * 131 % 50_000))
+        let data = (0..400u32).map(|i| {
+            (0..(20_000 + i * 131 % 50_000))
                 .map(|j| (j ^ i) as u8)
-                .collect();
-            let d = Blake3::of(&data);
-            w.add(d, &data).unwrap();
-            chunks.push((d, data));
-        }
-        let (locs, _) = w.finish(|_| {}).unwrap().unwrap();
+                .collect()
+        });
+        let (chunks, locs, _) = write_pack(dir.path(), "p.pack", 1, data);
         let by_digest: HashMap<Blake3, &ChunkLoc> = locs.iter().map(|l| (l.digest, l)).collect();
         // Far more blocks than are read ahead, out of pack order, with repeats.
         let order: Vec<usize> = (0..1200).map(|k| (k * 7919) % 400).collect();
@@ -1074,17 +1079,8 @@ mod tests {
     #[test]
     fn a_block_interrupted_by_another_is_fetched_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = PackWriter::new(dir.path(), "p.pack".into(), 1);
-        let chunks: Vec<(Blake3, Vec<u8>)> = (0..40u8)
-            .map(|i| {
-                let data = vec![i; 100_000];
-                (Blake3::of(&data), data)
-            })
-            .collect();
-        for (d, data) in &chunks {
-            w.add(*d, data).unwrap();
-        }
-        let (locs, _) = w.finish(|_| {}).unwrap().unwrap();
+        let (chunks, locs, _) =
+            write_pack(dir.path(), "p.pack", 1, (0..40u8).map(|i| vec![i; 100_000]));
         let by_digest: HashMap<Blake3, &ChunkLoc> = locs.iter().map(|l| (l.digest, l)).collect();
         let block_of = |k: usize| by_digest[&chunks[k].0].block_offset;
         assert_ne!(block_of(0), block_of(39));
