@@ -17,6 +17,7 @@ pub mod emit;
 pub mod error;
 pub mod frozen;
 pub mod fsio;
+pub mod gather;
 pub mod layer;
 pub mod materialize;
 pub mod meta;

@@ -27,6 +27,7 @@ use crate::compress::{self, Compression, Encoder};
 use crate::digest::{self, Blake3, OciDigest, StreamDigests, StreamHasher};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
+use crate::gather::Gather;
 use crate::layer::{self, ChunkRef, Entry, LayerInfo};
 use crate::meta;
 use crate::stack::{ContentReader, LayerEntries, Piece, Stack};
@@ -665,8 +666,9 @@ impl Store {
             sha: (compression != Compression::None).then(sha2::Sha256::new),
             len: 0,
         };
-        let mut enc =
-            Encoder::new(compression, &mut counted).ctx(|| "starting the encoder".into())?;
+        let enc = Encoder::new(compression, &mut counted).ctx(|| "starting the encoder".into())?;
+        // Raw segments and chunk slices go out as they are, gathered into vectored writes.
+        let mut out = Gather::new(enc);
         let mut raw_pos = 0usize;
         let mut done = 0u64;
         for op in &split.ops {
@@ -676,7 +678,7 @@ impl Store {
                     let bytes = split.raw.get(raw_pos..end).ok_or_else(|| {
                         Error::Corrupt(format!("layer {id}: raw segment out of range"))
                     })?;
-                    enc.write_all(bytes).ctx(|| "writing the export".into())?;
+                    out.borrowed(bytes).ctx(|| "writing the export".into())?;
                     raw_pos = end;
                     done += n;
                 }
@@ -686,13 +688,14 @@ impl Store {
                             Error::Corrupt(format!("layer {id}: fewer chunks than entries need"))
                         })??;
                         done += range.len() as u64;
-                        enc.write_all(&block[range])
+                        out.shared(block, range)
                             .ctx(|| "writing the export".into())?;
                     }
                     progress(done)?;
                 }
             }
         }
+        let enc = out.finish().ctx(|| "writing the export".into())?;
         enc.finish().ctx(|| "finishing the export".into())?;
         progress(done)?;
         if done != info.size {
@@ -1362,6 +1365,22 @@ impl Write for HashingWriter<'_> {
         let n = self.inner.write(buf)?;
         if let Some(s) = self.sha.as_mut() {
             s.update(&buf[..n]);
+        }
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        if let Some(s) = self.sha.as_mut() {
+            let mut left = n;
+            for b in bufs {
+                let take = left.min(b.len());
+                s.update(&b[..take]);
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+            }
         }
         self.len += n as u64;
         Ok(n)
