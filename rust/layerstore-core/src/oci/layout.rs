@@ -798,3 +798,29 @@ impl Store {
         Ok(pending)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_blob_staged_long_ago_is_dated_now_when_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = dir.path().join("blob");
+        fs::write(&staged, b"layer bytes").unwrap();
+        let long_ago = SystemTime::now() - 3 * crate::cas::RETIRE_GRACE;
+        fs::File::options()
+            .write(true)
+            .open(&staged)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        date_now(&staged).unwrap();
+        let age = SystemTime::now()
+            .duration_since(fs::metadata(&staged).unwrap().modified().unwrap())
+            .unwrap_or_default();
+        assert!(age < Duration::from_secs(60), "still {age:?} old");
+        assert_eq!(fs::read(&staged).unwrap(), b"layer bytes");
+    }
+}
