@@ -113,3 +113,9 @@ def run_python(
         preexec_fn=no_core_dumps,
         check=False,
     )
+
+
+def start_time(pid: int) -> int:
+    """A process's start time as /proc shows it (field 22 of its stat line)."""
+    stat_line = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat_line.rsplit(")", 1)[1].split()[19])

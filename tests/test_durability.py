@@ -20,7 +20,7 @@ from pathlib import Path
 import layerstore as ls
 import pytest
 import tarfixtures as tf
-from storeutil import db_packs, export_bytes, no_core_dumps, pack_files, run_python
+from storeutil import db_packs, export_bytes, no_core_dumps, pack_files, run_python, start_time
 
 MiB = 1 << 20
 
@@ -440,3 +440,52 @@ def test_crash_during_a_container_commit(prior: tuple[ls.Store, str, bytes], poi
     new = store.stack([prior_id, again.stdout.strip()])
     assert new.read_bytes("/prior/small") == b"changed\n"
     assert new.stat("/new/big").size == 256 * 12 * 1024
+
+
+STUCK_EXPORT_CHILD = """
+import sys, time
+import layerstore as ls
+store = ls.Store(sys.argv[1])
+def progress(n):
+    if n:
+        print("writing", flush=True)
+        time.sleep(600)  # stuck mid-export until killed
+store.export_tar(sys.argv[2], sys.argv[3], progress=progress)
+print("done", flush=True)
+"""
+
+
+def test_sigkill_mid_export_leaves_no_dest_and_the_next_export_cleans_up(
+    prior: tuple[ls.Store, str, bytes], tmp_path: Path
+) -> None:
+    """A killed export leaves only its hidden temporary file beside `dest`, never `dest`; the
+    next export to that `dest` removes it (its owner is gone) and keeps a live writer's."""
+    store, layer_id, tar = prior
+    out = tmp_path / "exports"
+    out.mkdir()
+    dest = out / "out.tar"
+    me = os.getpid()
+    live = out / f".out.tar.layerstore-tmp-{me}-{start_time(me)}-abc"
+    live.write_bytes(b"another writer, still running")
+    with subprocess.Popen(
+        [sys.executable, "-c", STUCK_EXPORT_CHILD, store.path, layer_id, str(dest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=no_core_dumps,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "writing\n"
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    left = sorted(p.name for p in out.iterdir() if p != live)
+    assert not dest.exists()
+    assert len(left) == 1 and left[0].startswith(".out.tar.layerstore-tmp-"), left
+
+    store.export_tar(layer_id, dest)
+    assert dest.read_bytes() == tar
+    assert sorted(p.name for p in out.iterdir()) == sorted(["out.tar", live.name])

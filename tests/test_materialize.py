@@ -25,6 +25,7 @@ import layerstore as ls
 import overlayutil as ou
 import pytest
 import tarfixtures as tf
+from storeutil import start_time
 
 Info = dict[str, Any]
 OVERLAY_STACKS = int(os.environ.get("LAYERSTORE_MATERIALIZE_STACKS", "40"))
@@ -252,12 +253,6 @@ def test_a_failed_materialize_leaves_nothing(store: ls.Store, tmp_path: Path) ->
     # and the same call without the failure works, with one writer thread too
     store.materialize(image, tmp_path / "out", max_threads=1)
     assert (tmp_path / "out/d007/f3").read_bytes() == files["d007/f3"]
-
-
-def start_time(pid: int) -> int:
-    """A process's start time as /proc shows it (field 22 of its stat line)."""
-    stat_line = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat_line.rsplit(")", 1)[1].split()[19])
 
 
 def test_materialize_removes_what_a_killed_one_left(store: ls.Store, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ use std::collections::hash_map::{Entry as MapEntry, HashMap};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -131,7 +132,9 @@ pub fn write_dir_tar<W: Write>(
 }
 
 /// Write `dest` through `write`, atomically: into a temporary file beside it, renamed into place
-/// only when `write` succeeds (removed otherwise), so `dest` is never seen half-written. A `dest`
+/// only when `write` succeeds (removed otherwise), so `dest` is never seen half-written. The
+/// temporary file is `.NAME.layerstore-tmp-<owner tag>`; one that a killed writer left is removed
+/// by the next write to the same `dest` once its owner process is gone. A `dest`
 /// that exists and is not a regular file (`/dev/null`, a FIFO, a terminal) is written into
 /// directly: renaming over it would replace the device.
 pub fn write_atomically<T>(
@@ -153,7 +156,19 @@ pub fn write_atomically<T>(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.layerstore-tmp", crate::store::unique_name()));
+    let name = dest.file_name().ok_or_else(|| {
+        Error::io(
+            format!("{} names no file", dest.display()),
+            io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    let mut prefix = b".".to_vec();
+    prefix.extend_from_slice(name.as_bytes());
+    prefix.extend_from_slice(b".layerstore-tmp-");
+    remove_abandoned_files(dir, &prefix);
+    let mut tmp_name = prefix;
+    tmp_name.extend_from_slice(crate::store::owner_tag().as_bytes());
+    let tmp = dir.join(OsStr::from_bytes(&tmp_name));
     let result = (|| {
         let f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         let mut w = io::BufWriter::with_capacity(1 << 20, f);
@@ -167,6 +182,35 @@ pub fn write_atomically<T>(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Entries of `parent` named `prefix` + the owner tag of a process that is gone: what a write
+/// beside the same destination (an export, a materialize) left when it was killed.
+pub(crate) fn abandoned(parent: BorrowedFd<'_>, prefix: &[u8]) -> Vec<Vec<u8>> {
+    let Ok(dir) = rustix::fs::Dir::read_from(parent) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_bytes();
+            let tag = name.strip_prefix(prefix)?;
+            std::str::from_utf8(tag)
+                .is_ok_and(crate::store::owner_gone)
+                .then(|| name.to_vec())
+        })
+        .collect()
+}
+
+/// Unlink the files [`abandoned`] finds in `dir` (best effort; a directory of that name, which a
+/// materialize left, is not a file and stays for the next materialize to remove).
+fn remove_abandoned_files(dir: &Path, prefix: &[u8]) {
+    let Ok(parent) = rustix::fs::open(dir, OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+    else {
+        return;
+    };
+    for name in abandoned(parent.as_fd(), prefix) {
+        let _ = rustix::fs::unlinkat(&parent, name.as_slice(), rustix::fs::AtFlags::empty());
+    }
 }
 
 pub(crate) fn abs_path(root: &Path, rel: &[u8]) -> PathBuf {

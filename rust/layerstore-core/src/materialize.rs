@@ -38,10 +38,11 @@ use rustix::io::Errno;
 
 use crate::cas::PackReader;
 use crate::error::{Error, IoContext, Result};
+use crate::fsio;
 use crate::layer::{Entry, Kind};
 use crate::meta;
 use crate::stack::Stack;
-use crate::store::{owner_gone, owner_tag, Conn, Progress, Store};
+use crate::store::{owner_tag, Conn, Progress, Store};
 use crate::union::{Name, Node, ViewEntry};
 
 /// Options of [`Store::materialize`] and [`Store::apply`].
@@ -748,7 +749,10 @@ impl Store {
         let mut prefix = b".".to_vec();
         prefix.extend_from_slice(&name);
         prefix.extend_from_slice(b".layerstore-tmp-");
-        remove_abandoned(parent.as_fd(), &prefix);
+        for name in fsio::abandoned(parent.as_fd(), &prefix) {
+            // Best effort: what cannot be removed stays; the new tree does not depend on it.
+            let _ = remove_entry(parent.as_fd(), &name, &name);
+        }
         let tmp = [&prefix[..], owner_tag().as_bytes()].concat();
         rfs::mkdirat(&parent, tmp.as_slice(), Mode::from_raw_mode(0o700))
             .map_err(errno_io)
@@ -797,24 +801,6 @@ impl Store {
             }
         }
         result
-    }
-}
-
-/// Remove what an earlier materialize of the same destination, killed before it could clean up,
-/// left beside it: entries named `prefix` + an owner tag of a process that is gone. Best effort
-/// (what cannot be removed stays; the new one does not depend on it).
-fn remove_abandoned(parent: BorrowedFd<'_>, prefix: &[u8]) {
-    let Ok(dir) = rustix::fs::Dir::read_from(parent) else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_bytes();
-        let tag = name
-            .strip_prefix(prefix)
-            .and_then(|t| std::str::from_utf8(t).ok());
-        if tag.is_some_and(owner_gone) {
-            let _ = remove_entry(parent, name, name);
-        }
     }
 }
 
