@@ -152,6 +152,55 @@ mod tests {
         assert_eq!(s, "hello world");
     }
 
+    /// About 2.5 MiB that compress like a layer: text-like runs and incompressible stretches.
+    fn layer_like_bytes() -> Vec<u8> {
+        let mut x: u64 = 0x5eed;
+        let mut out = Vec::with_capacity(5 << 19);
+        while out.len() < 5 << 19 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if x >> 62 == 0 {
+                out.extend((0..4096).map(|i| (x >> (i % 57)) as u8));
+            } else {
+                let word =
+                    ["usr", "lib", "share", "doc", "bin", "etc", "\n"][(x >> 40) as usize % 7];
+                out.extend_from_slice(word.as_bytes());
+                out.push(b'/');
+            }
+        }
+        out
+    }
+
+    fn sha256_of(bytes: &[u8]) -> String {
+        use sha2::Digest as _;
+        crate::digest::sha256_string(&sha2::Sha256::digest(bytes))
+    }
+
+    /// What our encoders write is part of the store's records: an imported blob recorded as
+    /// rebuilt (`stream`, `pgzip`) is exported again by running the same encoder, and must come out
+    /// byte for byte. These digests pin that output, on every CPU (zlib-rs and zstd pick SIMD code
+    /// at run time) and across dependency updates; a change here breaks such stores.
+    #[test]
+    fn golden_compressed_output() {
+        let data = layer_like_bytes();
+        let encode = |kind: Compression| {
+            let mut e = Encoder::new(kind, Vec::new()).unwrap();
+            e.write_all(&data).unwrap();
+            sha256_of(&e.finish().unwrap())
+        };
+        let mut p = crate::oci::pgzip::ParGzWriter::new(Vec::new());
+        p.write_all(&data).unwrap();
+        let pgzip = sha256_of(&p.finish().unwrap());
+        let got = [encode(Compression::Gzip), encode(Compression::Zstd), pgzip];
+        let want = [
+            "sha256:bb8f42392ad4a4bc18d1d79fd6c4509140e382710cf42bf6cf07a0b64cab7251",
+            "sha256:b2c844019f3ffc88aa31fcd028d0576261bd31a76f5256cd3073a17153bce7dc",
+            "sha256:e02596c28b6680820f9a39a0ef68e62f3cf567ed3c70ee0aed548cc3df4e5bf6",
+        ];
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn zstd_and_plain_detected() {
         let z = zstd::encode_all(&b"abc"[..], 1).unwrap();
