@@ -233,21 +233,21 @@ impl Drop for PackWriter {
     }
 }
 
-/// The writing end of [`PackWriter`]: appends encoded blocks as they arrive.
-/// Bytes appended to a pack between two background flushes of its data (see [`EarlyFlush`]).
+/// Bytes appended to a file between two background flushes of its data (see [`EarlyFlush`]).
 const FLUSH_EVERY: u64 = 32 << 20;
 
-/// Flushes a pack's data to disk in the background while it is still being written, so the
+/// Flushes a file's data to disk in the background while it is still being written (a pack, a
+/// layer blob kept as it came), so the
 /// `fsync` of the commit point finds little left to write (on a rootfs import, 0.1 s of a 0.7 s
 /// import was that one fsync). Durability still rests on the final `sync_all` alone.
-struct EarlyFlush {
+pub(crate) struct EarlyFlush {
     tx: crossbeam_channel::Sender<()>,
     worker: std::thread::JoinHandle<()>,
     unflushed: u64,
 }
 
 impl EarlyFlush {
-    fn new(file: &File) -> Option<Self> {
+    pub(crate) fn new(file: &File) -> Option<Self> {
         let file = file.try_clone().ok()?;
         let (tx, rx) = crossbeam_channel::bounded::<()>(1);
         let worker = std::thread::Builder::new()
@@ -266,7 +266,7 @@ impl EarlyFlush {
         })
     }
 
-    fn written(&mut self, n: u64) {
+    pub(crate) fn written(&mut self, n: u64) {
         self.unflushed += n;
         // A flush still running takes the next batch with it: never wait for it.
         if self.unflushed >= FLUSH_EVERY && self.tx.try_send(()).is_ok() {
@@ -280,6 +280,7 @@ impl EarlyFlush {
     }
 }
 
+/// The writing end of [`PackWriter`]: appends encoded blocks as they arrive.
 fn write_blocks(
     path: &Path,
     name: &str,

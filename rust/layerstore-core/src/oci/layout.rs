@@ -129,6 +129,7 @@ impl<'s> Staging<'s> {
                 fs::File::create(&tee_path).ctx(|| format!("creating {}", tee_path.display()))?;
             Box::new(TeeFile {
                 inner: reader,
+                flush: crate::cas::EarlyFlush::new(&out),
                 out: Some(out),
                 first: true,
             })
@@ -397,6 +398,8 @@ pub(crate) fn layer_blob(conn: &Connection, digest: &str) -> Result<Option<Rebui
 struct TeeFile<R> {
     inner: R,
     out: Option<fs::File>,
+    /// Syncs the copy in the background, so keeping it ends with a short `fsync`.
+    flush: Option<crate::cas::EarlyFlush>,
     first: bool,
 }
 
@@ -411,9 +414,13 @@ impl<R: Read> Read for TeeFile<R> {
             && crate::compress::detect_bytes(&buf[..n]) == Compression::None
         {
             self.out = None;
+            self.flush = None;
         }
         if let Some(out) = self.out.as_mut() {
             out.write_all(&buf[..n])?;
+            if let Some(f) = self.flush.as_mut() {
+                f.written(n as u64);
+            }
         }
         Ok(n)
     }
