@@ -98,6 +98,17 @@ def no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def python_child(code: str, *args: str) -> subprocess.Popen[str]:
+    """A Python child to watch line by line (stdout piped as text) and kill; no core dump."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=no_core_dumps,
+    )
+
+
 def run_python(
     code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

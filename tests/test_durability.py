@@ -20,7 +20,14 @@ from pathlib import Path
 import layerstore as ls
 import pytest
 import tarfixtures as tf
-from storeutil import db_packs, export_bytes, no_core_dumps, pack_files, run_python, start_time
+from storeutil import (
+    db_packs,
+    export_bytes,
+    pack_files,
+    python_child,
+    run_python,
+    start_time,
+)
 
 MiB = 1 << 20
 
@@ -181,13 +188,7 @@ def test_sigkill_mid_import(prior: tuple[ls.Store, str, bytes], tmp_path: Path) 
     src = tmp_path / "big.tar"
     write_big_tar(src, 200 * MiB)
     seen: list[str] = []
-    with subprocess.Popen(
-        [sys.executable, "-c", SLOW_IMPORT_CHILD, store.path, str(src)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        preexec_fn=no_core_dumps,
-    ) as proc:
+    with python_child(SLOW_IMPORT_CHILD, store.path, str(src)) as proc:
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -467,13 +468,7 @@ def test_sigkill_mid_export_leaves_no_dest_and_the_next_export_cleans_up(
     me = os.getpid()
     live = out / f".out.tar.layerstore-tmp-{me}-{start_time(me)}-abc"
     live.write_bytes(b"another writer, still running")
-    with subprocess.Popen(
-        [sys.executable, "-c", STUCK_EXPORT_CHILD, store.path, layer_id, str(dest)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        preexec_fn=no_core_dumps,
-    ) as proc:
+    with python_child(STUCK_EXPORT_CHILD, store.path, layer_id, str(dest)) as proc:
         try:
             assert proc.stdout is not None
             assert proc.stdout.readline() == "writing\n"
