@@ -162,9 +162,7 @@ pub fn write_atomically<T>(
             io::ErrorKind::InvalidInput.into(),
         )
     })?;
-    let mut prefix = b".".to_vec();
-    prefix.extend_from_slice(name.as_bytes());
-    prefix.extend_from_slice(b".layerstore-tmp-");
+    let prefix = tmp_prefix(name.as_bytes());
     remove_abandoned_files(dir, &prefix);
     let mut tmp_name = prefix;
     tmp_name.extend_from_slice(crate::store::owner_tag().as_bytes());
@@ -182,6 +180,12 @@ pub fn write_atomically<T>(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The start of the name of what is written beside `NAME` before it is renamed into place:
+/// `.NAME.layerstore-tmp-`, followed by the writer's owner tag.
+pub(crate) fn tmp_prefix(name: &[u8]) -> Vec<u8> {
+    [b".", name, b".layerstore-tmp-"].concat()
 }
 
 /// Entries of `parent` named `prefix` + the owner tag of a process that is gone: what a write

@@ -746,9 +746,7 @@ impl Store {
             Err(Errno::NOENT) => {}
             Err(x) => return Err(io_err("stat", dest.as_os_str().as_bytes(), x)),
         }
-        let mut prefix = b".".to_vec();
-        prefix.extend_from_slice(&name);
-        prefix.extend_from_slice(b".layerstore-tmp-");
+        let prefix = fsio::tmp_prefix(&name);
         for name in fsio::abandoned(parent.as_fd(), &prefix) {
             // Best effort: what cannot be removed stays; the new tree does not depend on it.
             let _ = remove_entry(parent.as_fd(), &name, &name);
