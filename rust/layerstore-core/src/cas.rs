@@ -237,9 +237,9 @@ impl Drop for PackWriter {
 const FLUSH_EVERY: u64 = 32 << 20;
 
 /// Flushes a file's data to disk in the background while it is still being written (a pack, a
-/// layer blob kept as it came), so the
-/// `fsync` of the commit point finds little left to write (on a rootfs import, 0.1 s of a 0.7 s
-/// import was that one fsync). Durability still rests on the final `sync_all` alone.
+/// layer blob kept as it came), so the `fsync` of the commit point finds little left to write (on
+/// a rootfs import, 0.1 s of a 0.7 s import was that one fsync). Durability still rests on the
+/// final `sync_all` alone.
 pub(crate) struct EarlyFlush {
     tx: crossbeam_channel::Sender<()>,
     worker: std::thread::JoinHandle<()>,
