@@ -22,7 +22,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -39,6 +38,7 @@ use rustix::io::Errno;
 use crate::cas::PackReader;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
+use crate::gather::Gather;
 use crate::layer::{Entry, Kind};
 use crate::meta;
 use crate::stack::Stack;
@@ -313,7 +313,6 @@ pub(crate) struct Content<'s> {
     conn: Option<Conn<'s>>,
     in_tx: bool,
     reader: PackReader,
-    buf: Vec<u8>,
 }
 
 impl<'s> Content<'s> {
@@ -323,7 +322,6 @@ impl<'s> Content<'s> {
             conn: None,
             in_tx: false,
             reader: store.cached_reader()?,
-            buf: Vec::new(),
         })
     }
 
@@ -353,14 +351,17 @@ impl<'s> Content<'s> {
         if e.chunks.is_empty() && e.size == 0 {
             return Ok(0);
         }
+        let failed = || format!("writing {}", show(path));
+        // Straight from the decoded blocks, one vectored write per MiB.
+        let mut out = Gather::new(f);
         let mut written = 0u64;
         for c in &e.chunks {
             let loc = self.loc(&c.digest)?;
-            self.reader.read(&loc, &mut self.buf)?;
-            f.write_all(&self.buf)
-                .ctx(|| format!("writing {}", show(path)))?;
-            written += self.buf.len() as u64;
+            let (block, range) = self.reader.chunk(&loc)?;
+            written += range.len() as u64;
+            out.shared(block, range).ctx(failed)?;
         }
+        out.finish().ctx(failed)?;
         if written != e.size {
             return Err(Error::Corrupt(format!(
                 "{}: content is {written} bytes, the entry says {}",
@@ -824,6 +825,10 @@ fn tar_order_tasks(dirs: &[DirPlan], which: &[usize], subdirs: bool, leaves: boo
         if subdirs && !d.subdirs.is_empty() {
             cur.push((i, 0, 0));
             weight += d.subdirs.len();
+            if weight >= LEAVES_PER_TASK {
+                tasks.push(std::mem::take(&mut cur));
+                weight = 0;
+            }
         }
         let mut start = 0;
         while leaves && start < d.leaves.len() {
@@ -924,4 +929,73 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
             .collect::<Result<()>>()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(rel: &str, subdirs: usize, leaves: usize) -> DirPlan {
+        let entry = |name: String, kind| {
+            Arc::new(ViewEntry {
+                entry: Arc::new(Entry::new(name.into_bytes(), kind, b'0', 0o644)),
+                target: None,
+                layer: Some(0),
+            })
+        };
+        DirPlan {
+            rel: rel.as_bytes().to_vec(),
+            depth: rel.split('/').filter(|c| !c.is_empty()).count(),
+            meta: entry(rel.to_owned(), Kind::Dir),
+            subdirs: (0..subdirs)
+                .map(|i| Name::from(format!("d{i}").as_bytes()))
+                .collect(),
+            leaves: (0..leaves)
+                .map(|i| {
+                    (
+                        Name::from(format!("f{i}").as_bytes()),
+                        entry(format!("f{i}"), Kind::File),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_level_of_many_subdirectories_is_cut_into_tasks() {
+        // One directory with more subdirectories than a task takes, then small ones.
+        let dirs = vec![dir("usr", 150, 0), dir("etc", 10, 0), dir("var", 10, 0)];
+        let tasks = tar_order_tasks(&dirs, &[0, 1, 2], true, false);
+        assert!(tasks.len() >= 2, "{tasks:?}");
+        // Every directory's subdirectories are made exactly once, in tar order (etc < usr < var).
+        let made: Vec<usize> = tasks
+            .iter()
+            .flatten()
+            .map(|&(i, s, e)| {
+                assert_eq!(s, e, "only subdirectories in this phase");
+                i
+            })
+            .collect();
+        assert_eq!(made, vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn leaves_are_cut_into_tasks_in_tar_order_and_each_written_once() {
+        let dirs = vec![dir("", 2, 5), dir("a", 0, 200), dir("b", 0, 3)];
+        let tasks = tar_order_tasks(&dirs, &[0, 1, 2], false, true);
+        assert!(tasks.len() >= 3, "{tasks:?}");
+        assert!(tasks.iter().all(|t| {
+            let n: usize = t.iter().map(|&(_, s, e)| e - s).sum();
+            n <= LEAVES_PER_TASK
+        }));
+        let mut seen: Vec<(usize, usize)> = Vec::new();
+        for &(i, s, e) in tasks.iter().flatten() {
+            seen.extend((s..e).map(|k| (i, k)));
+        }
+        let expected: Vec<(usize, usize)> = [(0, 5), (1, 200), (2, 3)]
+            .iter()
+            .flat_map(|&(i, n)| (0..n).map(move |k| (i, k)))
+            .collect();
+        assert_eq!(seen, expected);
+    }
 }
