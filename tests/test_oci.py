@@ -530,6 +530,12 @@ def _wrong_size(m: dict[str, Any]) -> None:
     m["layers"][-1]["size"] += 1
 
 
+def _name_not_a_tag(layout: Path) -> None:
+    index = read_json(layout / "index.json")
+    index["manifests"][0]["annotations"][REF] = "my app"
+    (layout / "index.json").write_text(json.dumps(index))
+
+
 BREAKAGES = {
     "missing-blob": (lambda layout: _top_layer(layout).unlink(), ls.IntegrityError, "missing"),
     "digest-mismatch": (
@@ -554,6 +560,7 @@ BREAKAGES = {
         ls.InvalidLayerError,
         "unknown layer media type",
     ),
+    "name-not-a-tag": (_name_not_a_tag, ls.InvalidLayerError, 'image name "my app"'),
 }
 
 
@@ -572,7 +579,7 @@ def test_bad_layouts_change_nothing(
     before = _state(fresh)
     with pytest.raises(error, match=message) as info:
         fresh.import_oci(layout)
-    if breakage != "malformed-json":
+    if breakage not in ("malformed-json", "name-not-a-tag"):
         assert top in str(info.value)
     assert _state(fresh) == before
     assert fresh.fsck()["ok"]
@@ -594,6 +601,25 @@ def test_failure_after_a_layer_rolls_it_back(
     assert top.name in str(info.value)
     assert _state(fresh) == ([], [], [])
     assert not list((Path(fresh.path) / "tmp").iterdir())
+
+
+def test_failure_to_record_the_images_rolls_the_layers_back(
+    store: ls.Store, made: ls.Stack, tmp_path: Path
+) -> None:
+    """Every layer imports, then recording the images fails (the store's blob directory cannot
+    be made): no layer, image or tag stays."""
+    layout = tmp_path / "layout"
+    store.export_oci(made, layout, tag="v1")
+    fresh = ls.Store(tmp_path / "fresh")
+    (Path(fresh.path) / "blobs").write_text("in the way\n")
+    with pytest.raises(OSError):
+        fresh.import_oci(layout)
+    assert sorted(layer.id for layer in fresh.layers()) == []
+    assert fresh.images() == {}
+    (Path(fresh.path) / "blobs").unlink()
+    assert fresh.fsck()["ok"]
+    assert list(fresh.import_oci(layout)) == ["v1"]
+    assert fresh.get("v1").chain_id == made.chain_id
 
 
 def _on_layer_start(nth: int, then: Callable[[], None]) -> Callable[[int], None]:
@@ -684,6 +710,25 @@ def test_bad_docker_archive_changes_nothing(
     sh("tar", "-cf", broken, "-C", work, ".")
     fresh = ls.Store(tmp_path / "fresh")
     with pytest.raises(ls.IntegrityError, match="diff_id"):
+        fresh.import_docker_archive(broken)
+    assert _state(fresh) == ([], [], [])
+
+
+def test_docker_archive_with_a_name_that_cannot_be_a_tag_changes_nothing(
+    store: ls.Store, made: ls.Stack, tmp_path: Path
+) -> None:
+    archive = tmp_path / "image.tar"
+    store.export_docker_archive(made, archive, tag="app:v1", format="classic")
+    work = tmp_path / "x"
+    work.mkdir()
+    sh("tar", "-xf", archive, "-C", work)
+    manifest = read_json(work / "manifest.json")
+    manifest[0]["RepoTags"] = ["app:v1", "my app:v1"]
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    broken = tmp_path / "broken.tar"
+    sh("tar", "-cf", broken, "-C", work, ".")
+    fresh = ls.Store(tmp_path / "fresh")
+    with pytest.raises(ls.InvalidLayerError, match=r'manifest\.json: image name "my app:v1"'):
         fresh.import_docker_archive(broken)
     assert _state(fresh) == ([], [], [])
 

@@ -729,6 +729,13 @@ pub fn now() -> i64 {
 /// Record a stack (reusing an identical one) and point `name` at it, in one transaction.
 pub fn set_ref(conn: &mut Connection, name: &str, chain_id: &str, layers: &[Blake3]) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    put_ref(&tx, name, chain_id, layers)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// [`set_ref`] inside a transaction the caller holds (and commits).
+pub fn put_ref(tx: &Connection, name: &str, chain_id: &str, layers: &[Blake3]) -> Result<()> {
     let existing: Option<i64> = tx
         .query_row(
             "SELECT id FROM stacks WHERE chain_id = ?1",
@@ -767,9 +774,8 @@ pub fn set_ref(conn: &mut Connection, name: &str, chain_id: &str, layers: &[Blak
         params![name, stack],
     )?;
     if let Some(old) = old.filter(|&o| o != stack) {
-        drop_stack_if_unused(&tx, old)?;
+        drop_stack_if_unused(tx, old)?;
     }
-    tx.commit()?;
     Ok(())
 }
 

@@ -28,7 +28,7 @@ pub mod source;
 
 pub(crate) use export::synth_manifest;
 pub(crate) use layout::{
-    diff_ids, layer_blob, read_small, record_image, HashWriter, PendingImage, Staging,
+    check_names, diff_ids, layer_blob, read_small, record_image, HashWriter, PendingImage, Staging,
 };
 
 use std::collections::{HashMap, HashSet};

@@ -615,9 +615,9 @@ impl Store {
 
     /// Point tag `name` at `stack` (recording the stack, so its layers cannot be deleted).
     pub fn tag(&self, stack: &Stack, name: &str) -> Result<()> {
-        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if let Some(why) = bad_tag(name) {
             return Err(Error::InvalidArgument(format!(
-                "invalid tag {name:?}: tags are non-empty and contain no whitespace or control characters"
+                "invalid tag {name:?}: {why}"
             )));
         }
         let ids: Vec<Blake3> = stack.layers.iter().map(|l| l.id).collect();
@@ -1483,6 +1483,13 @@ const TMP_KINDS: [&str; 2] = ["oci", "docker"];
 /// what a live one uses.
 pub(crate) fn owned_tmp_name(kind: &str) -> String {
     format!("{kind}-{}", owner_tag())
+}
+
+/// Why `name` cannot be a tag, if it cannot: tags are non-empty and contain no whitespace or
+/// control characters.
+pub(crate) fn bad_tag(name: &str) -> Option<&'static str> {
+    (name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()))
+        .then_some("tags are non-empty and contain no whitespace or control characters")
 }
 
 /// `<pid>-<start time>-<unique>`: a fresh name part that says which process made it.

@@ -20,7 +20,7 @@ use sha2::Digest as _;
 
 use super::source::{Source, TarSource};
 use super::{
-    diff_ids, layer_media_type, parse_json, read_small, synth_manifest, ExportedImage,
+    check_names, diff_ids, layer_media_type, parse_json, read_small, synth_manifest, ExportedImage,
     ImportedImage, OciExportOptions, PendingImage, Staging, OCI_CONFIG, OCI_MANIFEST, REF_NAME,
 };
 use crate::compress::{self, Compression};
@@ -126,6 +126,10 @@ impl Store {
         for e in entries {
             items.push(self.classic_item(src, e)?);
         }
+        check_names(
+            "manifest.json",
+            items.iter().flat_map(|i| i.tags.iter().map(String::as_str)),
+        )?;
         let mut staging = Staging::new(self)?;
         let result = (|| -> Result<Vec<PendingImage>> {
             let mut pending = Vec::new();

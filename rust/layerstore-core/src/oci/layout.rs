@@ -248,11 +248,15 @@ impl<'s> Staging<'s> {
     }
 
     /// Move kept blobs into the store, record blobs, images and tags; consumes the staging.
+    /// Record the images and their tags in one transaction; if that fails, undo as
+    /// [`Staging::abort`] does, so a failed import leaves no layer behind.
     pub fn commit(self, images: Vec<PendingImage>) -> Result<Vec<ImportedImage>> {
-        let result = self.commit_inner(&images);
+        if let Err(e) = self.commit_inner(&images) {
+            self.abort();
+            return Err(e);
+        }
         let _ = fs::remove_dir_all(&self.dir);
         let mut out = Vec::new();
-        result?;
         for image in images {
             let mut stack = self.store.stack(&image.layers)?;
             stack.image = Some(ImageDigests {
@@ -290,26 +294,18 @@ impl<'s> Staging<'s> {
             )?;
         }
         for image in images {
-            let chain = self.store.stack(&image.layers)?.chain_id;
-            record_image(&tx, image, &chain)?;
+            let stack = self.store.stack(&image.layers)?;
+            record_image(&tx, image, &stack.chain_id)?;
+            let ids: Vec<_> = stack.layers.iter().map(|l| l.id).collect();
             for name in &image.names {
                 tx.execute(
                     "INSERT OR REPLACE INTO oci_refs (name, manifest) VALUES (?1, ?2)",
                     params![name, image.manifest.0],
                 )?;
+                crate::meta::put_ref(&tx, name, &stack.chain_id, &ids)?;
             }
         }
         tx.commit()?;
-        drop(conn);
-        for image in images {
-            if image.names.is_empty() {
-                continue;
-            }
-            let stack = self.store.stack(&image.layers)?;
-            for name in &image.names {
-                self.store.tag(&stack, name)?;
-            }
-        }
         Ok(())
     }
 }
@@ -698,6 +694,19 @@ fn read_layout_index(src: &dyn Source) -> Result<Value> {
     parse_json("index.json", &index)
 }
 
+/// Refuse, before anything is imported, an image name that cannot become a tag.
+pub(crate) fn check_names<'a>(blob: &str, names: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    for name in names {
+        if let Some(why) = crate::store::bad_tag(name) {
+            return Err(Error::InvalidImage {
+                blob: blob.to_string(),
+                reason: format!("image name {name:?}: {why}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn read_small(src: &dyn Source, name: &str) -> Result<Vec<u8>> {
     let (r, _) = src.open(name)?.ok_or_else(|| Error::MissingBlob {
         blob: format!("{name} (in {})", src.describe()),
@@ -754,6 +763,10 @@ impl Store {
                 walk.other_platforms.join(", ")
             )));
         }
+        check_names(
+            "index.json",
+            walk.found.iter().filter_map(|c| c.name.as_deref()),
+        )?;
         let mut staging = Staging::new(self)?;
         match self.import_candidates(src, walk.found, &mut staging, progress) {
             Ok(pending) => staging.commit(pending),
