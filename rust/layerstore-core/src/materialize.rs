@@ -35,7 +35,8 @@ use rustix::fs::{
 };
 use rustix::io::Errno;
 
-use crate::cas::PackReader;
+use crate::cas::{ChunkLoc, PackReader};
+use crate::digest::Blake3;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
 use crate::gather::Gather;
@@ -307,12 +308,15 @@ impl<'a> Ctx<'a> {
 
 /// Reads file content from the packs (one per thread: it keeps the last decoded block). Chunk
 /// locations are looked up inside one read transaction, held until [`Content::end`], so a run
-/// of files costs one database lock, not one per chunk.
+/// of files costs one database lock, not one per chunk; [`Content::prefetch`] looks up a run's
+/// chunks in batches.
 pub(crate) struct Content<'s> {
     store: &'s Store,
     conn: Option<Conn<'s>>,
     in_tx: bool,
     reader: PackReader,
+    /// Locations fetched ahead, valid until the transaction ends.
+    known: HashMap<Blake3, ChunkLoc>,
 }
 
 impl<'s> Content<'s> {
@@ -322,10 +326,12 @@ impl<'s> Content<'s> {
             conn: None,
             in_tx: false,
             reader: store.cached_reader()?,
+            known: HashMap::new(),
         })
     }
 
-    fn loc(&mut self, digest: &crate::digest::Blake3) -> Result<crate::cas::ChunkLoc> {
+    /// The connection, inside the read transaction (begun if need be).
+    fn tx(&mut self) -> Result<&Conn<'s>> {
         if self.conn.is_none() {
             self.conn = Some(self.store.conn()?);
         }
@@ -334,12 +340,36 @@ impl<'s> Content<'s> {
             conn.execute_batch("BEGIN")?;
             self.in_tx = true;
         }
-        meta::chunk_loc(conn, digest)?
+        Ok(conn)
+    }
+
+    /// Look up the locations of every chunk of `entries` at once (a per-chunk query costs about
+    /// a tenth of a materialize's own CPU).
+    pub fn prefetch<'e>(&mut self, entries: impl IntoIterator<Item = &'e Entry>) -> Result<()> {
+        let digests: Vec<&Blake3> = entries
+            .into_iter()
+            .filter(|e| e.kind == Kind::File)
+            .flat_map(|e| e.chunks.iter().map(|c| &c.digest))
+            .collect();
+        if digests.is_empty() {
+            return Ok(());
+        }
+        let found = meta::chunk_locs(self.tx()?, digests)?;
+        self.known.extend(found);
+        Ok(())
+    }
+
+    fn loc(&mut self, digest: &Blake3) -> Result<ChunkLoc> {
+        if let Some(loc) = self.known.get(digest) {
+            return Ok(loc.clone());
+        }
+        meta::chunk_loc(self.tx()?, digest)?
             .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))
     }
 
     /// End the read transaction (the next lookup starts another).
     pub fn end(&mut self) {
+        self.known.clear();
         if let (true, Some(conn)) = (self.in_tx, &self.conn) {
             let _ = conn.execute_batch("COMMIT");
         }
@@ -872,6 +902,9 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
                         .as_mut()
                         .map_err(|e| Error::Corrupt(e.to_string()))?;
                     let (mut n, mut bytes) = (0, 0);
+                    content.prefetch(task.iter().flat_map(|&(i, start, end)| {
+                        dirs[i].leaves[start..end].iter().map(|(_, v)| v.meta())
+                    }))?;
                     for &(i, start, end) in task {
                         let d = &dirs[i];
                         let fd = open_dir(root, &d.rel).map_err(|x| io_err("open", &d.rel, x))?;
