@@ -473,6 +473,39 @@ def test_docker_archive_round_trip(
     assert diff_ids(fresh.import_oci(tmp_path / "o")["o"]) == diff_ids(made)
 
 
+@pytest.mark.parametrize("fmt", ["classic", "oci"])
+def test_docker_archive_export_streams_and_a_corrupt_layer_leaves_nothing(
+    store: ls.Store, made: ls.Stack, tmp_path: Path, fmt: str
+) -> None:
+    """Layers stream from the store into the archive (nothing is staged under the store's tmp/);
+    a chunk that fails its check mid-way is an IntegrityError and leaves no archive behind."""
+    twice = store.stack([*made.layers, made.layers[0]])  # a layer twice: one member
+    archive = tmp_path / "image.tar"
+    staged: list[list[Path]] = []
+    tmp = Path(store.path) / "tmp"
+
+    def progress(done: int) -> None:
+        staged.append(list(tmp.iterdir()))
+
+    store.export_docker_archive(twice, archive, tag="app:v1", format=fmt, progress=progress)
+    assert staged and not any(staged), staged[:3]
+    names = sh("tar", "-tf", archive).split()
+    assert len(names) == len(set(names))
+    back = ls.Store(tmp_path / "back").import_docker_archive(archive)["app:v1"]
+    assert diff_ids(back) == diff_ids(twice)
+    packs = Path(store.path) / "packs"
+    big = max(packs.iterdir(), key=lambda p: p.stat().st_size)
+    raw = bytearray(big.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    big.write_bytes(bytes(raw))
+    out = tmp_path / "out" / "again.tar"
+    out.parent.mkdir()
+    with pytest.raises(ls.IntegrityError):
+        store.export_docker_archive(made, out, tag="app:v1", format=fmt)
+    assert list(out.parent.iterdir()) == []
+    assert not list((Path(store.path) / "tmp").iterdir())
+
+
 def test_docker_archive_round_trip_keeps_config(
     store: ls.Store, umoci_image: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -26,7 +26,7 @@ mod layout;
 pub mod pgzip;
 pub mod source;
 
-pub(crate) use export::synth_manifest;
+pub(crate) use export::{merged_index, synth_manifest, OCI_LAYOUT_FILE};
 pub(crate) use layout::{
     check_names, diff_ids, layer_blob, read_small, record_image, HashWriter, PendingImage, Staging,
 };

@@ -20,8 +20,9 @@ use sha2::Digest as _;
 
 use super::source::{Source, TarSource};
 use super::{
-    check_names, diff_ids, layer_media_type, parse_json, read_small, synth_manifest, ExportedImage,
-    ImportedImage, OciExportOptions, PendingImage, Staging, OCI_CONFIG, OCI_MANIFEST, REF_NAME,
+    check_names, diff_ids, layer_media_type, merged_index, parse_json, read_small, synth_manifest,
+    ExportedImage, ImportedImage, LayerInfo, PendingImage, Staging, OCI_CONFIG, OCI_LAYOUT_FILE,
+    OCI_MANIFEST, REF_NAME,
 };
 use crate::compress::{self, Compression};
 use crate::error::{Error, IoContext, Result};
@@ -254,6 +255,8 @@ impl Store {
     }
 
     /// Write `stack` as a `docker save` archive at `dest` (uncompressed layers, as docker does).
+    /// Each layer's tar streams from the store straight into the archive: an uncompressed blob's
+    /// digest is the layer's diff_id and its size the layer's, both known before it is written.
     pub fn export_docker_archive(
         &self,
         stack: &Stack,
@@ -261,38 +264,25 @@ impl Store {
         opts: &DockerExportOptions,
         progress: Progress<'_>,
     ) -> Result<ExportedImage> {
-        let stage = self
-            .root()
-            .join("tmp")
-            .join(crate::store::owned_tmp_name("docker"));
-        let result = self.export_docker_staged(stack, dest, &stage, opts, progress);
-        let _ = fs::remove_dir_all(&stage);
-        result
-    }
-
-    fn export_docker_staged(
-        &self,
-        stack: &Stack,
-        dest: &Path,
-        stage: &Path,
-        opts: &DockerExportOptions,
-        progress: Progress<'_>,
-    ) -> Result<ExportedImage> {
-        let layout_opts = OciExportOptions {
-            tag: opts.tag.clone(),
-            compression: Some(Compression::None),
-        };
-        let exported = self.write_layout_unrecorded(stack, stage, &layout_opts, progress)?;
-        let config_hex = exported
-            .digests
-            .config
-            .trim_start_matches("sha256:")
-            .to_string();
-        let layer_hex: Vec<String> = exported
-            .layers
+        let plan = self.plan_image(stack, Some(Compression::None))?;
+        let layers: Vec<(String, u64, String)> = plan
+            .blobs
             .iter()
-            .map(|(d, _, _)| d.trim_start_matches("sha256:").to_string())
-            .collect();
+            .map(|b| match &b.digest {
+                Some(d) if *d == b.info.diff_id => {
+                    Ok((d.clone(), b.info.size, b.media_type.clone()))
+                }
+                other => Err(Error::Corrupt(format!(
+                    "uncompressed blob of layer {} planned as {other:?}, not its diff_id",
+                    b.info.diff_id
+                ))),
+            })
+            .collect::<Result<_>>()?;
+        let tars: Vec<LayerInfo> = plan.blobs.iter().map(|b| b.info.clone()).collect();
+        let docs = plan.head.finish(&layers, opts.tag.as_deref())?;
+        let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+        let config_hex = hex(&docs.digests.config);
+        let layer_hex: Vec<String> = layers.iter().map(|(d, _, _)| hex(d)).collect();
         let repo_tags: Vec<String> = opts
             .tag
             .iter()
@@ -324,10 +314,9 @@ impl Store {
             repositories.insert(r, json!({ t: top }));
         }
         // Members: (name in the archive, where the bytes come from).
-        let mut members: Vec<(String, Member)> = Vec::new();
-        let sha = stage.join("blobs").join("sha256");
+        let mut members: Vec<(String, Member<'_>)> = Vec::new();
+        members.push((config_member, Member::Bytes(docs.config.clone())));
         if opts.classic {
-            members.push((config_member, Member::File(sha.join(&config_hex))));
             for (i, h) in layer_hex.iter().enumerate() {
                 members.push((format!("{h}/"), Member::Dir));
                 members.push((format!("{h}/VERSION"), Member::Bytes(b"1.0".to_vec())));
@@ -339,23 +328,22 @@ impl Store {
                     format!("{h}/json"),
                     Member::Bytes(json.to_string().into_bytes()),
                 ));
-                members.push((format!("{h}/layer.tar"), Member::File(sha.join(h))));
             }
         } else {
             members.push(("blobs/".into(), Member::Dir));
             members.push(("blobs/sha256/".into(), Member::Dir));
-            let mut names: Vec<String> = fs::read_dir(&sha)
-                .ctx(|| format!("listing {}", sha.display()))?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect();
-            names.sort();
-            for n in names {
-                members.push((blob(&n), Member::File(sha.join(&n))));
-            }
-            members.push(("index.json".into(), Member::File(stage.join("index.json"))));
-            members.push(("oci-layout".into(), Member::File(stage.join("oci-layout"))));
+            members.push((
+                blob(&hex(&docs.digests.manifest)),
+                Member::Bytes(docs.manifest.clone()),
+            ));
+            members.push((
+                "index.json".into(),
+                Member::Bytes(merged_index(None, &docs.entry, opts.tag.as_deref())?),
+            ));
+            members.push(("oci-layout".into(), Member::Bytes(OCI_LAYOUT_FILE.to_vec())));
+        }
+        for (name, info) in layer_members.into_iter().zip(&tars) {
+            members.push((name, Member::Layer(info)));
         }
         members.push((
             "manifest.json".into(),
@@ -367,18 +355,30 @@ impl Store {
                 serde_json::to_vec(&Value::Object(repositories)).expect("JSON serialises"),
             ),
         ));
+        // Sorted by name; a layer twice in the stack is one member.
         members.sort_by(|a, b| a.0.cmp(&b.0));
         members.dedup_by(|a, b| a.0 == b.0);
-        write_tar_atomic(dest, &members)?;
-        Ok(exported)
+        crate::fsio::write_atomically(dest, |out| {
+            write_tar(out, &members, &mut |info, out| {
+                Ok(self
+                    .export_tar(&info.id, out, Compression::None, progress)?
+                    .size)
+            })
+        })?;
+        Ok(docs.exported(layers))
     }
 }
 
-enum Member {
+/// Where an archive member's bytes come from.
+enum Member<'a> {
     Dir,
-    File(PathBuf),
     Bytes(Vec<u8>),
+    /// A layer's uncompressed tar, `size` bytes, streamed from the store.
+    Layer(&'a LayerInfo),
 }
+
+/// Writes a layer's tar to the archive; returns the bytes it wrote.
+type LayerWriter<'w> = dyn FnMut(&LayerInfo, &mut dyn Write) -> Result<u64> + 'w;
 
 fn header(name: &str, size: u64, dir: bool) -> Result<tar::Header> {
     let mut h = tar::Header::new_ustar();
@@ -398,15 +398,17 @@ fn header(name: &str, size: u64, dir: bool) -> Result<tar::Header> {
     Ok(h)
 }
 
-fn write_tar(out: &mut dyn Write, members: &[(String, Member)]) -> Result<()> {
+fn write_tar(
+    out: &mut dyn Write,
+    members: &[(String, Member<'_>)],
+    layer: &mut LayerWriter<'_>,
+) -> Result<()> {
     let zeros = [0u8; 1024];
     for (name, m) in members {
         let size = match m {
             Member::Dir => 0,
             Member::Bytes(b) => b.len() as u64,
-            Member::File(p) => fs::metadata(p)
-                .ctx(|| format!("stat {}", p.display()))?
-                .len(),
+            Member::Layer(info) => info.size,
         };
         let h = header(name, size, matches!(m, Member::Dir))?;
         out.write_all(h.as_bytes())
@@ -414,14 +416,12 @@ fn write_tar(out: &mut dyn Write, members: &[(String, Member)]) -> Result<()> {
         match m {
             Member::Dir => {}
             Member::Bytes(b) => out.write_all(b).ctx(|| "writing the archive".into())?,
-            Member::File(p) => {
-                let f = File::open(p).ctx(|| format!("opening {}", p.display()))?;
-                let copied =
-                    io::copy(&mut f.take(size), out).ctx(|| "writing the archive".into())?;
-                if copied != size {
+            Member::Layer(info) => {
+                let written = layer(info, out)?;
+                if written != size {
                     return Err(Error::Corrupt(format!(
-                        "{} changed while archiving",
-                        p.display()
+                        "layer {}: wrote {written} bytes into the archive, its size is {size}",
+                        info.diff_id
                     )));
                 }
             }
@@ -431,10 +431,6 @@ fn write_tar(out: &mut dyn Write, members: &[(String, Member)]) -> Result<()> {
             .ctx(|| "writing the archive".into())?;
     }
     out.write_all(&zeros).ctx(|| "writing the archive".into())
-}
-
-fn write_tar_atomic(dest: &Path, members: &[(String, Member)]) -> Result<()> {
-    crate::fsio::write_atomically(dest, |w| write_tar(w, members))
 }
 
 #[cfg(test)]

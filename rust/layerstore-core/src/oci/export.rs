@@ -68,18 +68,7 @@ impl Store {
         opts: &OciExportOptions,
         progress: Progress<'_>,
     ) -> Result<ExportedImage> {
-        self.write_layout(stack, dest, opts, true, progress)
-    }
-
-    /// `export_oci` without recording the result (a layout staged for another format).
-    pub(crate) fn write_layout_unrecorded(
-        &self,
-        stack: &Stack,
-        dest: &Path,
-        opts: &OciExportOptions,
-        progress: Progress<'_>,
-    ) -> Result<ExportedImage> {
-        self.write_layout(stack, dest, opts, false, progress)
+        self.write_layout(stack, dest, opts, progress)
     }
 
     fn write_layout(
@@ -87,14 +76,9 @@ impl Store {
         stack: &Stack,
         dest: &Path,
         opts: &OciExportOptions,
-        record: bool,
         progress: Progress<'_>,
     ) -> Result<ExportedImage> {
-        if stack.layers.is_empty() {
-            return Err(Error::InvalidArgument(
-                "an image needs at least one layer".into(),
-            ));
-        }
+        let plan = self.plan_image(stack, opts.compression)?;
         let blobs = dest.join("blobs").join("sha256");
         fs::create_dir_all(&blobs).ctx(|| format!("creating {}", blobs.display()))?;
         let layout = dest.join("oci-layout");
@@ -102,82 +86,82 @@ impl Store {
             let bytes = fs::read(&layout).ctx(|| format!("reading {}", layout.display()))?;
             parse_json("oci-layout", &bytes)?;
         } else {
-            write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+            write_atomic(&layout, OCI_LAYOUT_FILE)?;
         }
-        let recorded = self.image_digests(stack)?;
-        let verbatim = match &recorded {
-            Some(r) => self.verbatim_plan(stack, r, opts.compression)?,
-            None => None,
-        };
-        let (manifest, manifest_type, config, layer_descs, descriptor) = match (verbatim, &recorded)
-        {
-            (Some((manifest, mt, plan)), Some(r)) => {
-                let config = self.oci_blob(&r.config)?.1;
-                let descs = self.write_layer_blobs(&blobs, plan, progress)?;
-                let descriptor = self.recorded_descriptor(&r.manifest)?;
-                (manifest, mt, config, descs, descriptor)
-            }
-            _ => {
-                let config = match &recorded {
-                    Some(r) => self.oci_blob(&r.config)?.1,
-                    None => {
-                        let steps = stack
-                            .layers
-                            .iter()
-                            .map(|l| self.created_by(&l.id))
-                            .collect::<Result<Vec<_>>>()?;
-                        synth_config(stack, &steps)
-                    }
-                };
-                let c = opts.compression.unwrap_or(Compression::Gzip);
-                let plan = self.fresh_plan(stack, c)?;
-                let descs = self.write_layer_blobs(&blobs, plan, progress)?;
-                let manifest = synth_manifest(&config, &descs);
-                (manifest, OCI_MANIFEST.to_string(), config, descs, None)
-            }
-        };
-        let config_digest = write_blob(&blobs, &config)?;
-        let manifest_digest = write_blob(&blobs, &manifest)?;
-        let mut entry = descriptor.unwrap_or_else(|| json!({}));
-        let obj = entry
-            .as_object_mut()
-            .ok_or_else(|| Error::Corrupt("descriptor".into()))?;
-        obj.insert("mediaType".into(), json!(manifest_type));
-        obj.insert("digest".into(), json!(manifest_digest));
-        obj.insert("size".into(), json!(manifest.len()));
-        if let Some(tag) = &opts.tag {
-            let ann = obj
-                .entry("annotations")
-                .or_insert_with(|| json!({}))
-                .as_object_mut()
-                .ok_or_else(|| Error::Corrupt("annotations".into()))?;
-            ann.insert(REF_NAME.into(), json!(tag));
-            ann.remove(CONTAINERD_NAME);
-        }
-        update_index(dest, &entry, opts.tag.as_deref())?;
-        let digests = ImageDigests {
-            manifest: manifest_digest.clone(),
-            config: config_digest.clone(),
-            media_type: manifest_type.clone(),
-        };
+        let descs = self.write_layer_blobs(&blobs, plan.blobs, progress)?;
+        let docs = plan.head.finish(&descs, opts.tag.as_deref())?;
+        write_blob(&blobs, &docs.config)?;
+        write_blob(&blobs, &docs.manifest)?;
+        update_index(dest, &docs.entry, opts.tag.as_deref())?;
         let pending = PendingImage {
             names: Vec::new(),
-            descriptor: entry,
-            manifest: (manifest_digest, manifest_type, manifest.clone()),
-            config: (config_digest, OCI_CONFIG.to_string(), config.clone()),
+            descriptor: docs.entry.clone(),
+            manifest: (
+                docs.digests.manifest.clone(),
+                docs.digests.media_type.clone(),
+                docs.manifest.clone(),
+            ),
+            config: (
+                docs.digests.config.clone(),
+                OCI_CONFIG.to_string(),
+                docs.config.clone(),
+            ),
             layers: stack.layers.clone(),
         };
-        if record {
-            let mut conn = self.conn()?;
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            record_image(&tx, &pending, &stack.chain_id)?;
-            tx.commit()?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        record_image(&tx, &pending, &stack.chain_id)?;
+        tx.commit()?;
+        Ok(docs.exported(descs))
+    }
+
+    /// What exporting `stack` writes, decided before any blob is: the recorded manifest when it
+    /// can be re-emitted as is (no compression asked, or the one it uses), else a synthesised one
+    /// over blobs compressed as asked (gzip by default).
+    pub(crate) fn plan_image(
+        &self,
+        stack: &Stack,
+        compression: Option<Compression>,
+    ) -> Result<ImagePlan> {
+        if stack.layers.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an image needs at least one layer".into(),
+            ));
         }
-        Ok(ExportedImage {
-            digests,
-            manifest_size: manifest.len() as u64,
-            layers: layer_descs,
-            config_size: config.len() as u64,
+        let recorded = self.image_digests(stack)?;
+        if let Some(r) = &recorded {
+            if let Some((manifest, media_type, blobs)) =
+                self.verbatim_plan(stack, r, compression)?
+            {
+                return Ok(ImagePlan {
+                    head: ImageHead {
+                        config: self.oci_blob(&r.config)?.1,
+                        manifest: Some((manifest, media_type)),
+                        descriptor: self.recorded_descriptor(&r.manifest)?,
+                    },
+                    blobs,
+                });
+            }
+        }
+        let config = match &recorded {
+            Some(r) => self.oci_blob(&r.config)?.1,
+            None => {
+                let steps = stack
+                    .layers
+                    .iter()
+                    .map(|l| self.created_by(&l.id))
+                    .collect::<Result<Vec<_>>>()?;
+                synth_config(stack, &steps)
+            }
+        };
+        let c = compression.unwrap_or(Compression::Gzip);
+        Ok(ImagePlan {
+            head: ImageHead {
+                config,
+                manifest: None,
+                descriptor: None,
+            },
+            blobs: self.fresh_plan(stack, c)?,
         })
     }
 
@@ -356,12 +340,93 @@ impl Store {
 /// A recorded manifest to re-emit as is: its bytes, media type, and how to rebuild its layers.
 type Verbatim = (Vec<u8>, String, Vec<BlobPlan>);
 
-struct BlobPlan {
-    info: LayerInfo,
+pub(crate) struct BlobPlan {
+    pub info: LayerInfo,
     /// The digest the blob must have, when known in advance.
-    digest: Option<String>,
-    media_type: String,
+    pub digest: Option<String>,
+    pub media_type: String,
     how: Rebuild,
+}
+
+/// The `oci-layout` file of a layout this store creates.
+pub(crate) const OCI_LAYOUT_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// An image export as planned: its JSON part and how each layer blob is made, bottom first.
+pub(crate) struct ImagePlan {
+    pub head: ImageHead,
+    pub blobs: Vec<BlobPlan>,
+}
+
+/// The JSON part of a planned export.
+pub(crate) struct ImageHead {
+    config: Vec<u8>,
+    /// The recorded manifest and its media type, re-emitted as is; `None`: one is synthesised
+    /// over the blobs written.
+    manifest: Option<(Vec<u8>, String)>,
+    /// The recorded index entry, kept (annotations and all) with its digest and size updated.
+    descriptor: Option<Value>,
+}
+
+/// An exported image's JSON documents and its entry in `index.json`.
+pub(crate) struct ImageDocs {
+    pub config: Vec<u8>,
+    pub manifest: Vec<u8>,
+    pub digests: ImageDigests,
+    pub entry: Value,
+}
+
+impl ImageHead {
+    /// The documents, given the layer blobs written: (digest, size, media type), bottom first.
+    pub fn finish(self, layers: &[(String, u64, String)], tag: Option<&str>) -> Result<ImageDocs> {
+        let (manifest, media_type) = self.manifest.unwrap_or_else(|| {
+            (
+                synth_manifest(&self.config, layers),
+                OCI_MANIFEST.to_string(),
+            )
+        });
+        let digests = ImageDigests {
+            manifest: sha256_digest(&manifest),
+            config: sha256_digest(&self.config),
+            media_type,
+        };
+        let mut entry = self.descriptor.unwrap_or_else(|| json!({}));
+        let obj = entry
+            .as_object_mut()
+            .ok_or_else(|| Error::Corrupt("descriptor".into()))?;
+        obj.insert("mediaType".into(), json!(digests.media_type));
+        obj.insert("digest".into(), json!(digests.manifest));
+        obj.insert("size".into(), json!(manifest.len()));
+        if let Some(tag) = tag {
+            let ann = obj
+                .entry("annotations")
+                .or_insert_with(|| json!({}))
+                .as_object_mut()
+                .ok_or_else(|| Error::Corrupt("annotations".into()))?;
+            ann.insert(REF_NAME.into(), json!(tag));
+            ann.remove(CONTAINERD_NAME);
+        }
+        Ok(ImageDocs {
+            config: self.config,
+            manifest,
+            digests,
+            entry,
+        })
+    }
+}
+
+impl ImageDocs {
+    pub fn exported(&self, layers: Vec<(String, u64, String)>) -> ExportedImage {
+        ExportedImage {
+            digests: self.digests.clone(),
+            manifest_size: self.manifest.len() as u64,
+            layers,
+            config_size: self.config.len() as u64,
+        }
+    }
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
 /// A minimal valid image config for a stack made in the store: the host's platform, the layers'
@@ -434,16 +499,27 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// Add `entry` to the layout's `index.json` (replacing an entry with the same name, or the same
-/// manifest without a name), atomically.
+/// Add `entry` to the layout's `index.json` (see [`merged_index`]), atomically.
 fn update_index(dest: &Path, entry: &Value, tag: Option<&str>) -> Result<()> {
     let path = dest.join("index.json");
-    let mut index = match fs::read(&path) {
-        Ok(bytes) => parse_json("index.json", &bytes)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []})
-        }
+    let existing = match fs::read(&path) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    write_atomic(&path, &merged_index(existing.as_deref(), entry, tag)?)
+}
+
+/// `existing` (an `index.json`, or none yet) with `entry` added, replacing an entry with the
+/// same name, or the same manifest without a name.
+pub(crate) fn merged_index(
+    existing: Option<&[u8]>,
+    entry: &Value,
+    tag: Option<&str>,
+) -> Result<Vec<u8>> {
+    let mut index = match existing {
+        Some(bytes) => parse_json("index.json", bytes)?,
+        None => json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}),
     };
     let manifests = index
         .as_object_mut()
@@ -460,8 +536,7 @@ fn update_index(dest: &Path, entry: &Value, tag: Option<&str>) -> Result<()> {
         None => !(m.get("digest") == entry.get("digest") && annotation(m, REF_NAME).is_none()),
     });
     manifests.push(entry.clone());
-    let bytes = serde_json::to_vec(&index).expect("a JSON value serialises");
-    write_atomic(&path, &bytes)
+    Ok(serde_json::to_vec(&index).expect("a JSON value serialises"))
 }
 
 /// An `ImageDigests` from a (manifest, config, media type) row.
