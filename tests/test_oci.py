@@ -722,25 +722,37 @@ def test_failed_import_keeps_a_layer_another_import_is_using(
     assert a.fsck()["ok"]
 
 
-def test_bad_docker_archive_changes_nothing(
-    store: ls.Store, made: ls.Stack, tmp_path: Path
-) -> None:
+def _rewritten_docker_archive(
+    store: ls.Store, made: ls.Stack, tmp_path: Path, change: Callable[[Path, Any], None]
+) -> Path:
+    """A classic docker archive of `made` whose `manifest.json` (and members) `change` edits in
+    the extracted tree `work`."""
     archive = tmp_path / "image.tar"
     store.export_docker_archive(made, archive, tag="app:v1", format="classic")
     work = tmp_path / "x"
     work.mkdir()
     sh("tar", "-xf", archive, "-C", work)
     manifest = read_json(work / "manifest.json")
-    config = work / manifest[0]["Config"]
-    doc = read_json(config)
-    doc["rootfs"]["diff_ids"][-1] = "sha256:" + "a" * 64
-    config.write_text(json.dumps(doc))
-    new_name = hashlib.sha256(config.read_bytes()).hexdigest() + ".json"
-    config.rename(work / new_name)
-    manifest[0]["Config"] = new_name
+    change(work, manifest)
     (work / "manifest.json").write_text(json.dumps(manifest))
     broken = tmp_path / "broken.tar"
     sh("tar", "-cf", broken, "-C", work, ".")
+    return broken
+
+
+def test_bad_docker_archive_changes_nothing(
+    store: ls.Store, made: ls.Stack, tmp_path: Path
+) -> None:
+    def wrong_diff_id(work: Path, manifest: Any) -> None:
+        config = work / manifest[0]["Config"]
+        doc = read_json(config)
+        doc["rootfs"]["diff_ids"][-1] = "sha256:" + "a" * 64
+        config.write_text(json.dumps(doc))
+        new_name = hashlib.sha256(config.read_bytes()).hexdigest() + ".json"
+        config.rename(work / new_name)
+        manifest[0]["Config"] = new_name
+
+    broken = _rewritten_docker_archive(store, made, tmp_path, wrong_diff_id)
     fresh = ls.Store(tmp_path / "fresh")
     with pytest.raises(ls.IntegrityError, match="diff_id"):
         fresh.import_docker_archive(broken)
@@ -750,16 +762,10 @@ def test_bad_docker_archive_changes_nothing(
 def test_docker_archive_with_a_name_that_cannot_be_a_tag_changes_nothing(
     store: ls.Store, made: ls.Stack, tmp_path: Path
 ) -> None:
-    archive = tmp_path / "image.tar"
-    store.export_docker_archive(made, archive, tag="app:v1", format="classic")
-    work = tmp_path / "x"
-    work.mkdir()
-    sh("tar", "-xf", archive, "-C", work)
-    manifest = read_json(work / "manifest.json")
-    manifest[0]["RepoTags"] = ["app:v1", "my app:v1"]
-    (work / "manifest.json").write_text(json.dumps(manifest))
-    broken = tmp_path / "broken.tar"
-    sh("tar", "-cf", broken, "-C", work, ".")
+    def bad_name(work: Path, manifest: Any) -> None:
+        manifest[0]["RepoTags"] = ["app:v1", "my app:v1"]
+
+    broken = _rewritten_docker_archive(store, made, tmp_path, bad_name)
     fresh = ls.Store(tmp_path / "fresh")
     with pytest.raises(ls.InvalidLayerError, match=r'manifest\.json: image name "my app:v1"'):
         fresh.import_docker_archive(broken)
