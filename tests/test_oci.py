@@ -569,7 +569,7 @@ def _name_not_a_tag(layout: Path) -> None:
     (layout / "index.json").write_text(json.dumps(index))
 
 
-BREAKAGES = {
+BREAKAGES: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "missing-blob": (lambda layout: _top_layer(layout).unlink(), ls.IntegrityError, "missing"),
     "digest-mismatch": (
         lambda layout: _top_layer(layout).write_bytes(
