@@ -68,6 +68,9 @@ pub struct WriteReport {
 
 /// Leaves of one directory written by one task at most (big directories are split).
 const LEAVES_PER_TASK: usize = 64;
+/// Content one task writes at most (a larger file is a task alone): big files at the end of a
+/// tree otherwise leave one thread writing several of them while the other has nothing left.
+const BYTES_PER_TASK: u64 = 2 << 20;
 /// Progress is reported (and Ctrl-C checked) at least this often, in bytes and in entries.
 const REPORT_BYTES: u64 = 8 << 20;
 const REPORT_ENTRIES: u64 = 1024;
@@ -839,9 +842,9 @@ type Task = Vec<(usize, usize, usize)>;
 
 /// The work of directories `which` in the order a tar lists them (directories depth-first,
 /// children by name): creating their subdirectories, their leaves, or both, cut into tasks of
-/// about [`LEAVES_PER_TASK`] entries. Neighbouring small files share pack blocks (content is
-/// stored in tar order), and one task decodes a block once for all of them, where a task per
-/// directory would decode it again for each directory.
+/// at most [`LEAVES_PER_TASK`] entries or [`BYTES_PER_TASK`] of content. Neighbouring small
+/// files share pack blocks (content is stored in tar order), and one task decodes a block once
+/// for all of them, where a task per directory would decode it again for each directory.
 fn tar_order_tasks(dirs: &[DirPlan], which: &[usize], subdirs: bool, leaves: bool) -> Vec<Task> {
     let mut order = which.to_vec();
     order.sort_by(|&a, &b| {
@@ -849,7 +852,7 @@ fn tar_order_tasks(dirs: &[DirPlan], which: &[usize], subdirs: bool, leaves: boo
         comps(a).cmp(&comps(b))
     });
     let mut tasks = Vec::new();
-    let (mut cur, mut weight): (Task, usize) = (Vec::new(), 0);
+    let (mut cur, mut weight, mut bytes): (Task, usize, u64) = (Vec::new(), 0, 0);
     for i in order {
         let d = &dirs[i];
         if subdirs && !d.subdirs.is_empty() {
@@ -860,16 +863,22 @@ fn tar_order_tasks(dirs: &[DirPlan], which: &[usize], subdirs: bool, leaves: boo
                 weight = 0;
             }
         }
+        if !leaves {
+            continue;
+        }
         let mut start = 0;
-        while leaves && start < d.leaves.len() {
-            let end = (start + LEAVES_PER_TASK.saturating_sub(weight).max(1)).min(d.leaves.len());
-            cur.push((i, start, end));
-            weight += end - start;
-            start = end;
-            if weight >= LEAVES_PER_TASK {
+        for (k, (_, v)) in d.leaves.iter().enumerate() {
+            weight += 1;
+            bytes += v.meta().size;
+            if weight >= LEAVES_PER_TASK || bytes >= BYTES_PER_TASK {
+                cur.push((i, start, k + 1));
+                start = k + 1;
                 tasks.push(std::mem::take(&mut cur));
-                weight = 0;
+                (weight, bytes) = (0, 0);
             }
+        }
+        if start < d.leaves.len() {
+            cur.push((i, start, d.leaves.len()));
         }
     }
     if !cur.is_empty() {
@@ -895,6 +904,8 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
     for tasks in phases {
         tasks
             .par_iter()
+            // Every task its own job, so an idle thread can take any one that is left.
+            .with_max_len(1)
             .map_init(
                 || Content::new(ctx.store),
                 |content, task| {
@@ -1010,6 +1021,31 @@ mod tests {
             })
             .collect();
         assert_eq!(made, vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn big_files_are_cut_into_tasks_of_their_own() {
+        let mut d = dir("usr/lib", 0, 10);
+        for (k, (_, v)) in d.leaves.iter_mut().enumerate() {
+            let mut e = (*v.entry).clone();
+            e.size = if k >= 6 { 3 << 20 } else { 1000 };
+            *v = Arc::new(ViewEntry {
+                entry: Arc::new(e),
+                target: None,
+                layer: Some(0),
+            });
+        }
+        let tasks = tar_order_tasks(&[d], &[0], false, true);
+        // The six small files and the first big one, then each big file alone.
+        assert_eq!(
+            tasks,
+            vec![
+                vec![(0, 0, 7)],
+                vec![(0, 7, 8)],
+                vec![(0, 8, 9)],
+                vec![(0, 9, 10)]
+            ]
+        );
     }
 
     #[test]
