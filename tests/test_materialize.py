@@ -255,6 +255,42 @@ def test_a_failed_materialize_leaves_nothing(store: ls.Store, tmp_path: Path) ->
     assert (tmp_path / "out/d007/f3").read_bytes() == files["d007/f3"]
 
 
+def test_big_files_are_written_in_pieces_by_every_thread(store: ls.Store, tmp_path: Path) -> None:
+    """Files of 16 MiB and more are written piecewise at their offsets, in parallel: the bytes,
+    times, mode and a hardlink to one come out as tar -x makes them, with one thread or two;
+    a corrupt chunk in the middle of one is an IntegrityError that leaves nothing."""
+    big = tf.rand_bytes(7, 40 << 20)
+    members = [
+        tf.dir_("models/", 0o755),
+        tf.file_("models/a.bin", big, 0o640),
+        tf.file_("models/b.bin", big[: 17 << 20] + b"tail", 0o600),
+        hard("models/a.link", "models/a.bin"),
+        tf.file_("small", b"small\n"),
+    ]
+    data = tf.py_tar(tarfile.PAX_FORMAT, members=members)
+    image = store.stack([store.import_tar(data)])
+    expected = tmp_path / "tar-x"
+    expected.mkdir()
+    subprocess.run(
+        ["tar", "--numeric-owner", "-C", str(expected), "-xf", "-"], input=data, check=True
+    )
+    for threads in (None, 1):
+        out = tmp_path / f"out-{threads}"
+        store.materialize(image, out, max_threads=threads)
+        for name in ("models/a.bin", "models/b.bin", "models/a.link", "small"):
+            assert (out / name).read_bytes() == (expected / name).read_bytes(), name
+        got, want = disk_tree(out), disk_tree(expected)
+        assert_same(without(want, "ino"), without(got, "ino"), ("tar -x", "materialize"))
+        assert groups(got) == groups(want)
+    packs = sorted((Path(store.path) / "packs").iterdir(), key=lambda p: p.stat().st_size)
+    raw = bytearray(packs[-1].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    packs[-1].write_bytes(bytes(raw))
+    with pytest.raises(ls.IntegrityError):
+        store.materialize(image, tmp_path / "broken")
+    assert not [p for p in os.listdir(tmp_path) if "broken" in p]
+
+
 def test_materialize_removes_what_a_killed_one_left(store: ls.Store, tmp_path: Path) -> None:
     """A materialize killed mid-way leaves its private directory beside `dest`; the next
     materialize to that `dest` removes it when its owner is gone, and keeps a live one's."""

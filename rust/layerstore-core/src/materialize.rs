@@ -40,7 +40,7 @@ use crate::digest::Blake3;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
 use crate::gather::Gather;
-use crate::layer::{Entry, Kind};
+use crate::layer::{ChunkRef, Entry, Kind};
 use crate::meta;
 use crate::stack::Stack;
 use crate::store::{owner_tag, Conn, Progress, Store};
@@ -68,6 +68,11 @@ pub struct WriteReport {
 
 /// Leaves of one directory written by one task at most (big directories are split).
 const LEAVES_PER_TASK: usize = 64;
+/// A file at least this big is written by every thread at once, in pieces of about
+/// [`PIECE_BYTES`] at their offsets: one big file (a model, a database) would otherwise keep
+/// one thread busy while the others have nothing left to do.
+const SPLIT_FILE_BYTES: u64 = 16 << 20;
+const PIECE_BYTES: u64 = 4 << 20;
 /// Content one task writes at most (a larger file is a task alone): big files at the end of a
 /// tree otherwise leave one thread writing several of them while the other has nothing left.
 const BYTES_PER_TASK: u64 = 2 << 20;
@@ -349,11 +354,18 @@ impl<'s> Content<'s> {
     /// Look up the locations of every chunk of `entries` at once (a per-chunk query costs about
     /// a tenth of a materialize's own CPU).
     pub fn prefetch<'e>(&mut self, entries: impl IntoIterator<Item = &'e Entry>) -> Result<()> {
-        let digests: Vec<&Blake3> = entries
+        let chunks = entries
             .into_iter()
             .filter(|e| e.kind == Kind::File)
-            .flat_map(|e| e.chunks.iter().map(|c| &c.digest))
-            .collect();
+            .flat_map(|e| &e.chunks);
+        self.prefetch_chunks(chunks)
+    }
+
+    fn prefetch_chunks<'e>(
+        &mut self,
+        chunks: impl IntoIterator<Item = &'e ChunkRef>,
+    ) -> Result<()> {
+        let digests: Vec<&Blake3> = chunks.into_iter().map(|c| &c.digest).collect();
         if digests.is_empty() {
             return Ok(());
         }
@@ -384,6 +396,9 @@ impl<'s> Content<'s> {
         if e.chunks.is_empty() && e.size == 0 {
             return Ok(0);
         }
+        if e.size >= SPLIT_FILE_BYTES && !e.sparse && rayon::current_num_threads() > 1 {
+            return self.write_split(e, f, path);
+        }
         let failed = || format!("writing {}", show(path));
         // Straight from the decoded blocks, one vectored write per MiB.
         let mut out = Gather::new(f);
@@ -403,6 +418,87 @@ impl<'s> Content<'s> {
             )));
         }
         Ok(written)
+    }
+}
+
+impl Content<'_> {
+    /// Write a big file's pieces on every thread at once, each at its offset.
+    fn write_split(&self, e: &Entry, f: &File, path: &[u8]) -> Result<u64> {
+        // (first chunk, its offset in the file, end chunk) of each piece.
+        let mut pieces = Vec::new();
+        let (mut first, mut start, mut at) = (0usize, 0u64, 0u64);
+        for (k, c) in e.chunks.iter().enumerate() {
+            if at - start >= PIECE_BYTES {
+                pieces.push((first, start, k));
+                (first, start) = (k, at);
+            }
+            at += u64::from(c.len);
+        }
+        pieces.push((first, start, e.chunks.len()));
+        if at != e.size {
+            return Err(Error::Corrupt(format!(
+                "{}: chunks add up to {at} bytes, the entry says {}",
+                show(path),
+                e.size
+            )));
+        }
+        let store = self.store;
+        pieces
+            .par_iter()
+            .with_max_len(1)
+            .map_init(
+                || Content::new(store),
+                |content, &(first, start, end)| {
+                    let content = content
+                        .as_mut()
+                        .map_err(|e| Error::Corrupt(e.to_string()))?;
+                    let chunks = &e.chunks[first..end];
+                    content.prefetch_chunks(chunks)?;
+                    let failed = || format!("writing {}", show(path));
+                    let mut out = Gather::new(WriteAt { file: f, at: start });
+                    for c in chunks {
+                        let loc = content.loc(&c.digest)?;
+                        let (block, range) = content.reader.chunk(&loc)?;
+                        if range.len() != c.len as usize {
+                            return Err(Error::Corrupt(format!(
+                                "{}: chunk {} is {} bytes, the entry says {}",
+                                show(path),
+                                c.digest,
+                                range.len(),
+                                c.len
+                            )));
+                        }
+                        out.shared(block, range).ctx(failed)?;
+                    }
+                    out.finish().ctx(failed)?;
+                    content.end();
+                    Ok(())
+                },
+            )
+            .collect::<Result<()>>()?;
+        Ok(at)
+    }
+}
+
+/// Writes to a file from an offset on (positioned writes: several threads fill one file).
+struct WriteAt<'f> {
+    file: &'f File,
+    at: u64,
+}
+
+impl std::io::Write for WriteAt<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let n = rustix::io::pwritev(self.file, bufs, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
