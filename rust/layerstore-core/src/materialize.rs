@@ -399,17 +399,9 @@ impl<'s> Content<'s> {
         if e.size >= SPLIT_FILE_BYTES && !e.sparse && rayon::current_num_threads() > 1 {
             return self.write_split(e, f, path);
         }
-        let failed = || format!("writing {}", show(path));
-        // Straight from the decoded blocks, one vectored write per MiB.
         let mut out = Gather::new(f);
-        let mut written = 0u64;
-        for c in &e.chunks {
-            let loc = self.loc(&c.digest)?;
-            let (block, range) = self.reader.chunk(&loc)?;
-            written += range.len() as u64;
-            out.shared(block, range).ctx(failed)?;
-        }
-        out.finish().ctx(failed)?;
+        let written = self.push_chunks(&e.chunks, &mut out, path)?;
+        out.finish().ctx(|| format!("writing {}", show(path)))?;
         if written != e.size {
             return Err(Error::Corrupt(format!(
                 "{}: content is {written} bytes, the entry says {}",
@@ -419,9 +411,35 @@ impl<'s> Content<'s> {
         }
         Ok(written)
     }
-}
 
-impl Content<'_> {
+    /// Queue the bytes of `chunks` on `out`, straight from their decoded blocks (each chunk
+    /// checked); returns how many.
+    fn push_chunks<W: std::io::Write>(
+        &mut self,
+        chunks: &[ChunkRef],
+        out: &mut Gather<'_, W>,
+        path: &[u8],
+    ) -> Result<u64> {
+        let mut n = 0u64;
+        for c in chunks {
+            let loc = self.loc(&c.digest)?;
+            let (block, range) = self.reader.chunk(&loc)?;
+            if range.len() != c.len as usize {
+                return Err(Error::Corrupt(format!(
+                    "{}: chunk {} is {} bytes, the entry says {}",
+                    show(path),
+                    c.digest,
+                    range.len(),
+                    c.len
+                )));
+            }
+            n += range.len() as u64;
+            out.shared(block, range)
+                .ctx(|| format!("writing {}", show(path)))?;
+        }
+        Ok(n)
+    }
+
     /// Write a big file's pieces on every thread at once, each at its offset.
     fn write_split(&self, e: &Entry, f: &File, path: &[u8]) -> Result<u64> {
         // (first chunk, its offset in the file, end chunk) of each piece.
@@ -454,23 +472,9 @@ impl Content<'_> {
                         .map_err(|e| Error::Corrupt(e.to_string()))?;
                     let chunks = &e.chunks[first..end];
                     content.prefetch_chunks(chunks)?;
-                    let failed = || format!("writing {}", show(path));
                     let mut out = Gather::new(WriteAt { file: f, at: start });
-                    for c in chunks {
-                        let loc = content.loc(&c.digest)?;
-                        let (block, range) = content.reader.chunk(&loc)?;
-                        if range.len() != c.len as usize {
-                            return Err(Error::Corrupt(format!(
-                                "{}: chunk {} is {} bytes, the entry says {}",
-                                show(path),
-                                c.digest,
-                                range.len(),
-                                c.len
-                            )));
-                        }
-                        out.shared(block, range).ctx(failed)?;
-                    }
-                    out.finish().ctx(failed)?;
+                    content.push_chunks(chunks, &mut out, path)?;
+                    out.finish().ctx(|| format!("writing {}", show(path)))?;
                     content.end();
                     Ok(())
                 },
