@@ -246,9 +246,9 @@ impl<'s> Staging<'s> {
         Ok(())
     }
 
-    /// Move kept blobs into the store, record blobs, images and tags; consumes the staging.
-    /// Record the images and their tags in one transaction; if that fails, undo as
-    /// [`Staging::abort`] does, so a failed import leaves no layer behind.
+    /// Move kept blobs into the store and record blobs, images and tags in one transaction,
+    /// consuming the staging; if that fails, undo as [`Staging::abort`] does, so a failed import
+    /// leaves no layer behind.
     pub fn commit(self, images: Vec<PendingImage>) -> Result<Vec<ImportedImage>> {
         if let Err(e) = self.commit_inner(&images) {
             self.abort();
