@@ -241,7 +241,7 @@ impl Store {
         let started = Instant::now();
         let pack_name = format!("{}.pack", crate::store::unique_name());
         let mut conn = self.conn()?;
-        let lease = meta::acquire_lease(&conn, &pack_name)?;
+        let lease = self.lease(&conn, &pack_name)?;
         let result = (|| {
             let mut writer = PackWriter::new(
                 &self.packs_dir(),
@@ -266,9 +266,9 @@ impl Store {
                         plan.push(Source::Stored);
                     }
                     None => {
-                        let data = fresh.get(&c.digest).ok_or_else(|| {
-                            Error::Corrupt(format!("chunk {} is missing", c.digest))
-                        })?;
+                        let data = fresh
+                            .get(&c.digest)
+                            .ok_or_else(|| self.missing_chunk(&c.digest))?;
                         if seen.insert(c.digest) {
                             writer.add(c.digest, data)?;
                             new_chunks += 1;
@@ -354,7 +354,7 @@ impl Store {
                 &row,
                 &chunk_set,
             )?;
-            meta::release_lease(&tx, lease)?;
+            meta::release_lease(&tx, lease.id)?;
             crate::store::crash_point("before-commit");
             tx.commit()?;
             crate::store::crash_point("after-commit");
@@ -379,7 +379,7 @@ impl Store {
             })
         })();
         if result.is_err() {
-            let _ = meta::release_lease(&conn, lease);
+            let _ = meta::release_lease(&conn, lease.id);
         }
         result
     }
@@ -439,9 +439,14 @@ impl Store {
                                 }
                             }
                             Some(Source::Stored) => {
-                                let (block, range) = chunks.next_chunk().ok_or_else(|| {
-                                    Error::Corrupt("changeset: fewer chunks than planned".into())
-                                })??;
+                                let (block, range) = chunks
+                                    .next_chunk()
+                                    .ok_or_else(|| {
+                                        Error::Corrupt(
+                                            "changeset: fewer chunks than planned".into(),
+                                        )
+                                    })?
+                                    .map_err(|e| self.name_damage(e, &entry.path))?;
                                 done += range.len() as u64;
                                 if let Some(h) = file_hash.as_mut() {
                                     h.update(&block[range.clone()]);

@@ -378,8 +378,8 @@ impl<'s> Content<'s> {
         if let Some(loc) = self.known.get(digest) {
             return Ok(loc.clone());
         }
-        meta::chunk_loc(self.tx()?, digest)?
-            .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))
+        let found = meta::chunk_loc(self.tx()?, digest)?;
+        found.ok_or_else(|| self.store.missing_chunk(digest))
     }
 
     /// End the read transaction (the next lookup starts another).
@@ -396,7 +396,10 @@ impl<'s> Content<'s> {
         if e.chunks.is_empty() && e.size == 0 {
             return Ok(0);
         }
-        if e.size >= SPLIT_FILE_BYTES && !e.sparse && rayon::current_num_threads() > 1 {
+        // Split only on a pool of our own (materialize's): outside one, rayon would start its
+        // global pool, which a forked child could not use.
+        let pooled = rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1;
+        if e.size >= SPLIT_FILE_BYTES && !e.sparse && pooled {
             return self.write_split(e, f, path);
         }
         let mut out = Gather::new(f);

@@ -250,7 +250,7 @@ impl Index {
         if crate::cores() > 1 {
             if served == FREEZE_AFTER {
                 let (flat, frozen) = (self.flat.clone(), self.frozen.clone());
-                rayon::spawn(move || {
+                crate::pool::shared().spawn(move || {
                     frozen.map.get_or_init(|| freeze(&flat));
                 });
             }

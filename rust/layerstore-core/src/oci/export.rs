@@ -68,7 +68,14 @@ impl Store {
         opts: &OciExportOptions,
         progress: Progress<'_>,
     ) -> Result<ExportedImage> {
-        self.write_layout(stack, dest, opts, progress)
+        // A layout this export creates is removed again if it fails (one it adds to keeps what
+        // it had: blobs are written under temporary names and renamed once verified).
+        let fresh = fs::symlink_metadata(dest).is_err();
+        let result = self.write_layout(stack, dest, opts, progress);
+        if result.is_err() && fresh {
+            let _ = fs::remove_dir_all(dest);
+        }
+        result
     }
 
     fn write_layout(
@@ -260,12 +267,14 @@ impl Store {
         plan: Vec<BlobPlan>,
         progress: Progress<'_>,
     ) -> Result<Vec<(String, u64, String)>> {
-        plan.into_par_iter()
-            .map(|p| {
-                let (digest, size) = self.write_layer_blob(blobs, &p, progress)?;
-                Ok((digest, size, p.media_type))
-            })
-            .collect()
+        crate::pool::install(|| {
+            plan.into_par_iter()
+                .map(|p| {
+                    let (digest, size) = self.write_layer_blob(blobs, &p, progress)?;
+                    Ok((digest, size, p.media_type))
+                })
+                .collect()
+        })
     }
 
     fn write_layer_blob(

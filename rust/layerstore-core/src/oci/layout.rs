@@ -43,7 +43,7 @@ pub(crate) struct PendingImage {
 pub(crate) struct Staging<'s> {
     store: &'s Store,
     pub dir: PathBuf,
-    lease: i64,
+    lease: crate::lease::Lease,
     created: Vec<LayerInfo>,
     pub layers: HashMap<String, LayerInfo>,
     pub blobs: Vec<LayerBlob>,
@@ -53,10 +53,10 @@ pub(crate) struct Staging<'s> {
 impl<'s> Staging<'s> {
     pub fn new(store: &'s Store) -> Result<Self> {
         let name = crate::store::owned_tmp_name("oci");
-        let lease = crate::meta::acquire_lease(&*store.conn()?, &format!("tmp/{name}"))?;
+        let lease = store.lease(&*store.conn()?, &format!("tmp/{name}"))?;
         let dir = store.root().join("tmp").join(name);
         if let Err(e) = fs::create_dir_all(&dir) {
-            let _ = crate::meta::release_lease(&*store.conn()?, lease);
+            let _ = crate::meta::release_lease(&*store.conn()?, lease.id);
             return Err(Error::io(format!("creating {}", dir.display()), e));
         }
         Ok(Staging {
@@ -75,7 +75,7 @@ impl<'s> Staging<'s> {
     pub fn abort(self) {
         for info in self.created.iter().rev() {
             // A refusal (pinned by another import, or tagged meanwhile) is the point: keep it.
-            let _ = self.store.delete_as(&info.id, self.lease);
+            let _ = self.store.delete_as(&info.id, self.lease.id);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -135,7 +135,7 @@ impl<'s> Staging<'s> {
         };
         let imported = self
             .store
-            .import_tar_pinned(reader, &opts, Some(self.lease), progress);
+            .import_tar_pinned(reader, &opts, Some(self.lease.id), progress);
         let imported: Imported = match imported {
             Ok(i) => i,
             Err(e) => {
@@ -313,7 +313,7 @@ impl Drop for Staging<'_> {
     /// End the lease and its pins (a lease left behind would expire with the process anyway).
     fn drop(&mut self) {
         if let Ok(conn) = self.store.conn() {
-            let _ = crate::meta::release_lease(&conn, self.lease);
+            let _ = crate::meta::release_lease(&conn, self.lease.id);
         }
     }
 }
