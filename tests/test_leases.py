@@ -40,7 +40,7 @@ def test_an_import_in_another_pid_namespace_keeps_its_lease_through_gc(
     data = tf.simple_tar({f"f{i}": tf.rand_bytes(f"ns-{i}", 4 * MiB) for i in range(6)})
     src.write_bytes(data)
     go = tmp_path / "go"
-    in_namespace = ["unshare", "--pid", "--fork", "--mount-proc"]
+    in_namespace = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
     with subprocess.Popen(
         [*in_namespace, sys.executable, "-c", PAUSING_IMPORT, store.path, str(src), str(go)],
         stdout=subprocess.PIPE,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from layerstore._container import Container
 from layerstore._core import FORMAT_VERSION, Entry, Layer, Limits, Stack, Stat, Store, __version__
 from layerstore._errors import (
+    AmbiguousError,
     ConflictError,
     IntegrityError,
     InvalidLayerError,
@@ -21,6 +22,7 @@ from layerstore._stackio import StackPath
 
 __all__ = [
     "FORMAT_VERSION",
+    "AmbiguousError",
     "ConflictError",
     "Container",
     "Entry",

@@ -198,7 +198,7 @@ impl PackWriter {
         match self.worker.take() {
             Some(w) => w
                 .join()
-                .map_err(|_| Error::Corrupt("pack writer panicked".into()))?,
+                .map_err(|_| Error::Panicked { what: "pack writer" })?,
             None => Err(Error::Corrupt("pack writer already finished".into())),
         }
     }
@@ -661,6 +661,9 @@ impl PackReader {
     }
 }
 
+/// Chunks held in memory (a container's writes not yet stored), by digest.
+pub type FreshChunks = HashMap<Blake3, Arc<[u8]>>;
+
 /// A chunk as a range of its decoded block.
 pub type ChunkSlice = (Arc<Vec<u8>>, std::ops::Range<usize>);
 
@@ -929,7 +932,7 @@ fn read_ahead(jobs: &crossbeam_channel::Receiver<Job>) {
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             decode_run(&job, open, &mut dctx, &mut scratch)
         }))
-        .unwrap_or_else(|_| Err(Error::Corrupt("a read-ahead worker panicked".into())));
+        .unwrap_or_else(|_| Err(Error::Panicked { what: "read-ahead worker" }));
         let _ = job.reply.send(decoded); // the consumer may have stopped early
     }
 }

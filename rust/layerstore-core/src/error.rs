@@ -27,6 +27,10 @@ pub enum ErrorKind {
     Io,
     /// The metadata database failed.
     Database,
+    /// A short name or prefix matches more than one object.
+    Ambiguous,
+    /// A bug: a worker thread panicked.
+    Internal,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +109,14 @@ pub enum Error {
     Io { context: String, source: io::Error },
     #[error("metadata database: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("{what} {prefix:?} is ambiguous: it matches {}; give more characters", candidates.join(", "))]
+    Ambiguous {
+        what: &'static str,
+        prefix: String,
+        candidates: Vec<String>,
+    },
+    #[error("internal error: the {what} panicked (a bug in layerstore: please report it)")]
+    Panicked { what: &'static str },
 }
 
 impl Error {
@@ -127,6 +139,8 @@ impl Error {
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Io { .. } => ErrorKind::Io,
             Error::Database(_) => ErrorKind::Database,
+            Error::Ambiguous { .. } => ErrorKind::Ambiguous,
+            Error::Panicked { .. } => ErrorKind::Internal,
             Error::InEntry { source, .. } => source.kind(),
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod cas;
+pub mod changeset;
 pub mod chunk;
 pub mod compress;
 pub mod container;
@@ -23,6 +24,7 @@ mod lease;
 pub mod materialize;
 pub mod meta;
 pub mod oci;
+pub mod paths;
 mod pool;
 pub mod squash;
 pub mod stack;

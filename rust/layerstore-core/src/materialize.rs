@@ -345,7 +345,7 @@ impl<'s> Content<'s> {
         }
         let conn = self.conn.as_ref().expect("set above");
         if !self.in_tx {
-            conn.execute_batch("BEGIN")?;
+            meta::begin_read(conn)?;
             self.in_tx = true;
         }
         Ok(conn)
@@ -383,12 +383,13 @@ impl<'s> Content<'s> {
     }
 
     /// End the read transaction (the next lookup starts another).
-    pub fn end(&mut self) {
+    pub fn end(&mut self) -> Result<()> {
         self.known.clear();
-        if let (true, Some(conn)) = (self.in_tx, &self.conn) {
-            let _ = conn.execute_batch("COMMIT");
+        let was = std::mem::replace(&mut self.in_tx, false);
+        match (was, &self.conn) {
+            (true, Some(conn)) => meta::end_read(conn),
+            _ => Ok(()),
         }
-        self.in_tx = false;
     }
 
     /// Write `e`'s content to `f`; returns the bytes written (checked against `e.size`).
@@ -478,7 +479,7 @@ impl<'s> Content<'s> {
                     let mut out = Gather::new(WriteAt { file: f, at: start });
                     content.push_chunks(chunks, &mut out, path)?;
                     out.finish().ctx(|| format!("writing {}", show(path)))?;
-                    content.end();
+                    content.end()?;
                     Ok(())
                 },
             )
@@ -511,7 +512,8 @@ impl std::io::Write for WriteAt<'_> {
 
 impl Drop for Content<'_> {
     fn drop(&mut self) {
-        self.end();
+        // An unfinished read transaction: ending it cannot lose anything.
+        let _ = self.end();
     }
 }
 
@@ -1040,7 +1042,7 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
                             }
                         }
                     }
-                    content.end();
+                    content.end()?;
                     ctx.done(n, bytes)
                 },
             )

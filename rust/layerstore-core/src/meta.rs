@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+pub mod oci;
+
 use crate::cas::{ChunkLoc, Codec, LiveBlock};
 use crate::digest::Blake3;
 use crate::error::{Error, Result};
@@ -465,19 +467,25 @@ pub fn find_layer(conn: &Connection, key: &str) -> Result<LayerInfo> {
     let hex_prefix = key.rsplit(':').next().unwrap_or(key);
     if hex_prefix.len() >= 6 && hex_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {LAYER_COLUMNS} FROM layers WHERE substr(id, 8, ?2) = ?1 OR substr(diff_id, 8, ?2) = ?1 LIMIT 2"
+            "SELECT {LAYER_COLUMNS} FROM layers WHERE substr(id, 8, ?2) = ?1 OR substr(diff_id, 8, ?2) = ?1 ORDER BY id LIMIT 6"
         ))?;
         let rows = stmt
             .query_map(params![hex_prefix, hex_prefix.len()], info_from_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        match rows.len() {
-            1 => return make_info(rows.into_iter().next().expect("one row")),
-            2 => {
-                return Err(Error::NotFound(format!(
-                    "layer prefix {key:?} is ambiguous"
-                )))
+        if rows.len() == 1 {
+            return make_info(rows.into_iter().next().expect("one row"));
+        }
+        if rows.len() > 1 {
+            let mut candidates: Vec<String> = rows.into_iter().map(|r| r.0).collect();
+            if candidates.len() > 5 {
+                candidates.truncate(5);
+                candidates.push("…".into());
             }
-            _ => {}
+            return Err(Error::Ambiguous {
+                what: "layer prefix",
+                prefix: key.to_string(),
+                candidates,
+            });
         }
     }
     Err(Error::NotFound(format!("no layer {key:?}")))
@@ -700,6 +708,86 @@ pub fn created_by(conn: &Connection, id: &Blake3) -> Result<Option<String>> {
         .optional()?)
 }
 
+/// Begin a read transaction: the lookups until [`end_read`] see one snapshot.
+pub fn begin_read(conn: &Connection) -> Result<()> {
+    conn.execute_batch("BEGIN DEFERRED")?;
+    Ok(())
+}
+
+/// End the read transaction [`begin_read`] began.
+pub fn end_read(conn: &Connection) -> Result<()> {
+    conn.execute_batch("COMMIT")?;
+    Ok(())
+}
+
+/// Totals over the whole store, read in one snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    pub layers: u64,
+    pub chunks: u64,
+    pub packs: u64,
+    /// Uncompressed tar bytes of every layer.
+    pub logical_bytes: u64,
+    /// Bytes of every distinct chunk.
+    pub content_bytes: u64,
+    /// Stored bytes of the blocks holding live chunks.
+    pub stored_bytes: u64,
+    /// Encoded entry lists and tar recipes.
+    pub metadata_bytes: u64,
+}
+
+pub fn totals(conn: &mut Connection) -> Result<Totals> {
+    let tx = conn.transaction()?;
+    let one = |sql: &str| -> Result<u64> {
+        Ok(tx
+            .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?
+            .unwrap_or(0) as u64)
+    };
+    let totals = Totals {
+        layers: one("SELECT count(*) FROM layers")?,
+        chunks: one("SELECT count(*) FROM chunks")?,
+        packs: one("SELECT count(*) FROM packs")?,
+        logical_bytes: one("SELECT sum(size) FROM layers")?,
+        content_bytes: one("SELECT sum(len) FROM chunks")?,
+        stored_bytes: one(
+            "SELECT sum(block_len) FROM (SELECT DISTINCT pack, block_offset, block_len FROM chunks)",
+        )?,
+        metadata_bytes: one("SELECT sum(length(entries) + length(split)) FROM layers")?,
+    };
+    tx.commit()?;
+    Ok(totals)
+}
+
+/// Forget a pack (its chunks must have gone or moved).
+pub fn delete_pack(conn: &Connection, name: &str) -> Result<()> {
+    conn.execute("DELETE FROM packs WHERE name = ?1", [name])?;
+    Ok(())
+}
+
+/// Record a pack's committed length.
+pub fn set_pack_size(conn: &Connection, name: &str, size: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE packs SET size = ?1 WHERE name = ?2",
+        params![size, name],
+    )?;
+    Ok(())
+}
+
+/// Point the chunks of the block at `from` (pack, offset) at its copy at `to`.
+pub fn move_block(conn: &Connection, from: (&str, u64), to: (&str, u64)) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4",
+    )?
+    .execute(params![to.0, to.1, from.0, from.1])?;
+    Ok(())
+}
+
+/// Fold the write-ahead log back into the database file and truncate it.
+pub fn checkpoint(conn: &Connection) -> Result<()> {
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    Ok(())
+}
+
 pub fn insert_pack(conn: &Connection, name: &str, size: u64) -> Result<()> {
     conn.execute(
         "INSERT INTO packs (name, size) VALUES (?1, ?2)",
@@ -916,4 +1004,51 @@ pub fn delete_ref(conn: &mut Connection, name: &str) -> Result<()> {
     drop_stack_if_unused(&tx, stack)?;
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_layer(conn: &Connection, hex: &str) {
+        let digest = Blake3::parse(&format!("blake3:{hex}")).unwrap();
+        let row = LayerRow {
+            info: LayerInfo {
+                id: digest,
+                diff_id: format!("sha256:{hex}"),
+                tree_id: digest,
+                size: 0,
+                entry_count: 0,
+                compressed_digest: None,
+                compression: None,
+                created_unix: 0,
+            },
+            entries: Vec::new(),
+            split: Vec::new(),
+        };
+        insert_layer(conn, &row, &[]).unwrap();
+    }
+
+    #[test]
+    fn an_ambiguous_prefix_names_its_candidates() {
+        let dir = std::env::temp_dir().join(format!("ls-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut conn = open(&dir.join("meta.db")).unwrap();
+        init(&mut conn, &[]).unwrap();
+        let a = format!("abcdef01{}", "0".repeat(56));
+        let b = format!("abcdef02{}", "0".repeat(56));
+        fake_layer(&conn, &a);
+        fake_layer(&conn, &b);
+        let err = find_layer(&conn, "abcdef").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Ambiguous);
+        let text = err.to_string();
+        assert!(text.contains(&a) && text.contains(&b), "{text}");
+        assert_eq!(find_layer(&conn, "abcdef01").unwrap().diff_id, format!("sha256:{a}"));
+        assert_eq!(
+            find_layer(&conn, "abcdef03").unwrap_err().kind(),
+            crate::ErrorKind::NotFound
+        );
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -422,7 +422,7 @@ impl Store {
         // Stop the reader (it may be blocked sending) before looking at its result.
         let reader_out = reader
             .join()
-            .map_err(|_| Error::Corrupt("reader thread panicked".into()))?;
+            .map_err(|_| Error::Panicked { what: "reader thread" })?;
         let SplitOutput {
             split,
             entries,
@@ -537,7 +537,7 @@ impl Store {
         let imported = self.import_tar(Box::new(reader), opts, progress);
         let produced = producer
             .join()
-            .map_err(|_| Error::Corrupt("directory walker panicked".into()))?;
+            .map_err(|_| Error::Panicked { what: "directory walker" })?;
         // The walker's error explains an import failure (a broken pipe) better than the import's.
         let walk_warnings = produced?;
         let mut imported = imported?;
@@ -638,7 +638,7 @@ impl Store {
     pub fn content_with(
         &self,
         entry: &Entry,
-        fresh: Option<&crate::emit::FreshChunks>,
+        fresh: Option<&cas::FreshChunks>,
     ) -> Result<ContentReader> {
         let stored = entry
             .chunks
@@ -879,20 +879,15 @@ impl Store {
     }
 
     pub fn stats(&self) -> Result<Stats> {
-        let conn = self.conn()?;
-        let one = |sql: &str| -> Result<u64> {
-            Ok(conn
-                .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?
-                .unwrap_or(0) as u64)
-        };
+        let t = meta::totals(&mut *self.conn()?)?;
         let mut s = Stats {
-            layers: one("SELECT count(*) FROM layers")?,
-            chunks: one("SELECT count(*) FROM chunks")?,
-            packs: one("SELECT count(*) FROM packs")?,
-            logical_bytes: one("SELECT sum(size) FROM layers")?,
-            content_bytes: one("SELECT sum(len) FROM chunks")?,
-            stored_bytes: one("SELECT sum(block_len) FROM (SELECT DISTINCT pack, block_offset, block_len FROM chunks)")?,
-            metadata_bytes: one("SELECT sum(length(entries) + length(split)) FROM layers")?,
+            layers: t.layers,
+            chunks: t.chunks,
+            packs: t.packs,
+            logical_bytes: t.logical_bytes,
+            content_bytes: t.content_bytes,
+            stored_bytes: t.stored_bytes,
+            metadata_bytes: t.metadata_bytes,
             disk_bytes: dir_size(&self.root)?,
             dedup_ratio: 0.0,
         };
@@ -925,7 +920,7 @@ impl Store {
             for (name, size) in meta::packs(&tx)? {
                 let live_bytes = self.live_pack_bytes(&tx, &name)?;
                 if live_bytes == 0 {
-                    tx.execute("DELETE FROM packs WHERE name = ?1", [&name])?;
+                    meta::delete_pack(&tx, &name)?;
                     retire.push(name);
                     report.packs_removed += 1;
                     report.bytes_reclaimed += size;
@@ -990,7 +985,7 @@ impl Store {
         expire_retired(&retired);
         report.bytes_reclaimed += self.gc_image_blobs()?;
         report.bytes_reclaimed += sweep_tmp(&self.root.join("tmp"));
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+        meta::checkpoint(&conn)?;
         Ok(report)
     }
 
@@ -1050,9 +1045,6 @@ impl Store {
         meta::insert_pack(tx, new_name, 0)?;
         let mut offset = cas::PACK_MAGIC.len() as u64;
         let mut buf = Vec::new();
-        let mut update = tx.prepare(
-            "UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4",
-        )?;
         let mut regroup = cas::Regrouper::new(self.options.compression_level);
         let append = |out: &mut fs::File,
                       offset: &mut u64,
@@ -1092,7 +1084,7 @@ impl Store {
                 std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf, block.offset)
                     .ctx(|| format!("reading pack {name}"))?;
                 out.write_all(&buf).ctx(|| "writing pack".into())?;
-                update.execute(rusqlite::params![new_name, offset, name, block.offset])?;
+                meta::move_block(tx, (name, block.offset), (new_name, offset))?;
                 offset += block.len;
             }
         }
@@ -1100,14 +1092,11 @@ impl Store {
             append(&mut out, &mut offset, last)?;
         }
         for name in names {
-            tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
+            meta::delete_pack(tx, name)?;
         }
         out.sync_all().ctx(|| "syncing pack".into())?;
         cas::sync_dir(&self.packs_dir())?;
-        tx.execute(
-            "UPDATE packs SET size = ?1 WHERE name = ?2",
-            rusqlite::params![offset, new_name],
-        )?;
+        meta::set_pack_size(tx, new_name, offset)?;
         Ok(offset)
     }
 

@@ -287,9 +287,15 @@ impl<'s> Staging<'s> {
         let mut conn = self.store.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for b in &self.blobs {
-            tx.execute(
-                "INSERT OR REPLACE INTO oci_layer_blobs (digest, layer, compression, size, rebuild) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![b.digest, b.layer, b.compression, b.size, b.rebuild.name()],
+            meta::oci::put_layer_blob(
+                &tx,
+                &meta::oci::LayerBlobRow {
+                    digest: &b.digest,
+                    layer: &b.layer,
+                    compression: b.compression,
+                    size: b.size,
+                    rebuild: b.rebuild.name(),
+                },
             )?;
         }
         for image in images {
@@ -297,10 +303,7 @@ impl<'s> Staging<'s> {
             record_image(&tx, image, &stack.chain_id)?;
             let ids: Vec<_> = stack.layers.iter().map(|l| l.id).collect();
             for name in &image.names {
-                tx.execute(
-                    "INSERT OR REPLACE INTO oci_refs (name, manifest) VALUES (?1, ?2)",
-                    params![name, image.manifest.0],
-                )?;
+                meta::oci::put_oci_ref(&tx, name, &image.manifest.0)?;
                 crate::meta::put_ref(&tx, name, &stack.chain_id, &ids)?;
             }
         }
@@ -319,26 +322,16 @@ impl Drop for Staging<'_> {
 }
 
 pub(crate) fn record_image(conn: &Connection, image: &PendingImage, chain_id: &str) -> Result<()> {
-    let mut put = conn.prepare_cached(
-        "INSERT OR IGNORE INTO oci_blobs (digest, media_type, data) VALUES (?1, ?2, ?3)",
-    )?;
-    put.execute(params![
-        image.manifest.0,
-        image.manifest.1,
-        image.manifest.2
-    ])?;
-    put.execute(params![image.config.0, image.config.1, image.config.2])?;
     let descriptor = serde_json::to_vec(&image.descriptor)
         .map_err(|e| Error::Corrupt(format!("encoding a descriptor: {e}")))?;
-    conn.execute(
-        "DELETE FROM oci_images WHERE manifest = ?1",
-        [&image.manifest.0],
-    )?;
-    conn.execute(
-        "INSERT INTO oci_images (manifest, config, chain_id, descriptor, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![image.manifest.0, image.config.0, chain_id, descriptor, crate::meta::now()],
-    )?;
-    Ok(())
+    let (m, c) = (&image.manifest, &image.config);
+    meta::oci::record_image(
+        conn,
+        (&m.0, &m.1, &m.2),
+        (&c.0, &c.1, &c.2),
+        chain_id,
+        &descriptor,
+    )
 }
 
 /// Set a staged blob's modification time to now. `gc` deletes a file of `blobs/` that no row
@@ -381,11 +374,8 @@ fn name_blob(e: Error, blob: &str) -> Error {
 
 /// How the store rebuilds the compressed layer blob `digest`, if it knows the blob.
 pub(crate) fn layer_blob(conn: &Connection, digest: &str) -> Result<Option<Rebuild>> {
-    let row: Option<(String, String)> = conn
-        .prepare_cached("SELECT compression, rebuild FROM oci_layer_blobs WHERE digest = ?1")?
-        .query_row([digest], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    row.map(|(c, r)| Rebuild::parse(&r, Compression::parse(Some(&c))?))
+    meta::oci::layer_blob(conn, digest)?
+        .map(|(c, r)| Rebuild::parse(&r, Compression::parse(Some(&c))?))
         .transpose()
 }
 
