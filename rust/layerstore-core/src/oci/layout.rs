@@ -52,7 +52,7 @@ pub(crate) struct Staging<'s> {
 
 impl<'s> Staging<'s> {
     pub fn new(store: &'s Store) -> Result<Self> {
-        let name = crate::store::owned_tmp_name("oci");
+        let name = crate::owner::owned_tmp_name("oci");
         let lease = store.lease(&*store.conn()?, &format!("tmp/{name}"))?;
         let dir = store.root().join("tmp").join(name);
         if let Err(e) = fs::create_dir_all(&dir) {
@@ -121,7 +121,7 @@ impl<'s> Staging<'s> {
         };
         let tee_path = self
             .dir
-            .join(format!("{}.part", crate::store::unique_name()));
+            .join(format!("{}.part", crate::owner::unique_name()));
         let reader: Box<dyn Read + Send> = if held {
             reader
         } else {
