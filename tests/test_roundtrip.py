@@ -445,8 +445,11 @@ def test_gnutar_volume_label(store: ls.Store, tmp_path: Path) -> None:
     assert kinds == [("other", "V"), ("file", "0")]
 
 
-def test_unknown_typeflag_is_kept(store: ls.Store) -> None:
-    """An unknown typeflag is kind 'other' and its data is kept (tarfile reads such data too)."""
+def test_unknown_typeflag_reads_as_a_regular_file_everywhere(
+    store: ls.Store, tmp_path: Path
+) -> None:
+    """POSIX: an unknown typeflag is read as a regular file. The entry keeps its typeflag (and
+    the export its header); the view, read_bytes, materialize and squash all see a file."""
     m = tf.file_("vendor/thing", b"vendor data\n")
     data = bytearray(tf.py_tar(tarfile.USTAR_FORMAT, members=[m, tf.file_("after", b"z")]))
     h = tf.walk(bytes(data))[0][0]
@@ -457,8 +460,15 @@ def test_unknown_typeflag_is_kept(store: ls.Store) -> None:
     data = bytes(data)
     layer = assert_roundtrip(store, data)
     first, second = layer.entries()
-    assert (first.kind, first.typeflag, first.size) == ("other", "X", len(m.data))
+    assert (first.kind, first.typeflag, first.size) == ("file", "X", len(m.data))
     assert (second.path, second.kind) == ("/after", "file")
+    image = store.stack([layer])
+    assert image.stat("/vendor/thing").kind == "file"
+    assert image.read_bytes("/vendor/thing") == m.data
+    store.materialize(image, tmp_path / "out")
+    assert (tmp_path / "out" / "vendor" / "thing").read_bytes() == m.data
+    squashed = store.stack([store.squash(image)])
+    assert squashed.read_bytes("/vendor/thing") == m.data
 
 
 def test_hardlink_with_nonzero_size_field(store: ls.Store) -> None:

@@ -60,6 +60,13 @@ pub fn is_aufs_meta(path: &[u8]) -> bool {
     components(path).any(|c| c.starts_with(AUFS_META_PREFIX) && c != OPAQUE)
 }
 
+/// Whether an xattr is one overlayfs reads as an instruction (`trusted.overlay.*`, and
+/// `user.overlay.*` for unprivileged mounts). In a layer it is plain data (DESIGN section 3,
+/// rule 7): never written to disk as is, or an overlay mount over the result would obey it.
+pub fn is_overlay_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+}
+
 /// The member path of a whiteout hiding `path`.
 pub fn whiteout_member(path: &[u8]) -> Vec<u8> {
     let (dir, name) = split_parent(path);

@@ -43,11 +43,18 @@ impl Compression {
 pub fn detect_bytes(head: &[u8]) -> Compression {
     if head.starts_with(&[0x1f, 0x8b]) {
         Compression::Gzip
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) || is_skippable_frame(head) {
+        // A zstd stream may open with skippable frames (zstd:chunked puts its metadata in
+        // them); the decoder steps over them.
         Compression::Zstd
     } else {
         Compression::None
     }
+}
+
+/// A zstd skippable frame's magic: 0x184D2A50 to 0x184D2A5F, little-endian.
+fn is_skippable_frame(head: &[u8]) -> bool {
+    matches!(head, [b0, 0x2a, 0x4d, 0x18, ..] if b0 & 0xf0 == 0x50)
 }
 
 /// Peek at the first bytes and say what the stream is.

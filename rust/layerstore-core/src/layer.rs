@@ -26,7 +26,8 @@ pub enum Kind {
     Whiteout,
     /// `.wh..wh..opq`: hides every lower child of its directory.
     Opaque,
-    /// A typeflag we do not interpret (kept for export).
+    /// Archive metadata (GNU `V` label, `M` continuation, `D` dumpdir): kept for export, never
+    /// part of a view. (Unknown typeflags are regular files, as POSIX reads them.)
     Other(u8),
 }
 

@@ -553,6 +553,9 @@ pub(crate) fn set_meta_fd(
         }
     }
     for (k, v) in &e.xattrs {
+        if skip_overlay_xattr(ctx, k, path) {
+            continue;
+        }
         if let Err(x) = rfs::fsetxattr(fd, k.as_slice(), v, XattrFlags::empty()) {
             xattr_failed(ctx, k, path, x, false)?;
         }
@@ -575,6 +578,21 @@ fn xattr_list(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// An overlayfs control xattr of an entry is not written (with a warning naming it): written
+/// as is, an overlay mount over the tree would take it as an instruction (an opaque directory,
+/// a redirect) instead of the data it is in the layer.
+fn skip_overlay_xattr(ctx: &Ctx<'_>, name: &[u8], path: &[u8]) -> bool {
+    if !crate::changeset::is_overlay_xattr(name) {
+        return false;
+    }
+    ctx.warn(format!(
+        "{}: xattr {:?} not written (overlayfs would read it as an instruction)",
+        show(path),
+        String::from_utf8_lossy(name)
+    ));
+    true
 }
 
 /// An xattr the kernel will not take is a warning, as GNU tar makes it: a value it deems
@@ -639,6 +657,9 @@ fn set_meta_at(
     if !e.xattrs.is_empty() {
         let p = proc_path(dir, Some(name));
         for (k, v) in &e.xattrs {
+            if skip_overlay_xattr(ctx, k, path) {
+                continue;
+            }
             if let Err(x) = rfs::lsetxattr(p.as_slice(), k.as_slice(), v, XattrFlags::empty()) {
                 xattr_failed(ctx, k, path, x, e.kind == Kind::Symlink)?;
             }

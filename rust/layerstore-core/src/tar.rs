@@ -44,7 +44,7 @@ impl Default for Limits {
             max_bytes: 64 << 30,
             max_entries: 4_000_000,
             max_record: 1 << 20,
-            max_path_depth: 512,
+            max_path_depth: 1024,
             max_trailing: 1 << 20,
         }
     }
@@ -496,7 +496,11 @@ impl<'a, R: Read> Splitter<'a, R> {
             b'4' => Kind::Block,
             b'5' => Kind::Dir,
             b'6' => Kind::Fifo,
-            other => Kind::Other(other),
+            // GNU's volume label, multi-volume continuation and incremental dumpdir describe
+            // the archive, not a file: kept for export, never part of a view.
+            b'V' | b'M' | b'D' => Kind::Other(typeflag),
+            // POSIX: "other values … shall be read as regular files".
+            _ => Kind::File,
         };
         if path.is_empty() && !matches!(kind, Kind::Dir) {
             return Err(self.invalid("an entry other than a directory names the root"));

@@ -194,6 +194,28 @@ impl Default for Index {
     }
 }
 
+/// Drop the entries a later entry of the same tar replaced by a non-directory at one of their
+/// ancestors, as extraction does: a directory `y`, then `y/c.txt`, then a regular file `y`
+/// leave `y` a file and no `y/c.txt` (the same as across two layers).
+fn drop_replaced(order: &mut Vec<(usize, &Arc<Entry>)>) {
+    let non_dirs: HashMap<&[u8], usize> = order
+        .iter()
+        .filter(|(_, e)| e.kind != Kind::Dir)
+        .map(|&(pos, e)| (e.path.as_slice(), pos))
+        .collect();
+    if non_dirs.is_empty() {
+        return;
+    }
+    order.retain(|&(pos, e)| {
+        let path = e.path.as_slice();
+        !path
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'/')
+            .any(|(i, _)| non_dirs.get(&path[..i]).is_some_and(|&at| at > pos))
+    });
+}
+
 /// A layer's entries by path: every (tar position, entry) of the path, in tar order.
 type ByPath<'a> = HashMap<&'a [u8], Vec<(usize, &'a Arc<Entry>)>, foldhash::fast::RandomState>;
 
@@ -396,6 +418,7 @@ impl Index {
         for (pos, e) in entries.iter().enumerate() {
             match e.kind {
                 Kind::Whiteout | Kind::Opaque => markers.push(e),
+                Kind::Other(_) => {}
                 _ if is_aufs_meta(&e.path) => {}
                 _ => by_path.entry(&e.path).or_default().push((pos, e)),
             }
@@ -403,6 +426,7 @@ impl Index {
         let mut order: Vec<(usize, &Arc<Entry>)> =
             by_path.values().filter_map(|v| v.last().copied()).collect();
         order.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+        drop_replaced(&mut order);
         // Hardlinks resolve against the view below, so before any edit (and an error here
         // leaves the index as it was).
         let mut views = Vec::with_capacity(order.len());
