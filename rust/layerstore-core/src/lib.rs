@@ -22,6 +22,7 @@ pub mod layer;
 pub mod materialize;
 pub mod meta;
 pub mod oci;
+pub mod registry;
 pub mod squash;
 pub mod stack;
 pub mod store;
