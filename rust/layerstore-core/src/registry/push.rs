@@ -1,0 +1,366 @@
+//! Push: the image as OCI export plans it ([`Store::plan_image`]), its blobs uploaded
+//! (several at once), then the manifest.
+//!
+//! Invariants:
+//! - The bytes pushed are the bytes an OCI export of the same image writes: a recorded manifest
+//!   is re-emitted as is over the blobs it names (kept ones copied, the others rebuilt by the
+//!   encoder the import proved reproduces them), else a deterministic manifest over
+//!   deterministically compressed blobs; every blob is hashed as it is sent and checked against
+//!   its planned digest before the upload is committed.
+//! - A blob whose digest is known is first asked for (`HEAD`); one the registry has is not sent.
+//!   A blob up to one chunk goes up in one `PUT`, a larger one in `PATCH`es with
+//!   `Content-Range`; the upload is committed only with the digest of what was sent.
+//! - The manifest goes last, after every blob it names is in the registry; the image is then
+//!   recorded as pushed (manifest, config, and the digests of blobs compressed for the push, so
+//!   a re-push knows them without compressing again).
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use rusqlite::TransactionBehavior;
+use ureq::http::Method;
+
+use super::client::{Client, ClientOptions};
+use super::reference::Reference;
+use crate::compress::Compression;
+use crate::error::{Error, Result};
+use crate::oci::{
+    record_image, record_layer_blob, BlobPlan, ImageDocs, LayerBlob, PendingImage, Rebuild,
+};
+use crate::stack::Stack;
+use crate::store::{Progress, Store};
+
+/// How to push.
+#[derive(Clone, Debug)]
+pub struct PushOptions {
+    /// `None` keeps an imported image's blobs (new layers are gzipped); else recompress all.
+    pub compression: Option<Compression>,
+    pub client: ClientOptions,
+    /// Blobs uploaded at once.
+    pub jobs: usize,
+    /// Blobs larger than this go up in `PATCH`es of this size.
+    pub chunk_size: usize,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            compression: None,
+            client: ClientOptions::default(),
+            jobs: 4,
+            chunk_size: 8 << 20,
+        }
+    }
+}
+
+/// What a push did.
+#[derive(Clone, Debug)]
+pub struct Pushed {
+    pub manifest_digest: String,
+    /// Layer and config blobs sent (the others the registry had).
+    pub blobs_uploaded: u64,
+    /// Blob bytes sent (not counting the manifest).
+    pub bytes_uploaded: u64,
+}
+
+/// Push `stack` to `reference` (its tag, or its digest when it has no tag).
+pub fn push(
+    store: &Store,
+    stack: &Stack,
+    reference: &str,
+    opts: &PushOptions,
+    progress: Progress<'_>,
+) -> Result<Pushed> {
+    let r = Reference::parse(reference)?;
+    let plan = store.plan_image(stack, opts.compression)?;
+    let client = Client::connect(
+        &r.registry,
+        r.api_host(),
+        &r.repository,
+        &opts.client,
+        true,
+    )?;
+    let counters = Counters::default();
+    let descs = upload_layers(store, &client, &plan.blobs, opts, &counters, progress)?;
+    let docs = plan.head.finish(&descs, None)?;
+    upload_bytes(&client, &docs.config, &counters)?;
+    if let Some(pinned) = &r.digest {
+        if *pinned != docs.digests.manifest {
+            return Err(Error::InvalidArgument(format!(
+                "{reference} names digest {pinned}, but the image's manifest is {}",
+                docs.digests.manifest
+            )));
+        }
+    }
+    let target = r.tag.as_deref().unwrap_or(&docs.digests.manifest);
+    let a = client.request(
+        Method::PUT,
+        &client.repo_path(&format!("manifests/{target}")),
+        &[("Content-Type", docs.digests.media_type.as_str())],
+        Some(&docs.manifest),
+    )?;
+    if a.status != 201 && a.status != 200 {
+        return Err(a.unexpected("putting the manifest"));
+    }
+    if let Some(d) = a.header("docker-content-digest") {
+        if d != docs.digests.manifest {
+            return Err(Error::DigestMismatch {
+                what: "manifest as the registry stored it".into(),
+                expected: docs.digests.manifest.clone(),
+                found: d,
+            });
+        }
+    }
+    record(store, stack, &plan.blobs, &descs, &docs)?;
+    Ok(Pushed {
+        manifest_digest: docs.digests.manifest,
+        blobs_uploaded: counters.blobs.load(Ordering::SeqCst),
+        bytes_uploaded: counters.bytes.load(Ordering::SeqCst),
+    })
+}
+
+#[derive(Default)]
+struct Counters {
+    blobs: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Record the pushed image, and how to rebuild the blobs compressed for this push.
+fn record(
+    store: &Store,
+    stack: &Stack,
+    plans: &[BlobPlan],
+    descs: &[(String, u64, String)],
+    docs: &ImageDocs,
+) -> Result<()> {
+    let pending = PendingImage {
+        names: Vec::new(),
+        descriptor: docs.entry.clone(),
+        manifest: (
+            docs.digests.manifest.clone(),
+            docs.digests.media_type.clone(),
+            docs.manifest.clone(),
+        ),
+        config: (
+            docs.digests.config.clone(),
+            crate::oci::OCI_CONFIG.to_string(),
+            docs.config.clone(),
+        ),
+        layers: stack.layers.clone(),
+    };
+    let mut conn = store.conn()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (p, (digest, size, _)) in plans.iter().zip(descs) {
+        let compression = match p.how {
+            Rebuild::ParGzip => Compression::Gzip,
+            Rebuild::Tar(c @ (Compression::Gzip | Compression::Zstd)) => c,
+            _ => continue,
+        };
+        if p.digest.is_none() {
+            record_layer_blob(
+                &tx,
+                &LayerBlob {
+                    digest: digest.clone(),
+                    layer: p.info.id.to_string(),
+                    compression: compression.name().unwrap_or("none"),
+                    size: *size,
+                    rebuild: p.how,
+                },
+            )?;
+        }
+    }
+    record_image(&tx, &pending, &stack.chain_id)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Upload the layer blobs `opts.jobs` at a time; (digest, size, media type) bottom first.
+fn upload_layers(
+    store: &Store,
+    client: &Client,
+    plans: &[BlobPlan],
+    opts: &PushOptions,
+    counters: &Counters,
+    progress: Progress<'_>,
+) -> Result<Vec<(String, u64, String)>> {
+    let results: Vec<Mutex<Option<Result<(String, u64)>>>> =
+        plans.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || loop {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        if i >= plans.len() || failed.load(Ordering::SeqCst) {
+            return;
+        }
+        let r = upload_layer(store, client, &plans[i], opts.chunk_size, counters, progress);
+        if r.is_err() {
+            failed.store(true, Ordering::SeqCst);
+        }
+        *results[i].lock().expect("not poisoned") = Some(r);
+    };
+    let threads = opts.jobs.clamp(1, plans.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    let mut out = Vec::with_capacity(plans.len());
+    let mut first_error = None;
+    for (p, r) in plans.iter().zip(results) {
+        match r.into_inner().expect("not poisoned") {
+            Some(Ok((digest, size))) => out.push((digest, size, p.media_type.clone())),
+            Some(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// The size of blob `digest` in the registry, if it has it.
+fn remote_size(client: &Client, digest: &str) -> Result<Option<u64>> {
+    let a = client.request(
+        Method::HEAD,
+        &client.repo_path(&format!("blobs/{digest}")),
+        &[],
+        None,
+    )?;
+    match a.status {
+        200 => Ok(Some(a.content_length().unwrap_or(0))),
+        404 => Ok(None),
+        _ => Err(a.unexpected("asking for a blob")),
+    }
+}
+
+fn upload_layer(
+    store: &Store,
+    client: &Client,
+    p: &BlobPlan,
+    chunk: usize,
+    counters: &Counters,
+    progress: Progress<'_>,
+) -> Result<(String, u64)> {
+    if let Some(d) = &p.digest {
+        if let Some(size) = remote_size(client, d)? {
+            return Ok((d.clone(), size));
+        }
+    }
+    let mut upload = Upload::start(client, chunk, counters)?;
+    let (digest, size) = store.write_planned_blob(p, &mut upload, progress)?;
+    upload.finish(&digest)?;
+    counters.blobs.fetch_add(1, Ordering::SeqCst);
+    Ok((digest, size))
+}
+
+/// A small blob (the config): asked for, then sent in one request if missing.
+fn upload_bytes(client: &Client, bytes: &[u8], counters: &Counters) -> Result<()> {
+    let digest = crate::digest::sha256_string(bytes);
+    if remote_size(client, &digest)?.is_some() {
+        return Ok(());
+    }
+    let mut upload = Upload::start(client, bytes.len().max(1), counters)?;
+    upload.buf.extend_from_slice(bytes);
+    upload.finish(&digest)?;
+    counters.blobs.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// A blob upload session: buffers up to one chunk, `PATCH`es full chunks, and commits with
+/// a `PUT` carrying the digest (and the last bytes).
+struct Upload<'c> {
+    client: &'c Client,
+    location: String,
+    buf: Vec<u8>,
+    chunk: usize,
+    offset: u64,
+    counters: &'c Counters,
+}
+
+impl<'c> Upload<'c> {
+    fn start(client: &'c Client, chunk: usize, counters: &'c Counters) -> Result<Self> {
+        let a = client.request(
+            Method::POST,
+            &client.repo_path("blobs/uploads/"),
+            &[],
+            Some(&[]),
+        )?;
+        if a.status != 202 {
+            return Err(a.unexpected("starting an upload"));
+        }
+        let location = a
+            .header("location")
+            .ok_or_else(|| a.unexpected("starting an upload (no Location)"))?;
+        Ok(Upload {
+            client,
+            location: client.url(&location),
+            buf: Vec::with_capacity(chunk.min(1 << 20)),
+            chunk,
+            offset: 0,
+            counters,
+        })
+    }
+
+    /// Send the first `n` buffered bytes as the next chunk.
+    fn patch(&mut self, n: usize) -> Result<()> {
+        let end = self.offset + n as u64;
+        let range = format!("{}-{}", self.offset, end - 1);
+        let a = self.client.request(
+            Method::PATCH,
+            &self.location,
+            &[
+                ("Content-Type", "application/octet-stream"),
+                ("Content-Range", &range),
+            ],
+            Some(&self.buf[..n]),
+        )?;
+        if a.status != 202 {
+            return Err(a.unexpected("uploading a chunk"));
+        }
+        if let Some(l) = a.header("location") {
+            self.location = self.client.url(&l);
+        }
+        self.buf.drain(..n);
+        self.counters.bytes.fetch_add(n as u64, Ordering::SeqCst);
+        self.offset = end;
+        Ok(())
+    }
+
+    /// Commit the upload as `digest` (the last bytes travel with the `PUT`).
+    fn finish(self, digest: &str) -> Result<()> {
+        let sep = if self.location.contains('?') { '&' } else { '?' };
+        let url = format!("{}{sep}digest={digest}", self.location);
+        let a = self.client.request(
+            Method::PUT,
+            &url,
+            &[("Content-Type", "application/octet-stream")],
+            Some(&self.buf),
+        )?;
+        if a.status != 201 {
+            return Err(a.unexpected("committing an upload"));
+        }
+        self.counters
+            .bytes
+            .fetch_add(self.buf.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Write for Upload<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while self.buf.len() > self.chunk {
+            self.patch(self.chunk).map_err(io::Error::other)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
