@@ -84,7 +84,7 @@ pub fn push(
     let counters = Counters::default();
     let descs = upload_layers(store, &client, &plan.blobs, opts, &counters, progress)?;
     let docs = plan.head.finish(&descs, None)?;
-    upload_bytes(&client, &docs.config, &counters)?;
+    upload_bytes(&client, &docs.config, &docs.digests.config, &counters)?;
     if let Some(pinned) = &r.digest {
         if *pinned != docs.digests.manifest {
             return Err(Error::InvalidArgument(format!(
@@ -259,14 +259,13 @@ fn upload_layer(
 }
 
 /// A small blob (the config): asked for, then sent in one request if missing.
-fn upload_bytes(client: &Client, bytes: &[u8], counters: &Counters) -> Result<()> {
-    let digest = crate::digest::sha256_string(bytes);
-    if remote_size(client, &digest)?.is_some() {
+fn upload_bytes(client: &Client, bytes: &[u8], digest: &str, counters: &Counters) -> Result<()> {
+    if remote_size(client, digest)?.is_some() {
         return Ok(());
     }
     let mut upload = Upload::start(client, bytes.len().max(1), counters)?;
     upload.buf.extend_from_slice(bytes);
-    upload.finish(&digest)?;
+    upload.finish(digest)?;
     counters.blobs.fetch_add(1, Ordering::SeqCst);
     Ok(())
 }
