@@ -97,11 +97,12 @@ pub(crate) fn registry_login(
     password: String,
     tls_verify: bool,
     ca_file: Option<PathBuf>,
-) -> PyResult<PathBuf> {
+) -> PyResult<std::ffi::OsString> {
     let creds = Credentials { username, password };
     let opts = client_options(None, tls_verify, ca_file);
     py.detach(|| core::registry::login(&registry, &creds, &opts))
         .py()
+        .map(PathBuf::into_os_string)
 }
 
 /// Forget the credentials of `registry` in every auth file; returns whether there were any.

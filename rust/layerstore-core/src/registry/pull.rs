@@ -23,10 +23,10 @@ use ureq::http::Method;
 use super::client::{Client, ClientOptions};
 use super::reference::Reference;
 use crate::digest::OciDigest;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::oci::source::{Opened, Source};
 use crate::oci::{
-    self, blob_path, check_names, descriptor, diff_ids, digest_of, layer_blob, layer_compression,
+    self, blob_path, check_names, HashWriter, descriptor, diff_ids, digest_of, layer_blob, layer_compression,
     parse_json, Descriptor, FetchedLayer, ImportedImage, PendingImage, Platform, Staging,
     WantedBlob, DOCKER_CONFIG, DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
 };
@@ -506,7 +506,9 @@ fn fetch_all(
             let sum = total.fetch_add(n.saturating_sub(before), Ordering::SeqCst) + n - before;
             progress(sum)
         };
-        let r = staging.fetch(source, &want, &report);
+        let r = staging
+            .fetch(source, &want, &report)
+            .map_err(|e| blame_blob(source, blob, e));
         if r.is_err() {
             failed.store(true, Ordering::SeqCst);
         }
@@ -523,6 +525,34 @@ fn fetch_all(
         .into_iter()
         .map(|m| m.into_inner().expect("not poisoned"))
         .collect()
+}
+
+/// A blob that fails as a layer (bad gzip, bad tar) may simply not be the blob the manifest
+/// names: the import stops at the first bad byte, before the digest is known. Hash the blob
+/// once more as the registry sends it, and report a digest mismatch as what it is.
+fn blame_blob(source: &RegistrySource, blob: &str, e: Error) -> Error {
+    if e.kind() != ErrorKind::InvalidLayer {
+        return e;
+    }
+    let Ok(Some((mut reader, _))) = source.open(&blob_path(&match OciDigest::parse(blob) {
+        Ok(d) => d,
+        Err(_) => return e,
+    })) else {
+        return e;
+    };
+    let mut w = HashWriter::new(io::sink());
+    if io::copy(&mut reader, &mut w).is_err() {
+        return e;
+    }
+    let (_, found, _) = w.finish();
+    if found.starts_with("sha256:") && blob.starts_with("sha256:") && found != blob {
+        return Error::DigestMismatch {
+            what: format!("layer blob {blob} as the registry sent it"),
+            expected: blob.to_string(),
+            found,
+        };
+    }
+    e
 }
 
 /// The registry's blobs seen as an image source (`blobs/<alg>/<hex>` → a streamed GET).
