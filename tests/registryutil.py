@@ -1,5 +1,5 @@
-"""A real registry (Debian's ``docker-registry``, distribution 2.8) on loopback, and a proxy in front
-of it that counts the bytes crossing it and injects faults.
+"""A real registry (Debian's ``docker-registry``, distribution 2.8) on loopback, and a proxy in
+front of it that counts the bytes crossing it and injects faults.
 
 The server reads every ``REGISTRY_*`` environment variable as a configuration override, so it runs
 with a clean environment (``PATH`` only) and a configuration file of its own.
@@ -7,6 +7,7 @@ with a clean environment (``PATH`` only) and a configuration file of its own.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import shutil
 import socket
@@ -127,19 +128,18 @@ class Proxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass
 
             def handle(self) -> None:
-                try:
+                # The client may hang up (e.g. after a fault): nothing to answer then.
+                with contextlib.suppress(ConnectionError, TimeoutError):
                     super().handle()
-                except (ConnectionError, TimeoutError):
-                    pass  # the client hung up (e.g. after a fault): nothing to answer
 
             def _any(self) -> None:
                 proxy.forward(self)
 
-            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _any  # noqa: N815
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _any
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -196,7 +196,11 @@ class Proxy:
             self._answer(h, resp.status, out_headers, b"", head=True)
             return
         if fault == "flip" and resp.status == 200 and data:
-            data = data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1 :]
+            data = (
+                data[: len(data) // 2]
+                + bytes([data[len(data) // 2] ^ 0xFF])
+                + data[len(data) // 2 + 1 :]
+            )
         if fault == "truncate" and resp.status == 200 and len(data) > 1:
             h.send_response(resp.status)
             for k, v in out_headers.items():

@@ -799,9 +799,7 @@ def cmd_login(args: argparse.Namespace) -> int:
         import getpass
 
         password = getpass.getpass(f"Password for {args.username}@{args.host}: ")
-    path = ls.registry_login(
-        args.host, args.username, password, tls_verify=args.tls_verify
-    )
+    path = ls.registry_login(args.host, args.username, password, tls_verify=args.tls_verify)
     if args.json:
         print_json({"registry": args.host, "username": args.username, "auth_file": str(path)})
     else:

@@ -27,11 +27,11 @@ pub mod pgzip;
 pub mod source;
 
 pub(crate) use export::{merged_index, synth_manifest, OCI_LAYOUT_FILE};
+pub(crate) use export::{BlobPlan, ImageDocs};
 pub(crate) use layout::{
     check_names, diff_ids, layer_blob, read_small, record_image, record_layer_blob, FetchedLayer,
     HashWriter, LayerBlob, PendingImage, Staging, WantedBlob,
 };
-pub(crate) use export::{BlobPlan, ImageDocs};
 
 use std::collections::{HashMap, HashSet};
 use std::fs;

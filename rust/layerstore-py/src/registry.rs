@@ -47,15 +47,17 @@ impl Store {
         };
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
-        let result = py.detach(|| {
-            core::registry::pull(&store, &reference, &opts, &|n| interrupts.check(n))
-        });
+        let result =
+            py.detach(|| core::registry::pull(&store, &reference, &opts, &|n| interrupts.check(n)));
         let pulled = interrupts.finish(result)?;
         Ok(Stack::new(self.inner.clone(), pulled.image.stack))
     }
 
     /// Push `image` to the registry as `ref`; returns the manifest digest.
-    #[pyo3(signature = (image, reference, /, *, compression=Some("gzip".to_string()), auth=None, tls_verify=true, ca_file=None, progress=None))]
+    #[pyo3(
+        signature = (image, reference, /, *, compression=Some("gzip".to_string()), auth=None, tls_verify=true, ca_file=None, progress=None),
+        text_signature = "(self, image, reference, /, *, compression='gzip', auth=None, tls_verify=True, ca_file=None, progress=None)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,

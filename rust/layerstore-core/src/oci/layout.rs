@@ -238,8 +238,7 @@ impl<'s> Staging<'s> {
         tee_path: &Path,
         size: u64,
     ) -> Result<Option<LayerBlob>> {
-        let (Some(digest), Some(c)) = (&info.compressed_digest, info.compression.as_deref())
-        else {
+        let (Some(digest), Some(c)) = (&info.compressed_digest, info.compression.as_deref()) else {
             return Ok(None);
         };
         if self.known_blobs.contains(digest) || layer_blob(&*self.store.conn()?, digest)?.is_some()

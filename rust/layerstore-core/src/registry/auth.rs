@@ -249,17 +249,23 @@ mod tests {
         )
         .unwrap();
         let files = vec![dir.path().join("missing.json"), a];
-        let user = |reg: &str, repo: &str| {
-            lookup_in(&files, reg, repo)
-                .unwrap()
-                .map(|c| c.username)
-        };
+        let user =
+            |reg: &str, repo: &str| lookup_in(&files, reg, repo).unwrap().map(|c| c.username);
         assert_eq!(user("docker.io", "library/debian").as_deref(), Some("hub"));
-        assert_eq!(user("reg.example:5000", "other/app").as_deref(), Some("host"));
-        assert_eq!(user("reg.example:5000", "team/app").as_deref(), Some("team"));
+        assert_eq!(
+            user("reg.example:5000", "other/app").as_deref(),
+            Some("host")
+        );
+        assert_eq!(
+            user("reg.example:5000", "team/app").as_deref(),
+            Some("team")
+        );
         assert_eq!(user("elsewhere.example", "app"), None);
         let c = lookup_in(&files, "reg.example:5000", "x").unwrap().unwrap();
-        assert!(!format!("{c:?}").contains("pw2"), "Debug shows the password");
+        assert!(
+            !format!("{c:?}").contains("pw2"),
+            "Debug shows the password"
+        );
     }
 
     #[test]

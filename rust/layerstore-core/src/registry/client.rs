@@ -98,7 +98,9 @@ impl Answer {
     /// The registry's error codes (`MANIFEST_UNKNOWN`, …) or the start of its body.
     pub fn reason(self) -> String {
         let status = self.status;
-        let body = self.read_limited(SMALL_BODY, "an error body").unwrap_or_default();
+        let body = self
+            .read_limited(SMALL_BODY, "an error body")
+            .unwrap_or_default();
         let codes: Vec<String> = serde_json::from_slice::<Value>(&body)
             .ok()
             .and_then(|v| v.get("errors").and_then(Value::as_array).cloned())
@@ -151,7 +153,9 @@ fn network(url: &str, reason: &str) -> Error {
 /// `scheme://host[:port]` of an absolute URL.
 fn origin(url: &str) -> &str {
     let after = url.find("://").map_or(0, |i| i + 3);
-    let end = url[after..].find(['/', '?', '#']).map_or(url.len(), |i| after + i);
+    let end = url[after..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after + i);
     &url[..end]
 }
 
@@ -396,7 +400,12 @@ impl Client {
 
     /// A Bearer token from the realm the challenge names (with the credentials, if any).
     fn token(&self, params: &[(String, String)]) -> Result<String> {
-        let get = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
         let realm = get("realm").ok_or_else(|| self.denied(401))?;
         let scope = format!("repository:{}:{}", self.repository, self.actions);
         let mut url = format!("{realm}?scope={}", pct(&scope));
@@ -498,7 +507,10 @@ mod tests {
         assert_eq!(
             params,
             vec![
-                ("realm".to_string(), "https://auth.example/token".to_string()),
+                (
+                    "realm".to_string(),
+                    "https://auth.example/token".to_string()
+                ),
                 ("service".to_string(), "registry.example".to_string()),
                 ("scope".to_string(), "repository:a/b:pull,push".to_string()),
             ]
@@ -511,7 +523,13 @@ mod tests {
     fn registry_origins_and_redaction() {
         assert_eq!(origin("https://h:5000/v2/x?y=1"), "https://h:5000");
         assert_eq!(origin("http://h"), "http://h");
-        assert_eq!(redact("http://h/v2/x/blobs/uploads/u?_state=abc"), "http://h/v2/x/blobs/uploads/u");
-        assert_eq!(pct("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
+        assert_eq!(
+            redact("http://h/v2/x/blobs/uploads/u?_state=abc"),
+            "http://h/v2/x/blobs/uploads/u"
+        );
+        assert_eq!(
+            pct("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
     }
 }

@@ -21,8 +21,48 @@ pub use push::{push, PushOptions, Pushed};
 pub use reference::Reference;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::error::Result;
+
+/// The outcome of one item of [`bounded_map`]: `None` when it was not started because another
+/// had failed.
+type Outcome<R> = Option<Result<R>>;
+
+/// `f` over `items` on up to `jobs` threads (the caller's among them), in order; after the first
+/// failure no further item starts.
+pub(crate) fn bounded_map<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    f: impl Fn(&T) -> Result<R> + Sync,
+) -> Vec<Outcome<R>> {
+    let results: Vec<Mutex<Outcome<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || loop {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        if i >= items.len() || failed.load(Ordering::SeqCst) {
+            return;
+        }
+        let r = f(&items[i]);
+        if r.is_err() {
+            failed.store(true, Ordering::SeqCst);
+        }
+        *results[i].lock().expect("not poisoned") = Some(r);
+    };
+    let threads = jobs.clamp(1, items.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    results
+        .into_iter()
+        .map(|m| m.into_inner().expect("not poisoned"))
+        .collect()
+}
 
 /// Check `credentials` against `registry` (`host[:port]`), then record them in the auth file
 /// [`auth::login_file`] names; returns that file.

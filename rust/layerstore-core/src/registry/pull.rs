@@ -14,24 +14,25 @@
 //! - A dropped body resumes with `Range` from the byte it stopped at, a bounded number of times.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use ureq::http::Method;
 
 use super::client::{Client, ClientOptions};
 use super::reference::Reference;
+use crate::compress::Compression;
 use crate::digest::OciDigest;
 use crate::error::{Error, ErrorKind, Result};
+use crate::layer::LayerInfo;
 use crate::oci::source::{Opened, Source};
 use crate::oci::{
-    self, blob_path, check_names, HashWriter, descriptor, diff_ids, digest_of, layer_blob, layer_compression,
-    parse_json, Descriptor, FetchedLayer, ImportedImage, PendingImage, Platform, Staging,
-    WantedBlob, DOCKER_CONFIG, DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
+    self, blob_path, check_names, descriptor, diff_ids, digest_of, layer_blob, layer_compression,
+    parse_json, Descriptor, FetchedLayer, HashWriter, ImportedImage, PendingImage, Platform,
+    Staging, WantedBlob, DOCKER_CONFIG, DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX,
+    OCI_MANIFEST,
 };
-use crate::compress::Compression;
-use crate::layer::LayerInfo;
 use crate::store::{Progress, Store};
 
 /// Manifest media types asked for, most wanted first.
@@ -122,7 +123,9 @@ pub fn pull(
         Ok((pending, fetched)) => {
             let mut images = staging.commit(vec![pending])?;
             Ok(Pulled {
-                image: images.pop().ok_or_else(|| Error::Corrupt("no image".into()))?,
+                image: images
+                    .pop()
+                    .ok_or_else(|| Error::Corrupt("no image".into()))?,
                 manifest_digest: image.manifest_digest,
                 blobs_fetched: fetched,
             })
@@ -292,7 +295,8 @@ fn manifest_and_config(
         reason: reason.to_string(),
     };
     let config = descriptor(
-        m.get("config").ok_or_else(|| invalid("manifest has no config"))?,
+        m.get("config")
+            .ok_or_else(|| invalid("manifest has no config"))?,
         &digest,
     )?;
     let config_type = config.media_type.clone().unwrap_or_default();
@@ -327,9 +331,9 @@ fn manifest_and_config(
             layers.len()
         )));
     }
-    let descriptor = entry.unwrap_or_else(|| {
-        json!({"mediaType": media_type, "digest": digest, "size": manifest.len()})
-    });
+    let descriptor = entry.unwrap_or_else(
+        || json!({"mediaType": media_type, "digest": digest, "size": manifest.len()}),
+    );
     Ok(Resolved {
         manifest,
         manifest_digest: digest,
@@ -392,7 +396,7 @@ fn layers(
     opts: &PullOptions,
     progress: Progress<'_>,
 ) -> Result<(Vec<LayerInfo>, usize)> {
-    let mut wanted: Vec<(String, String, &Descriptor, &str)> = Vec::new();
+    let mut wanted: Vec<Wanted<'_>> = Vec::new();
     for (d, diff_id) in image.layers.iter().zip(&image.diff_ids) {
         let member = blob_path(&d.digest);
         let blob = d.digest.to_string();
@@ -473,25 +477,15 @@ fn held(
 
 /// Fetch `wanted` with up to `jobs` threads; a result per entry (`None`: not started, because
 /// another failed first).
-#[allow(clippy::type_complexity)]
 fn fetch_all(
     staging: &Staging<'_>,
     source: &RegistrySource,
-    wanted: &[(String, String, &Descriptor, &str)],
+    wanted: &[Wanted<'_>],
     jobs: usize,
     progress: Progress<'_>,
 ) -> Vec<Option<Result<FetchedLayer>>> {
-    let results: Vec<Mutex<Option<Result<FetchedLayer>>>> =
-        wanted.iter().map(|_| Mutex::new(None)).collect();
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
     let total = AtomicU64::new(0);
-    let worker = || loop {
-        let i = next.fetch_add(1, Ordering::SeqCst);
-        if i >= wanted.len() || failed.load(Ordering::SeqCst) {
-            return;
-        }
-        let (member, blob, d, diff_id) = &wanted[i];
+    super::bounded_map(wanted, jobs, |(member, blob, d, diff_id)| {
         let want = WantedBlob {
             member,
             blob,
@@ -506,26 +500,14 @@ fn fetch_all(
             let sum = total.fetch_add(n.saturating_sub(before), Ordering::SeqCst) + n - before;
             progress(sum)
         };
-        let r = staging
+        staging
             .fetch(source, &want, &report)
-            .map_err(|e| blame_blob(source, blob, e));
-        if r.is_err() {
-            failed.store(true, Ordering::SeqCst);
-        }
-        *results[i].lock().expect("not poisoned") = Some(r);
-    };
-    let threads = jobs.clamp(1, wanted.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(worker);
-        }
-        worker();
-    });
-    results
-        .into_iter()
-        .map(|m| m.into_inner().expect("not poisoned"))
-        .collect()
+            .map_err(|e| blame_blob(source, blob, e))
+    })
 }
+
+/// A layer blob to download: its member name, digest, descriptor and diff_id.
+type Wanted<'a> = (String, String, &'a Descriptor, &'a str);
 
 /// A blob that fails as a layer (bad gzip, bad tar) may simply not be the blob the manifest
 /// names: the import stops at the first bad byte, before the digest is known. Hash the blob
@@ -624,8 +606,7 @@ impl ResumingBody {
             .map_err(io::Error::other)?;
         let want = format!("bytes {}-", self.offset);
         let resumed = a.status == 206
-            && a
-                .header("content-range")
+            && a.header("content-range")
                 .is_some_and(|r| r.trim().starts_with(&want));
         if !resumed {
             return Err(fail(format!("{why}; the registry cannot resume it")));

@@ -15,8 +15,7 @@
 //!   a re-push knows them without compressing again).
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::TransactionBehavior;
 use ureq::http::Method;
@@ -74,13 +73,7 @@ pub fn push(
 ) -> Result<Pushed> {
     let r = Reference::parse(reference)?;
     let plan = store.plan_image(stack, opts.compression)?;
-    let client = Client::connect(
-        &r.registry,
-        r.api_host(),
-        &r.repository,
-        &opts.client,
-        true,
-    )?;
+    let client = Client::connect(&r.registry, r.api_host(), &r.repository, &opts.client, true)?;
     let counters = Counters::default();
     let descs = upload_layers(store, &client, &plan.blobs, opts, &counters, progress)?;
     let docs = plan.head.finish(&descs, None)?;
@@ -184,32 +177,13 @@ fn upload_layers(
     counters: &Counters,
     progress: Progress<'_>,
 ) -> Result<Vec<(String, u64, String)>> {
-    let results: Vec<Mutex<Option<Result<(String, u64)>>>> =
-        plans.iter().map(|_| Mutex::new(None)).collect();
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let worker = || loop {
-        let i = next.fetch_add(1, Ordering::SeqCst);
-        if i >= plans.len() || failed.load(Ordering::SeqCst) {
-            return;
-        }
-        let r = upload_layer(store, client, &plans[i], opts.chunk_size, counters, progress);
-        if r.is_err() {
-            failed.store(true, Ordering::SeqCst);
-        }
-        *results[i].lock().expect("not poisoned") = Some(r);
-    };
-    let threads = opts.jobs.clamp(1, plans.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(worker);
-        }
-        worker();
+    let results = super::bounded_map(plans, opts.jobs, |p| {
+        upload_layer(store, client, p, opts.chunk_size, counters, progress)
     });
     let mut out = Vec::with_capacity(plans.len());
     let mut first_error = None;
     for (p, r) in plans.iter().zip(results) {
-        match r.into_inner().expect("not poisoned") {
+        match r {
             Some(Ok((digest, size))) => out.push((digest, size, p.media_type.clone())),
             Some(Err(e)) => {
                 first_error.get_or_insert(e);
@@ -332,7 +306,11 @@ impl<'c> Upload<'c> {
 
     /// Commit the upload as `digest` (the last bytes travel with the `PUT`).
     fn finish(self, digest: &str) -> Result<()> {
-        let sep = if self.location.contains('?') { '&' } else { '?' };
+        let sep = if self.location.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
         let url = format!("{}{sep}digest={digest}", self.location);
         let a = self.client.request(
             Method::PUT,

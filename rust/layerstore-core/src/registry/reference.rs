@@ -61,7 +61,10 @@ impl Reference {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
             if !ok_first || !ok_rest || t.len() > 128 {
-                return Err(bad(s, "a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -"));
+                return Err(bad(
+                    s,
+                    "a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -",
+                ));
             }
         }
         let (registry, repository) = match name.split_once('/') {
@@ -138,9 +141,9 @@ fn check_repository(s: &str, repo: &str) -> Result<()> {
         let ok = !part.is_empty()
             && part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
             && part.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-            && part
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+            && part.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            })
             && !part.contains("..")
             && !part.contains("___");
         if !ok {
@@ -205,15 +208,30 @@ mod tests {
     fn registry_hosts_ports_and_digests_parse() {
         assert_eq!(
             parts("127.0.0.1:5000/a/b:v1"),
-            ("127.0.0.1:5000".into(), "a/b".into(), Some("v1".into()), None)
+            (
+                "127.0.0.1:5000".into(),
+                "a/b".into(),
+                Some("v1".into()),
+                None
+            )
         );
         assert_eq!(
             parts("localhost/app"),
-            ("localhost".into(), "app".into(), Some("latest".into()), None)
+            (
+                "localhost".into(),
+                "app".into(),
+                Some("latest".into()),
+                None
+            )
         );
         assert_eq!(
             parts("localhost:5000/app"),
-            ("localhost:5000".into(), "app".into(), Some("latest".into()), None)
+            (
+                "localhost:5000".into(),
+                "app".into(),
+                Some("latest".into()),
+                None
+            )
         );
         assert_eq!(
             parts(&format!("quay.io/org/app@{D}")),
