@@ -35,9 +35,12 @@ def free_port() -> int:
 
 class Registry:
     """``docker-registry serve`` on 127.0.0.1 with storage under `root`; `users` turns on
-    htpasswd Basic auth (bcrypt, as ``htpasswd -B`` writes it)."""
+    htpasswd Basic auth (bcrypt, as ``htpasswd -B`` writes it); `token_realm` turns on
+    distribution's ``silly`` auth, a Bearer challenge naming that realm (any token passes)."""
 
-    def __init__(self, root: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, users: dict[str, str] | None = None, token_realm: str | None = None
+    ) -> None:
         assert REGISTRY is not None
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -58,6 +61,8 @@ class Registry:
             ]
             (root / "htpasswd").write_text("\n".join(lines) + "\n")
             auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {root / 'htpasswd'}\n"
+        if token_realm:
+            auth = f"auth:\n  silly:\n    realm: {token_realm}\n    service: test-registry\n"
         config = root / "config.yml"
         config.write_text(
             "version: 0.1\n"
@@ -121,6 +126,7 @@ class Proxy:
         self.upstream = upstream
         self.counts: Counter[str] = Counter()
         self.requests: list[tuple[str, str, int]] = []
+        self.auth_schemes: Counter[str] = Counter()
         self.faults = Faults()
         self.lock = threading.Lock()
         proxy = self
@@ -151,6 +157,7 @@ class Proxy:
         with self.lock:
             self.counts.clear()
             self.requests.clear()
+            self.auth_schemes.clear()
             self.faults = Faults()
 
     def blob_bytes_down(self) -> int:
@@ -165,6 +172,8 @@ class Proxy:
         path = h.path
         kind = "upload" if "/blobs/uploads/" in path else "blob" if "/blobs/" in path else "other"
         with self.lock:
+            scheme = (h.headers.get("Authorization") or "none").split(" ", 1)[0]
+            self.auth_schemes[scheme] += 1
             fault = self.faults.take(h.command, path) if kind == "blob" else None
             self.counts[f"{kind} {h.command}"] += len(body)
         if fault in ("429", "500"):
@@ -239,3 +248,34 @@ class Proxy:
 def count_requests(proxy: Proxy, pred: Callable[[str, str, int], bool]) -> int:
     with proxy.lock:
         return sum(1 for r in proxy.requests if pred(*r))
+
+
+class TokenServer:
+    """A token endpoint for Bearer challenges: answers every request with a fixed token and
+    records each request's query and Authorization header."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.seen.append((self.path, self.headers.get("Authorization")))
+                body = b'{"token": "test-token", "expires_in": 300}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

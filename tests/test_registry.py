@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,15 @@ from typing import Any
 
 import layerstore as ls
 import pytest
-from registryutil import HTPASSWD, REGISTRY, Proxy, Registry, count_requests, free_port
+from registryutil import (
+    HTPASSWD,
+    REGISTRY,
+    Proxy,
+    Registry,
+    TokenServer,
+    count_requests,
+    free_port,
+)
 from storeutil import snapshot
 
 SKOPEO = shutil.which("skopeo")
@@ -375,6 +384,32 @@ def test_basic_auth_from_the_argument_and_from_the_auth_file(
     assert ls.registry_logout(auth_registry.host) is True
     with pytest.raises(PermissionError):
         other.pull(ref, **NO_TLS)
+
+
+def test_bearer_tokens_come_from_the_realm_and_the_password_goes_only_there(
+    store: ls.Store, image: ls.Stack, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tokens = TokenServer()
+    registry = Registry(tmp_path_factory.mktemp("token-registry"), token_realm=tokens.realm)
+    proxy = Proxy(registry.host)
+    try:
+        ref = f"{proxy.host}/tok/app:v1"
+        digest = store.push(image, ref, auth=("bob", "bob-pw"), **NO_TLS)
+        assert ls.Store(tmp_path / "other").pull(ref, **NO_TLS).digest == digest
+    finally:
+        proxy.stop()
+        registry.stop()
+        tokens.stop()
+    scopes = [
+        urllib.parse.parse_qs(urllib.parse.urlsplit(p).query)["scope"] for p, _ in tokens.seen
+    ]
+    assert ["repository:tok/app:pull,push"] in scopes and ["repository:tok/app:pull"] in scopes
+    auths = [a for _, a in tokens.seen]
+    assert auths[0] is not None and auths[0].startswith("Basic "), "the push logs in to the realm"
+    assert auths[-1] is None, "the anonymous pull asks for a token without credentials"
+    # The registry saw tokens (and first, unauthenticated probes), never the password.
+    assert set(proxy.auth_schemes) <= {"Bearer", "none"}, proxy.auth_schemes
+    assert proxy.auth_schemes["Bearer"] > 0
 
 
 # --------------------------------------------------------------------------------------------
