@@ -36,10 +36,15 @@ def free_port() -> int:
 class Registry:
     """``docker-registry serve`` on 127.0.0.1 with storage under `root`; `users` turns on
     htpasswd Basic auth (bcrypt, as ``htpasswd -B`` writes it); `token_realm` turns on
-    distribution's ``silly`` auth, a Bearer challenge naming that realm (any token passes)."""
+    distribution's ``silly`` auth, a Bearer challenge naming that realm (any token passes);
+    `tls` (certificate, key) serves HTTPS."""
 
     def __init__(
-        self, root: Path, users: dict[str, str] | None = None, token_realm: str | None = None
+        self,
+        root: Path,
+        users: dict[str, str] | None = None,
+        token_realm: str | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         assert REGISTRY is not None
         root.mkdir(parents=True, exist_ok=True)
@@ -69,7 +74,9 @@ class Registry:
             "log:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
             "  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n" + auth
+            f"http:\n  addr: {self.host}\n"
+            + (f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else "")
+            + auth
         )
         self.log = open(root / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
         self.proc = subprocess.Popen(
@@ -279,3 +286,25 @@ class TokenServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def make_tls(root: Path) -> tuple[Path, Path, Path]:
+    """A test CA and a certificate for 127.0.0.1 it signed: (ca.pem, cert.pem, key.pem)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = root / "ca.pem", root / "ca.key"
+    cert, key, csr, ext = root / "cert.pem", root / "key.pem", root / "req.csr", root / "ext.cnf"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+    openssl(
+        "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=test CA"
+    )
+    openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+            "-out", cert, "-days", "2", "-extfile", ext)  # fmt: skip
+    return ca, cert, key

@@ -27,6 +27,7 @@ from registryutil import (
     TokenServer,
     count_requests,
     free_port,
+    make_tls,
 )
 from storeutil import snapshot
 
@@ -410,6 +411,25 @@ def test_bearer_tokens_come_from_the_realm_and_the_password_goes_only_there(
     # The registry saw tokens (and first, unauthenticated probes), never the password.
     assert set(proxy.auth_schemes) <= {"Bearer", "none"}, proxy.auth_schemes
     assert proxy.auth_schemes["Bearer"] > 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed")
+def test_tls_is_verified_against_the_system_roots_or_a_ca_file(
+    store: ls.Store, image: ls.Stack, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    ca, cert, key = make_tls(tmp_path / "tls")
+    registry = Registry(tmp_path_factory.mktemp("tls-registry"), tls=(cert, key))
+    try:
+        ref = f"{registry.host}/tls/app:v1"
+        with pytest.raises(OSError, match=re.escape(registry.host)):
+            store.push(image, ref)  # the test CA is not among the system's roots
+        digest = store.push(image, ref, ca_file=ca)
+        other = ls.Store(tmp_path / "other")
+        assert other.pull(ref, ca_file=ca).digest == digest
+        # Unverified, the registry is still spoken to over TLS (it speaks no plain HTTP).
+        assert other.pull(ref, tls_verify=False).digest == digest
+    finally:
+        registry.stop()
 
 
 # --------------------------------------------------------------------------------------------

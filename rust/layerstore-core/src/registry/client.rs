@@ -325,7 +325,7 @@ impl Client {
             let response = match sent {
                 Ok(r) => r,
                 Err(e) => {
-                    if attempt < self.retries {
+                    if attempt < self.retries && transient(&e) {
                         attempt += 1;
                         std::thread::sleep(backoff(attempt));
                         continue;
@@ -447,6 +447,27 @@ impl Client {
             std::thread::sleep(backoff(attempt + 1));
         }
         Err(network(&url, &format!("getting a token: {last}")))
+    }
+}
+
+/// Whether a failed request may succeed if sent again (a refused, reset or timed-out
+/// connection), unlike a certificate the client does not trust or a malformed answer.
+fn transient(e: &ureq::Error) -> bool {
+    use std::io::ErrorKind as K;
+    match e {
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            K::ConnectionRefused
+                | K::ConnectionReset
+                | K::ConnectionAborted
+                | K::BrokenPipe
+                | K::UnexpectedEof
+                | K::TimedOut
+                | K::Interrupted
+                | K::NotConnected
+        ),
+        ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed => true,
+        _ => false,
     }
 }
 
