@@ -234,28 +234,31 @@ def umoci_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return layout, rootfs
 
 
+@pytest.mark.parametrize("fmt", ["oci", "v2s2"])
 def test_skopeo_pushes_and_the_store_pulls_the_same_image(
-    store: ls.Store, registry: Registry, umoci_layout: tuple[Path, Path]
+    store: ls.Store, registry: Registry, umoci_layout: tuple[Path, Path], fmt: str
 ) -> None:
+    # v2s2: skopeo converts to a Docker schema 2 manifest (Docker media types throughout).
     layout, rootfs = umoci_layout
-    ref = f"{registry.host}/skopeo/app:t"
-    sh(
-        SKOPEO or "skopeo",
-        "copy",
-        "--quiet",
-        "--dest-tls-verify=false",
-        f"oci:{layout}:t",
-        f"docker://{ref}",
-    )
-    inspect = json.loads(sh(SKOPEO or "skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"))
+    ref = f"{registry.host}/skopeo/{fmt}:t"
+    skopeo = SKOPEO or "skopeo"
+    sh(skopeo, "copy", "--quiet", "--dest-tls-verify=false", "--format", fmt,
+       f"oci:{layout}:t", f"docker://{ref}")  # fmt: skip
+    inspect = json.loads(sh(skopeo, "inspect", "--tls-verify=false", f"docker://{ref}"))
+    raw = json.loads(sh(skopeo, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"))
     pulled = store.pull(ref, **NO_TLS)
     assert pulled.digest == inspect["Digest"]
-    config = json.loads(
-        sh(SKOPEO or "skopeo", "inspect", "--config", "--tls-verify=false", f"docker://{ref}")
-    )
+    expected_config = {
+        "oci": "application/vnd.oci.image.config.v1+json",
+        "v2s2": "application/vnd.docker.container.image.v1+json",
+    }[fmt]
+    assert raw["config"]["mediaType"] == expected_config
+    config = json.loads(sh(skopeo, "inspect", "--config", "--tls-verify=false", f"docker://{ref}"))
     assert [layer.diff_id for layer in pulled.layers] == config["rootfs"]["diff_ids"]
     assert view(pulled) == tree_view(rootfs)
     assert store.fsck()["ok"]
+    # Pushed again, the pulled image keeps its manifest (skopeo's gzip blobs were kept).
+    assert store.push(pulled, f"{registry.host}/skopeo/{fmt}:again", **NO_TLS) == pulled.digest
 
 
 def test_the_store_pushes_and_skopeo_copies_it_back_digest_exact(
