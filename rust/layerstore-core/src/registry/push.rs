@@ -9,7 +9,8 @@
 //!   its planned digest before the upload is committed.
 //! - A blob whose digest is known is first asked for (`HEAD`); one the registry has is not sent.
 //!   A blob up to one chunk goes up in one `PUT`, a larger one in `PATCH`es with
-//!   `Content-Range`; the upload is committed only with the digest of what was sent.
+//!   `Content-Range` (sent on a thread of their own while the next chunk is compressed); the
+//!   upload is committed only with the digest of what was sent.
 //! - The manifest goes last, after every blob it names is in the registry; the image is then
 //!   recorded as pushed (manifest, config, and the digests of blobs compressed for the push, so
 //!   a re-push knows them without compressing again).
@@ -225,9 +226,33 @@ fn upload_layer(
             return Ok((d.clone(), size));
         }
     }
-    let mut upload = Upload::start(client, chunk, counters)?;
-    let (digest, size) = store.write_planned_blob(p, &mut upload, progress)?;
-    upload.finish(&digest)?;
+    let session = Session::start(client, counters)?;
+    // The blob is compressed on this thread while the previous chunk travels on another.
+    let (digest, size) = std::thread::scope(|s| {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(2);
+        let sender = s.spawn(move || -> Result<Session<'_>> {
+            let mut session = session;
+            for data in rx {
+                session.patch(&data)?;
+            }
+            Ok(session)
+        });
+        let mut chunks = Chunks {
+            tx: Some(tx),
+            buf: Vec::new(),
+            chunk,
+        };
+        let written = store.write_planned_blob(p, &mut chunks, progress);
+        let last = std::mem::take(&mut chunks.buf);
+        drop(chunks);
+        // A failed PATCH explains a failed write best.
+        let session = sender
+            .join()
+            .map_err(|_| Error::Corrupt("the upload thread panicked".into()))??;
+        let (digest, size) = written?;
+        session.finish(&digest, &last)?;
+        Ok::<_, Error>((digest, size))
+    })?;
     counters.blobs.fetch_add(1, Ordering::SeqCst);
     Ok((digest, size))
 }
@@ -237,26 +262,50 @@ fn upload_bytes(client: &Client, bytes: &[u8], digest: &str, counters: &Counters
     if remote_size(client, digest)?.is_some() {
         return Ok(());
     }
-    let mut upload = Upload::start(client, bytes.len().max(1), counters)?;
-    upload.buf.extend_from_slice(bytes);
-    upload.finish(digest)?;
+    Session::start(client, counters)?.finish(digest, bytes)?;
     counters.blobs.fetch_add(1, Ordering::SeqCst);
     Ok(())
 }
 
-/// A blob upload session: buffers up to one chunk, `PATCH`es full chunks, and commits with
-/// a `PUT` carrying the digest (and the last bytes).
-struct Upload<'c> {
-    client: &'c Client,
-    location: String,
+/// Cuts what is written into chunks of `chunk` bytes for the upload thread, keeping back the
+/// last (at most `chunk` bytes), which goes with the committing `PUT`: a blob of one chunk or
+/// less is sent in that one request.
+struct Chunks {
+    tx: Option<crossbeam_channel::Sender<Vec<u8>>>,
     buf: Vec<u8>,
     chunk: usize,
+}
+
+impl Write for Chunks {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while self.buf.len() > self.chunk {
+            let rest = self.buf.split_off(self.chunk);
+            let full = std::mem::replace(&mut self.buf, rest);
+            let sent = self.tx.as_ref().is_some_and(|tx| tx.send(full).is_ok());
+            if !sent {
+                return Err(io::Error::other("the upload stopped"));
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blob upload session: `PATCH`es chunks with `Content-Range`, and commits with a `PUT`
+/// carrying the digest (and the last bytes).
+struct Session<'c> {
+    client: &'c Client,
+    location: String,
     offset: u64,
     counters: &'c Counters,
 }
 
-impl<'c> Upload<'c> {
-    fn start(client: &'c Client, chunk: usize, counters: &'c Counters) -> Result<Self> {
+impl<'c> Session<'c> {
+    fn start(client: &'c Client, counters: &'c Counters) -> Result<Self> {
         let a = client.request(
             Method::POST,
             &client.repo_path("blobs/uploads/"),
@@ -269,19 +318,17 @@ impl<'c> Upload<'c> {
         let location = a
             .header("location")
             .ok_or_else(|| a.unexpected("starting an upload (no Location)"))?;
-        Ok(Upload {
+        Ok(Session {
             client,
             location: client.url(&location),
-            buf: Vec::with_capacity(chunk.min(1 << 20)),
-            chunk,
             offset: 0,
             counters,
         })
     }
 
-    /// Send the first `n` buffered bytes as the next chunk.
-    fn patch(&mut self, n: usize) -> Result<()> {
-        let end = self.offset + n as u64;
+    /// Send `data` as the next chunk.
+    fn patch(&mut self, data: &[u8]) -> Result<()> {
+        let end = self.offset + data.len() as u64;
         let range = format!("{}-{}", self.offset, end - 1);
         let a = self.client.request(
             Method::PATCH,
@@ -290,7 +337,7 @@ impl<'c> Upload<'c> {
                 ("Content-Type", "application/octet-stream"),
                 ("Content-Range", &range),
             ],
-            Some(&self.buf[..n]),
+            Some(data),
         )?;
         if a.status != 202 {
             return Err(a.unexpected("uploading a chunk"));
@@ -298,14 +345,15 @@ impl<'c> Upload<'c> {
         if let Some(l) = a.header("location") {
             self.location = self.client.url(&l);
         }
-        self.buf.drain(..n);
-        self.counters.bytes.fetch_add(n as u64, Ordering::SeqCst);
+        self.counters
+            .bytes
+            .fetch_add(data.len() as u64, Ordering::SeqCst);
         self.offset = end;
         Ok(())
     }
 
-    /// Commit the upload as `digest` (the last bytes travel with the `PUT`).
-    fn finish(self, digest: &str) -> Result<()> {
+    /// Commit the upload as `digest`, `last` (possibly empty) being its final bytes.
+    fn finish(self, digest: &str, last: &[u8]) -> Result<()> {
         let sep = if self.location.contains('?') {
             '&'
         } else {
@@ -316,28 +364,14 @@ impl<'c> Upload<'c> {
             Method::PUT,
             &url,
             &[("Content-Type", "application/octet-stream")],
-            Some(&self.buf),
+            Some(last),
         )?;
         if a.status != 201 {
             return Err(a.unexpected("committing an upload"));
         }
         self.counters
             .bytes
-            .fetch_add(self.buf.len() as u64, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-impl Write for Upload<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        while self.buf.len() > self.chunk {
-            self.patch(self.chunk).map_err(io::Error::other)?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
+            .fetch_add(last.len() as u64, Ordering::SeqCst);
         Ok(())
     }
 }
