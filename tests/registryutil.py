@@ -129,8 +129,15 @@ class Faults:
 class Proxy:
     """An HTTP/1.1 proxy to `upstream` that counts bytes by request kind and injects faults."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(
+        self, upstream: str, redirect_blobs_to: str | None = None, add_auth: str | None = None
+    ) -> None:
+        """`redirect_blobs_to` (``host:port``) answers blob GETs with a 307 there, as a
+        registry backed by a blob store does; `add_auth` is an Authorization header this proxy
+        adds itself (a blob store with access of its own)."""
         self.upstream = upstream
+        self.redirect_blobs_to = redirect_blobs_to
+        self.add_auth = add_auth
         self.counts: Counter[str] = Counter()
         self.requests: list[tuple[str, str, int]] = []
         self.auth_schemes: Counter[str] = Counter()
@@ -186,12 +193,20 @@ class Proxy:
         if fault in ("429", "500"):
             self._answer(h, int(fault), {"Retry-After": "1"} if fault == "429" else {}, b"")
             return
+        if self.redirect_blobs_to and kind == "blob" and h.command == "GET":
+            location = f"http://{self.redirect_blobs_to}{path}"
+            with self.lock:
+                self.requests.append((h.command, path, 307))
+            self._answer(h, 307, {"Location": location}, b"")
+            return
         if fault == "reset":
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
         conn = http.client.HTTPConnection(self.upstream, timeout=60)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection",)}
+        if self.add_auth:
+            headers["Authorization"] = self.add_auth
         conn.request(h.command, path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()

@@ -3,6 +3,7 @@ skopeo as the peer both ways and a byte-counting, fault-injecting proxy in front
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -414,6 +415,29 @@ def test_bearer_tokens_come_from_the_realm_and_the_password_goes_only_there(
     # The registry saw tokens (and first, unauthenticated probes), never the password.
     assert set(proxy.auth_schemes) <= {"Bearer", "none"}, proxy.auth_schemes
     assert proxy.auth_schemes["Bearer"] > 0
+
+
+def test_redirects_are_followed_without_the_credentials(
+    store: ls.Store, image: ls.Stack, auth_registry: Registry, tmp_path: Path
+) -> None:
+    creds = ("alice", "s3cret-pw")
+    basic = "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()
+    # The blob store: another origin, with access of its own to the blobs.
+    blob_store = Proxy(auth_registry.host, add_auth=basic)
+    front = Proxy(auth_registry.host, redirect_blobs_to=blob_store.host)
+    try:
+        ref = f"{front.host}/redirected/app:v1"
+        digest = store.push(image, ref, auth=creds, **NO_TLS)
+        pulled = ls.Store(tmp_path / "other").pull(ref, auth=creds, **NO_TLS)
+        assert pulled.digest == digest
+        assert view(pulled) == view(image)
+        assert count_requests(front, lambda m, p, s: s == 307) >= 2  # the config and layers
+        assert blob_store.blob_bytes_down() > 0
+        assert set(blob_store.auth_schemes) == {"none"}, blob_store.auth_schemes
+        assert front.auth_schemes["Basic"] > 0
+    finally:
+        front.stop()
+        blob_store.stop()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed")
