@@ -197,6 +197,13 @@ def test_re_pull_fetches_no_blob_and_re_push_uploads_no_blob_byte(
     proxy.reset()
     assert other.push(again, f"{proxy.host}/again/app:v3", **NO_TLS) == first
     assert proxy.blob_bytes_up() == 0, proxy.counts
+    # To another repository of the registry, its layer blobs are mounted from the one it came
+    # from, not uploaded (the config, new to that repository, is).
+    proxy.reset()
+    assert other.push(again, f"{proxy.host}/mounted/app:v1", **NO_TLS) == first
+    mounted = count_requests(proxy, lambda m, p, s: m == "POST" and "mount=" in p and s == 201)
+    assert mounted == len(again.layers), proxy.requests
+    assert proxy.blob_bytes_up() < 2000, proxy.counts
 
 
 def test_a_large_layer_goes_up_in_chunks_and_comes_back_exact(

@@ -7,7 +7,9 @@
 //!   encoder the import proved reproduces them), else a deterministic manifest over
 //!   deterministically compressed blobs; every blob is hashed as it is sent and checked against
 //!   its planned digest before the upload is committed.
-//! - A blob whose digest is known is first asked for (`HEAD`); one the registry has is not sent.
+//! - A blob whose digest is known is first asked for (`HEAD`); one the registry has is not sent,
+//!   and one the store pulled from another repository of the same registry is mounted from there
+//!   (`POST …?mount=&from=`; a registry that declines opens an upload instead, which is used).
 //!   A blob up to one chunk goes up in one `PUT`, a larger one in `PATCH`es with
 //!   `Content-Range` (sent on a thread of their own while the next chunk is compressed); the
 //!   upload is committed only with the digest of what was sent.
@@ -15,6 +17,7 @@
 //!   recorded as pushed (manifest, config, and the digests of blobs compressed for the push, so
 //!   a re-push knows them without compressing again).
 
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -58,8 +61,10 @@ impl Default for PushOptions {
 #[derive(Clone, Debug)]
 pub struct Pushed {
     pub manifest_digest: String,
-    /// Layer and config blobs sent (the others the registry had).
+    /// Layer and config blobs sent (the others the registry had, or mounted).
     pub blobs_uploaded: u64,
+    /// Layer blobs mounted from another repository of the registry.
+    pub blobs_mounted: u64,
     /// Blob bytes sent (not counting the manifest).
     pub bytes_uploaded: u64,
 }
@@ -76,7 +81,16 @@ pub fn push(
     let plan = store.plan_image(stack, opts.compression)?;
     let client = Client::connect(&r.registry, r.api_host(), &r.repository, &opts.client, true)?;
     let counters = Counters::default();
-    let descs = upload_layers(store, &client, &plan.blobs, opts, &counters, progress)?;
+    let mounts = mount_sources(store, &r)?;
+    let ctx = LayerUploads {
+        store,
+        client: &client,
+        chunk: opts.chunk_size,
+        counters: &counters,
+        mounts: &mounts,
+        progress,
+    };
+    let descs = upload_layers(&ctx, &plan.blobs, opts.jobs)?;
     let docs = plan.head.finish(&descs, None)?;
     upload_bytes(&client, &docs.config, &docs.digests.config, &counters)?;
     if let Some(pinned) = &r.digest {
@@ -110,6 +124,7 @@ pub fn push(
     Ok(Pushed {
         manifest_digest: docs.digests.manifest,
         blobs_uploaded: counters.blobs.load(Ordering::SeqCst),
+        blobs_mounted: counters.mounted.load(Ordering::SeqCst),
         bytes_uploaded: counters.bytes.load(Ordering::SeqCst),
     })
 }
@@ -117,7 +132,38 @@ pub fn push(
 #[derive(Default)]
 struct Counters {
     blobs: AtomicU64,
+    mounted: AtomicU64,
     bytes: AtomicU64,
+}
+
+/// For each layer id, a repository of the target's registry that the store pulled it from
+/// (an image the store holds tagged `registry/repository:…`): the registry likely still holds
+/// its blob there, to be mounted instead of uploaded.
+fn mount_sources(store: &Store, target: &Reference) -> Result<HashMap<String, String>> {
+    let mut sources = HashMap::new();
+    let conn = store.conn()?;
+    for tag in crate::meta::list_refs(&conn)? {
+        let Ok(r) = Reference::parse(&tag) else {
+            continue;
+        };
+        if r.registry != target.registry || r.repository == target.repository {
+            continue;
+        }
+        for layer in crate::meta::get_ref(&conn, &tag)? {
+            sources.entry(layer).or_insert_with(|| r.repository.clone());
+        }
+    }
+    Ok(sources)
+}
+
+/// What every layer upload of one push shares.
+struct LayerUploads<'a> {
+    store: &'a Store,
+    client: &'a Client,
+    chunk: usize,
+    counters: &'a Counters,
+    mounts: &'a HashMap<String, String>,
+    progress: Progress<'a>,
 }
 
 /// Record the pushed image, and how to rebuild the blobs compressed for this push.
@@ -169,18 +215,13 @@ fn record(
     Ok(())
 }
 
-/// Upload the layer blobs `opts.jobs` at a time; (digest, size, media type) bottom first.
+/// Upload the layer blobs `jobs` at a time; (digest, size, media type) bottom first.
 fn upload_layers(
-    store: &Store,
-    client: &Client,
+    ctx: &LayerUploads<'_>,
     plans: &[BlobPlan],
-    opts: &PushOptions,
-    counters: &Counters,
-    progress: Progress<'_>,
+    jobs: usize,
 ) -> Result<Vec<(String, u64, String)>> {
-    let results = super::bounded_map(plans, opts.jobs, |p| {
-        upload_layer(store, client, p, opts.chunk_size, counters, progress)
-    });
+    let results = super::bounded_map(plans, jobs, |p| upload_layer(ctx, p));
     let mut out = Vec::with_capacity(plans.len());
     let mut first_error = None;
     for (p, r) in plans.iter().zip(results) {
@@ -213,20 +254,35 @@ fn remote_size(client: &Client, digest: &str) -> Result<Option<u64>> {
     }
 }
 
-fn upload_layer(
-    store: &Store,
-    client: &Client,
-    p: &BlobPlan,
-    chunk: usize,
-    counters: &Counters,
-    progress: Progress<'_>,
-) -> Result<(String, u64)> {
+fn upload_layer(ctx: &LayerUploads<'_>, p: &BlobPlan) -> Result<(String, u64)> {
+    let LayerUploads {
+        store,
+        client,
+        chunk,
+        counters,
+        progress,
+        ..
+    } = *ctx;
+    let mut session = None;
     if let Some(d) = &p.digest {
         if let Some(size) = remote_size(client, d)? {
             return Ok((d.clone(), size));
         }
+        if let Some(from) = ctx.mounts.get(&p.info.id.to_string()) {
+            match Session::mount(client, counters, d, from)? {
+                None => {
+                    counters.mounted.fetch_add(1, Ordering::SeqCst);
+                    let size = remote_size(client, d)?.unwrap_or(0);
+                    return Ok((d.clone(), size));
+                }
+                Some(s) => session = Some(s),
+            }
+        }
     }
-    let session = Session::start(client, counters)?;
+    let session = match session {
+        Some(s) => s,
+        None => Session::start(client, counters)?,
+    };
     // The blob is compressed on this thread while the previous chunk travels on another.
     let (digest, size) = std::thread::scope(|s| {
         let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(2);
@@ -312,6 +368,30 @@ impl<'c> Session<'c> {
             &[],
             Some(&[]),
         )?;
+        Self::started(client, counters, a)
+    }
+
+    /// Ask the registry to mount blob `digest` from repository `from`: `None` when it did, else
+    /// the upload session it opened instead (as the distribution spec says it may).
+    fn mount(
+        client: &'c Client,
+        counters: &'c Counters,
+        digest: &str,
+        from: &str,
+    ) -> Result<Option<Self>> {
+        let path = client.repo_path(&format!("blobs/uploads/?mount={digest}&from={from}"));
+        let a = client.request(Method::POST, &path, &[], Some(&[]))?;
+        if a.status == 201 {
+            return Ok(None);
+        }
+        Self::started(client, counters, a).map(Some)
+    }
+
+    fn started(
+        client: &'c Client,
+        counters: &'c Counters,
+        a: super::client::Answer,
+    ) -> Result<Self> {
         if a.status != 202 {
             return Err(a.unexpected("starting an upload"));
         }
