@@ -136,6 +136,8 @@ class Proxy:
         registry backed by a blob store does; `add_auth` is an Authorization header this proxy
         adds itself (a blob store with access of its own)."""
         self.upstream = upstream
+        #: Bytes per second for blob bodies (None: as fast as they come).
+        self.throttle: float | None = None
         self.redirect_blobs_to = redirect_blobs_to
         self.add_auth = add_auth
         self.counts: Counter[str] = Counter()
@@ -243,7 +245,32 @@ class Proxy:
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
+        if self.throttle and h.command == "GET" and kind == "blob" and resp.status in (200, 206):
+            self._trickle(h, resp.status, out_headers, data, self.throttle)
+            return
         self._answer(h, resp.status, out_headers, data)
+
+    def _trickle(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        headers: dict[str, str],
+        data: bytes,
+        rate: float,
+    ) -> None:
+        """Send `data` at `rate` bytes per second, counting what has gone (``blob GET live``)."""
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        piece = 128 << 10
+        for i in range(0, len(data), piece):
+            h.wfile.write(data[i : i + piece])
+            h.wfile.flush()
+            with self.lock:
+                self.counts["blob GET live"] += len(data[i : i + piece])
+            time.sleep(piece / rate)
 
     @staticmethod
     def _answer(

@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -578,3 +580,43 @@ def test_cli_pull_push_login_logout_with_json(
     assert json.loads(capsys.readouterr().out)["removed"] is True
     assert main(["--store", str(other), "pull", ref, "--tls-verify=false"]) == 1
     assert "s3cret" not in capsys.readouterr().err
+
+
+def test_a_pull_killed_part_way_resumes_in_a_new_process(
+    store: ls.Store, proxy: Proxy, tmp_path: Path
+) -> None:
+    big = os.urandom(24 << 20)  # incompressible: the gzip blob is as big
+    image = store.stack([store.import_tar(make_tar({"big.bin": big}))])
+    ref = f"{proxy.host}/killed/app:v1"
+    store.push(image, ref, **NO_TLS)
+    (layer,) = json.loads(store_manifest_via(proxy, "killed/app", "v1"))["layers"]
+    target = tmp_path / "target"
+    proxy.reset()
+    proxy.throttle = 16 << 20
+    code = f"import layerstore as ls; ls.Store({str(target)!r}).pull({ref!r}, tls_verify=False)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while proxy.counts["blob GET live"] < layer["size"] // 2:
+            assert child.poll() is None and time.monotonic() < deadline, "the pull ended early"
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait()
+    sent_before = proxy.counts["blob GET live"]
+    (partial,) = target.glob(f"tmp/oci-*/{layer['digest'].split(':')[1]}.part")
+    kept = partial.stat().st_size
+    assert 0 < kept < layer["size"]
+
+    proxy.reset()
+    pulled = ls.Store(target).pull(ref, **NO_TLS)
+    assert pulled.read_bytes("/big.bin") == big
+    missing = layer["size"] - kept
+    fetched = proxy.blob_bytes_down()
+    config = json.loads(store_manifest_via(proxy, "killed/app", "v1"))["config"]["size"]
+    assert count_requests(proxy, lambda m, p, s: m == "GET" and s == 206) == 1
+    assert fetched <= 1.05 * missing + config, (fetched, missing, kept, sent_before)
+    # What the killed process left is swept by gc once it is gone; the store is sound.
+    ls.Store(target).gc()
+    assert not list(target.glob("tmp/oci-*")), list(target.glob("tmp/*"))
+    assert ls.Store(target).fsck()["ok"]

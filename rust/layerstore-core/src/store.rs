@@ -1516,7 +1516,7 @@ fn tag_owner(tag: &str) -> Option<(u32, u64)> {
 
 /// Whether the `tmp/` entry `name` belongs to a process that is gone. A name that records no
 /// owner (left by an older build, or by hand) is never judged abandoned.
-fn tmp_abandoned(name: &str) -> bool {
+pub(crate) fn tmp_abandoned(name: &str) -> bool {
     name.split_once('-')
         .is_some_and(|(kind, tag)| TMP_KINDS.contains(&kind) && owner_gone(tag))
 }

@@ -185,9 +185,13 @@ impl<'s> Staging<'s> {
             }
             None => false,
         };
-        let tee_path = self
-            .dir
-            .join(format!("{}.part", crate::store::unique_name()));
+        // Named by the blob, so that a pull killed part-way leaves a copy the next one can
+        // resume from (see `registry::pull`).
+        let tee_name = match expected_digest.map(OciDigest::parse) {
+            Some(Ok(d)) => d.hex,
+            _ => crate::store::unique_name(),
+        };
+        let tee_path = self.dir.join(format!("{tee_name}.part"));
         let reader: Box<dyn Read + Send> = if held {
             reader
         } else {

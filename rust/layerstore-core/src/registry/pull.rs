@@ -12,8 +12,14 @@
 //!   uncompressed layer whose diff_id it holds) is not downloaded; the layer it holds must have
 //!   the diff_id the config names.
 //! - A dropped body resumes with `Range` from the byte it stopped at, a bounded number of times.
+//!   A pull killed part-way leaves its copy of each compressed blob in its staging directory
+//!   (`tmp/oci-<owner>/<hex>.part`, swept by `gc` once the owner is gone); the next pull of that
+//!   blob takes the copy over (a rename: one taker), imports its bytes from disk and fetches
+//!   only the rest with `Range`. The digest check covers the adopted bytes as any others.
 
+use std::fs;
 use std::io::{self, Read};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -417,6 +423,8 @@ fn layers(
     }
     let source = RegistrySource {
         client: client.clone(),
+        tmp: store.root().join("tmp"),
+        own: staging.dir.clone(),
     };
     let fetched = fetch_all(staging, &source, &wanted, opts.jobs, progress);
     let mut first_error = None;
@@ -540,6 +548,64 @@ fn blame_blob(source: &RegistrySource, blob: &str, e: Error) -> Error {
 /// The registry's blobs seen as an image source (`blobs/<alg>/<hex>` → a streamed GET).
 struct RegistrySource {
     client: Arc<Client>,
+    /// The store's `tmp/`, where a pull killed part-way left its copy of a blob.
+    tmp: PathBuf,
+    /// This pull's staging directory.
+    own: PathBuf,
+}
+
+impl RegistrySource {
+    /// Take over the copy of blob `hex` that a pull killed part-way left (in the staging
+    /// directory of a process that is gone): moved into this pull's staging directory, so that
+    /// no other pull takes it too. Its bytes are checked like any others, by the import.
+    fn adopt(&self, hex: &str) -> Option<(fs::File, u64)> {
+        for e in fs::read_dir(&self.tmp).ok()?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("oci-") || !crate::store::tmp_abandoned(&name) {
+                continue;
+            }
+            let partial = e.path().join(format!("{hex}.part"));
+            let adopted = self.own.join(format!("{hex}.adopted"));
+            if fs::rename(&partial, &adopted).is_err() {
+                continue;
+            }
+            let f = fs::File::open(&adopted).ok()?;
+            let len = f.metadata().ok()?.len();
+            return (len > 0).then_some((f, len));
+        }
+        None
+    }
+
+    /// The rest of a blob from byte `have` on, if the registry serves ranges: the reader and
+    /// the blob's whole size.
+    fn rest(&self, path: &str, have: u64) -> Result<Option<(ResumingBody, u64)>> {
+        let range = format!("bytes={have}-");
+        let a = self
+            .client
+            .request(Method::GET, path, &[("Range", &range)], None)?;
+        let total = a
+            .header("content-range")
+            .filter(|_| a.status == 206)
+            .and_then(|r| {
+                let (span, total) = r.trim().strip_prefix("bytes ")?.split_once('/')?;
+                (span.split_once('-')?.0 == have.to_string()).then_some(())?;
+                total.parse::<u64>().ok()
+            });
+        let Some(total) = total.filter(|&t| t > have) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            ResumingBody {
+                client: self.client.clone(),
+                path: path.to_string(),
+                offset: have,
+                size: total,
+                body: Some(a.into_reader()),
+                resumes: 0,
+            },
+            total,
+        )))
+    }
 }
 
 impl Source for RegistrySource {
@@ -548,6 +614,11 @@ impl Source for RegistrySource {
             return Ok(None);
         };
         let path = self.client.repo_path(&format!("blobs/{alg}:{hex}"));
+        if let Some((file, have)) = self.adopt(hex) {
+            if let Some((rest, total)) = self.rest(&path, have)? {
+                return Ok(Some((Box::new(file.take(have).chain(rest)), total)));
+            }
+        }
         let a = self.client.request(Method::GET, &path, &[], None)?;
         match a.status {
             200 => {}
