@@ -27,7 +27,7 @@ use ureq::http::Method;
 use super::client::{Client, ClientOptions};
 use super::reference::Reference;
 use crate::compress::Compression;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{
     record_image, record_layer_blob, BlobPlan, ImageDocs, LayerBlob, PendingImage, Rebuild,
 };
@@ -269,13 +269,16 @@ fn upload_layer(ctx: &LayerUploads<'_>, p: &BlobPlan) -> Result<(String, u64)> {
             return Ok((d.clone(), size));
         }
         if let Some(from) = ctx.mounts.get(&p.info.id.to_string()) {
-            match Session::mount(client, counters, d, from)? {
-                None => {
+            // A token scoped to this repository alone may not cover `from`: upload instead.
+            match Session::mount(client, counters, d, from) {
+                Ok(None) => {
                     counters.mounted.fetch_add(1, Ordering::SeqCst);
                     let size = remote_size(client, d)?.unwrap_or(0);
                     return Ok((d.clone(), size));
                 }
-                Some(s) => session = Some(s),
+                Ok(Some(s)) => session = Some(s),
+                Err(e) if e.kind() == ErrorKind::PermissionDenied => {}
+                Err(e) => return Err(e),
             }
         }
     }
