@@ -620,3 +620,24 @@ def test_a_pull_killed_part_way_resumes_in_a_new_process(
     ls.Store(target).gc()
     assert not list(target.glob("tmp/oci-*")), list(target.glob("tmp/*"))
     assert ls.Store(target).fsck()["ok"]
+
+
+def test_an_interrupted_pull_stops_and_leaves_nothing(
+    store: ls.Store, registry: Registry, tmp_path: Path
+) -> None:
+    layers = [store.import_tar(make_tar({f"f{i}.bin": os.urandom(9 << 20)})) for i in range(2)]
+    ref = f"{registry.host}/interrupted/app:v1"
+    store.push(store.stack(layers), ref, **NO_TLS)
+    other = ls.Store(tmp_path / "other")
+    calls: list[int] = []
+
+    def ctrl_c(done: int) -> None:
+        calls.append(done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        other.pull(ref, progress=ctrl_c, **NO_TLS)
+    assert calls, "progress was reported"
+    assert other.images() == {}
+    assert other.layers() == []
+    assert other.fsck()["ok"]
