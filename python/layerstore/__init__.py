@@ -20,6 +20,7 @@ from layerstore._core import (
     registry_logout,
 )
 from layerstore._errors import (
+    AmbiguousError,
     ConflictError,
     IntegrityError,
     InvalidLayerError,
@@ -32,6 +33,7 @@ from layerstore._stackio import StackPath
 
 __all__ = [
     "FORMAT_VERSION",
+    "AmbiguousError",
     "ConflictError",
     "Container",
     "Entry",

@@ -239,7 +239,18 @@ class Store:
         progress: Progress | None = None,
     ) -> str: ...
     def gc(self) -> dict[str, Any]: ...
-    def fsck(self) -> dict[str, Any]: ...
+    def fsck(self, *, repair: bool = False) -> dict[str, Any]:
+        """Re-hash every chunk and check every reference.
+
+        Returns ``ok``, ``problems``, ``garbage``, ``chunks_checked``, ``layers_checked``,
+        ``damaged`` (each damaged chunk with its ``pack``, ``reason`` and ``used_by``: the
+        (layer, path) pairs that need it), ``broken`` (layers marked broken) and ``repaired``.
+        With ``repair=True``, damaged chunks are taken out of use and the layers using them are
+        marked broken: every read of them raises ``IntegrityError`` until their content is
+        imported again.
+        """
+    def broken_layers(self) -> dict[str, int]:
+        """Layers marked broken by ``fsck(repair=True)``: layer id → damaged chunk count."""
     def materialize(
         self,
         image: Stack,

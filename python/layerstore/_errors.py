@@ -19,6 +19,10 @@ class NotFoundError(LayerstoreError, LookupError):
     """A layer, tag or object does not exist."""
 
 
+class AmbiguousError(NotFoundError):
+    """A short id or prefix matches more than one object; the message lists the candidates."""
+
+
 class StackDepthError(LayerstoreError):
     """A stack would exceed the store's depth limit."""
 
@@ -32,6 +36,7 @@ class LayerstoreWarning(UserWarning):
 
 
 __all__ = [
+    "AmbiguousError",
     "ConflictError",
     "IntegrityError",
     "InvalidLayerError",

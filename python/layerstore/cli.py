@@ -678,13 +678,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    report = open_store(args).fsck()
+    report = open_store(args).fsck(repair=args.repair)
     ok = bool(report["ok"])
     if args.json:
         print_json(report)
         return 0 if ok else EXIT_ERROR
     for problem in report["problems"]:
         print(f"problem: {problem}")
+    repaired = report["repaired"]
+    if repaired is not None:
+        broken = repaired["layers_broken"]
+        print(
+            f"repair: took {repaired['chunks_retired']:,} damaged chunk(s) out of use and marked "
+            f"{len(broken):,} layer(s) broken; importing their content again heals them"
+        )
+        for layer in broken:
+            print(f"broken: {layer}")
     garbage = report["garbage"]
     if garbage:
         print(f"{len(garbage)} leftover file(s) of interrupted imports ('{PROG} gc' removes them)")
@@ -930,6 +939,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fsck",
         help="verify the store",
         description="Re-hash every chunk and check every reference. Exit status 1 on problems.",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="take damaged chunks out of use and mark the layers using them broken "
+        "(importing their content again heals them)",
     )
     p.set_defaults(func=cmd_fsck)
 

@@ -170,7 +170,7 @@ impl Applier<'_> {
                 };
                 clear_dir(fd.as_fd(), keep, dir)?
             } else {
-                let target = &name[b".wh.".len()..];
+                let target = crate::changeset::hidden_name(name);
                 check_name(target, &e.path)?;
                 remove_entry(fd.as_fd(), target, &join(dir, target))?
             };

@@ -198,7 +198,7 @@ impl PackWriter {
         match self.worker.take() {
             Some(w) => w
                 .join()
-                .map_err(|_| Error::Corrupt("pack writer panicked".into()))?,
+                .map_err(|_| Error::Panicked { what: "pack writer" })?,
             None => Err(Error::Corrupt("pack writer already finished".into())),
         }
     }
@@ -619,7 +619,7 @@ impl PackReader {
             Some(data) => data,
             None => {
                 if !self.files.contains_key(&loc.pack) {
-                    let f = open_pack(&self.dir, &loc.pack)?;
+                    let f = open_pack_of(&self.dir, loc)?;
                     self.files.insert(loc.pack.clone(), f);
                 }
                 let f = self.files.get(&loc.pack).expect("inserted above");
@@ -661,6 +661,9 @@ impl PackReader {
     }
 }
 
+/// Chunks held in memory (a container's writes not yet stored), by digest.
+pub type FreshChunks = HashMap<Blake3, Arc<[u8]>>;
+
 /// A chunk as a range of its decoded block.
 pub type ChunkSlice = (Arc<Vec<u8>>, std::ops::Range<usize>);
 
@@ -668,7 +671,9 @@ pub type ChunkSlice = (Arc<Vec<u8>>, std::ops::Range<usize>);
 /// about 16 MiB in flight: plenty to keep one worker per core busy).
 const READ_AHEAD_BLOCKS: usize = 16;
 
-type BlockResult = Result<Arc<Vec<u8>>>;
+/// A run's decoded block, and the first of its chunks that failed its check, if one did (by
+/// index into the plan, so the error surfaces at that chunk, not at the run's first).
+type BlockResult = Result<(Arc<Vec<u8>>, Option<(usize, Error)>)>;
 
 /// What the read-ahead workers share: the chunks in order, cut into runs that share a block.
 struct ReadPlan {
@@ -743,10 +748,12 @@ struct Job {
 }
 
 /// The read-ahead workers: one per core, started once and shared by every reader in the
-/// process (their allocator heaps and decompression contexts stay warm between reads).
-fn read_ahead_pool() -> &'static crossbeam_channel::Sender<Job> {
-    static POOL: std::sync::OnceLock<crossbeam_channel::Sender<Job>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| {
+/// process (their allocator heaps and decompression contexts stay warm between reads), and
+/// started again in a forked child ([`crate::pool::PerProcess`]).
+fn read_ahead_pool() -> crossbeam_channel::Sender<Job> {
+    static POOL: crate::pool::PerProcess<crossbeam_channel::Sender<Job>> =
+        crate::pool::PerProcess::new();
+    POOL.get(|| {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let cores = crate::cores();
         for _ in 0..cores {
@@ -776,6 +783,11 @@ pub struct OrderedChunks {
     /// Blocks the consumer is done with, back to the workers to decode into.
     spare: crossbeam_channel::Sender<Vec<u8>>,
     spares: crossbeam_channel::Receiver<Vec<u8>>,
+    /// The current run reuses a block fetched for another run: its chunks are checked here, as
+    /// they are taken (the workers checked only the chunks of the run that fetched it).
+    check_here: bool,
+    /// A chunk of the current run that failed the workers' check.
+    bad: Option<(usize, Error)>,
 }
 
 impl Drop for OrderedChunks {
@@ -820,6 +832,8 @@ impl OrderedChunks {
             dispatched: 0,
             spare,
             spares,
+            check_here: false,
+            bad: None,
         };
         for _ in 0..READ_AHEAD_BLOCKS {
             chunks.dispatch();
@@ -845,12 +859,12 @@ impl OrderedChunks {
 
     /// The next chunk's bytes, or `None` after the last one.
     pub fn next_chunk(&mut self) -> Option<Result<ChunkSlice>> {
-        let loc = self.plan.locs.get(self.next)?;
+        let plan = self.plan.clone();
+        let loc = plan.locs.get(self.next)?;
         let range = loc.inner_offset as usize..(loc.inner_offset + loc.len) as usize;
-        if self.plan.starts.get(self.run) == Some(&self.next) {
+        if plan.starts.get(self.run) == Some(&self.next) {
             let run = self.run;
             self.run += 1;
-            let plan = self.plan.clone();
             let (hit, evicted) = self.recent.touch(run, |r| plan.same_block(r, run), || None);
             // A block no run will reuse, unless a caller still holds a chunk of it, is decoded
             // into again (refilling memory already mapped costs far less than faulting in
@@ -858,26 +872,38 @@ impl OrderedChunks {
             if let Some(done) = evicted.flatten().and_then(|b| Arc::try_unwrap(b).ok()) {
                 let _ = self.spare.try_send(done);
             }
+            self.check_here = hit;
             if !hit {
                 let Some(reply) = self.queued.pop_front() else {
                     return Some(Err(Error::Corrupt("read-ahead lost a block".into())));
                 };
                 self.dispatch();
-                let block = match reply.recv() {
-                    Ok(Ok(block)) => block,
+                let (block, bad) = match reply.recv() {
+                    Ok(Ok(decoded)) => decoded,
                     Ok(Err(e)) => return Some(Err(e)),
                     Err(_) => return Some(Err(Error::Corrupt("read-ahead stopped early".into()))),
                 };
+                self.bad = bad;
                 if let Some(front) = self.recent.blocks.front_mut() {
                     front.1 = Some(block);
                 }
             }
         }
+        let index = self.next;
         self.next += 1;
-        match self.recent.front().cloned().flatten() {
-            Some(block) => Some(Ok((block, range))),
-            None => Some(Err(Error::Corrupt("read-ahead lost a block".into()))),
+        if self.bad.as_ref().is_some_and(|(i, _)| *i == index) {
+            return self.bad.take().map(|(_, e)| Err(e));
         }
+        let block = match self.recent.front().cloned().flatten() {
+            Some(block) => block,
+            None => return Some(Err(Error::Corrupt("read-ahead lost a block".into()))),
+        };
+        if self.check_here {
+            if let Err(e) = check_chunk(&block, loc) {
+                return Some(Err(e));
+            }
+        }
+        Some(Ok((block, range)))
     }
 }
 
@@ -906,7 +932,7 @@ fn read_ahead(jobs: &crossbeam_channel::Receiver<Job>) {
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             decode_run(&job, open, &mut dctx, &mut scratch)
         }))
-        .unwrap_or_else(|_| Err(Error::Corrupt("a read-ahead worker panicked".into())));
+        .unwrap_or_else(|_| Err(Error::Panicked { what: "read-ahead worker" }));
         let _ = job.reply.send(decoded); // the consumer may have stopped early
     }
 }
@@ -921,7 +947,7 @@ fn decode_run(
     let chunks = job.plan.run(job.run);
     let loc = &chunks[0];
     if !files.contains_key(&loc.pack) {
-        files.insert(loc.pack.clone(), open_pack(&job.plan.dir, &loc.pack)?);
+        files.insert(loc.pack.clone(), open_pack_of(&job.plan.dir, loc)?);
     }
     if dctx.is_none() {
         *dctx = Some(zstd::bulk::Decompressor::new().ctx(|| "creating a decompressor".into())?);
@@ -929,10 +955,10 @@ fn decode_run(
     let dctx = dctx.as_mut().expect("set above");
     let out = job.spares.try_recv().unwrap_or_default();
     let data = read_block(&files[&loc.pack], loc, dctx, scratch, out)?;
-    for l in chunks {
-        check_chunk(&data, l)?;
-    }
-    Ok(Arc::new(data))
+    let first = job.plan.starts[job.run];
+    let bad = (chunks.iter().enumerate())
+        .find_map(|(i, l)| check_chunk(&data, l).err().map(|e| (first + i, e)));
+    Ok((Arc::new(data), bad))
 }
 
 /// Read one block from `file` and decode it (with a reused decompression context; `scratch`
@@ -946,10 +972,13 @@ fn read_block(
 ) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let corrupt = |e: &dyn std::fmt::Display| {
-        Error::Corrupt(format!(
-            "pack {} block at {}: {e}",
-            loc.pack, loc.block_offset
-        ))
+        damaged(
+            loc,
+            format!(
+                "its block at offset {} is unreadable: {e}",
+                loc.block_offset
+            ),
+        )
     };
     let len = loc.block_len as usize;
     out.clear();
@@ -987,14 +1016,29 @@ fn check_chunk(block: &[u8], loc: &ChunkLoc) -> Result<()> {
     let start = loc.inner_offset as usize;
     let data = block
         .get(start..start + loc.len as usize)
-        .ok_or_else(|| Error::Corrupt(format!("chunk {} lies outside its block", loc.digest)))?;
+        .ok_or_else(|| damaged(loc, "it lies outside its block".into()))?;
     if Blake3::of(data) != loc.digest {
-        return Err(Error::Corrupt(format!(
-            "chunk {} does not match its digest",
-            loc.digest
-        )));
+        return Err(damaged(loc, "its bytes do not match its digest".into()));
     }
     Ok(())
+}
+
+fn damaged(loc: &ChunkLoc, reason: String) -> Error {
+    Error::DamagedChunk {
+        chunk: loc.digest.to_string(),
+        pack: loc.pack.clone(),
+        reason,
+    }
+}
+
+/// Open the pack holding `loc` for reading it: the pack is committed, so its absence is damage.
+fn open_pack_of(dir: &Path, loc: &ChunkLoc) -> Result<File> {
+    open_pack(dir, &loc.pack).map_err(|e| match e.io_error() {
+        Some(io) if io.kind() == std::io::ErrorKind::NotFound => {
+            damaged(loc, "its pack file is missing".into())
+        }
+        _ => e,
+    })
 }
 
 #[cfg(test)]

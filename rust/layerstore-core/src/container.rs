@@ -23,10 +23,10 @@ use std::sync::{Arc, RwLock};
 
 use rustix::io::Errno;
 
+use crate::cas::FreshChunks;
 use crate::chunk::ChunkParams;
 use crate::diff::diff_indices;
 use crate::digest::Blake3;
-use crate::emit::FreshChunks;
 use crate::error::{Error, Result};
 use crate::layer::{ChunkRef, Entry, Kind};
 use crate::stack::Stack;

@@ -20,7 +20,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::emit::{member_path, Change, What};
+use crate::changeset::{member_path, Change, What};
 use crate::layer::{Entry, Kind};
 use crate::union::{child_path, DirNode, Index, Node, ViewEntry};
 

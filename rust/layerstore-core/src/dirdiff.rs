@@ -17,6 +17,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
+use crate::changeset::{marker_member, member_path, Change, What};
 use crate::diff::archive_order;
 use crate::digest::Blake3;
 use crate::error::{Error, IoContext, Result};
@@ -25,7 +26,7 @@ use crate::layer::{Entry, Kind};
 use crate::stack::Stack;
 use crate::store::{ImportOptions, Imported, Progress, Store};
 use crate::tarwrite;
-use crate::union::{child_path, split_parent, DirNode, Node};
+use crate::union::{child_path, DirNode, Node};
 
 /// Options of a directory comparison.
 #[derive(Clone, Debug, Default)]
@@ -37,13 +38,27 @@ pub struct DirDiffOptions {
     pub clamp_mtime_ns: Option<i64>,
 }
 
-/// One change found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DirChange {
-    /// The directory's entry at this walk node (with its content, for a file).
-    Node(usize),
-    Whiteout(Vec<u8>),
-    Opaque(Vec<u8>),
+/// One change found: an entry is a walk node (its index: metadata and content are on disk).
+pub type DirChange = Change<usize>;
+
+/// The change that makes walk node `i` what it is on disk.
+fn node_change(nodes: &[FsNode], i: usize) -> DirChange {
+    Change {
+        path: nodes[i].rel.clone(),
+        what: What::Entry(i),
+    }
+}
+
+fn marker_change(path: Vec<u8>, what: What<usize>) -> DirChange {
+    Change { path, what }
+}
+
+/// The walk node of an entry change.
+fn node_of(c: &DirChange) -> Option<usize> {
+    match c.what {
+        What::Entry(i) | What::Link { meta: i, .. } => Some(i),
+        What::Whiteout | What::Opaque => None,
+    }
 }
 
 /// The changes from an image to a directory.
@@ -117,7 +132,7 @@ impl Walker<'_> {
     }
 
     fn full(&mut self, i: usize) {
-        self.out.push(DirChange::Node(i));
+        self.out.push(node_change(self.nodes, i));
         for &c in &self.nodes[i].children {
             self.full(c);
         }
@@ -144,7 +159,7 @@ impl Walker<'_> {
             }
         }
         if gone && !kept {
-            self.out.push(DirChange::Opaque(path.to_vec()));
+            self.out.push(marker_change(path.to_vec(), What::Opaque));
             for &c in &nodes[b].children {
                 self.full(c);
             }
@@ -152,7 +167,8 @@ impl Walker<'_> {
         }
         for name in a.children.keys() {
             if !names.contains_key(&name[..]) {
-                self.out.push(DirChange::Whiteout(child_path(path, name)));
+                self.out
+                    .push(marker_change(child_path(path, name), What::Whiteout));
             }
         }
         for &c in &nodes[b].children {
@@ -162,15 +178,15 @@ impl Walker<'_> {
                 (None, _) | (Some(Node::Leaf(_)), true) => self.full(c),
                 (Some(an @ Node::Dir(sub)), true) => {
                     if !same_meta(&nodes[c], an.view().meta()) {
-                        self.out.push(DirChange::Node(c));
+                        self.out.push(node_change(nodes, c));
                     }
                     let sub = sub.clone();
                     self.dir(&nodes[c].rel, &sub, c)?;
                 }
-                (Some(Node::Dir(_)), false) => self.out.push(DirChange::Node(c)),
+                (Some(Node::Dir(_)), false) => self.out.push(node_change(nodes, c)),
                 (Some(an @ Node::Leaf(_)), false) => {
                     if !self.unchanged(&nodes[c], an)? {
-                        self.out.push(DirChange::Node(c));
+                        self.out.push(node_change(nodes, c));
                     }
                 }
             }
@@ -205,13 +221,9 @@ impl DirDiff {
         walker.dir(b"", base.index.root(), 0)?;
         let mut changes = walker.out;
         keep_link_groups(&nodes, &mut changes);
-        let key = |c: &DirChange| match c {
-            DirChange::Node(i) => nodes[*i].rel.clone(),
-            DirChange::Whiteout(p) => {
-                let (dir, name) = split_parent(p);
-                child_path(dir, &[b".wh.".as_slice(), name].concat())
-            }
-            DirChange::Opaque(p) => child_path(p, b".wh..wh..opq"),
+        let key = |c: &DirChange| match node_of(c) {
+            Some(i) => nodes[i].rel.clone(),
+            None => member_path(c),
         };
         let mut keyed: Vec<(Vec<u8>, DirChange)> =
             changes.into_iter().map(|c| (key(&c), c)).collect();
@@ -229,16 +241,16 @@ impl DirDiff {
         let mut first: HashSet<(u64, u64)> = HashSet::new();
         self.changes
             .iter()
-            .map(|c| match c {
-                DirChange::Node(i) => {
-                    let n = &self.nodes[*i];
+            .map(|c| match (node_of(c), &c.what) {
+                (Some(i), _) => {
+                    let n = &self.nodes[i];
                     let linked = n.nlink > 1
                         && !matches!(n.kind, FsKind::Dir)
                         && !first.insert((n.dev, n.ino));
                     (if linked { "link" } else { "entry" }, n.rel.clone())
                 }
-                DirChange::Whiteout(p) => ("whiteout", p.clone()),
-                DirChange::Opaque(p) => ("opaque", p.clone()),
+                (None, What::Whiteout) => ("whiteout", c.path.clone()),
+                (None, _) => ("opaque", c.path.clone()),
             })
             .collect()
     }
@@ -246,8 +258,8 @@ impl DirDiff {
     /// Clamp the mtimes of the entries to emit to at most `max_ns`.
     pub fn clamp_mtimes(&mut self, max_ns: i64) {
         for c in &self.changes {
-            if let DirChange::Node(i) = c {
-                let n = &mut self.nodes[*i];
+            if let Some(i) = node_of(c) {
+                let n = &mut self.nodes[i];
                 if n.mtime * 1_000_000_000 + i64::from(n.mtime_nsec) > max_ns {
                     n.mtime = max_ns.div_euclid(1_000_000_000);
                     n.mtime_nsec = max_ns.rem_euclid(1_000_000_000) as u32;
@@ -262,28 +274,23 @@ impl DirDiff {
         let mut buf = vec![0u8; fsio::COPY_BUF];
         let mut first: HashMap<(u64, u64), usize> = HashMap::new();
         for c in &self.changes {
-            match c {
-                DirChange::Node(i) => {
-                    let n = &self.nodes[*i];
+            match node_of(c) {
+                Some(i) => {
+                    let n = &self.nodes[i];
                     let mut link_to = None;
                     if n.nlink > 1 && !matches!(n.kind, FsKind::Dir) {
                         match first.get(&(n.dev, n.ino)) {
                             Some(&f) => link_to = Some(self.nodes[f].rel.as_slice()),
                             None => {
-                                first.insert((n.dev, n.ino), *i);
+                                first.insert((n.dev, n.ino), i);
                             }
                         }
                     }
                     fsio::write_member(&mut tw, &self.root, n, link_to, &mut buf)?;
                 }
-                DirChange::Whiteout(p) => {
-                    let (dir, name) = split_parent(p);
-                    let path = child_path(dir, &[b".wh.".as_slice(), name].concat());
-                    tw.put(&tarwrite::header(&crate::emit::marker(&path))?)?;
-                }
-                DirChange::Opaque(p) => {
-                    let path = child_path(p, b".wh..wh..opq");
-                    tw.put(&tarwrite::header(&crate::emit::marker(&path))?)?;
+                None => {
+                    let path = member_path(c);
+                    tw.put(&tarwrite::header(&marker_member(&path))?)?;
                 }
             }
         }
@@ -296,13 +303,7 @@ impl DirDiff {
 /// Every member of a hard-link group one of whose members changed is emitted.
 fn keep_link_groups(nodes: &[FsNode], changes: &mut Vec<DirChange>) {
     let is_linked = |n: &FsNode| n.nlink > 1 && !matches!(n.kind, FsKind::Dir);
-    let emitted: HashSet<usize> = changes
-        .iter()
-        .filter_map(|c| match c {
-            DirChange::Node(i) => Some(*i),
-            _ => None,
-        })
-        .collect();
+    let emitted: HashSet<usize> = changes.iter().filter_map(node_of).collect();
     let touched: HashSet<(u64, u64)> = emitted
         .iter()
         .map(|&i| &nodes[i])
@@ -314,7 +315,7 @@ fn keep_link_groups(nodes: &[FsNode], changes: &mut Vec<DirChange>) {
     }
     for (i, n) in nodes.iter().enumerate().skip(1) {
         if is_linked(n) && touched.contains(&(n.dev, n.ino)) && !emitted.contains(&i) {
-            changes.push(DirChange::Node(i));
+            changes.push(node_change(nodes, i));
         }
     }
 }
@@ -340,7 +341,7 @@ impl Store {
         let imported = self.import_tar(Box::new(reader), &ImportOptions::default(), progress);
         let produced = producer
             .join()
-            .map_err(|_| Error::Corrupt("changeset writer panicked".into()))?;
+            .map_err(|_| Error::Panicked { what: "changeset writer" })?;
         let diff = produced?;
         let mut imported = imported?;
         imported.warnings.extend(diff.warnings);

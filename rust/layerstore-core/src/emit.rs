@@ -10,14 +10,14 @@
 //! Chunks a container wrote that the store lacks go into a new pack, made visible in the same
 //! transaction as the layer, under a lease.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
 use rusqlite::TransactionBehavior;
 
-use crate::cas::{self, PackWriter};
+use crate::cas::{self, FreshChunks, PackWriter};
+use crate::changeset::{marker_member, member_path, Change, What};
 use crate::digest::{Blake3, StreamHasher};
 use crate::error::{Error, IoContext, Result};
 use crate::layer::{self, Entry, Kind, LayerInfo};
@@ -25,74 +25,6 @@ use crate::meta;
 use crate::store::{Imported, Progress, Store};
 use crate::tar::{EntrySink, Op, SplitOutput, Splitter, TarSplit};
 use crate::tarwrite::{self, Member, MemberKind};
-use crate::union::{child_path, split_parent};
-
-/// Chunks held in memory (a container's writes), by digest.
-pub type FreshChunks = HashMap<Blake3, Arc<[u8]>>;
-
-/// One member of a changeset.
-#[derive(Clone, Debug)]
-pub struct Change {
-    /// The path the change is about (for a whiteout: the hidden path; for an opaque marker: its
-    /// directory), normalised.
-    pub path: Vec<u8>,
-    pub what: What,
-}
-
-#[derive(Clone, Debug)]
-pub enum What {
-    /// `path` becomes this entry (metadata and, for a regular file, its chunks).
-    Entry(Arc<Entry>),
-    /// `path` becomes a hard link to `target`, an earlier member; `meta` is the shared inode.
-    Link { target: Vec<u8>, meta: Arc<Entry> },
-    /// `.wh.NAME`: hides `path` below.
-    Whiteout,
-    /// `.wh..wh..opq` in directory `path`: hides its lower children.
-    Opaque,
-}
-
-/// Clamp every entry's mtime to at most `max_ns` (a `SOURCE_DATE_EPOCH`), for reproducible
-/// layers; markers are already at 0.
-pub fn clamp_mtimes(changes: &mut [Change], max_ns: i64) {
-    for c in changes {
-        let e = match &mut c.what {
-            What::Entry(e) | What::Link { meta: e, .. } => e,
-            What::Whiteout | What::Opaque => continue,
-        };
-        if e.mtime_ns > max_ns {
-            Arc::make_mut(e).mtime_ns = max_ns;
-        }
-    }
-}
-
-/// The tar member path of a change.
-pub fn member_path(change: &Change) -> Vec<u8> {
-    match change.what {
-        What::Whiteout => {
-            let (dir, name) = split_parent(&change.path);
-            child_path(dir, &[b".wh.".as_slice(), name].concat())
-        }
-        What::Opaque => child_path(&change.path, b".wh..wh..opq"),
-        // The root directory's own entry is "./" (an empty name would read as "/").
-        _ if change.path.is_empty() => b".".to_vec(),
-        _ => change.path.clone(),
-    }
-}
-
-/// A marker: an empty regular file, root-owned, mode 0644, mtime 0.
-pub(crate) fn marker(path: &[u8]) -> Member<'_> {
-    Member {
-        path,
-        kind: MemberKind::File { size: 0 },
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        uname: b"",
-        gname: b"",
-        mtime_ns: 0,
-        xattrs: Vec::new(),
-    }
-}
 
 fn entry_member<'a>(path: &'a [u8], e: &'a Entry, kind: MemberKind<'a>) -> Member<'a> {
     Member {
@@ -116,7 +48,7 @@ fn entry_member<'a>(path: &'a [u8], e: &'a Entry, kind: MemberKind<'a>) -> Membe
 fn change_header(change: &Change) -> Result<(Vec<u8>, u64)> {
     let path = member_path(change);
     let (member, size) = match &change.what {
-        What::Whiteout | What::Opaque => (marker(&path), 0),
+        What::Whiteout | What::Opaque => (marker_member(&path), 0),
         What::Link { target, meta } => (entry_member(&path, meta, MemberKind::Hardlink(target)), 0),
         What::Entry(e) => {
             let kind = match e.kind {
@@ -241,7 +173,7 @@ impl Store {
         let started = Instant::now();
         let pack_name = format!("{}.pack", crate::store::unique_name());
         let mut conn = self.conn()?;
-        let lease = meta::acquire_lease(&conn, &pack_name)?;
+        let lease = self.lease(&conn, &pack_name)?;
         let result = (|| {
             let mut writer = PackWriter::new(
                 &self.packs_dir(),
@@ -266,9 +198,9 @@ impl Store {
                         plan.push(Source::Stored);
                     }
                     None => {
-                        let data = fresh.get(&c.digest).ok_or_else(|| {
-                            Error::Corrupt(format!("chunk {} is missing", c.digest))
-                        })?;
+                        let data = fresh
+                            .get(&c.digest)
+                            .ok_or_else(|| self.missing_chunk(&c.digest))?;
                         if seen.insert(c.digest) {
                             writer.add(c.digest, data)?;
                             new_chunks += 1;
@@ -328,7 +260,7 @@ impl Store {
                 let digests = self.render(&split, &mut entries, plan, chunks, tee, progress);
                 let blob = blob
                     .join()
-                    .unwrap_or_else(|_| Err(Error::Corrupt("encoding the split panicked".into())));
+                    .unwrap_or_else(|_| Err(Error::Panicked { what: "split encoder" }));
                 (digests, blob)
             });
             let (digests, split_blob) = (digests?, split_blob?);
@@ -354,7 +286,7 @@ impl Store {
                 &row,
                 &chunk_set,
             )?;
-            meta::release_lease(&tx, lease)?;
+            meta::release_lease(&tx, lease.id)?;
             crate::store::crash_point("before-commit");
             tx.commit()?;
             crate::store::crash_point("after-commit");
@@ -379,7 +311,7 @@ impl Store {
             })
         })();
         if result.is_err() {
-            let _ = meta::release_lease(&conn, lease);
+            let _ = meta::release_lease(&conn, lease.id);
         }
         result
     }
@@ -439,9 +371,14 @@ impl Store {
                                 }
                             }
                             Some(Source::Stored) => {
-                                let (block, range) = chunks.next_chunk().ok_or_else(|| {
-                                    Error::Corrupt("changeset: fewer chunks than planned".into())
-                                })??;
+                                let (block, range) = chunks
+                                    .next_chunk()
+                                    .ok_or_else(|| {
+                                        Error::Corrupt(
+                                            "changeset: fewer chunks than planned".into(),
+                                        )
+                                    })?
+                                    .map_err(|e| self.name_damage(e, &entry.path))?;
                                 done += range.len() as u64;
                                 if let Some(h) = file_hash.as_mut() {
                                     h.update(&block[range.clone()]);

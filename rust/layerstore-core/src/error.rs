@@ -31,6 +31,10 @@ pub enum ErrorKind {
     Io,
     /// The metadata database failed.
     Database,
+    /// A short name or prefix matches more than one object.
+    Ambiguous,
+    /// A bug: a worker thread panicked.
+    Internal,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +76,26 @@ pub enum Error {
     },
     #[error("corrupt object: {0}")]
     Corrupt(String),
+    /// A stored chunk failed its check (bytes changed, block undecodable, pack short or gone).
+    #[error("chunk {chunk} (pack {pack}) is damaged: {reason}")]
+    DamagedChunk {
+        chunk: String,
+        pack: String,
+        reason: String,
+    },
+    /// Reading a file of a layer failed; says which layer and file.
+    #[error("layer {layer}, {path}: {source}")]
+    InEntry {
+        layer: String,
+        path: String,
+        source: Box<Error>,
+    },
+    /// `fsck --repair` took damaged chunks out of use; the layer is refused until its content
+    /// is imported again.
+    #[error(
+        "layer {layer} is broken: {chunks} of its chunks were damaged and taken out of use by fsck --repair; import the layer again to heal it"
+    )]
+    BrokenLayer { layer: String, chunks: u64 },
     #[error("not found: {0}")]
     NotFound(String),
     #[error("stack depth {depth} exceeds the limit of {limit} layers")]
@@ -102,6 +126,14 @@ pub enum Error {
     Io { context: String, source: io::Error },
     #[error("metadata database: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("{what} {prefix:?} is ambiguous: it matches {}; give more characters", candidates.join(", "))]
+    Ambiguous {
+        what: &'static str,
+        prefix: String,
+        candidates: Vec<String>,
+    },
+    #[error("internal error: the {what} panicked (a bug in layerstore: please report it)")]
+    Panicked { what: &'static str },
 }
 
 impl Error {
@@ -113,6 +145,8 @@ impl Error {
             | Error::InvalidImage { .. } => ErrorKind::InvalidLayer,
             Error::DigestMismatch { .. }
             | Error::Corrupt(_)
+            | Error::DamagedChunk { .. }
+            | Error::BrokenLayer { .. }
             | Error::MissingBlob { .. }
             | Error::SizeMismatch { .. } => ErrorKind::Integrity,
             Error::NotFound(_) => ErrorKind::NotFound,
@@ -124,6 +158,9 @@ impl Error {
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Io { .. } => ErrorKind::Io,
             Error::Database(_) => ErrorKind::Database,
+            Error::Ambiguous { .. } => ErrorKind::Ambiguous,
+            Error::Panicked { .. } => ErrorKind::Internal,
+            Error::InEntry { source, .. } => source.kind(),
         }
     }
 
@@ -131,7 +168,21 @@ impl Error {
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
             Error::Io { source, .. } => Some(source),
+            Error::InEntry { source, .. } => source.io_error(),
             _ => None,
+        }
+    }
+
+    /// This error, said to have happened reading `path` of `layer` (once: an error that already
+    /// names its entry keeps that name).
+    pub fn in_entry(self, layer: &dyn std::fmt::Display, path: &[u8]) -> Self {
+        if matches!(self, Error::InEntry { .. } | Error::Cancelled) {
+            return self;
+        }
+        Error::InEntry {
+            layer: layer.to_string(),
+            path: path_text(path),
+            source: Box::new(self),
         }
     }
 
@@ -155,6 +206,11 @@ impl From<io::Error> for Error {
             source,
         }
     }
+}
+
+/// An entry path as users see it: absolute, lossily decoded.
+pub(crate) fn path_text(path: &[u8]) -> String {
+    format!("/{}", String::from_utf8_lossy(path).trim_start_matches('/'))
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

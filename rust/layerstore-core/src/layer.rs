@@ -165,6 +165,14 @@ pub fn tree_id(entries: &[Entry]) -> Blake3 {
     h.finalize().into()
 }
 
+/// The manifest and config digests of an image the store imported or exported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageDigests {
+    pub manifest: String,
+    pub config: String,
+    pub media_type: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod cas;
+pub mod changeset;
 pub mod chunk;
 pub mod compress;
 pub mod container;
@@ -19,9 +20,12 @@ pub mod frozen;
 pub mod fsio;
 pub mod gather;
 pub mod layer;
+mod lease;
 pub mod materialize;
 pub mod meta;
 pub mod oci;
+pub mod paths;
+mod pool;
 pub mod registry;
 pub mod squash;
 pub mod stack;

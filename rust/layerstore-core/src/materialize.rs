@@ -345,7 +345,7 @@ impl<'s> Content<'s> {
         }
         let conn = self.conn.as_ref().expect("set above");
         if !self.in_tx {
-            conn.execute_batch("BEGIN")?;
+            meta::begin_read(conn)?;
             self.in_tx = true;
         }
         Ok(conn)
@@ -378,17 +378,18 @@ impl<'s> Content<'s> {
         if let Some(loc) = self.known.get(digest) {
             return Ok(loc.clone());
         }
-        meta::chunk_loc(self.tx()?, digest)?
-            .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))
+        let found = meta::chunk_loc(self.tx()?, digest)?;
+        found.ok_or_else(|| self.store.missing_chunk(digest))
     }
 
     /// End the read transaction (the next lookup starts another).
-    pub fn end(&mut self) {
+    pub fn end(&mut self) -> Result<()> {
         self.known.clear();
-        if let (true, Some(conn)) = (self.in_tx, &self.conn) {
-            let _ = conn.execute_batch("COMMIT");
+        let was = std::mem::replace(&mut self.in_tx, false);
+        match (was, &self.conn) {
+            (true, Some(conn)) => meta::end_read(conn),
+            _ => Ok(()),
         }
-        self.in_tx = false;
     }
 
     /// Write `e`'s content to `f`; returns the bytes written (checked against `e.size`).
@@ -396,7 +397,10 @@ impl<'s> Content<'s> {
         if e.chunks.is_empty() && e.size == 0 {
             return Ok(0);
         }
-        if e.size >= SPLIT_FILE_BYTES && !e.sparse && rayon::current_num_threads() > 1 {
+        // Split only on a pool of our own (materialize's): outside one, rayon would start its
+        // global pool, which a forked child could not use.
+        let pooled = rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1;
+        if e.size >= SPLIT_FILE_BYTES && !e.sparse && pooled {
             return self.write_split(e, f, path);
         }
         let mut out = Gather::new(f);
@@ -475,7 +479,7 @@ impl<'s> Content<'s> {
                     let mut out = Gather::new(WriteAt { file: f, at: start });
                     content.push_chunks(chunks, &mut out, path)?;
                     out.finish().ctx(|| format!("writing {}", show(path)))?;
-                    content.end();
+                    content.end()?;
                     Ok(())
                 },
             )
@@ -508,7 +512,8 @@ impl std::io::Write for WriteAt<'_> {
 
 impl Drop for Content<'_> {
     fn drop(&mut self) {
-        self.end();
+        // An unfinished read transaction: ending it cannot lose anything.
+        let _ = self.end();
     }
 }
 
@@ -1037,7 +1042,7 @@ fn write_view(stack: &Stack, root: BorrowedFd<'_>, ctx: &Ctx<'_>) -> Result<()> 
                             }
                         }
                     }
-                    content.end();
+                    content.end()?;
                     ctx.done(n, bytes)
                 },
             )

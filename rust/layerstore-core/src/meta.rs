@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+pub mod oci;
+
 use crate::cas::{ChunkLoc, Codec, LiveBlock};
 use crate::digest::Blake3;
 use crate::error::{Error, Result};
@@ -115,6 +117,12 @@ CREATE INDEX IF NOT EXISTS oci_layer_blobs_by_layer ON oci_layer_blobs(layer);
 CREATE TABLE IF NOT EXISTS oci_refs (
     name TEXT PRIMARY KEY,             -- a refs.name an image import tagged
     manifest TEXT NOT NULL             -- oci_images.manifest it was imported from
+);
+-- Layers `fsck --repair` found using damaged chunks (taken out of use): refused by every read
+-- until an import stores those chunks again.
+CREATE TABLE IF NOT EXISTS broken_layers (
+    layer TEXT PRIMARY KEY,            -- layers.id
+    chunks INTEGER NOT NULL            -- how many of its chunks were damaged
 );
 CREATE TABLE IF NOT EXISTS layer_history (
     layer TEXT PRIMARY KEY REFERENCES layers(id),
@@ -459,19 +467,25 @@ pub fn find_layer(conn: &Connection, key: &str) -> Result<LayerInfo> {
     let hex_prefix = key.rsplit(':').next().unwrap_or(key);
     if hex_prefix.len() >= 6 && hex_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {LAYER_COLUMNS} FROM layers WHERE substr(id, 8, ?2) = ?1 OR substr(diff_id, 8, ?2) = ?1 LIMIT 2"
+            "SELECT {LAYER_COLUMNS} FROM layers WHERE substr(id, 8, ?2) = ?1 OR substr(diff_id, 8, ?2) = ?1 ORDER BY id LIMIT 6"
         ))?;
         let rows = stmt
             .query_map(params![hex_prefix, hex_prefix.len()], info_from_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        match rows.len() {
-            1 => return make_info(rows.into_iter().next().expect("one row")),
-            2 => {
-                return Err(Error::NotFound(format!(
-                    "layer prefix {key:?} is ambiguous"
-                )))
+        if rows.len() == 1 {
+            return make_info(rows.into_iter().next().expect("one row"));
+        }
+        if rows.len() > 1 {
+            let mut candidates: Vec<String> = rows.into_iter().map(|r| r.0).collect();
+            if candidates.len() > 5 {
+                candidates.truncate(5);
+                candidates.push("…".into());
             }
-            _ => {}
+            return Err(Error::Ambiguous {
+                what: "layer prefix",
+                prefix: key.to_string(),
+                candidates,
+            });
         }
     }
     Err(Error::NotFound(format!("no layer {key:?}")))
@@ -530,6 +544,80 @@ fn decode_chunk_set(blob: &[u8]) -> Result<Vec<Blake3>> {
         .collect())
 }
 
+/// How many damaged chunks make layer `id` broken (0: it is not).
+pub fn broken_chunks(conn: &Connection, id: &Blake3) -> Result<u64> {
+    let mut stmt = conn.prepare_cached("SELECT chunks FROM broken_layers WHERE layer = ?1")?;
+    let n: Option<i64> = stmt.query_row([id.to_string()], |r| r.get(0)).optional()?;
+    Ok(n.unwrap_or(0) as u64)
+}
+
+/// Every broken layer with its count of damaged chunks.
+pub fn broken_layers(conn: &Connection) -> Result<Vec<(String, u64)>> {
+    let mut stmt = conn.prepare("SELECT layer, chunks FROM broken_layers ORDER BY layer")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// In `tx`: take `chunks` out of use (their rows go, so the next import of their content
+/// stores them again) and mark each of `layers` broken with its count of damaged chunks.
+pub fn retire_damaged(tx: &Connection, chunks: &[Blake3], layers: &[(String, u64)]) -> Result<()> {
+    let mut delete = tx.prepare_cached("DELETE FROM chunks WHERE digest = ?1")?;
+    for c in chunks {
+        delete.execute([&c.0[..]])?;
+    }
+    let mut mark = tx.prepare_cached(
+        "INSERT INTO broken_layers (layer, chunks) VALUES (?1, ?2)
+         ON CONFLICT (layer) DO UPDATE SET chunks = chunks + excluded.chunks",
+    )?;
+    for (layer, n) in layers {
+        mark.execute(params![layer, *n as i64])?;
+    }
+    Ok(())
+}
+
+/// In `tx`: clear the mark of every broken layer whose chunks are all stored again (or that is
+/// gone); returns the layers healed.
+pub fn heal_broken(tx: &Connection) -> Result<Vec<String>> {
+    let broken = broken_layers(tx)?;
+    let mut healed = Vec::new();
+    for (layer, _) in broken {
+        let whole = match Blake3::parse(&layer) {
+            Ok(id) => all_chunks_stored(tx, &id)?,
+            Err(_) => true,
+        };
+        if whole {
+            tx.execute("DELETE FROM broken_layers WHERE layer = ?1", [&layer])?;
+            healed.push(layer);
+        }
+    }
+    Ok(healed)
+}
+
+/// The layers whose content uses chunk `digest` (a scan: for error messages only).
+pub fn layers_using_chunk(conn: &Connection, digest: &Blake3) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT layer, digests FROM layer_chunk_sets ORDER BY layer")?;
+    let mut rows = stmt.query([])?;
+    let mut users = Vec::new();
+    while let Some(row) = rows.next()? {
+        let set = decode_chunk_set(row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?)?;
+        if set.binary_search(digest).is_ok() {
+            users.push(row.get(0)?);
+        }
+    }
+    Ok(users)
+}
+
+fn all_chunks_stored(conn: &Connection, id: &Blake3) -> Result<bool> {
+    for c in layer_chunk_set(conn, id)? {
+        if !chunk_exists(conn, &c)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Every chunk some layer names (what `gc` must keep).
 pub fn referenced_chunks(conn: &Connection) -> Result<std::collections::HashSet<Blake3>> {
     let mut stmt = conn.prepare("SELECT digests FROM layer_chunk_sets")?;
@@ -566,7 +654,12 @@ pub fn delete_unreferenced_chunks(conn: &Connection) -> Result<u64> {
 
 /// Delete a layer unless a stack or tag uses it, or a live import other than `owner` (the
 /// caller's own lease, whose pins do not count) has pinned it. Its chunks stay until `gc`.
-pub fn delete_layer(conn: &mut Connection, id: &Blake3, owner: Option<i64>) -> Result<()> {
+pub fn delete_layer(
+    conn: &mut Connection,
+    id: &Blake3,
+    owner: Option<i64>,
+    alive: Alive<'_>,
+) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let key = id.to_string();
     let users: i64 = tx.query_row(
@@ -579,7 +672,7 @@ pub fn delete_layer(conn: &mut Connection, id: &Blake3, owner: Option<i64>) -> R
             "layer {id} is used by {users} stack(s); untag or delete them first"
         )));
     }
-    let imports = live_pins(&tx, &key, owner)?;
+    let imports = live_pins(&tx, &key, owner, alive)?;
     if imports > 0 {
         return Err(Error::LayerPinned {
             layer: key,
@@ -613,6 +706,86 @@ pub fn created_by(conn: &Connection, id: &Blake3) -> Result<Option<String>> {
         .prepare_cached("SELECT created_by FROM layer_history WHERE layer = ?1")?
         .query_row([id.to_string()], |r| r.get(0))
         .optional()?)
+}
+
+/// Begin a read transaction: the lookups until [`end_read`] see one snapshot.
+pub fn begin_read(conn: &Connection) -> Result<()> {
+    conn.execute_batch("BEGIN DEFERRED")?;
+    Ok(())
+}
+
+/// End the read transaction [`begin_read`] began.
+pub fn end_read(conn: &Connection) -> Result<()> {
+    conn.execute_batch("COMMIT")?;
+    Ok(())
+}
+
+/// Totals over the whole store, read in one snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    pub layers: u64,
+    pub chunks: u64,
+    pub packs: u64,
+    /// Uncompressed tar bytes of every layer.
+    pub logical_bytes: u64,
+    /// Bytes of every distinct chunk.
+    pub content_bytes: u64,
+    /// Stored bytes of the blocks holding live chunks.
+    pub stored_bytes: u64,
+    /// Encoded entry lists and tar recipes.
+    pub metadata_bytes: u64,
+}
+
+pub fn totals(conn: &mut Connection) -> Result<Totals> {
+    let tx = conn.transaction()?;
+    let one = |sql: &str| -> Result<u64> {
+        Ok(tx
+            .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?
+            .unwrap_or(0) as u64)
+    };
+    let totals = Totals {
+        layers: one("SELECT count(*) FROM layers")?,
+        chunks: one("SELECT count(*) FROM chunks")?,
+        packs: one("SELECT count(*) FROM packs")?,
+        logical_bytes: one("SELECT sum(size) FROM layers")?,
+        content_bytes: one("SELECT sum(len) FROM chunks")?,
+        stored_bytes: one(
+            "SELECT sum(block_len) FROM (SELECT DISTINCT pack, block_offset, block_len FROM chunks)",
+        )?,
+        metadata_bytes: one("SELECT sum(length(entries) + length(split)) FROM layers")?,
+    };
+    tx.commit()?;
+    Ok(totals)
+}
+
+/// Forget a pack (its chunks must have gone or moved).
+pub fn delete_pack(conn: &Connection, name: &str) -> Result<()> {
+    conn.execute("DELETE FROM packs WHERE name = ?1", [name])?;
+    Ok(())
+}
+
+/// Record a pack's committed length.
+pub fn set_pack_size(conn: &Connection, name: &str, size: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE packs SET size = ?1 WHERE name = ?2",
+        params![size, name],
+    )?;
+    Ok(())
+}
+
+/// Point the chunks of the block at `from` (pack, offset) at its copy at `to`.
+pub fn move_block(conn: &Connection, from: (&str, u64), to: (&str, u64)) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4",
+    )?
+    .execute(params![to.0, to.1, from.0, from.1])?;
+    Ok(())
+}
+
+/// Fold the write-ahead log back into the database file and truncate it.
+pub fn checkpoint(conn: &Connection) -> Result<()> {
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    Ok(())
 }
 
 pub fn insert_pack(conn: &Connection, name: &str, size: u64) -> Result<()> {
@@ -656,10 +829,27 @@ pub fn release_lease(conn: &Connection, id: i64) -> Result<()> {
     Ok(())
 }
 
-/// Whether the process a lease names still runs (the same pid *and* start time).
-fn lease_alive(pid: u32, start_time: u64) -> bool {
-    process_start_time(pid) == Some(start_time)
+/// A lease as recorded: who took it, and what it covers.
+#[derive(Clone, Debug)]
+pub struct LeaseRow {
+    pub id: i64,
+    pub pid: u32,
+    pub start_time: u64,
+    /// The pack file or `tmp/` directory the lease covers (it also names its lock file).
+    pub name: String,
 }
+
+fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
+    Ok(LeaseRow {
+        id: r.get(0)?,
+        pid: r.get(1)?,
+        start_time: r.get(2)?,
+        name: r.get(3)?,
+    })
+}
+
+/// Whether the owner of a lease still runs: asked by the caller (see `lease::alive`).
+pub type Alive<'a> = &'a dyn Fn(&LeaseRow) -> bool;
 
 /// Pin layer `id` for the import holding `lease`, in the caller's transaction. The caller
 /// checks in that same transaction that the layer exists, so a concurrent `delete` either ran
@@ -671,45 +861,32 @@ pub fn pin_layer(conn: &Connection, lease: i64, id: &Blake3) -> Result<()> {
 }
 
 /// How many live leases other than `owner` pin the layer `key`.
-fn live_pins(conn: &Connection, key: &str, owner: Option<i64>) -> Result<usize> {
+fn live_pins(conn: &Connection, key: &str, owner: Option<i64>, alive: Alive<'_>) -> Result<usize> {
     let mut stmt = conn.prepare_cached(
-        "SELECT leases.id, leases.pid, leases.start_time FROM pins
+        "SELECT leases.id, leases.pid, leases.start_time, leases.pack FROM pins
          JOIN leases ON leases.id = pins.lease WHERE pins.layer = ?1",
     )?;
     let holders = stmt
-        .query_map([key], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, u32>(1)?,
-                r.get::<_, u64>(2)?,
-            ))
-        })?
+        .query_map([key], lease_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(holders
         .into_iter()
-        .filter(|&(lease, pid, start)| Some(lease) != owner && lease_alive(pid, start))
+        .filter(|l| Some(l.id) != owner && alive(l))
         .count())
 }
 
-/// Drop leases whose process is gone (and their pins); return the live ones' packs.
-pub fn live_leases(conn: &Connection) -> Result<Vec<String>> {
+/// Drop leases whose owner is gone (and their pins); return the live ones' names.
+pub fn live_leases(conn: &Connection, alive: Alive<'_>) -> Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT id, pid, start_time, pack FROM leases")?;
     let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, u32>(1)?,
-                r.get::<_, u64>(2)?,
-                r.get::<_, String>(3)?,
-            ))
-        })?
+        .query_map([], lease_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut live = Vec::new();
-    for (id, pid, start, pack) in rows {
-        if lease_alive(pid, start) {
-            live.push(pack);
+    for row in rows {
+        if alive(&row) {
+            live.push(row.name);
         } else {
-            release_lease(conn, id)?;
+            release_lease(conn, row.id)?;
         }
     }
     conn.execute(
@@ -827,4 +1004,51 @@ pub fn delete_ref(conn: &mut Connection, name: &str) -> Result<()> {
     drop_stack_if_unused(&tx, stack)?;
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_layer(conn: &Connection, hex: &str) {
+        let digest = Blake3::parse(&format!("blake3:{hex}")).unwrap();
+        let row = LayerRow {
+            info: LayerInfo {
+                id: digest,
+                diff_id: format!("sha256:{hex}"),
+                tree_id: digest,
+                size: 0,
+                entry_count: 0,
+                compressed_digest: None,
+                compression: None,
+                created_unix: 0,
+            },
+            entries: Vec::new(),
+            split: Vec::new(),
+        };
+        insert_layer(conn, &row, &[]).unwrap();
+    }
+
+    #[test]
+    fn an_ambiguous_prefix_names_its_candidates() {
+        let dir = std::env::temp_dir().join(format!("ls-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut conn = open(&dir.join("meta.db")).unwrap();
+        init(&mut conn, &[]).unwrap();
+        let a = format!("abcdef01{}", "0".repeat(56));
+        let b = format!("abcdef02{}", "0".repeat(56));
+        fake_layer(&conn, &a);
+        fake_layer(&conn, &b);
+        let err = find_layer(&conn, "abcdef").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Ambiguous);
+        let text = err.to_string();
+        assert!(text.contains(&a) && text.contains(&b), "{text}");
+        assert_eq!(find_layer(&conn, "abcdef01").unwrap().diff_id, format!("sha256:{a}"));
+        assert_eq!(
+            find_layer(&conn, "abcdef03").unwrap_err().kind(),
+            crate::ErrorKind::NotFound
+        );
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -39,7 +39,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 use serde_json::{json, Value};
 use sha2::Digest as _;
 
@@ -47,6 +47,7 @@ use crate::compress::Compression;
 use crate::digest::{OciAlgorithm, OciDigest};
 use crate::error::{Error, IoContext, Result};
 use crate::layer::LayerInfo;
+use crate::meta;
 use crate::stack::Stack;
 use crate::store::{ImportOptions, Imported, Progress, Store};
 use source::{DirSource, Source};
@@ -101,13 +102,7 @@ fn layer_media_type(c: Compression) -> &'static str {
     }
 }
 
-/// The manifest and config digests of an image the store imported or exported.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImageDigests {
-    pub manifest: String,
-    pub config: String,
-    pub media_type: String,
-}
+pub use crate::layer::ImageDigests;
 
 /// One image of an import: the name it was tagged with, and its stack.
 #[derive(Debug)]
@@ -370,20 +365,14 @@ impl Store {
     /// moves its blobs in just before the commit that records them). Returns the bytes freed.
     pub(crate) fn gc_image_blobs(&self) -> Result<u64> {
         let conn = self.conn()?;
-        conn.execute(
-            "DELETE FROM oci_layer_blobs WHERE layer NOT IN (SELECT id FROM layers)",
-            [],
-        )?;
+        meta::oci::forget_orphan_layer_blobs(&conn)?;
         let dir = self.root().join("blobs").join("sha256");
         let Ok(entries) = fs::read_dir(&dir) else {
             return Ok(0);
         };
-        let mut stmt = conn.prepare("SELECT digest FROM oci_layer_blobs WHERE rebuild = 'kept'")?;
-        let kept: HashSet<String> = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?
+        let kept: HashSet<String> = meta::oci::kept_layer_blobs(&conn)?
             .into_iter()
-            .map(|d| d.trim_start_matches("sha256:").to_string())
+            .map(|(d, _)| d.trim_start_matches("sha256:").to_string())
             .collect();
         let mut freed = 0;
         for e in entries.flatten() {
@@ -403,12 +392,7 @@ impl Store {
 
     /// `fsck`'s part for images: every kept blob is present with its recorded size.
     pub(crate) fn fsck_image_blobs(&self, problems: &mut Vec<String>) -> Result<()> {
-        let conn = self.conn()?;
-        let mut stmt =
-            conn.prepare("SELECT digest, size FROM oci_layer_blobs WHERE rebuild = 'kept'")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = meta::oci::kept_layer_blobs(&*self.conn()?)?;
         for (digest, size) in rows {
             let path = self
                 .root()

@@ -9,8 +9,10 @@
 //! only on the two views, so squashing the same range again (or after a re-import) gives the same
 //! `diff_id`. Content is streamed from the packs chunk by chunk; memory holds the entry lists only.
 
+use crate::cas::FreshChunks;
+use crate::changeset::{clamp_mtimes, Change};
 use crate::diff::diff_indices;
-use crate::emit::{clamp_mtimes, Change, FreshChunks, Tee};
+use crate::emit::Tee;
 use crate::error::{Error, Result};
 use crate::stack::Stack;
 use crate::store::{Imported, Progress, Store};

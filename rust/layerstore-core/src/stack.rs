@@ -109,7 +109,7 @@ impl Stack {
                 let t = match e.kind {
                     // `.wh.NAME` hides NAME and everything under it.
                     Kind::Whiteout => {
-                        let hidden = &name[b".wh.".len()..];
+                        let hidden = crate::changeset::hidden_name(name);
                         let covers = target.len() > dir.len()
                             && target[..dir.len()] == *dir
                             && target[dir.len()] == hidden;

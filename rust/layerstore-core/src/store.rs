@@ -104,11 +104,35 @@ pub struct GcReport {
     pub deferred: bool,
 }
 
+/// A chunk `fsck` found damaged, and who uses it.
+#[derive(Debug, Clone)]
+pub struct DamagedChunk {
+    pub chunk: String,
+    pub pack: String,
+    pub reason: String,
+    /// (layer id, absolute path) of every file whose content needs it.
+    pub used_by: Vec<(String, String)>,
+}
+
+/// What `fsck --repair` changed.
+#[derive(Debug, Clone, Default)]
+pub struct Repaired {
+    /// Damaged chunks taken out of use (an import of their content stores them again).
+    pub chunks_retired: u64,
+    /// Layers now marked broken.
+    pub layers_broken: Vec<String>,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct FsckReport {
     pub chunks_checked: u64,
     pub layers_checked: u64,
     pub problems: Vec<String>,
+    pub damaged: Vec<DamagedChunk>,
+    /// Layers marked broken (by this or an earlier repair).
+    pub broken: Vec<String>,
+    /// Set when repair was asked and there was something to repair.
+    pub repaired: Option<Repaired>,
     /// Files nothing points at (left by an interrupted import; `gc` removes them).
     pub garbage: Vec<String>,
 }
@@ -128,7 +152,9 @@ pub struct Store {
     root: PathBuf,
     options: StoreOptions,
     limits: Limits,
-    pool: Mutex<Vec<Connection>>,
+    /// Idle database connections, and the process that opened them: SQLite connections must
+    /// not cross a `fork()`, so a child leaks its parent's and opens its own.
+    pool: Mutex<(u32, Vec<Connection>)>,
     /// Decoded entries of layers some live stack uses, shared between stacks.
     entry_cache: Mutex<HashMap<Blake3, Weak<Vec<Arc<Entry>>>>>,
     /// Decoded blocks shared by the readers of file contents (a directory of small files
@@ -138,6 +164,18 @@ pub struct Store {
 
 /// Decoded bytes a store keeps for its content readers.
 const BLOCK_CACHE_BYTES: usize = 32 << 20;
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // A store a forked child inherited still holds its parent's connections: closing them
+        // here could disturb the parent's locks, so they are leaked instead.
+        if let Ok(pool) = self.pool.get_mut() {
+            if pool.0 != std::process::id() {
+                std::mem::forget(std::mem::take(&mut pool.1));
+            }
+        }
+    }
+}
 
 /// A pooled connection, returned on drop.
 pub(crate) struct Conn<'a> {
@@ -161,7 +199,11 @@ impl std::ops::DerefMut for Conn<'_> {
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         if let (Some(c), Ok(mut pool)) = (self.conn.take(), self.store.pool.lock()) {
-            pool.push(c);
+            if pool.0 == std::process::id() {
+                pool.1.push(c);
+            } else {
+                std::mem::forget(c);
+            }
         }
     }
 }
@@ -217,7 +259,7 @@ impl Store {
             root: root.to_path_buf(),
             options,
             limits,
-            pool: Mutex::new(vec![conn]),
+            pool: Mutex::new((std::process::id(), vec![conn])),
             entry_cache: Mutex::new(HashMap::new()),
             blocks: Arc::new(cas::BlockCache::new(BLOCK_CACHE_BYTES)),
         })
@@ -236,11 +278,19 @@ impl Store {
     }
 
     pub(crate) fn conn(&self) -> Result<Conn<'_>> {
-        let pooled = self
-            .pool
-            .lock()
-            .map_err(|_| Error::Conflict("connection pool poisoned".into()))?
-            .pop();
+        let pooled = {
+            let mut pool = self
+                .pool
+                .lock()
+                .map_err(|_| Error::Conflict("connection pool poisoned".into()))?;
+            let pid = std::process::id();
+            if pool.0 != pid {
+                // Forked: the parent's connections are not ours to use (nor to close).
+                std::mem::forget(std::mem::take(&mut pool.1));
+                pool.0 = pid;
+            }
+            pool.1.pop()
+        };
         let conn = match pooled {
             Some(c) => c,
             None => meta::open(&self.root.join("meta.db"))?,
@@ -249,6 +299,16 @@ impl Store {
             store: self,
             conn: Some(conn),
         })
+    }
+
+    /// Whether the owner of a recorded lease still runs (asked of its lock file).
+    fn lease_alive(&self, row: &meta::LeaseRow) -> bool {
+        crate::lease::alive(&self.root, row)
+    }
+
+    /// Take a lease covering `name` (a pack file, or a `tmp/` directory).
+    pub(crate) fn lease(&self, conn: &Connection, name: &str) -> Result<crate::lease::Lease> {
+        crate::lease::Lease::acquire(&self.root, conn, name)
     }
 
     pub(crate) fn packs_dir(&self) -> PathBuf {
@@ -293,12 +353,12 @@ impl Store {
 
         let pack_name = format!("{}.pack", unique_name());
         let mut conn = self.conn()?;
-        let lease = meta::acquire_lease(&conn, &pack_name)?;
+        let lease = self.lease(&conn, &pack_name)?;
         let result = self.import_leased(
             src,
             &mut conn,
             &pack_name,
-            (lease, pin),
+            (lease.id, pin),
             limits,
             want_sha512,
             progress,
@@ -313,7 +373,7 @@ impl Store {
             },
         );
         if result.is_err() {
-            let _ = meta::release_lease(&conn, lease);
+            let _ = meta::release_lease(&conn, lease.id);
         }
         result
     }
@@ -362,7 +422,7 @@ impl Store {
         // Stop the reader (it may be blocked sending) before looking at its result.
         let reader_out = reader
             .join()
-            .map_err(|_| Error::Corrupt("reader thread panicked".into()))?;
+            .map_err(|_| Error::Panicked { what: "reader thread" })?;
         let SplitOutput {
             split,
             entries,
@@ -477,7 +537,7 @@ impl Store {
         let imported = self.import_tar(Box::new(reader), opts, progress);
         let produced = producer
             .join()
-            .map_err(|_| Error::Corrupt("directory walker panicked".into()))?;
+            .map_err(|_| Error::Panicked { what: "directory walker" })?;
         // The walker's error explains an import failure (a broken pipe) better than the import's.
         let walk_warnings = produced?;
         let mut imported = imported?;
@@ -505,12 +565,14 @@ impl Store {
 
     /// Delete a layer that no recorded stack uses and no image import in flight has pinned.
     pub fn delete(&self, id: &Blake3) -> Result<()> {
-        meta::delete_layer(&mut *self.conn()?, id, None)
+        meta::delete_layer(&mut *self.conn()?, id, None, &|l| self.lease_alive(l))
     }
 
     /// [`Store::delete`] on behalf of the import holding `lease`: its own pins do not count.
     pub(crate) fn delete_as(&self, id: &Blake3, lease: i64) -> Result<()> {
-        meta::delete_layer(&mut *self.conn()?, id, Some(lease))
+        meta::delete_layer(&mut *self.conn()?, id, Some(lease), &|l| {
+            self.lease_alive(l)
+        })
     }
 
     /// The layer's entries and reconstruction recipe.
@@ -521,6 +583,7 @@ impl Store {
 
     /// A layer's entries, decoded once and shared while any stack holds them.
     pub fn layer_entries(&self, id: &Blake3) -> Result<LayerEntries> {
+        self.refuse_broken(id)?;
         let cached = self
             .entry_cache
             .lock()
@@ -575,7 +638,7 @@ impl Store {
     pub fn content_with(
         &self,
         entry: &Entry,
-        fresh: Option<&crate::emit::FreshChunks>,
+        fresh: Option<&cas::FreshChunks>,
     ) -> Result<ContentReader> {
         let stored = entry
             .chunks
@@ -593,7 +656,7 @@ impl Store {
                 locs.get(&c.digest)
                     .cloned()
                     .map(Piece::Stored)
-                    .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", c.digest)))
+                    .ok_or_else(|| self.missing_chunk(&c.digest))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(ContentReader::with_pieces(pieces, self.cached_reader()?))
@@ -601,8 +664,8 @@ impl Store {
 
     /// The bytes of one stored chunk.
     pub fn chunk(&self, digest: &Blake3) -> Result<Arc<[u8]>> {
-        let loc = meta::chunk_loc(&*self.conn()?, digest)?
-            .ok_or_else(|| Error::Corrupt(format!("chunk {digest} is missing")))?;
+        let loc =
+            meta::chunk_loc(&*self.conn()?, digest)?.ok_or_else(|| self.missing_chunk(digest))?;
         let mut buf = Vec::new();
         self.cached_reader()?.read(&loc, &mut buf)?;
         Ok(Arc::from(buf))
@@ -649,7 +712,9 @@ impl Store {
         decode_blob(&entries)
     }
 
-    /// Write the layer's tar to `out`, compressed as asked. Every chunk is verified on read.
+    /// Write the layer's tar to `out`, compressed as asked. Every chunk is verified on read, and
+    /// the tar written is hashed (on a thread of its own) and checked against the layer's `id`
+    /// and `diff_id` before this returns: a damaged store never yields a valid-looking export.
     pub fn export_tar(
         &self,
         id: &Blake3,
@@ -658,6 +723,7 @@ impl Store {
         progress: Progress<'_>,
     ) -> Result<Exported> {
         let info = meta::find_layer(&*self.conn()?, &id.to_string())?;
+        self.refuse_broken(id)?;
         let (entries, split) = self.load(id)?;
         let plan = self.chunk_plan(id, &entries, &split)?;
         let mut chunks = cas::OrderedChunks::new(&self.packs_dir(), plan);
@@ -667,27 +733,41 @@ impl Store {
             len: 0,
         };
         let enc = Encoder::new(compression, &mut counted).ctx(|| "starting the encoder".into())?;
-        // Raw segments and chunk slices go out as they are, gathered into vectored writes.
+        // Raw segments and chunk slices go out as they are, gathered into vectored writes; the
+        // hasher sees the same pieces, shared rather than copied.
         let mut out = Gather::new(enc);
+        let hasher = StreamHasher::spawn(false);
+        let raw = Arc::new(split.raw);
         let mut raw_pos = 0usize;
         let mut done = 0u64;
         for op in &split.ops {
             match *op {
                 Op::Raw(n) => {
-                    let end = raw_pos + n as usize;
-                    let bytes = split.raw.get(raw_pos..end).ok_or_else(|| {
-                        Error::Corrupt(format!("layer {id}: raw segment out of range"))
-                    })?;
-                    out.borrowed(bytes).ctx(|| "writing the export".into())?;
-                    raw_pos = end;
+                    let range = raw_pos..raw_pos + n as usize;
+                    if range.end > raw.len() {
+                        return Err(Error::Corrupt(format!(
+                            "layer {id}: raw segment out of range"
+                        )));
+                    }
+                    hasher.update(SharedSlice(raw.clone(), range.clone()));
+                    out.shared(raw.clone(), range.clone())
+                        .ctx(|| "writing the export".into())?;
+                    raw_pos = range.end;
                     done += n;
                 }
                 Op::Payload(i) => {
-                    for _ in &entries[i as usize].chunks {
-                        let (block, range) = chunks.next_chunk().ok_or_else(|| {
-                            Error::Corrupt(format!("layer {id}: fewer chunks than entries need"))
-                        })??;
+                    let entry = &entries[i as usize];
+                    for _ in &entry.chunks {
+                        let (block, range) = chunks
+                            .next_chunk()
+                            .ok_or_else(|| {
+                                Error::Corrupt(format!(
+                                    "layer {id}: fewer chunks than entries need"
+                                ))
+                            })?
+                            .map_err(|e| e.in_entry(id, &entry.path))?;
                         done += range.len() as u64;
+                        hasher.update(SharedSlice(block.clone(), range.clone()));
                         out.shared(block, range)
                             .ctx(|| "writing the export".into())?;
                     }
@@ -698,20 +778,66 @@ impl Store {
         let enc = out.finish().ctx(|| "writing the export".into())?;
         enc.finish().ctx(|| "finishing the export".into())?;
         progress(done)?;
-        if done != info.size {
-            return Err(Error::Corrupt(format!(
-                "layer {id}: rebuilt {done} bytes, expected {}",
-                info.size
-            )));
+        let written = hasher.finish();
+        if written.blake3 != info.id || written.sha256 != info.diff_id || done != info.size {
+            return Err(Error::DigestMismatch {
+                what: format!("the tar rebuilt from layer {id} ({done} bytes)"),
+                expected: info.diff_id,
+                found: written.sha256,
+            });
         }
         let digest = match counted.sha.take() {
             Some(sha) => digest::sha256_string(&sha.finalize()),
-            None => info.diff_id.clone(),
+            None => written.sha256,
         };
         Ok(Exported {
             digest,
             size: counted.len,
         })
+    }
+
+    /// `e`, met reading content for `path` of a layer being written, said to be about the
+    /// layers that hold the damaged chunk (looked up only on this error path).
+    pub(crate) fn name_damage(&self, e: Error, path: &[u8]) -> Error {
+        let users = match &e {
+            Error::DamagedChunk { chunk, .. } => Blake3::parse(chunk)
+                .and_then(|d| meta::layers_using_chunk(&*self.conn()?, &d))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if users.is_empty() {
+            return e.in_entry(&"the layer being written", path);
+        }
+        e.in_entry(&users.join(", "), path)
+    }
+
+    /// The error for a chunk a file needs but the store does not hold: a layer that uses it
+    /// was marked broken by `fsck --repair` (the usual reason), or the store is damaged.
+    pub(crate) fn missing_chunk(&self, digest: &Blake3) -> Error {
+        let broken = self.conn().and_then(|conn| {
+            for layer in meta::layers_using_chunk(&conn, digest)? {
+                let chunks = meta::broken_chunks(&conn, &Blake3::parse(&layer)?)?;
+                if chunks > 0 {
+                    return Ok(Some(Error::BrokenLayer { layer, chunks }));
+                }
+            }
+            Ok(None)
+        });
+        match broken {
+            Ok(Some(e)) => e,
+            _ => Error::Corrupt(format!("chunk {digest} is missing")),
+        }
+    }
+
+    /// Refuse to read a layer that `fsck --repair` marked broken.
+    pub(crate) fn refuse_broken(&self, id: &Blake3) -> Result<()> {
+        match meta::broken_chunks(&*self.conn()?, id)? {
+            0 => Ok(()),
+            chunks => Err(Error::BrokenLayer {
+                layer: id.to_string(),
+                chunks,
+            }),
+        }
     }
 
     /// Where every payload chunk of a layer lives, in export order.
@@ -753,20 +879,15 @@ impl Store {
     }
 
     pub fn stats(&self) -> Result<Stats> {
-        let conn = self.conn()?;
-        let one = |sql: &str| -> Result<u64> {
-            Ok(conn
-                .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?
-                .unwrap_or(0) as u64)
-        };
+        let t = meta::totals(&mut *self.conn()?)?;
         let mut s = Stats {
-            layers: one("SELECT count(*) FROM layers")?,
-            chunks: one("SELECT count(*) FROM chunks")?,
-            packs: one("SELECT count(*) FROM packs")?,
-            logical_bytes: one("SELECT sum(size) FROM layers")?,
-            content_bytes: one("SELECT sum(len) FROM chunks")?,
-            stored_bytes: one("SELECT sum(block_len) FROM (SELECT DISTINCT pack, block_offset, block_len FROM chunks)")?,
-            metadata_bytes: one("SELECT sum(length(entries) + length(split)) FROM layers")?,
+            layers: t.layers,
+            chunks: t.chunks,
+            packs: t.packs,
+            logical_bytes: t.logical_bytes,
+            content_bytes: t.content_bytes,
+            stored_bytes: t.stored_bytes,
+            metadata_bytes: t.metadata_bytes,
             disk_bytes: dir_size(&self.root)?,
             dedup_ratio: 0.0,
         };
@@ -790,7 +911,7 @@ impl Store {
         let mut retire: Vec<String> = Vec::new();
         let mut unlink: Vec<PathBuf> = Vec::new();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let live = meta::live_leases(&tx)?;
+        let live = meta::live_leases(&tx, &|l| self.lease_alive(l))?;
         if live.is_empty() {
             report.chunks_removed = meta::delete_unreferenced_chunks(&tx)?;
             let header = cas::PACK_MAGIC.len() as u64;
@@ -799,7 +920,7 @@ impl Store {
             for (name, size) in meta::packs(&tx)? {
                 let live_bytes = self.live_pack_bytes(&tx, &name)?;
                 if live_bytes == 0 {
-                    tx.execute("DELETE FROM packs WHERE name = ?1", [&name])?;
+                    meta::delete_pack(&tx, &name)?;
                     retire.push(name);
                     report.packs_removed += 1;
                     report.bytes_reclaimed += size;
@@ -845,18 +966,26 @@ impl Store {
         for path in unlink {
             let _ = fs::remove_file(path);
         }
+        crate::lease::sweep(&self.root, &live);
         let retired = self.packs_dir().join(cas::RETIRED_DIR);
         if !retire.is_empty() {
             fs::create_dir_all(&retired).ctx(|| format!("creating {}", retired.display()))?;
             for name in &retire {
-                let _ = fs::rename(self.packs_dir().join(name), retired.join(name));
+                let to = retired.join(name);
+                if fs::rename(self.packs_dir().join(name), &to).is_ok() {
+                    // The grace period runs from now: a rename keeps the file's old mtime.
+                    let _ = fs::File::options()
+                        .write(true)
+                        .open(&to)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                }
             }
         }
         // Their bytes were counted when they were retired.
         expire_retired(&retired);
         report.bytes_reclaimed += self.gc_image_blobs()?;
         report.bytes_reclaimed += sweep_tmp(&self.root.join("tmp"));
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+        meta::checkpoint(&conn)?;
         Ok(report)
     }
 
@@ -916,9 +1045,6 @@ impl Store {
         meta::insert_pack(tx, new_name, 0)?;
         let mut offset = cas::PACK_MAGIC.len() as u64;
         let mut buf = Vec::new();
-        let mut update = tx.prepare(
-            "UPDATE chunks SET pack = ?1, block_offset = ?2 WHERE pack = ?3 AND block_offset = ?4",
-        )?;
         let mut regroup = cas::Regrouper::new(self.options.compression_level);
         let append = |out: &mut fs::File,
                       offset: &mut u64,
@@ -958,7 +1084,7 @@ impl Store {
                 std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf, block.offset)
                     .ctx(|| format!("reading pack {name}"))?;
                 out.write_all(&buf).ctx(|| "writing pack".into())?;
-                update.execute(rusqlite::params![new_name, offset, name, block.offset])?;
+                meta::move_block(tx, (name, block.offset), (new_name, offset))?;
                 offset += block.len;
             }
         }
@@ -966,19 +1092,19 @@ impl Store {
             append(&mut out, &mut offset, last)?;
         }
         for name in names {
-            tx.execute("DELETE FROM packs WHERE name = ?1", [name])?;
+            meta::delete_pack(tx, name)?;
         }
         out.sync_all().ctx(|| "syncing pack".into())?;
         cas::sync_dir(&self.packs_dir())?;
-        tx.execute(
-            "UPDATE packs SET size = ?1 WHERE name = ?2",
-            rusqlite::params![offset, new_name],
-        )?;
+        meta::set_pack_size(tx, new_name, offset)?;
         Ok(offset)
     }
 
-    /// Re-hash every chunk and check every reference; report each problem found.
-    pub fn fsck(&self) -> Result<FsckReport> {
+    /// Re-hash every chunk and check every reference; report each problem found, and for each
+    /// damaged chunk the layers and files that use it. With `repair`, damaged chunks are taken
+    /// out of use and the layers using them marked broken (refused by every read until an
+    /// import stores their content again).
+    pub fn fsck(&self, repair: bool) -> Result<FsckReport> {
         let conn = self.conn()?;
         let mut report = FsckReport::default();
         let packs = meta::packs(&conn)?;
@@ -1005,16 +1131,33 @@ impl Store {
         let mut reader = PackReader::new(&self.packs_dir())?;
         let mut buf = Vec::new();
         let mut present = HashSet::new();
+        let mut damaged: HashMap<Blake3, usize> = HashMap::new();
         for loc in meta::all_chunk_locs(&conn)? {
             report.chunks_checked += 1;
             if let Err(e) = reader.read(&loc, &mut buf) {
-                report.problems.push(format!("chunk {}: {e}", loc.digest));
+                damaged.insert(loc.digest, report.damaged.len());
+                report.damaged.push(DamagedChunk {
+                    chunk: loc.digest.to_string(),
+                    pack: loc.pack.clone(),
+                    reason: match e {
+                        Error::DamagedChunk { reason, .. } => reason,
+                        other => other.to_string(),
+                    },
+                    used_by: Vec::new(),
+                });
             }
             present.insert(loc.digest);
         }
+        let broken: HashMap<String, u64> = meta::broken_layers(&conn)?.into_iter().collect();
         for info in meta::list_layers(&conn)? {
             report.layers_checked += 1;
             let id = info.id;
+            if let Some(n) = broken.get(&id.to_string()) {
+                report.broken.push(id.to_string());
+                report.problems.push(format!(
+                    "layer {id} is broken: {n} damaged chunks were taken out of use; import it again to heal it"
+                ));
+            }
             let (entries, split) = match self.load(&id) {
                 Ok(v) => v,
                 Err(e) => {
@@ -1027,7 +1170,13 @@ impl Store {
             for e in &entries {
                 let mut sum = 0u64;
                 for c in &e.chunks {
-                    if !present.contains(&c.digest) {
+                    if let Some(&i) = damaged.get(&c.digest) {
+                        let user = (id.to_string(), crate::error::path_text(&e.path));
+                        if !report.damaged[i].used_by.contains(&user) {
+                            report.damaged[i].used_by.push(user);
+                        }
+                    } else if !present.contains(&c.digest) && !broken.contains_key(&id.to_string())
+                    {
                         report.problems.push(format!(
                             "layer {id}: entry {:?} needs missing chunk {}",
                             String::from_utf8_lossy(&e.path),
@@ -1081,8 +1230,56 @@ impl Store {
                 ));
             }
         }
+        for d in &report.damaged {
+            let users: Vec<String> = d.used_by.iter().map(|(l, p)| format!("{l} {p}")).collect();
+            report.problems.push(format!(
+                "chunk {} (pack {}) is damaged: {}; used by {}",
+                d.chunk,
+                d.pack,
+                d.reason,
+                if users.is_empty() {
+                    "no layer".to_string()
+                } else {
+                    users.join(", ")
+                }
+            ));
+        }
         self.fsck_image_blobs(&mut report.problems)?;
+        drop(conn);
+        if repair && !report.damaged.is_empty() {
+            report.repaired = Some(self.retire_damaged(&report.damaged)?);
+        }
         Ok(report)
+    }
+
+    /// `fsck --repair`'s change, in one transaction: the damaged chunks out of use, the layers
+    /// using them marked broken.
+    fn retire_damaged(&self, damaged: &[DamagedChunk]) -> Result<Repaired> {
+        let chunks = damaged
+            .iter()
+            .map(|d| Blake3::parse(&d.chunk))
+            .collect::<Result<Vec<_>>>()?;
+        let mut per_layer: std::collections::BTreeMap<String, u64> = Default::default();
+        for d in damaged {
+            let layers: HashSet<&String> = d.used_by.iter().map(|(l, _)| l).collect();
+            for l in layers {
+                *per_layer.entry(l.clone()).or_default() += 1;
+            }
+        }
+        let layers: Vec<(String, u64)> = per_layer.into_iter().collect();
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        meta::retire_damaged(&tx, &chunks, &layers)?;
+        tx.commit()?;
+        Ok(Repaired {
+            chunks_retired: chunks.len() as u64,
+            layers_broken: layers.into_iter().map(|(l, _)| l).collect(),
+        })
+    }
+
+    /// Layers `fsck --repair` marked broken, with how many of their chunks were damaged.
+    pub fn broken_layers(&self) -> Result<Vec<(String, u64)>> {
+        meta::broken_layers(&*self.conn()?)
     }
 }
 
@@ -1354,6 +1551,15 @@ impl Read for ChannelReader<'_> {
     }
 }
 
+/// A range of a shared buffer, as the stream hasher takes it.
+struct SharedSlice(Arc<Vec<u8>>, std::ops::Range<usize>);
+
+impl AsRef<[u8]> for SharedSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[self.1.clone()]
+    }
+}
+
 struct HashingWriter<'w> {
     inner: &'w mut dyn Write,
     sha: Option<sha2::Sha256>,
@@ -1431,6 +1637,8 @@ pub(crate) fn insert_layer_and_pack(
     if let Some((locs, size)) = pack {
         meta::insert_pack(tx, pack_name, *size)?;
         meta::insert_chunks(tx, locs)?;
+        // Chunks `fsck --repair` took out of use may be among them.
+        meta::heal_broken(tx)?;
     }
     let existed = meta::layer_exists(tx, &row.info.id)?;
     if !existed {

@@ -17,13 +17,11 @@ use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
+use crate::changeset::{hidden_name, marker_of, Marker};
 use crate::error::{Error, Result};
 use crate::layer::{Entry, Kind};
 
 pub const BLOCK: usize = 512;
-const OPAQUE: &[u8] = b".wh..wh..opq";
-const WHITEOUT_PREFIX: &[u8] = b".wh.";
-const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
 
 /// Limits enforced while streaming. All sizes in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -472,18 +470,17 @@ impl<'a, R: Read> Splitter<'a, R> {
         // A marker is a leaf: nothing can live beneath a whiteout or an opaque marker (AUFS
         // metadata directories such as `.wh..wh.plnk/` do hold entries).
         let mut parents = path.split(|&b| b == b'/').rev().skip(1);
-        if parents.any(|c| {
-            c == OPAQUE || (c.starts_with(WHITEOUT_PREFIX) && !c.starts_with(AUFS_META_PREFIX))
-        }) {
+        if parents.any(|c| marker_of(c) != Marker::No) {
             return Err(self.invalid(format!(
                 "entry beneath a whiteout or opaque marker: {:?}",
                 String::from_utf8_lossy(&raw_path)
             )));
         }
+        let marker = marker_of(name);
         let kind = match typeflag {
-            _ if name == OPAQUE => Kind::Opaque,
-            _ if name.starts_with(WHITEOUT_PREFIX) && !name.starts_with(AUFS_META_PREFIX) => {
-                let target = &name[WHITEOUT_PREFIX.len()..];
+            _ if marker == Marker::Opaque => Kind::Opaque,
+            _ if matches!(marker, Marker::Whiteout(_)) => {
+                let target = hidden_name(name);
                 if target.is_empty() || target == b"." || target == b".." {
                     return Err(self.invalid(format!(
                         "invalid whiteout {:?}",

@@ -14,9 +14,12 @@ use std::sync::{Arc, OnceLock};
 use imbl::shared_ptr::DefaultSharedPtr;
 use imbl::GenericHashMap;
 
+use crate::changeset;
+pub use crate::changeset::is_aufs_meta;
 use crate::error::{Error, Result};
 use crate::frozen::FrozenMap;
 use crate::layer::{Entry, Kind};
+pub use crate::paths::{child_path, components, split_parent};
 
 /// A path component.
 pub type Name = Arc<[u8]>;
@@ -191,34 +194,6 @@ impl Default for Index {
     }
 }
 
-/// Split a normalised or user path into components (empty and `.` dropped; `..` kept).
-pub fn components(path: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
-    path.split(|&b| b == b'/')
-        .filter(|c| !c.is_empty() && *c != b".")
-}
-
-/// `dir/name` (just `name` in the root).
-pub fn child_path(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    if dir.is_empty() {
-        name.to_vec()
-    } else {
-        [dir, b"/", name].concat()
-    }
-}
-
-/// A path's directory and last component (the root's children have an empty directory).
-pub fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&[], path),
-    }
-}
-
-/// AUFS metadata (`.wh..wh.plnk`, `.wh..wh.aufs`…) and everything under it is not part of the view.
-pub fn is_aufs_meta(path: &[u8]) -> bool {
-    components(path).any(|c| c.starts_with(b".wh..wh.") && c != b".wh..wh..opq")
-}
-
 /// A layer's entries by path: every (tar position, entry) of the path, in tar order.
 type ByPath<'a> = HashMap<&'a [u8], Vec<(usize, &'a Arc<Entry>)>, foldhash::fast::RandomState>;
 
@@ -250,7 +225,7 @@ impl Index {
         if crate::cores() > 1 {
             if served == FREEZE_AFTER {
                 let (flat, frozen) = (self.flat.clone(), self.frozen.clone());
-                rayon::spawn(move || {
+                crate::pool::shared().spawn(move || {
                     frozen.map.get_or_init(|| freeze(&flat));
                 });
             }
@@ -454,7 +429,7 @@ impl Index {
             if !target.is_empty() {
                 target.push(b'/');
             }
-            target.extend_from_slice(&name[b".wh.".len()..]);
+            target.extend_from_slice(changeset::hidden_name(name));
             remove(root, flat, &target);
         }
         for ((_, e), view) in order.into_iter().zip(views) {

@@ -280,7 +280,7 @@ fn an_aborted_import_keeps_a_layer_another_import_uses() {
         let sha = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&out)));
         assert_eq!(sha, l.diff_id);
     }
-    let report = a.fsck().unwrap();
+    let report = a.fsck(false).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     // With both imports over, nothing pins L any more: it goes once its tag does.
     a.untag("v1").unwrap();
@@ -312,6 +312,6 @@ fn a_layer_deleted_under_an_import_is_imported_again() {
     let images = b.import_oci(&layout, None, &progress).unwrap();
     assert_eq!(images[0].stack.layers[0].id, shared.id);
     assert!(a.layer(&shared.id.to_string()).is_ok());
-    let report = a.fsck().unwrap();
+    let report = a.fsck(false).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

@@ -128,7 +128,7 @@ fn rust_tar_crate_round_trips_byte_for_byte() {
     assert_eq!(bigentry.mode, 0o4755);
     assert_eq!(entries[3].path.len(), "deep/".len() + 150 + "/name".len());
     assert_eq!(entries[6].size, 14);
-    assert!(store.fsck().unwrap().problems.is_empty());
+    assert!(store.fsck(false).unwrap().problems.is_empty());
 }
 
 #[test]
@@ -341,7 +341,7 @@ fn a_version_1_store_is_migrated_on_open() {
         .unwrap();
     assert_eq!(old_table, 0, "the version-1 table and its index are gone");
     assert_eq!(chunk_sets(&db), sets);
-    assert!(store.fsck().unwrap().problems.is_empty());
+    assert!(store.fsck(false).unwrap().problems.is_empty());
     // gc keeps exactly what the migrated sets name.
     assert_eq!(store.gc().unwrap().chunks_removed, 0);
     let set_of = |id: &Blake3| -> std::collections::HashSet<Vec<u8>> {
@@ -353,5 +353,5 @@ fn a_version_1_store_is_migrated_on_open() {
     store.delete(&dropped).unwrap();
     assert_eq!(store.gc().unwrap().chunks_removed as usize, only_dropped);
     assert_eq!(export(&store, &kept), rust_tar(&noise(300_000, 1)));
-    assert!(store.fsck().unwrap().problems.is_empty());
+    assert!(store.fsck(false).unwrap().problems.is_empty());
 }

@@ -5,8 +5,8 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 
 use layerstore_core as core;
+use layerstore_core::changeset::{Change, What};
 use layerstore_core::dirdiff::{DirDiff, DirDiffOptions};
-use layerstore_core::emit::{Change, What};
 use layerstore_core::store::ImportOptions;
 use pyo3::prelude::*;
 

@@ -41,6 +41,7 @@ pub fn to_py(err: Error) -> PyErr {
         ErrorKind::InvalidLayer => "InvalidLayerError",
         ErrorKind::Integrity => "IntegrityError",
         ErrorKind::NotFound => "NotFoundError",
+        ErrorKind::Ambiguous => "AmbiguousError",
         ErrorKind::StackDepth => "StackDepthError",
         ErrorKind::Conflict => "ConflictError",
         ErrorKind::Cancelled => return PyKeyboardInterrupt::new_err("cancelled"),

@@ -18,7 +18,7 @@ use layerstore_core::store::{ImportOptions, Imported};
 use layerstore_core::tar::Limits as CoreLimits;
 use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 mod changes;
 mod container;
@@ -458,14 +458,48 @@ impl Store {
         Ok(d)
     }
 
-    fn fsck<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let r = py.detach(|| self.inner.fsck()).py()?;
+    /// Re-hash every chunk and check every reference; with `repair`, take damaged chunks out of
+    /// use and mark the layers using them broken (see `broken_layers`).
+    #[pyo3(signature = (*, repair = false))]
+    fn fsck<'py>(&self, py: Python<'py>, repair: bool) -> PyResult<Bound<'py, PyDict>> {
+        let r = py.detach(|| self.inner.fsck(repair)).py()?;
         let d = PyDict::new(py);
         d.set_item("ok", r.problems.is_empty())?;
         d.set_item("problems", r.problems)?;
         d.set_item("garbage", r.garbage)?;
         d.set_item("chunks_checked", r.chunks_checked)?;
         d.set_item("layers_checked", r.layers_checked)?;
+        let damaged = PyList::empty(py);
+        for c in r.damaged {
+            let item = PyDict::new(py);
+            item.set_item("chunk", c.chunk)?;
+            item.set_item("pack", c.pack)?;
+            item.set_item("reason", c.reason)?;
+            item.set_item("used_by", c.used_by)?;
+            damaged.append(item)?;
+        }
+        d.set_item("damaged", damaged)?;
+        d.set_item("broken", r.broken)?;
+        let repaired = match r.repaired {
+            Some(rep) => {
+                let item = PyDict::new(py);
+                item.set_item("chunks_retired", rep.chunks_retired)?;
+                item.set_item("layers_broken", rep.layers_broken)?;
+                Some(item)
+            }
+            None => None,
+        };
+        d.set_item("repaired", repaired)?;
+        Ok(d)
+    }
+
+    /// Layers `fsck(repair=True)` marked broken: {layer id: damaged chunks}. Every read of them
+    /// fails until their content is imported again.
+    fn broken_layers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (layer, chunks) in self.inner.broken_layers().py()? {
+            d.set_item(layer, chunks)?;
+        }
         Ok(d)
     }
 

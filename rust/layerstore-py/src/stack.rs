@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use layerstore_core as core;
-use layerstore_core::emit::FreshChunks;
+use layerstore_core::cas::FreshChunks;
 use layerstore_core::layer::Kind;
-use layerstore_core::union::{components, Node, ViewEntry};
+use layerstore_core::paths;
+use layerstore_core::union::{Node, ViewEntry};
 use pyo3::exceptions::{PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError, PyOSError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -16,17 +17,15 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::errors::CoreResultExt;
 use crate::Layer;
 
-/// A path argument (str, bytes or os.PathLike) normalised to the index's form: relative,
-/// no empty or `.` components (`..` is kept for the resolver).
+/// A path argument (str, bytes or os.PathLike) normalised to the index's form
+/// ([`paths::normalise`]).
 fn norm(path: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    with_raw(path, normalise)
+    with_raw(path, paths::normalise)
 }
 
 /// `norm`, and whether the path ends with a slash (so it must name a directory).
 fn norm_query(path: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, bool)> {
-    let (p, slash) = with_raw(path, |raw| (normalise(raw), raw.ends_with(b"/")))?;
-    let must_be_dir = slash && !p.is_empty();
-    Ok((p, must_be_dir))
+    with_raw(path, paths::normalise_query)
 }
 
 fn is_str_or_bytes(arg: &Bound<'_, PyAny>) -> bool {
@@ -45,37 +44,6 @@ fn with_raw<T>(path: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> T) -> PyResult<
         return Ok(f(b.as_bytes()));
     }
     Ok(f(path.extract::<PathBuf>()?.as_os_str().as_bytes()))
-}
-
-/// Relative, no empty or `.` components; one copy when the input is already in that form.
-fn normalise(raw: &[u8]) -> Vec<u8> {
-    let trimmed = raw.strip_prefix(b"/").unwrap_or(raw);
-    if is_clean(trimmed) {
-        return trimmed.to_vec();
-    }
-    let mut out = Vec::with_capacity(raw.len());
-    for c in components(raw) {
-        if !out.is_empty() {
-            out.push(b'/');
-        }
-        out.extend_from_slice(c);
-    }
-    out
-}
-
-/// Whether every `/`-separated component is non-empty and not `.` (one pass over the bytes).
-fn is_clean(path: &[u8]) -> bool {
-    let mut start = 0;
-    for (i, b) in path.iter().copied().enumerate().chain([(path.len(), b'/')]) {
-        if b == b'/' {
-            let comp = &path[start..i];
-            if comp.is_empty() || comp == b"." {
-                return false;
-            }
-            start = i + 1;
-        }
-    }
-    true
 }
 
 fn display(path: &[u8]) -> OsString {
@@ -298,8 +266,7 @@ impl Stack {
             // Most arguments are already normalised: look them up as they are, and keep the
             // argument itself as the result's path.
             let fast = with_raw(&path, |raw| {
-                let trimmed = raw.strip_prefix(b"/").unwrap_or(raw);
-                is_clean(trimmed).then(|| index.lookup_view(trimmed, follow))
+                paths::as_normal(raw).map(|normal| index.lookup_view(normal, follow))
             })?;
             let stat = match fast {
                 Some(found) => found.py()?.map(|(resolved, view)| Stat {

@@ -6,16 +6,7 @@ use super::*;
 impl Store {
     /// The image an import tagged `name` with, if the tag still names a stack of that ChainID.
     pub(crate) fn image_for_ref(&self, name: &str, chain_id: &str) -> Result<Option<ImageDigests>> {
-        let conn = self.conn()?;
-        Ok(conn
-            .query_row(
-                "SELECT i.manifest, i.config, b.media_type FROM oci_refs r
-                 JOIN oci_images i ON i.manifest = r.manifest JOIN oci_blobs b ON b.digest = i.manifest
-                 WHERE r.name = ?1 AND i.chain_id = ?2",
-                [name, chain_id],
-                digests_row,
-            )
-            .optional()?)
+        meta::oci::image_for_ref(&*self.conn()?, name, chain_id)
     }
 
     /// The manifest and config recorded for `stack` (its own, else the latest for its ChainID).
@@ -26,37 +17,15 @@ impl Store {
         if stack.layers.is_empty() {
             return Ok(None);
         }
-        let conn = self.conn()?;
-        Ok(conn
-            .query_row(
-                "SELECT i.manifest, i.config, b.media_type FROM oci_images i JOIN oci_blobs b ON b.digest = i.manifest
-                 WHERE i.chain_id = ?1 ORDER BY i.id DESC LIMIT 1",
-                [&stack.chain_id],
-                digests_row,
-            )
-            .optional()?)
+        meta::oci::latest_image(&*self.conn()?, &stack.chain_id)
     }
 
     fn oci_blob(&self, digest: &str) -> Result<(String, Vec<u8>)> {
-        self.conn()?
-            .query_row(
-                "SELECT media_type, data FROM oci_blobs WHERE digest = ?1",
-                [digest],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?
-            .ok_or_else(|| Error::Corrupt(format!("recorded blob {digest} is missing")))
+        meta::oci::blob(&*self.conn()?, digest)
     }
 
     fn recorded_descriptor(&self, manifest: &str) -> Result<Option<Value>> {
-        let raw: Option<Vec<u8>> = self
-            .conn()?
-            .query_row(
-                "SELECT descriptor FROM oci_images WHERE manifest = ?1",
-                [manifest],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let raw = meta::oci::descriptor(&*self.conn()?, manifest)?;
         Ok(raw.and_then(|r| serde_json::from_slice(&r).ok()))
     }
 
@@ -68,7 +37,14 @@ impl Store {
         opts: &OciExportOptions,
         progress: Progress<'_>,
     ) -> Result<ExportedImage> {
-        self.write_layout(stack, dest, opts, progress)
+        // A layout this export creates is removed again if it fails (one it adds to keeps what
+        // it had: blobs are written under temporary names and renamed once verified).
+        let fresh = fs::symlink_metadata(dest).is_err();
+        let result = self.write_layout(stack, dest, opts, progress);
+        if result.is_err() && fresh {
+            let _ = fs::remove_dir_all(dest);
+        }
+        result
     }
 
     fn write_layout(
@@ -228,14 +204,11 @@ impl Store {
                 (Some(info.diff_id.clone()), Rebuild::Tar(c))
             } else {
                 // Prefer a blob rebuilt by recompression (no bytes kept), then any other.
-                let known: Option<(String, String)> = conn
-                    .query_row(
-                        "SELECT digest, rebuild FROM oci_layer_blobs WHERE layer = ?1 AND compression = ?2
-                         ORDER BY rebuild = 'kept', digest LIMIT 1",
-                        params![info.id.to_string(), c.name()],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
+                let known = meta::oci::preferred_layer_blob(
+                    &conn,
+                    &info.id.to_string(),
+                    c.name().unwrap_or_default(),
+                )?;
                 match known {
                     Some((d, how)) => (Some(d), Rebuild::parse(&how, c)?),
                     None if c == Compression::Gzip => (None, Rebuild::ParGzip),
@@ -260,12 +233,14 @@ impl Store {
         plan: Vec<BlobPlan>,
         progress: Progress<'_>,
     ) -> Result<Vec<(String, u64, String)>> {
-        plan.into_par_iter()
-            .map(|p| {
-                let (digest, size) = self.write_layer_blob(blobs, &p, progress)?;
-                Ok((digest, size, p.media_type))
-            })
-            .collect()
+        crate::pool::install(|| {
+            plan.into_par_iter()
+                .map(|p| {
+                    let (digest, size) = self.write_layer_blob(blobs, &p, progress)?;
+                    Ok((digest, size, p.media_type))
+                })
+                .collect()
+        })
     }
 
     fn write_layer_blob(
@@ -338,14 +313,7 @@ impl Store {
         }
         self.conn()
             .ok()
-            .and_then(|c| {
-                c.query_row(
-                    "SELECT size FROM oci_layer_blobs WHERE digest = ?1",
-                    [digest],
-                    |r| r.get::<_, u64>(0),
-                )
-                .ok()
-            })
+            .and_then(|c| meta::oci::layer_blob_size(&c, digest).ok().flatten())
             .is_some_and(|s| s == size)
     }
 }
@@ -553,14 +521,6 @@ pub(crate) fn merged_index(
 }
 
 /// An `ImageDigests` from a (manifest, config, media type) row.
-fn digests_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageDigests> {
-    Ok(ImageDigests {
-        manifest: r.get(0)?,
-        config: r.get(1)?,
-        media_type: r.get(2)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,7 +82,7 @@ pub(crate) struct PendingImage {
 pub(crate) struct Staging<'s> {
     store: &'s Store,
     pub dir: PathBuf,
-    lease: i64,
+    lease: crate::lease::Lease,
     created: Vec<LayerInfo>,
     pub layers: HashMap<String, LayerInfo>,
     pub blobs: Vec<LayerBlob>,
@@ -92,10 +92,10 @@ pub(crate) struct Staging<'s> {
 impl<'s> Staging<'s> {
     pub fn new(store: &'s Store) -> Result<Self> {
         let name = crate::store::owned_tmp_name("oci");
-        let lease = crate::meta::acquire_lease(&*store.conn()?, &format!("tmp/{name}"))?;
+        let lease = store.lease(&*store.conn()?, &format!("tmp/{name}"))?;
         let dir = store.root().join("tmp").join(name);
         if let Err(e) = fs::create_dir_all(&dir) {
-            let _ = crate::meta::release_lease(&*store.conn()?, lease);
+            let _ = crate::meta::release_lease(&*store.conn()?, lease.id);
             return Err(Error::io(format!("creating {}", dir.display()), e));
         }
         Ok(Staging {
@@ -114,7 +114,7 @@ impl<'s> Staging<'s> {
     pub fn abort(self) {
         for info in self.created.iter().rev() {
             // A refusal (pinned by another import, or tagged meanwhile) is the point: keep it.
-            let _ = self.store.delete_as(&info.id, self.lease);
+            let _ = self.store.delete_as(&info.id, self.lease.id);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -205,7 +205,7 @@ impl<'s> Staging<'s> {
         };
         let imported = self
             .store
-            .import_tar_pinned(reader, &opts, Some(self.lease), progress);
+            .import_tar_pinned(reader, &opts, Some(self.lease.id), progress);
         let imported: Imported = match imported {
             Ok(i) => i,
             Err(e) => {
@@ -225,7 +225,7 @@ impl<'s> Staging<'s> {
             }),
             Err(e) => {
                 if created {
-                    let _ = self.store.delete_as(&info.id, self.lease);
+                    let _ = self.store.delete_as(&info.id, self.lease.id);
                 }
                 Err(e)
             }
@@ -296,7 +296,7 @@ impl<'s> Staging<'s> {
             Err(Error::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        crate::meta::pin_layer(&tx, self.lease, &info.id)?;
+        crate::meta::pin_layer(&tx, self.lease.id, &info.id)?;
         tx.commit()?;
         self.layers.insert(member.to_string(), info.clone());
         Ok(Some(info))
@@ -421,10 +421,7 @@ impl<'s> Staging<'s> {
             record_image(&tx, image, &stack.chain_id)?;
             let ids: Vec<_> = stack.layers.iter().map(|l| l.id).collect();
             for name in &image.names {
-                tx.execute(
-                    "INSERT OR REPLACE INTO oci_refs (name, manifest) VALUES (?1, ?2)",
-                    params![name, image.manifest.0],
-                )?;
+                meta::oci::put_oci_ref(&tx, name, &image.manifest.0)?;
                 crate::meta::put_ref(&tx, name, &stack.chain_id, &ids)?;
             }
         }
@@ -437,41 +434,36 @@ impl Drop for Staging<'_> {
     /// End the lease and its pins (a lease left behind would expire with the process anyway).
     fn drop(&mut self) {
         if let Ok(conn) = self.store.conn() {
-            let _ = crate::meta::release_lease(&conn, self.lease);
+            let _ = crate::meta::release_lease(&conn, self.lease.id);
         }
     }
 }
 
 /// Record how the store gives back the compressed blob `b` of a layer.
 pub(crate) fn record_layer_blob(conn: &Connection, b: &LayerBlob) -> Result<()> {
-    conn.execute(
-        "INSERT OR REPLACE INTO oci_layer_blobs (digest, layer, compression, size, rebuild) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![b.digest, b.layer, b.compression, b.size, b.rebuild.name()],
-    )?;
-    Ok(())
+    meta::oci::put_layer_blob(
+        conn,
+        &meta::oci::LayerBlobRow {
+            digest: &b.digest,
+            layer: &b.layer,
+            compression: b.compression,
+            size: b.size,
+            rebuild: b.rebuild.name(),
+        },
+    )
 }
 
 pub(crate) fn record_image(conn: &Connection, image: &PendingImage, chain_id: &str) -> Result<()> {
-    let mut put = conn.prepare_cached(
-        "INSERT OR IGNORE INTO oci_blobs (digest, media_type, data) VALUES (?1, ?2, ?3)",
-    )?;
-    put.execute(params![
-        image.manifest.0,
-        image.manifest.1,
-        image.manifest.2
-    ])?;
-    put.execute(params![image.config.0, image.config.1, image.config.2])?;
     let descriptor = serde_json::to_vec(&image.descriptor)
         .map_err(|e| Error::Corrupt(format!("encoding a descriptor: {e}")))?;
-    conn.execute(
-        "DELETE FROM oci_images WHERE manifest = ?1",
-        [&image.manifest.0],
-    )?;
-    conn.execute(
-        "INSERT INTO oci_images (manifest, config, chain_id, descriptor, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![image.manifest.0, image.config.0, chain_id, descriptor, crate::meta::now()],
-    )?;
-    Ok(())
+    let (m, c) = (&image.manifest, &image.config);
+    meta::oci::record_image(
+        conn,
+        (&m.0, &m.1, &m.2),
+        (&c.0, &c.1, &c.2),
+        chain_id,
+        &descriptor,
+    )
 }
 
 /// Set a staged blob's modification time to now. `gc` deletes a file of `blobs/` that no row
@@ -514,11 +506,8 @@ fn name_blob(e: Error, blob: &str) -> Error {
 
 /// How the store rebuilds the compressed layer blob `digest`, if it knows the blob.
 pub(crate) fn layer_blob(conn: &Connection, digest: &str) -> Result<Option<Rebuild>> {
-    let row: Option<(String, String)> = conn
-        .prepare_cached("SELECT compression, rebuild FROM oci_layer_blobs WHERE digest = ?1")?
-        .query_row([digest], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    row.map(|(c, r)| Rebuild::parse(&r, Compression::parse(Some(&c))?))
+    meta::oci::layer_blob(conn, digest)?
+        .map(|(c, r)| Rebuild::parse(&r, Compression::parse(Some(&c))?))
         .transpose()
 }
 

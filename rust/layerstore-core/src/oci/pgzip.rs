@@ -74,11 +74,13 @@ impl<W: Write> ParGzWriter<W> {
     fn emit(&mut self, last: bool) -> io::Result<()> {
         let n = self.pending.len();
         let blocks = std::mem::take(&mut self.pending);
-        let done: Vec<io::Result<(Vec<u8>, Crc)>> = blocks
-            .par_iter()
-            .enumerate()
-            .map(|(i, b)| deflate(b, last && i + 1 == n))
-            .collect();
+        let done: Vec<io::Result<(Vec<u8>, Crc)>> = crate::pool::install(|| {
+            blocks
+                .par_iter()
+                .enumerate()
+                .map(|(i, b)| deflate(b, last && i + 1 == n))
+                .collect()
+        });
         if !self.started {
             self.out.write_all(&HEADER)?;
             self.started = true;
