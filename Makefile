@@ -65,10 +65,12 @@ test-python: build system-deps
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; fi; exit $$rc
 
 .PHONY: lint
-lint: fmt-check clippy ruff ruff-format mypy stubtest audit ## All static checks: rustfmt, clippy, ruff, mypy --strict, stubtest, cargo deny
+lint: fmt-check clippy ruff ruff-format mypy stubtest audit modgraph ## All static checks: rustfmt, clippy, ruff, mypy --strict, stubtest, cargo deny, no module cycle
 
 # One target per check, so that `make -k lint` (and `make ci`) reports every failing one.
-.PHONY: fmt-check clippy ruff ruff-format mypy stubtest
+.PHONY: fmt-check clippy ruff ruff-format mypy stubtest modgraph
+modgraph:
+	$(PYTHON) scripts/modgraph.py > /dev/null
 fmt-check:
 	cargo fmt --all -- --check
 clippy:

@@ -33,7 +33,8 @@ use crate::materialize::{
     check_name, clear_dir, create_leaf, errno_io, join, open_child_dir, open_dir, remove_entry,
     set_meta_fd, show, Content, Ctx, WriteReport,
 };
-use crate::store::{unique_name, Progress, Store};
+use crate::owner::unique_name;
+use crate::store::{Progress, Store};
 use crate::union::{components, is_aufs_meta, MAX_SYMLINKS};
 
 /// Where a hardlink's inode comes from.

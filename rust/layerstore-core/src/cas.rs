@@ -196,9 +196,9 @@ impl PackWriter {
     fn join(&mut self) -> Result<Written> {
         drop(self.tx.take());
         match self.worker.take() {
-            Some(w) => w
-                .join()
-                .map_err(|_| Error::Panicked { what: "pack writer" })?,
+            Some(w) => w.join().map_err(|_| Error::Panicked {
+                what: "pack writer",
+            })?,
             None => Err(Error::Corrupt("pack writer already finished".into())),
         }
     }
@@ -932,7 +932,11 @@ fn read_ahead(jobs: &crossbeam_channel::Receiver<Job>) {
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             decode_run(&job, open, &mut dctx, &mut scratch)
         }))
-        .unwrap_or_else(|_| Err(Error::Panicked { what: "read-ahead worker" }));
+        .unwrap_or_else(|_| {
+            Err(Error::Panicked {
+                what: "read-ahead worker",
+            })
+        });
         let _ = job.reply.send(decoded); // the consumer may have stopped early
     }
 }

@@ -339,9 +339,9 @@ impl Store {
             Ok(diff)
         });
         let imported = self.import_tar(Box::new(reader), &ImportOptions::default(), progress);
-        let produced = producer
-            .join()
-            .map_err(|_| Error::Panicked { what: "changeset writer" })?;
+        let produced = producer.join().map_err(|_| Error::Panicked {
+            what: "changeset writer",
+        })?;
         let diff = produced?;
         let mut imported = imported?;
         imported.warnings.extend(diff.warnings);

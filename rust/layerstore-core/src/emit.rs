@@ -171,7 +171,7 @@ impl Store {
         progress: Progress<'_>,
     ) -> Result<Imported> {
         let started = Instant::now();
-        let pack_name = format!("{}.pack", crate::store::unique_name());
+        let pack_name = format!("{}.pack", crate::owner::unique_name());
         let mut conn = self.conn()?;
         let lease = self.lease(&conn, &pack_name)?;
         let result = (|| {
@@ -256,11 +256,13 @@ impl Store {
             let rendering = Instant::now();
             // The split is final: encode it for the database while the tar renders.
             let (digests, split_blob) = std::thread::scope(|s| {
-                let blob = s.spawn(|| crate::store::encode_blob(&split));
+                let blob = s.spawn(|| crate::layer::encode_blob(&split));
                 let digests = self.render(&split, &mut entries, plan, chunks, tee, progress);
-                let blob = blob
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::Panicked { what: "split encoder" }));
+                let blob = blob.join().unwrap_or_else(|_| {
+                    Err(Error::Panicked {
+                        what: "split encoder",
+                    })
+                });
                 (digests, blob)
             });
             let (digests, split_blob) = (digests?, split_blob?);
@@ -275,21 +277,15 @@ impl Store {
                 compression: None,
                 created_unix: meta::now(),
             };
-            let (row, chunk_set) =
-                crate::store::layer_row_with(info.clone(), &entries, split_blob)?;
-            let pack = writer.finish(crate::store::crash_point)?;
+            let (row, chunk_set) = meta::layer_row_with(info.clone(), &entries, split_blob)?;
+            let pack = writer.finish(crate::crash_point)?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let existed = crate::store::insert_layer_and_pack(
-                &tx,
-                &pack_name,
-                pack.as_ref(),
-                &row,
-                &chunk_set,
-            )?;
+            let existed =
+                meta::insert_layer_and_pack(&tx, &pack_name, pack.as_ref(), &row, &chunk_set)?;
             meta::release_lease(&tx, lease.id)?;
-            crate::store::crash_point("before-commit");
+            crate::crash_point("before-commit");
             tx.commit()?;
-            crate::store::crash_point("after-commit");
+            crate::crash_point("after-commit");
             let layer = if existed {
                 meta::find_layer(&conn, &info.id.to_string())?
             } else {

@@ -165,7 +165,7 @@ pub fn write_atomically<T>(
     let prefix = tmp_prefix(name.as_bytes());
     remove_abandoned_files(dir, &prefix);
     let mut tmp_name = prefix;
-    tmp_name.extend_from_slice(crate::store::owner_tag().as_bytes());
+    tmp_name.extend_from_slice(crate::owner::owner_tag().as_bytes());
     let tmp = dir.join(OsStr::from_bytes(&tmp_name));
     let result = (|| {
         let f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
@@ -199,7 +199,7 @@ pub(crate) fn abandoned(parent: BorrowedFd<'_>, prefix: &[u8]) -> Vec<Vec<u8>> {
             let name = entry.file_name().to_bytes();
             let tag = name.strip_prefix(prefix)?;
             std::str::from_utf8(tag)
-                .is_ok_and(crate::store::owner_gone)
+                .is_ok_and(crate::owner::owner_gone)
                 .then(|| name.to_vec())
         })
         .collect()
@@ -498,6 +498,26 @@ fn copy_file<W: Write>(
         return Err(changed());
     }
     tw.pad_block()
+}
+
+/// Bytes of the regular files under `root`.
+pub(crate) fn dir_size(root: &Path) -> Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
+            let e = e.ctx(|| format!("listing {}", dir.display()))?;
+            let m = e
+                .metadata()
+                .ctx(|| format!("stat {}", e.path().display()))?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    Ok(total)
 }
 
 #[cfg(test)]

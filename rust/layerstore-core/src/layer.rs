@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Blake3;
+use crate::error::{Error, IoContext, Result};
 
 /// What an entry is. Whiteouts and opaque markers are kinds of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -171,6 +172,26 @@ pub struct ImageDigests {
     pub manifest: String,
     pub config: String,
     pub media_type: String,
+}
+
+/// The stored form of a layer's entry list or recipe: postcard, then zstd with a checksum.
+pub(crate) fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    use std::io::Write as _;
+    let bytes = postcard::to_stdvec(value)
+        .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
+    let mut enc =
+        zstd::stream::Encoder::new(Vec::new(), 3).ctx(|| "compressing metadata".into())?;
+    enc.include_checksum(true)
+        .ctx(|| "compressing metadata".into())?;
+    enc.write_all(&bytes)
+        .ctx(|| "compressing metadata".into())?;
+    enc.finish().ctx(|| "compressing metadata".into())
+}
+
+pub(crate) fn decode_blob<T: serde::de::DeserializeOwned>(blob: &[u8]) -> Result<T> {
+    let bytes = zstd::stream::decode_all(blob)
+        .map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))?;
+    postcard::from_bytes(&bytes).map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))
 }
 
 #[cfg(test)]

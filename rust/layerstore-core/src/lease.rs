@@ -83,7 +83,7 @@ pub(crate) fn alive(root: &Path, row: &LeaseRow) -> bool {
         // Locking succeeds only once no process holds the lock (ours is released on close).
         Ok(f) => flock(&f, FlockOperation::NonBlockingLockShared).is_err(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            meta::process_start_time(row.pid) == Some(row.start_time)
+            crate::owner::process_start_time(row.pid) == Some(row.start_time)
         }
         // Unreadable: never judge a lease dead without proof.
         Err(_) => true,

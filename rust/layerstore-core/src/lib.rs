@@ -24,6 +24,7 @@ mod lease;
 pub mod materialize;
 pub mod meta;
 pub mod oci;
+pub mod owner;
 pub mod paths;
 mod pool;
 pub mod registry;
@@ -41,4 +42,12 @@ pub use store::Store;
 pub(crate) fn cores() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Deterministic crash injection for the durability tests (`LAYERSTORE_CRASH_AT`).
+pub(crate) fn crash_point(name: &str) {
+    // Deterministic crash injection for the durability tests.
+    if std::env::var("LAYERSTORE_CRASH_AT").is_ok_and(|v| v == name) {
+        std::process::abort();
+    }
 }

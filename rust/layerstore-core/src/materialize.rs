@@ -42,8 +42,9 @@ use crate::fsio;
 use crate::gather::Gather;
 use crate::layer::{ChunkRef, Entry, Kind};
 use crate::meta;
+use crate::owner::owner_tag;
 use crate::stack::Stack;
-use crate::store::{owner_tag, Conn, Progress, Store};
+use crate::store::{Conn, Progress, Store};
 use crate::union::{Name, Node, ViewEntry};
 
 /// Options of [`Store::materialize`] and [`Store::apply`].

@@ -20,7 +20,8 @@ pub mod oci;
 use crate::cas::{ChunkLoc, Codec, LiveBlock};
 use crate::digest::Blake3;
 use crate::error::{Error, Result};
-use crate::layer::LayerInfo;
+use crate::layer::{Entry, LayerInfo};
+use crate::tar::TarSplit;
 
 /// Version of the on-disk format (docs/format.md). Bump on any incompatible change.
 pub const FORMAT_VERSION: u32 = 2;
@@ -130,11 +131,34 @@ CREATE TABLE IF NOT EXISTS layer_history (
 );
 ";
 
+/// How long a connection waits for another process's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Switch to WAL. On a database another process is creating or switching at the same moment,
+/// SQLite answers `SQLITE_BUSY` at once, without calling the busy handler: retry within the
+/// busy timeout, as a lock wait would.
+fn enable_wal(conn: &Connection) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && started.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Open (creating if needed) the database at `path` with the pragmas the store relies on.
 pub fn open(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(60))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    enable_wal(&conn)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
@@ -804,17 +828,10 @@ pub fn packs(conn: &Connection) -> Result<Vec<(String, u64)>> {
     Ok(rows)
 }
 
-/// Identity of a live process: its pid and start time (from /proc), so a reused pid differs.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22, counted after the parenthesised command name (which may contain spaces).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
-}
-
+/// Record a lease on `pack` for this process (its pid and start time, so a reused pid differs).
 pub fn acquire_lease(conn: &Connection, pack: &str) -> Result<i64> {
     let pid = std::process::id();
-    let start = process_start_time(pid).unwrap_or(0);
+    let start = crate::owner::process_start_time(pid).unwrap_or(0);
     conn.execute(
         "INSERT INTO leases (pid, start_time, pack, created) VALUES (?1, ?2, ?3, ?4)",
         params![pid, start, pack, now()],
@@ -1006,6 +1023,57 @@ pub fn delete_ref(conn: &mut Connection, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A layer's database row and the set of chunks its entries name.
+pub fn layer_row(
+    info: LayerInfo,
+    entries: &[Entry],
+    split: &TarSplit,
+) -> Result<(LayerRow, Vec<Blake3>)> {
+    layer_row_with(info, entries, crate::layer::encode_blob(split)?)
+}
+
+/// [`layer_row`] with the split already encoded (by [`encode_blob`]).
+pub fn layer_row_with(
+    info: LayerInfo,
+    entries: &[Entry],
+    split: Vec<u8>,
+) -> Result<(LayerRow, Vec<Blake3>)> {
+    let mut chunk_set: Vec<Blake3> = entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.digest))
+        .collect();
+    chunk_set.sort_unstable();
+    chunk_set.dedup();
+    let row = LayerRow {
+        info,
+        entries: crate::layer::encode_blob(&entries)?,
+        split,
+    };
+    Ok((row, chunk_set))
+}
+
+/// In the caller's transaction: the pack a layer's import wrote (if any) and the layer itself,
+/// unless a layer with its id exists (returns whether it did).
+pub fn insert_layer_and_pack(
+    tx: &Connection,
+    pack_name: &str,
+    pack: Option<&(Vec<ChunkLoc>, u64)>,
+    row: &LayerRow,
+    chunk_set: &[Blake3],
+) -> Result<bool> {
+    if let Some((locs, size)) = pack {
+        insert_pack(tx, pack_name, *size)?;
+        insert_chunks(tx, locs)?;
+        // Chunks `fsck --repair` took out of use may be among them.
+        heal_broken(tx)?;
+    }
+    let existed = layer_exists(tx, &row.info.id)?;
+    if !existed {
+        insert_layer(tx, row, chunk_set)?;
+    }
+    Ok(existed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1043,7 +1111,10 @@ mod tests {
         assert_eq!(err.kind(), crate::ErrorKind::Ambiguous);
         let text = err.to_string();
         assert!(text.contains(&a) && text.contains(&b), "{text}");
-        assert_eq!(find_layer(&conn, "abcdef01").unwrap().diff_id, format!("sha256:{a}"));
+        assert_eq!(
+            find_layer(&conn, "abcdef01").unwrap().diff_id,
+            format!("sha256:{a}")
+        );
         assert_eq!(
             find_layer(&conn, "abcdef03").unwrap_err().kind(),
             crate::ErrorKind::NotFound

@@ -21,7 +21,7 @@ pub struct Stack {
     pub index: Index,
     pub chain_id: String,
     /// The OCI manifest and config this stack was imported from (`oci`), if any.
-    pub image: Option<crate::oci::ImageDigests>,
+    pub image: Option<crate::layer::ImageDigests>,
     entries: Vec<LayerEntries>,
 }
 

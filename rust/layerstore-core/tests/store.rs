@@ -219,7 +219,7 @@ fn a_live_pin_blocks_delete_and_a_stale_one_does_not() {
         .unwrap()
         .layer
         .id;
-    let me = layerstore_core::meta::process_start_time(std::process::id()).unwrap();
+    let me = layerstore_core::owner::process_start_time(std::process::id()).unwrap();
 
     // Our pid with another start time: the process that pinned it is gone and the pid reused.
     pin_as(&store, me + 1, &id);
@@ -247,7 +247,7 @@ fn gc_removes_the_scratch_of_dead_processes_only() {
     let store = open(dir.path());
     let tmp = store.root().join("tmp");
     let pid = std::process::id();
-    let me = layerstore_core::meta::process_start_time(pid).unwrap();
+    let me = layerstore_core::owner::process_start_time(pid).unwrap();
     // Our pid with another start time stands for a killed process whose pid was reused.
     let dead_dir = tmp.join(format!("oci-{pid}-{}-0123abcd", me + 1));
     let dead_file = tmp.join(format!("docker-{pid}-{}-4567ef.tar", me + 1));

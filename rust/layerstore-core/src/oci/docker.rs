@@ -83,7 +83,7 @@ impl Store {
             let tmp = self
                 .root()
                 .join("tmp")
-                .join(format!("{}.tar", crate::store::owned_tmp_name("docker")));
+                .join(format!("{}.tar", crate::owner::owned_tmp_name("docker")));
             let result = (|| -> Result<()> {
                 let src = File::open(path).ctx(|| format!("opening {}", path.display()))?;
                 let (_, mut decoded) = compress::decoder(src).ctx(|| "decompressing".into())?;

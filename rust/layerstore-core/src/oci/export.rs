@@ -258,7 +258,7 @@ impl Store {
                 }
             }
         }
-        let tmp = blobs.join(format!(".tmp-{}", crate::store::unique_name()));
+        let tmp = blobs.join(format!(".tmp-{}", crate::owner::unique_name()));
         let result = (|| -> Result<(String, u64)> {
             let f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
             let mut w = io::BufWriter::with_capacity(1 << 20, f);
@@ -466,7 +466,7 @@ fn write_blob(blobs: &Path, bytes: &[u8]) -> Result<String> {
 /// Write a file through a temporary file and a rename, so readers see the old or the new one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".tmp-{}", crate::store::unique_name()));
+    let tmp = dir.join(format!(".tmp-{}", crate::owner::unique_name()));
     let result = (|| {
         let mut f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)

@@ -91,7 +91,7 @@ pub(crate) struct Staging<'s> {
 
 impl<'s> Staging<'s> {
     pub fn new(store: &'s Store) -> Result<Self> {
-        let name = crate::store::owned_tmp_name("oci");
+        let name = crate::owner::owned_tmp_name("oci");
         let lease = store.lease(&*store.conn()?, &format!("tmp/{name}"))?;
         let dir = store.root().join("tmp").join(name);
         if let Err(e) = fs::create_dir_all(&dir) {
@@ -189,7 +189,7 @@ impl<'s> Staging<'s> {
         // resume from (see `registry::pull`).
         let tee_name = match expected_digest.map(OciDigest::parse) {
             Some(Ok(d)) => d.hex,
-            _ => crate::store::unique_name(),
+            _ => crate::owner::unique_name(),
         };
         let tee_path = self.dir.join(format!("{tee_name}.part"));
         let reader: Box<dyn Read + Send> = if held {

@@ -209,7 +209,7 @@ fn update(path: &Path, change: impl FnOnce(&mut serde_json::Map<String, Value>))
     change(auths.as_object_mut().expect("made an object"));
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".tmp-{}", crate::store::unique_name()));
+    let tmp = dir.join(format!(".tmp-{}", crate::owner::unique_name()));
     let result = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)

@@ -561,7 +561,10 @@ impl RegistrySource {
     fn adopt(&self, hex: &str) -> Option<(fs::File, u64)> {
         for e in fs::read_dir(&self.tmp).ok()?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("oci-") || !crate::store::tmp_abandoned(&name) {
+            let Some(owner) = name.strip_prefix("oci-") else {
+                continue;
+            };
+            if !crate::owner::owner_gone(owner) {
                 continue;
             }
             let partial = e.path().join(format!("{hex}.part"));
