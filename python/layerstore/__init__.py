@@ -7,7 +7,18 @@ re-exports its classes and the exception hierarchy.
 from __future__ import annotations
 
 from layerstore._container import Container
-from layerstore._core import FORMAT_VERSION, Entry, Layer, Limits, Stack, Stat, Store, __version__
+from layerstore._core import (
+    FORMAT_VERSION,
+    Entry,
+    Layer,
+    Limits,
+    Stack,
+    Stat,
+    Store,
+    __version__,
+    registry_login,
+    registry_logout,
+)
 from layerstore._errors import (
     AmbiguousError,
     ConflictError,
@@ -39,4 +50,6 @@ __all__ = [
     "Stat",
     "Store",
     "__version__",
+    "registry_login",
+    "registry_logout",
 ]

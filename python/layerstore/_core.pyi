@@ -19,6 +19,8 @@ __all__ = [
     "Stat",
     "Store",
     "__version__",
+    "registry_login",
+    "registry_logout",
 ]
 
 __version__: str
@@ -187,6 +189,45 @@ class Store:
     def import_docker_archive(
         self, src: StrPath, /, *, progress: Progress | None = None
     ) -> dict[str, Stack]: ...
+    def pull(
+        self,
+        reference: str,
+        /,
+        *,
+        platform: str | None = None,
+        auth: tuple[str, str] | None = None,
+        tls_verify: bool = True,
+        ca_file: StrPath | None = None,
+        progress: Progress | None = None,
+    ) -> Stack:
+        """Pull image `reference` (``host[:port]/repo[:tag][@digest]``; a bare ``repo:tag`` is
+        on Docker Hub) and tag it with its canonical name (``docker.io/library/debian:12``).
+
+        `platform` (``"linux/arm64"``) picks from an index (default: this machine's); `auth` is
+        ``(user, password)`` (default: the auth files podman and docker write); ``tls_verify=False``
+        also allows plain HTTP. Layers the store holds are not downloaded; every blob is
+        size- and digest-checked, and a failure leaves nothing stored or tagged. Raises
+        ``NotFoundError`` (unknown image or platform), ``PermissionError`` (401/403),
+        ``IntegrityError`` (a blob that is not what the manifest says), ``OSError`` (network).
+        """
+    def push(
+        self,
+        image: Stack,
+        reference: str,
+        /,
+        *,
+        compression: str | None = "gzip",
+        auth: tuple[str, str] | None = None,
+        tls_verify: bool = True,
+        ca_file: StrPath | None = None,
+        progress: Progress | None = None,
+    ) -> str:
+        """Push `image` to the registry as `reference`; returns the manifest digest.
+
+        Blobs the registry already has are not sent; an imported or pulled image keeps its
+        manifest and blob digests when its layers already use `compression` (``None`` keeps
+        whatever they use); other layers are compressed deterministically. Errors as for `pull`.
+        """
     def export_docker_archive(
         self,
         image: Stack,
@@ -379,3 +420,19 @@ class RawContainer:
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
+
+def registry_login(
+    registry: str,
+    username: str,
+    password: str,
+    /,
+    *,
+    tls_verify: bool = True,
+    ca_file: StrPath | None = None,
+) -> str:
+    """Check the credentials against `registry` (``host[:port]``), then record them in
+    ``$REGISTRY_AUTH_FILE``, else ``$XDG_RUNTIME_DIR/containers/auth.json``, else
+    ``~/.docker/config.json``; returns that file's path. Wrong credentials: ``PermissionError``."""
+
+def registry_logout(registry: str) -> bool:
+    """Forget the credentials of `registry` in every auth file; returns whether there were any."""

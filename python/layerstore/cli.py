@@ -737,6 +737,96 @@ def cmd_du(args: argparse.Namespace) -> int:
 # Parser and entry point
 
 
+def _bool(text: str) -> bool:
+    """``true``/``false`` (as skopeo spells ``--tls-verify=false``)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _creds(args: argparse.Namespace) -> tuple[str, str] | None:
+    """``--creds USER:PASSWORD`` as the (user, password) pair the API takes."""
+    if args.creds is None:
+        return None
+    user, sep, password = args.creds.partition(":")
+    if not sep or not user:
+        raise CliError("--creds takes USER:PASSWORD")
+    return user, password
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    store = open_store(args, create=True)
+    with progress_bar(args.ref, None, args.progress) as progress:
+        image = store.pull(
+            args.ref,
+            platform=args.platform,
+            auth=_creds(args),
+            tls_verify=args.tls_verify,
+            progress=progress,
+        )
+    name = next((n for n, im in store.images().items() if im.digest == image.digest), args.ref)
+    if args.json:
+        print_json({"reference": args.ref, "name": name, **image_json(image)})
+    else:
+        print(f"pulled {name}")
+        print(f"  digest   {image.digest}")
+        print(f"  layers   {len(image)}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    image = store.get(args.image)
+    compression = None if args.compression == "keep" else args.compression
+    with progress_bar(args.image, None, args.progress) as progress:
+        digest = store.push(
+            image,
+            args.ref,
+            compression=compression,
+            auth=_creds(args),
+            tls_verify=args.tls_verify,
+            progress=progress,
+        )
+    if args.json:
+        print_json({"image": args.image, "reference": args.ref, "digest": digest})
+    else:
+        print(f"pushed {args.image} to {args.ref} ({digest})")
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    if args.password_stdin:
+        if sys.stdin is None:
+            raise CliError("no standard input to read the password from")
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif args.password is not None:
+        password = args.password
+    else:
+        import getpass
+
+        password = getpass.getpass(f"Password for {args.username}@{args.host}: ")
+    path = ls.registry_login(args.host, args.username, password, tls_verify=args.tls_verify)
+    if args.json:
+        print_json({"registry": args.host, "username": args.username, "auth_file": str(path)})
+    else:
+        print(f"logged in to {args.host} (credentials in {path})")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    removed = ls.registry_logout(args.host)
+    if args.json:
+        print_json({"registry": args.host, "removed": removed})
+    elif removed:
+        print(f"logged out of {args.host}")
+    else:
+        print(f"no credentials for {args.host}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -962,6 +1052,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--tag", metavar="NAME", required=True)
     p.set_defaults(func=cmd_commit)
+
+    def registry_options(p: argparse.ArgumentParser, creds: bool = True) -> None:
+        p.add_argument(
+            "--tls-verify",
+            type=_bool,
+            default=True,
+            metavar="BOOL",
+            help="verify TLS certificates; false also allows plain HTTP (default true)",
+        )
+        if creds:
+            p.add_argument(
+                "--creds",
+                metavar="USER:PASSWORD",
+                default=None,
+                help="credentials (default: the auth files podman and docker write)",
+            )
+
+    p = sub.add_parser(
+        "pull",
+        help="pull an image from a registry",
+        description="Pull image REF (host[:port]/repo[:tag][@digest]; a bare repo:tag is on "
+        "Docker Hub) into the store, tagged with its full name. Layers the store holds are not "
+        "downloaded; every blob is digest-checked.",
+    )
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--platform", metavar="OS/ARCH", default=None, help="default: this machine's")
+    registry_options(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser(
+        "push",
+        help="push an image to a registry",
+        description="Push image IMAGE (a tag) to REF. Blobs the registry has are not sent; an "
+        "imported or pulled image keeps its digests.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument(
+        "--compression",
+        choices=["gzip", "zstd", "none", "keep"],
+        default="gzip",
+        help="layer compression (keep: an imported image's own blobs; default gzip)",
+    )
+    registry_options(p)
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser(
+        "login",
+        help="record credentials for a registry",
+        description="Check USER's password against registry HOST (host[:port]) and record it in "
+        "$REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json, else "
+        "~/.docker/config.json.",
+    )
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("-u", "--username", required=True)
+    p.add_argument("-p", "--password", default=None, help="prefer --password-stdin")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    registry_options(p, creds=False)
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser(
+        "logout",
+        help="forget the credentials of a registry",
+        description="Remove HOST's credentials from every auth file.",
+    )
+    p.add_argument("host", metavar="HOST")
+    p.set_defaults(func=cmd_logout)
     return parser
 
 

@@ -23,6 +23,10 @@ pub enum ErrorKind {
     InvalidArgument,
     /// The caller cancelled the operation (e.g. Ctrl-C).
     Cancelled,
+    /// A registry refused the credentials, or access to a repository (HTTP 401/403).
+    PermissionDenied,
+    /// A registry could not be reached, or answered what the protocol does not allow.
+    Network,
     /// An operating-system I/O error.
     Io,
     /// The metadata database failed.
@@ -103,6 +107,19 @@ pub enum Error {
     LayerPinned { layer: String, imports: usize },
     #[error("{0}")]
     InvalidArgument(String),
+    /// The registry refused access (HTTP 401 or 403); never names the credentials.
+    #[error("registry {registry} denied access to repository {repository} (HTTP {status})")]
+    RegistryDenied {
+        registry: String,
+        repository: String,
+        status: u16,
+    },
+    /// A registry could not be reached after retries (`url` has no query string).
+    #[error("{url}: {reason}")]
+    Network { url: String, reason: String },
+    /// A registry answered what the distribution protocol does not allow here.
+    #[error("registry error at {url}: {reason}")]
+    Registry { url: String, reason: String },
     #[error("cancelled")]
     Cancelled,
     #[error("{context}: {source}")]
@@ -136,6 +153,8 @@ impl Error {
             Error::StackDepth { .. } => ErrorKind::StackDepth,
             Error::Conflict(_) | Error::LayerPinned { .. } => ErrorKind::Conflict,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::RegistryDenied { .. } => ErrorKind::PermissionDenied,
+            Error::Network { .. } | Error::Registry { .. } => ErrorKind::Network,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Io { .. } => ErrorKind::Io,
             Error::Database(_) => ErrorKind::Database,

@@ -27,6 +27,7 @@ pub mod oci;
 pub mod owner;
 pub mod paths;
 mod pool;
+pub mod registry;
 pub mod squash;
 pub mod stack;
 pub mod store;

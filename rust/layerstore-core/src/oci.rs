@@ -27,8 +27,10 @@ pub mod pgzip;
 pub mod source;
 
 pub(crate) use export::{merged_index, synth_manifest, OCI_LAYOUT_FILE};
+pub(crate) use export::{BlobPlan, ImageDocs};
 pub(crate) use layout::{
-    check_names, diff_ids, layer_blob, read_small, record_image, HashWriter, PendingImage, Staging,
+    check_names, diff_ids, layer_blob, read_small, record_image, record_layer_blob, FetchedLayer,
+    HashWriter, LayerBlob, PendingImage, Staging, WantedBlob,
 };
 
 use std::collections::{HashMap, HashSet};
@@ -65,7 +67,7 @@ pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// containerd's (and `docker save`'s) full image name, preferred over [`REF_NAME`] when present.
 pub const CONTAINERD_NAME: &str = "io.containerd.image.name";
 /// Docker's marker of attestation manifests inside an image index.
-const DOCKER_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
+pub(crate) const DOCKER_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
 
 /// Largest manifest, config or index accepted (they are held in memory and in the database).
 pub const MAX_JSON_BLOB: u64 = 8 << 20;
@@ -160,7 +162,7 @@ impl Platform {
         }
     }
 
-    fn matches(&self, p: &Value) -> bool {
+    pub(crate) fn matches(&self, p: &Value) -> bool {
         let field = |k: &str| p.get(k).and_then(Value::as_str);
         let arch = field("architecture").map(normalise_arch);
         field("os") == Some(self.os.as_str())
@@ -171,7 +173,7 @@ impl Platform {
                 .is_none_or(|v| field("variant") == Some(v))
     }
 
-    fn describe(p: &Value) -> String {
+    pub(crate) fn describe(p: &Value) -> String {
         let field = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("?");
         match p.get("variant").and_then(Value::as_str) {
             Some(v) => format!("{}/{}/{v}", field("os"), field("architecture")),
@@ -246,7 +248,7 @@ pub(crate) fn descriptor(v: &Value, blob: &str) -> Result<Descriptor> {
     })
 }
 
-fn annotation<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+pub(crate) fn annotation<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get("annotations")?.get(key)?.as_str()
 }
 

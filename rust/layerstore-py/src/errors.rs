@@ -46,6 +46,8 @@ pub fn to_py(err: Error) -> PyErr {
         ErrorKind::Conflict => "ConflictError",
         ErrorKind::Cancelled => return PyKeyboardInterrupt::new_err("cancelled"),
         ErrorKind::InvalidArgument => return PyValueError::new_err(err.to_string()),
+        ErrorKind::PermissionDenied => return PyPermissionError::new_err(err.to_string()),
+        ErrorKind::Network => return PyOSError::new_err(err.to_string()),
         _ => "LayerstoreError",
     };
     let msg = err.to_string();

@@ -25,6 +25,7 @@ mod container;
 mod errors;
 mod materialize;
 mod oci;
+mod registry;
 mod stack;
 
 /// Layer data moves through many short-lived 128 KiB–1 MiB buffers across threads; glibc maps and
@@ -765,6 +766,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stack::Stat>()?;
     m.add_class::<stack::ContentFile>()?;
     m.add_class::<container::RawContainer>()?;
+    m.add_function(wrap_pyfunction!(registry::registry_login, m)?)?;
+    m.add_function(wrap_pyfunction!(registry::registry_logout, m)?)?;
     m.add("FORMAT_VERSION", core::meta::FORMAT_VERSION)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -261,29 +261,10 @@ impl Store {
         let tmp = blobs.join(format!(".tmp-{}", crate::owner::unique_name()));
         let result = (|| -> Result<(String, u64)> {
             let f = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-            let mut w = HashWriter::new(io::BufWriter::with_capacity(1 << 20, f));
-            match p.how {
-                Rebuild::Kept => {
-                    let d = OciDigest::parse(p.digest.as_deref().unwrap_or_default())?;
-                    let path = self.root().join("blobs").join("sha256").join(&d.hex);
-                    let mut f = fs::File::open(&path).ctx(|| format!("opening kept blob {d}"))?;
-                    io::copy(&mut f, &mut w).ctx(|| format!("copying kept blob {d}"))?;
-                }
-                how => self.rebuild_layer(&p.info, how, &mut w, progress)?,
-            }
-            let (inner, digest, size) = w.finish();
-            inner
-                .into_inner()
+            let mut w = io::BufWriter::with_capacity(1 << 20, f);
+            let (digest, size) = self.write_planned_blob(p, &mut w, progress)?;
+            w.into_inner()
                 .map_err(|e| Error::io("writing a blob", e.into_error()))?;
-            if let Some(expected) = &p.digest {
-                if *expected != digest {
-                    return Err(Error::DigestMismatch {
-                        what: format!("rebuilt layer blob of {}", p.info.diff_id),
-                        expected: expected.clone(),
-                        found: digest,
-                    });
-                }
-            }
             let hex = digest.trim_start_matches("sha256:");
             fs::rename(&tmp, blobs.join(hex)).ctx(|| format!("writing blob {digest}"))?;
             Ok((digest, size))
@@ -292,6 +273,38 @@ impl Store {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Write the layer blob `p` plans into `out`: copied from the bytes kept at import, or
+    /// rebuilt from the stored tar. Returns the digest and size of what was written, checked
+    /// against the planned digest when there is one.
+    pub(crate) fn write_planned_blob(
+        &self,
+        p: &BlobPlan,
+        out: &mut dyn Write,
+        progress: Progress<'_>,
+    ) -> Result<(String, u64)> {
+        let mut w = HashWriter::new(out);
+        match p.how {
+            Rebuild::Kept => {
+                let d = OciDigest::parse(p.digest.as_deref().unwrap_or_default())?;
+                let path = self.root().join("blobs").join("sha256").join(&d.hex);
+                let mut f = fs::File::open(&path).ctx(|| format!("opening kept blob {d}"))?;
+                io::copy(&mut f, &mut w).ctx(|| format!("copying kept blob {d}"))?;
+            }
+            how => self.rebuild_layer(&p.info, how, &mut w, progress)?,
+        }
+        let (_, digest, size) = w.finish();
+        if let Some(expected) = &p.digest {
+            if *expected != digest {
+                return Err(Error::DigestMismatch {
+                    what: format!("rebuilt layer blob of {}", p.info.diff_id),
+                    expected: expected.clone(),
+                    found: digest,
+                });
+            }
+        }
+        Ok((digest, size))
     }
 
     fn blob_size_ok(&self, digest: &str, size: u64, info: &LayerInfo) -> bool {
@@ -313,7 +326,7 @@ pub(crate) struct BlobPlan {
     /// The digest the blob must have, when known in advance.
     pub digest: Option<String>,
     pub media_type: String,
-    how: Rebuild,
+    pub how: Rebuild,
 }
 
 /// The `oci-layout` file of a layout this store creates.

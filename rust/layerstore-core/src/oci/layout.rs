@@ -25,6 +25,45 @@ pub(crate) struct LayerBlob {
     pub rebuild: Rebuild,
 }
 
+/// A layer blob an import wants: where it is in the source and what it must be.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WantedBlob<'a> {
+    /// Its name in the source (`blobs/sha256/<hex>`).
+    pub member: &'a str,
+    /// What to call it in messages (its digest).
+    pub blob: &'a str,
+    pub size: Option<u64>,
+    pub digest: Option<&'a str>,
+    pub diff_id: Option<&'a str>,
+}
+
+/// A layer imported by [`Staging::fetch`], not yet recorded in the staging.
+pub(crate) struct FetchedLayer {
+    pub info: LayerInfo,
+    created: bool,
+    blob: Option<LayerBlob>,
+}
+
+/// The original bytes of a blob: the copy made while importing it when that copy is whole
+/// (so a remote source is not read twice), else the source again.
+struct Original<'a> {
+    src: &'a dyn Source,
+    member: &'a str,
+    teed: &'a Path,
+    size: u64,
+}
+
+impl Original<'_> {
+    fn open(&self) -> Result<Option<source::Opened>> {
+        if let Ok(f) = fs::File::open(self.teed) {
+            if f.metadata().is_ok_and(|m| m.len() == self.size) {
+                return Ok(Some((Box::new(f), self.size)));
+            }
+        }
+        self.src.open(self.member)
+    }
+}
+
 /// An image ready to be recorded once its layers are in.
 pub(crate) struct PendingImage {
     pub names: Vec<String>,
@@ -96,6 +135,33 @@ impl<'s> Staging<'s> {
         if let Some(info) = self.layers.get(member) {
             return Ok(info.clone());
         }
+        let want = WantedBlob {
+            member,
+            blob,
+            size: expected_size,
+            digest: expected_digest,
+            diff_id,
+        };
+        let fetched = self.fetch(src, &want, progress)?;
+        Ok(self.record(member, fetched))
+    }
+
+    /// The import part of [`Staging::layer`], shared (`&self`) so that several layers can be
+    /// imported at once; [`Staging::record`] then adds each to the staging. A layer it created
+    /// and cannot finish (its blob could not be kept) is deleted before the error returns.
+    pub fn fetch(
+        &self,
+        src: &dyn Source,
+        want: &WantedBlob<'_>,
+        progress: Progress<'_>,
+    ) -> Result<FetchedLayer> {
+        let WantedBlob {
+            member,
+            blob,
+            size: expected_size,
+            digest: expected_digest,
+            diff_id,
+        } = *want;
         let (reader, size) = src.open(member)?.ok_or_else(|| Error::MissingBlob {
             blob: blob.to_string(),
         })?;
@@ -119,9 +185,13 @@ impl<'s> Staging<'s> {
             }
             None => false,
         };
-        let tee_path = self
-            .dir
-            .join(format!("{}.part", crate::owner::unique_name()));
+        // Named by the blob, so that a pull killed part-way leaves a copy the next one can
+        // resume from (see `registry::pull`).
+        let tee_name = match expected_digest.map(OciDigest::parse) {
+            Some(Ok(d)) => d.hex,
+            _ => crate::owner::unique_name(),
+        };
+        let tee_path = self.dir.join(format!("{tee_name}.part"));
         let reader: Box<dyn Read + Send> = if held {
             reader
         } else {
@@ -143,35 +213,93 @@ impl<'s> Staging<'s> {
                 return Err(name_blob(e, blob));
             }
         };
-        if !imported.existed {
-            self.created.push(imported.layer.clone());
-        }
+        let created = !imported.existed;
         let info = imported.layer;
-        if let (Some(digest), Some(c)) = (&info.compressed_digest, info.compression.as_deref()) {
-            let known = self.known_blobs.contains(digest)
-                || layer_blob(&*self.store.conn()?, digest)?.is_some();
-            if !known {
-                let compression = Compression::parse(Some(c))?;
-                let rebuild = match self.reproducible(src, member, &info, compression)? {
-                    Some(r) => r,
-                    None => {
-                        self.keep(src, member, digest, &tee_path, size)?;
-                        Rebuild::Kept
-                    }
-                };
-                self.blobs.push(LayerBlob {
-                    digest: digest.clone(),
-                    layer: info.id.to_string(),
-                    compression: compression.name().unwrap_or("none"),
-                    size,
-                    rebuild,
-                });
-                self.known_blobs.insert(digest.clone());
+        let kept = self.kept_blob(src, member, &info, &tee_path, size);
+        let _ = fs::remove_file(&tee_path);
+        match kept {
+            Ok(blob) => Ok(FetchedLayer {
+                info,
+                created,
+                blob,
+            }),
+            Err(e) => {
+                if created {
+                    let _ = self.store.delete_as(&info.id, self.lease.id);
+                }
+                Err(e)
             }
         }
-        let _ = fs::remove_file(&tee_path);
+    }
+
+    /// How the store will get the compressed blob of `info` back, for a blob it does not know
+    /// yet: rebuilt by one of our encoders, or kept (staged from the copy made on import).
+    fn kept_blob(
+        &self,
+        src: &dyn Source,
+        member: &str,
+        info: &LayerInfo,
+        tee_path: &Path,
+        size: u64,
+    ) -> Result<Option<LayerBlob>> {
+        let (Some(digest), Some(c)) = (&info.compressed_digest, info.compression.as_deref()) else {
+            return Ok(None);
+        };
+        if self.known_blobs.contains(digest) || layer_blob(&*self.store.conn()?, digest)?.is_some()
+        {
+            return Ok(None);
+        }
+        let compression = Compression::parse(Some(c))?;
+        let original = Original {
+            src,
+            member,
+            teed: tee_path,
+            size,
+        };
+        let rebuild = match self.reproducible(&original, info, compression)? {
+            Some(r) => r,
+            None => {
+                self.keep(src, member, digest, tee_path, size)?;
+                Rebuild::Kept
+            }
+        };
+        Ok(Some(LayerBlob {
+            digest: digest.clone(),
+            layer: info.id.to_string(),
+            compression: compression.name().unwrap_or("none"),
+            size,
+            rebuild,
+        }))
+    }
+
+    /// Add a fetched layer to the staging (undone by [`Staging::abort`] if it created it).
+    pub fn record(&mut self, member: &str, fetched: FetchedLayer) -> LayerInfo {
+        if fetched.created {
+            self.created.push(fetched.info.clone());
+        }
+        if let Some(b) = fetched.blob {
+            if self.known_blobs.insert(b.digest.clone()) {
+                self.blobs.push(b);
+            }
+        }
+        self.layers.insert(member.to_string(), fetched.info.clone());
+        fetched.info
+    }
+
+    /// Use the layer the store already holds under `key` (a diff_id, or the digest of a blob
+    /// it was imported from) for `member`, pinned for this import; `None` if it holds none.
+    pub fn held(&mut self, member: &str, key: &str) -> Result<Option<LayerInfo>> {
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let info = match crate::meta::find_layer(&tx, key) {
+            Ok(info) => info,
+            Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        crate::meta::pin_layer(&tx, self.lease.id, &info.id)?;
+        tx.commit()?;
         self.layers.insert(member.to_string(), info.clone());
-        Ok(info)
+        Ok(Some(info))
     }
 
     /// Which of our encoders, recompressing the stored tar, gives back the blob byte for byte
@@ -179,8 +307,7 @@ impl<'s> Staging<'s> {
     /// blocks); `None` when neither does.
     fn reproducible(
         &self,
-        src: &dyn Source,
-        member: &str,
+        original: &Original<'_>,
         info: &LayerInfo,
         compression: Compression,
     ) -> Result<Option<Rebuild>> {
@@ -189,11 +316,11 @@ impl<'s> Staging<'s> {
             tries.insert(0, Rebuild::ParGzip);
         }
         for how in tries {
-            let Some((original, size)) = src.open(member)? else {
+            let Some((original_bytes, size)) = original.open()? else {
                 return Ok(None);
             };
             let mut cmp = CompareWriter {
-                expected: original,
+                expected: original_bytes,
                 buf: Vec::new(),
                 matched: 0,
             };
@@ -287,16 +414,7 @@ impl<'s> Staging<'s> {
         let mut conn = self.store.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for b in &self.blobs {
-            meta::oci::put_layer_blob(
-                &tx,
-                &meta::oci::LayerBlobRow {
-                    digest: &b.digest,
-                    layer: &b.layer,
-                    compression: b.compression,
-                    size: b.size,
-                    rebuild: b.rebuild.name(),
-                },
-            )?;
+            record_layer_blob(&tx, b)?;
         }
         for image in images {
             let stack = self.store.stack(&image.layers)?;
@@ -319,6 +437,20 @@ impl Drop for Staging<'_> {
             let _ = crate::meta::release_lease(&conn, self.lease.id);
         }
     }
+}
+
+/// Record how the store gives back the compressed blob `b` of a layer.
+pub(crate) fn record_layer_blob(conn: &Connection, b: &LayerBlob) -> Result<()> {
+    meta::oci::put_layer_blob(
+        conn,
+        &meta::oci::LayerBlobRow {
+            digest: &b.digest,
+            layer: &b.layer,
+            compression: b.compression,
+            size: b.size,
+            rebuild: b.rebuild.name(),
+        },
+    )
 }
 
 pub(crate) fn record_image(conn: &Connection, image: &PendingImage, chain_id: &str) -> Result<()> {
