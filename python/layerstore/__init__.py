@@ -30,13 +30,17 @@ from layerstore._errors import (
     StackDepthError,
 )
 from layerstore._stackio import StackPath
+from layerstore._types import DamagedChunk, FsckReport, GcReport, RepairReport, StoreStats
 
 __all__ = [
     "FORMAT_VERSION",
     "AmbiguousError",
     "ConflictError",
     "Container",
+    "DamagedChunk",
     "Entry",
+    "FsckReport",
+    "GcReport",
     "IntegrityError",
     "InvalidLayerError",
     "Layer",
@@ -44,11 +48,13 @@ __all__ = [
     "LayerstoreWarning",
     "Limits",
     "NotFoundError",
+    "RepairReport",
     "Stack",
     "StackDepthError",
     "StackPath",
     "Stat",
     "Store",
+    "StoreStats",
     "__version__",
     "registry_login",
     "registry_logout",

@@ -120,6 +120,7 @@ class Container:
 
     @property
     def closed(self) -> bool:
+        """Whether the container was committed or discarded (no more edits)."""
         return self._raw.closed
 
     @property
@@ -140,14 +141,17 @@ class Container:
         self._raw.write_bytes(path, bytes(data))
 
     def write_text(self, path: PathArg, text: str, encoding: str = "utf-8") -> None:
+        """Write `text` (encoded) as the whole content of file `path`."""
         self.write_bytes(path, text.encode(encoding))
 
     def truncate(self, path: PathArg, size: int) -> None:
+        """Cut or extend file `path` to `size` bytes."""
         self._raw.truncate(path, size)
 
     def mkdir(
         self, path: PathArg, mode: int = 0o755, *, parents: bool = False, exist_ok: bool = False
     ) -> None:
+        """Create directory `path` (`parents`: also missing parents; `exist_ok`: it may exist)."""
         self._raw.mkdir(path, mode, parents=parents, exist_ok=exist_ok)
 
     def remove(self, path: PathArg, *, recursive: bool = False) -> None:
@@ -155,9 +159,11 @@ class Container:
         self._raw.remove(path, recursive=recursive)
 
     def rename(self, src: PathArg, dst: PathArg) -> None:
+        """Rename `src` to `dst` (a directory moves with its subtree)."""
         self._raw.rename(src, dst)
 
     def symlink(self, target: PathArg, path: PathArg) -> None:
+        """Create symlink `path` pointing at `target`."""
         self._raw.symlink(target, path)
 
     def link(self, src: PathArg, dst: PathArg) -> None:
@@ -165,9 +171,11 @@ class Container:
         self._raw.link(src, dst)
 
     def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
+        """Set the permission bits of `path` (metadata only: no content copied up)."""
         self._raw.chmod(path, mode, follow_symlinks=follow_symlinks)
 
     def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+        """Set the owner and group of `path` (metadata only)."""
         self._raw.chown(path, uid, gid, follow_symlinks=follow_symlinks)
 
     def utime(
@@ -177,9 +185,11 @@ class Container:
         self._raw.utime(path, mtime_ns, follow_symlinks=follow_symlinks)
 
     def setxattr(self, path: PathArg, name: str, value: bytes) -> None:
+        """Set extended attribute `name` of `path` to `value`."""
         self._raw.setxattr(path, name, value)
 
     def removexattr(self, path: PathArg, name: str) -> None:
+        """Remove extended attribute `name` of `path`."""
         self._raw.removexattr(path, name)
 
     def open(self, path: PathArg, mode: str = "rb") -> BinaryIO:
@@ -212,32 +222,41 @@ class Container:
     # Reads, through a snapshot of the current view.
 
     def stat(self, path: PathArg, *, follow_symlinks: bool = True) -> Stat:
+        """The entry at `path` in the container's current view."""
         return self.view().stat(path, follow_symlinks=follow_symlinks)
 
     def stat_many(
         self, paths: Iterable[PathArg], *, follow_symlinks: bool = True
     ) -> list[Stat | None]:
+        """Entries of many paths in one call (None for a missing one)."""
         return self.view().stat_many(paths, follow_symlinks=follow_symlinks)
 
     def exists(self, path: PathArg, *, follow_symlinks: bool = True) -> bool:
+        """Whether `path` exists in the container's current view."""
         return self.view().exists(path, follow_symlinks=follow_symlinks)
 
     def listdir(self, path: PathArg = "/") -> list[str]:
+        """Names in directory `path`, sorted."""
         return self.view().listdir(path)
 
     def walk(self, top: PathArg = "/") -> Iterator[tuple[str, list[str], list[str]]]:
+        """Like `os.walk` over the container's current view."""
         return self.view().walk(top)
 
     def readlink(self, path: PathArg) -> str:
+        """The target of symlink `path`."""
         return self.view().readlink(path)
 
     def read_bytes(self, path: PathArg) -> bytes:
+        """The whole content of file `path` as the container sees it."""
         return self.view().read_bytes(path)
 
     def read_text(self, path: PathArg, encoding: str = "utf-8") -> str:
+        """The content of file `path`, decoded."""
         return self.read_bytes(path).decode(encoding)
 
     def path(self, p: PathArg = "/") -> StackPath:
+        """A pathlib-like read-only view of `p` in the container."""
         return self.view().path(p)
 
     def __repr__(self) -> str:

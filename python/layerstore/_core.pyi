@@ -3,10 +3,11 @@
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from io import BufferedReader
-from typing import IO, Any, final
+from typing import IO, final
 
 from layerstore._container import Container
 from layerstore._stackio import StackPath
+from layerstore._types import FsckReport, GcReport, StoreStats
 
 __all__ = [
     "FORMAT_VERSION",
@@ -162,7 +163,8 @@ class Store:
     def layers(self) -> list[Layer]: ...
     def layer(self, key: Layer | str) -> Layer: ...
     def delete(self, layer: Layer | str) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> StoreStats:
+        """Logical and stored bytes, chunks, packs and the dedup ratio."""
     def stack(self, layers: Sequence[Layer | str]) -> Stack: ...
     def tag(self, image: Stack, name: str) -> None: ...
     def get(self, name: str) -> Stack: ...
@@ -238,8 +240,9 @@ class Store:
         format: str = "oci",
         progress: Progress | None = None,
     ) -> str: ...
-    def gc(self) -> dict[str, Any]: ...
-    def fsck(self, *, repair: bool = False) -> dict[str, Any]:
+    def gc(self) -> GcReport:
+        """Remove what nothing references and compact packs that are mostly garbage."""
+    def fsck(self, *, repair: bool = False) -> FsckReport:
         """Re-hash every chunk and check every reference.
 
         Returns ``ok``, ``problems``, ``garbage``, ``chunks_checked``, ``layers_checked``,

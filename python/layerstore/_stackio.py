@@ -112,33 +112,41 @@ class StackPath:
 
     @property
     def name(self) -> str:
+        """The last path component."""
         return posixpath.basename(self._path)
 
     @property
     def suffix(self) -> str:
+        """The file extension of the last component (with its dot), or ""."""
         return posixpath.splitext(self.name)[1]
 
     @property
     def parent(self) -> StackPath:
+        """The path one level up."""
         return StackPath(self._stack, posixpath.dirname(self._path))
 
     @property
     def parts(self) -> tuple[str, ...]:
+        """The path's components, "/" first."""
         return ("/", *[p for p in self._path.split("/") if p])
 
     def joinpath(self, *others: str) -> StackPath:
+        """This path with `other` parts appended."""
         path = self
         for o in others:
             path = path / o
         return path
 
     def stat(self, *, follow_symlinks: bool = True) -> Stat:
+        """The entry at this path (symlinks followed unless `follow_symlinks=False`)."""
         return self._stack.stat(self._path, follow_symlinks=follow_symlinks)
 
     def lstat(self) -> Stat:
+        """The entry at this path, symlinks not followed."""
         return self._stack.stat(self._path, follow_symlinks=False)
 
     def exists(self, *, follow_symlinks: bool = True) -> bool:
+        """Whether the path exists in the image."""
         return self._stack.exists(self._path, follow_symlinks=follow_symlinks)
 
     def _kind(self, follow: bool = True) -> str | None:
@@ -146,30 +154,38 @@ class StackPath:
         return None if found is None else found.kind
 
     def is_dir(self) -> bool:
+        """Whether the path is a directory (symlinks followed)."""
         return self._kind() == "dir"
 
     def is_file(self) -> bool:
+        """Whether the path is a regular file (symlinks followed)."""
         return self._kind() == "file"
 
     def is_symlink(self) -> bool:
+        """Whether the path is a symbolic link."""
         return self._kind(follow=False) == "symlink"
 
     def iterdir(self) -> Iterator[StackPath]:
+        """The children of this directory, sorted."""
         for name in self._stack.listdir(self._path):
             yield self / name
 
     def read_bytes(self) -> bytes:
+        """The whole content of the file (each chunk verified)."""
         return self._stack.read_bytes(self._path)
 
     def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        """The content of the file, decoded."""
         return self.read_bytes().decode(encoding, errors)
 
     def readlink(self) -> StackPath:
+        """The target of this symlink, as a path."""
         return StackPath(
             self._stack, posixpath.join(self.parent._path, self._stack.readlink(self._path))
         )
 
     def open(self, mode: str = "rb") -> io.BufferedReader:
+        """A file object reading the file (binary, or text with "r")."""
         if mode not in ("r", "rb"):
             raise ValueError(f"a stack is read-only: mode {mode!r} is not supported (use 'rb')")
         if mode == "r":

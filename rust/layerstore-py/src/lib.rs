@@ -16,7 +16,6 @@ use layerstore_core::digest::Blake3;
 use layerstore_core::layer::{Entry as CoreEntry, LayerInfo};
 use layerstore_core::store::{ImportOptions, Imported};
 use layerstore_core::tar::Limits as CoreLimits;
-use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
@@ -25,6 +24,7 @@ mod container;
 mod errors;
 mod materialize;
 mod oci;
+mod pyobjects;
 mod registry;
 mod stack;
 
@@ -38,15 +38,21 @@ use errors::{to_py, CoreResultExt};
 #[pyclass(frozen, get_all, from_py_object, module = "layerstore._core")]
 #[derive(Clone)]
 struct Limits {
+    /// Largest decompressed tar, in bytes.
     max_bytes: u64,
+    /// Most entries in one tar (extension headers not counted).
     max_entries: u64,
+    /// Largest PAX record set or GNU long name/link block, in bytes.
     max_record: u64,
+    /// Most components in one path.
     max_path_depth: u32,
+    /// Most bytes after the end-of-archive marker.
     max_trailing: u64,
 }
 
 #[pymethods]
 impl Limits {
+    /// Limits enforced while a tar streams in (sizes in bytes); every argument has a safe default.
     #[new]
     #[pyo3(signature = (*, max_bytes=None, max_entries=None, max_record=None, max_path_depth=None, max_trailing=None))]
     fn new(
@@ -147,13 +153,7 @@ impl Source {
 }
 
 fn io_to_py(e: io::Error, p: &std::path::Path) -> PyErr {
-    let msg = format!("{}: {e}", p.display());
-    match e.kind() {
-        io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
-        io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
-        io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),
-        _ => PyOSError::new_err(msg),
-    }
+    errors::to_py(core::Error::io(p.display().to_string(), e))
 }
 
 /// A Python binary file object as a Rust reader (re-attaches for each read).
@@ -251,13 +251,11 @@ fn emit_warnings(py: Python<'_>, warnings: &[String]) -> PyResult<()> {
     if warnings.is_empty() {
         return Ok(());
     }
-    let category = py
-        .import("layerstore._errors")?
-        .getattr("LayerstoreWarning")?;
+    let category = pyobjects::LAYERSTORE_WARNING.get(py)?;
     for w in warnings {
         PyErr::warn(
             py,
-            &category,
+            category,
             &std::ffi::CString::new(w.replace('\0', "\\0"))?,
             2,
         )?;
@@ -274,6 +272,8 @@ pub(crate) fn layer_id(layer: &Bound<'_, PyAny>) -> PyResult<String> {
 
 #[pymethods]
 impl Store {
+    /// Open the store at `path`, creating it with these settings if it does not exist (an existing
+    /// store keeps the settings it was created with).
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     #[pyo3(signature = (path, *, compression_level=3, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None))]
@@ -326,6 +326,8 @@ impl Store {
         Ok(d)
     }
 
+    /// Import a tar (a path, bytes or a binary file; plain, gzip or zstd, detected) as a layer.
+    /// `expected_diff_id`/`expected_digest`: a mismatch rejects it and stores nothing.
     #[pyo3(signature = (src, /, *, expected_diff_id=None, expected_digest=None, limits=None, progress=None))]
     fn import_tar(
         &self,
@@ -348,6 +350,8 @@ impl Store {
         self.finish_import(py, interrupts.finish(result)?)
     }
 
+    /// Import a directory tree as one layer (all metadata and xattrs; a canonical tar made on the
+    /// fly).
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     #[pyo3(signature = (path, /, *, exclude_xattrs=Vec::new(), expected_diff_id=None, limits=None, progress=None, max_threads=None))]
     fn import_dir(
@@ -405,6 +409,7 @@ impl Store {
         Ok(interrupts.finish(result)?.digest)
     }
 
+    /// Every layer in the store.
     fn layers(&self) -> PyResult<Vec<Layer>> {
         let infos = self.inner.layers().py()?;
         Ok(infos
@@ -427,11 +432,13 @@ impl Store {
         })
     }
 
+    /// Delete a layer no tag or recorded stack uses (its chunks go at the next `gc`).
     fn delete(&self, layer: &Bound<'_, PyAny>) -> PyResult<()> {
         let info = self.inner.layer(&layer_id(layer)?).py()?;
         self.inner.delete(&info.id).py()
     }
 
+    /// Logical and stored bytes, chunks, packs and the dedup ratio.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = py.detach(|| self.inner.stats()).py()?;
         let d = PyDict::new(py);
@@ -447,6 +454,8 @@ impl Store {
         Ok(d)
     }
 
+    /// Remove what nothing references (chunks, packs, leftovers of interrupted imports) and compact
+    /// packs that are mostly garbage. Safe while other processes import.
     fn gc<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let r = py.detach(|| self.inner.gc()).py()?;
         let d = PyDict::new(py);
@@ -537,6 +546,7 @@ impl Store {
         Ok(d)
     }
 
+    /// Remove tag `name` (the layers it kept stay until deleted).
     fn untag(&self, name: &str) -> PyResult<()> {
         self.inner.untag(name).py()
     }
@@ -595,6 +605,7 @@ impl Layer {
     fn size(&self) -> u64 {
         self.info.size
     }
+    /// Number of entries in the layer's tar (extension headers not counted).
     #[getter]
     fn entry_count(&self) -> u64 {
         self.info.entry_count
@@ -604,10 +615,12 @@ impl Layer {
     fn compressed_digest(&self) -> Option<&str> {
         self.info.compressed_digest.as_deref()
     }
+    /// The compression of the blob the layer was imported from (`"gzip"`, `"zstd"`), if any.
     #[getter]
     fn compression(&self) -> Option<&str> {
         self.info.compression.as_deref()
     }
+    /// When the layer entered the store (Unix seconds).
     #[getter]
     fn created(&self) -> i64 {
         self.info.created_unix
@@ -667,34 +680,42 @@ impl Entry {
     fn kind(&self) -> &'static str {
         self.e.kind.name()
     }
+    /// The tar typeflag as read (one character).
     #[getter]
     fn typeflag(&self) -> String {
         (self.e.typeflag as char).to_string()
     }
+    /// Permission bits, including setuid, setgid and sticky.
     #[getter]
     fn mode(&self) -> u32 {
         self.e.mode
     }
+    /// Owner user id.
     #[getter]
     fn uid(&self) -> u64 {
         self.e.uid
     }
+    /// Owner group id.
     #[getter]
     fn gid(&self) -> u64 {
         self.e.gid
     }
+    /// Owner user name recorded in the tar.
     #[getter]
     fn uname(&self) -> std::ffi::OsString {
         os_str(&self.e.uname).to_os_string()
     }
+    /// Owner group name recorded in the tar.
     #[getter]
     fn gname(&self) -> std::ffi::OsString {
         os_str(&self.e.gname).to_os_string()
     }
+    /// Content size in bytes (0 for anything but a regular file).
     #[getter]
     fn size(&self) -> u64 {
         self.e.size
     }
+    /// Modification time in nanoseconds since the epoch.
     #[getter]
     fn mtime_ns(&self) -> i64 {
         self.e.mtime_ns
@@ -712,10 +733,12 @@ impl Entry {
             _ => Some(os_str(&self.e.link).to_os_string()),
         }
     }
+    /// Device major number (character and block devices).
     #[getter]
     fn devmajor(&self) -> u32 {
         self.e.devmajor
     }
+    /// Device minor number (character and block devices).
     #[getter]
     fn devminor(&self) -> u32 {
         self.e.devminor
@@ -725,6 +748,7 @@ impl Entry {
     fn rdev(&self) -> u64 {
         self.e.rdev()
     }
+    /// Extended attributes, name to value.
     #[getter]
     fn xattrs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -738,10 +762,12 @@ impl Entry {
     fn digest(&self) -> Option<String> {
         self.e.digest.map(|d: Blake3| d.to_string())
     }
+    /// Number of content chunks the file is stored as.
     #[getter]
     fn chunk_count(&self) -> usize {
         self.e.chunks.len()
     }
+    /// Whether the tar stored the file sparse.
     #[getter]
     fn sparse(&self) -> bool {
         self.e.sparse
