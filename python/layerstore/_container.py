@@ -12,11 +12,16 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from layerstore._args import checked_int
+
 if TYPE_CHECKING:
     from layerstore._core import Layer, RawContainer, Stack, Stat
     from layerstore._stackio import StackPath
 
 PathArg = str | bytes | os.PathLike[str]
+
+#: Permission bits, setuid, setgid and sticky: the most a mode argument may hold.
+MODE_MAX = 0o7777
 
 # Writes reach the core in blocks of this size: each block re-cuts at most about two chunks
 # around its edges, so large blocks keep sequential writes close to one hashing pass.
@@ -143,11 +148,13 @@ class Container:
         self.write_bytes(path, text.encode(encoding))
 
     def truncate(self, path: PathArg, size: int) -> None:
-        self._raw.truncate(path, size)
+        """Cut or extend (with zeros) the regular file `path` to `size` bytes."""
+        self._raw.truncate(path, checked_int("size", size))
 
     def mkdir(
         self, path: PathArg, mode: int = 0o755, *, parents: bool = False, exist_ok: bool = False
     ) -> None:
+        mode = checked_int("mode", mode, maximum=MODE_MAX)
         self._raw.mkdir(path, mode, parents=parents, exist_ok=exist_ok)
 
     def remove(self, path: PathArg, *, recursive: bool = False) -> None:
@@ -155,9 +162,11 @@ class Container:
         self._raw.remove(path, recursive=recursive)
 
     def rename(self, src: PathArg, dst: PathArg) -> None:
+        """Move `src` to `dst` (replacing a file there, as ``os.rename`` does)."""
         self._raw.rename(src, dst)
 
     def symlink(self, target: PathArg, path: PathArg) -> None:
+        """A symlink at `path` whose target is `target`, kept verbatim."""
         self._raw.symlink(target, path)
 
     def link(self, src: PathArg, dst: PathArg) -> None:
@@ -165,9 +174,13 @@ class Container:
         self._raw.link(src, dst)
 
     def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
+        """Set the permission bits (setuid, setgid and sticky included: at most 0o7777)."""
+        mode = checked_int("mode", mode, maximum=MODE_MAX)
         self._raw.chmod(path, mode, follow_symlinks=follow_symlinks)
 
     def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+        """Set the numeric owner and group."""
+        uid, gid = checked_int("uid", uid), checked_int("gid", gid)
         self._raw.chown(path, uid, gid, follow_symlinks=follow_symlinks)
 
     def utime(

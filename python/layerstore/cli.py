@@ -2,29 +2,49 @@
 
 Every command prints human-readable text by default, or exactly one JSON document on stdout with
 ``--json``. Errors are one line on stderr (``layerstore: error: ...``) and exit code 1; usage
-errors exit 2 (argparse's convention); Ctrl-C exits 130. A progress bar (tqdm, when installed)
-is drawn on stderr during imports and exports, only when stderr is a terminal.
+errors, bad numbers included, exit 2 (argparse's convention); Ctrl-C exits 130. The global
+options (``--store``, ``--json``, ``--no-progress``) go before or after the command. A progress
+bar (tqdm) is drawn on stderr during long work, only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import importlib
+import bz2
 import io
-import json
+import lzma
 import os
 import stat
 import sys
 import tarfile
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, NoReturn, TextIO, cast
+from typing import IO, Any, NoReturn, cast
 
 import layerstore as ls
+from layerstore._cliout import (
+    format_time,
+    human_bytes,
+    plural,
+    print_json,
+    print_table,
+    progress_bar,
+    short_digest,
+)
+from layerstore._clistore import (
+    CliError,
+    default_store_dir,
+    image_tags,
+    new_store_path,
+    open_store,
+    remove_new_store,
+    resolve_image,
+    resolve_layer,
+)
+
+__all__ = ["CliError", "build_parser", "default_store_dir", "main", "run"]
 
 PROG = "layerstore"
 
@@ -34,46 +54,33 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process kille
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (``layerstore export L - | head``)
 
 
-class CliError(Exception):
-    """An error the CLI itself detects; printed as one line, exit code 1."""
+# ---------------------------------------------------------------------------------------------
+# Argument types: a bad number is a usage error (exit 2) that names the option, never a traceback
 
 
-def default_store_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$LAYERSTORE_HOME``, else ``$XDG_DATA_HOME/layerstore``, else ``~/.local/share/layerstore``.
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    if value < minimum:
+        rule = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+    return value
 
-    An empty or relative ``XDG_DATA_HOME`` is ignored, as the XDG base-directory spec says.
-    """
-    env = os.environ if environ is None else environ
-    home = env.get("LAYERSTORE_HOME")
-    if home:
-        return Path(home)
-    xdg = env.get("XDG_DATA_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "layerstore"
-    return Path.home() / ".local" / "share" / "layerstore"
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (indices such as ``--start``)."""
+    return _integer(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts such as ``--max-threads``)."""
+    return _integer(text, 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Formatting helpers
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as du -h and ls -lh use)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def short_digest(digest: str, n: int = 12) -> str:
-    """'blake3:0123456789abcdef…' -> '0123456789ab' (a prefix `layer()` accepts)."""
-    return digest.split(":", 1)[-1][:n]
-
-
-def format_time(unix: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(unix))
+# Formatting of layers and entries
 
 
 def _text(name: str | os.PathLike[str] | None) -> str:
@@ -113,20 +120,8 @@ def listing_line(entry: ls.Entry, size_width: int) -> str:
     return f"{mode_string(entry)} {owner:<17} {size:>{size_width}} {when} {path}"
 
 
-def layer_json(layer: ls.Layer) -> dict[str, Any]:
-    return {
-        "id": layer.id,
-        "diff_id": layer.diff_id,
-        "tree_id": layer.tree_id,
-        "size": layer.size,
-        "entry_count": layer.entry_count,
-        "compressed_digest": layer.compressed_digest,
-        "compression": layer.compression,
-        "created": layer.created,
-    }
-
-
 def entry_json(entry: ls.Entry) -> dict[str, Any]:
+    """The JSON shape of an entry (``show --json``)."""
     return {
         "path": _text(entry.path),
         "kind": entry.kind,
@@ -149,128 +144,22 @@ def entry_json(entry: ls.Entry) -> dict[str, Any]:
     }
 
 
-def print_json(doc: object, out: TextIO | None = None) -> None:
-    # ensure_ascii keeps non-UTF-8 names (surrogate escapes) representable.
-    stream = sys.stdout if out is None else out
-    json.dump(doc, stream, indent=2, ensure_ascii=True)
-    stream.write("\n")
-
-
-def print_table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> None:
-    """Columns padded to the widest cell; column indices in `right` are right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        print("  ".join(cells).rstrip())
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-
-
-@contextmanager
-def progress_bar(
-    description: str, total: int | None, enabled: bool
-) -> Iterator[Callable[[int], None] | None]:
-    """Yield a ``progress(bytes_done)`` callback drawing a tqdm bar on stderr, or None.
-
-    tqdm is optional: without it (or without a terminal) there is no bar.
-    """
-    if not enabled or sys.stderr is None or not sys.stderr.isatty():
-        yield None
-        return
-    try:
-        tqdm_module = importlib.import_module("tqdm")
-    except ImportError:
-        yield None
-        return
-    bar = tqdm_module.tqdm(
-        total=total,
-        desc=description,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        leave=False,
-        dynamic_ncols=True,
-    )
-    last = 0
-
-    def update(done: int) -> None:
-        nonlocal last
-        if done > last:
-            bar.update(done - last)
-            last = done
-
-    try:
-        yield update
-    finally:
-        bar.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Commands
-
-
-def open_store(args: argparse.Namespace, *, create: bool = False) -> ls.Store:
-    path: Path = args.store
-    if not create and not (path / "meta.db").exists():
-        raise CliError(
-            f"no store at {path} (use --store DIR or $LAYERSTORE_HOME; '{PROG} import' creates one)"
-        )
-    return ls.Store(path)
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    if args.src.count("-") > 1:
-        raise CliError("standard input ('-') can be imported only once")
-    store = open_store(args, create=True)
-    results: list[dict[str, Any]] = []
-    for src in args.src:
-        if src == "-":
-            if sys.stdin is None:
-                raise CliError("no standard input to read a tar from")
-            if sys.stdin.isatty():
-                raise CliError("refusing to read a tar from a terminal (pipe one into '-')")
-            with progress_bar("stdin", None, args.progress) as progress:
-                layer = store.import_tar(sys.stdin.buffer, progress=progress)
-        elif os.path.isdir(src) and os.path.isfile(os.path.join(src, "oci-layout")):
-            with progress_bar(os.path.basename(src) or src, None, args.progress) as progress:
-                images = store.import_oci(src, platform=args.platform, progress=progress)
-            results.append(_report_images(src, images, args.json))
-            continue
-        elif os.path.isdir(src):
-            with progress_bar(os.path.basename(src) or src, None, args.progress) as progress:
-                layer = store.import_dir(
-                    src, exclude_xattrs=list(args.exclude_xattr), progress=progress
-                )
-        elif is_docker_archive(src):
-            with progress_bar(os.path.basename(src), None, args.progress) as progress:
-                images = store.import_docker_archive(src, progress=progress)
-            results.append(_report_images(src, images, args.json))
-            continue
-        else:
-            total = _plain_size(src)
-            with progress_bar(os.path.basename(src), total, args.progress) as progress:
-                layer = store.import_tar(src, progress=progress)
-        if args.json:
-            results.append({"source": src, **layer_json(layer)})
-        else:
-            print(f"imported {src}")
-            print(f"  id       {layer.id}")
-            print(f"  diff_id  {layer.diff_id}")
-            print(f"  entries  {layer.entry_count:,}")
-            print(f"  size     {human_bytes(layer.size)} ({layer.size:,} bytes)")
-            sys.stdout.flush()
-    if args.json:
-        print_json(results)
-    return 0
+def layer_json(layer: ls.Layer) -> dict[str, Any]:
+    """The JSON shape of a layer (``ls``, ``show``, ``import``)."""
+    return {
+        "id": layer.id,
+        "diff_id": layer.diff_id,
+        "tree_id": layer.tree_id,
+        "size": layer.size,
+        "entry_count": layer.entry_count,
+        "compressed_digest": layer.compressed_digest,
+        "compression": layer.compression,
+        "created": layer.created,
+    }
 
 
 def image_json(image: ls.Stack) -> dict[str, Any]:
+    """The JSON shape of an image as an import reports it."""
     return {
         "digest": image.digest,
         "config_digest": image.config_digest,
@@ -279,17 +168,8 @@ def image_json(image: ls.Stack) -> dict[str, Any]:
     }
 
 
-def _report_images(src: str, images: Mapping[str, ls.Stack], as_json: bool) -> dict[str, Any]:
-    """Print what an image import brought in (text mode); the JSON document of it."""
-    if not as_json:
-        print(f"imported {src}")
-        for name, image in images.items():
-            print(f"  image    {name}")
-            print(f"  digest   {image.digest}")
-            print(f"  layers   {len(image)}")
-        sys.stdout.flush()
-    return {"source": src, "images": {name: image_json(im) for name, im in images.items()}}
-
+# ---------------------------------------------------------------------------------------------
+# import
 
 _DOCKER_ARCHIVE_FILES = frozenset({"manifest.json", "repositories", "index.json", "oci-layout"})
 
@@ -321,62 +201,202 @@ def is_docker_archive(src: str) -> bool:
         return False  # not a tar tarfile can read (e.g. zstd): the layer import decides
 
 
-def _plain_size(src: str) -> int | None:
-    """Size of an uncompressed tar file (the progress total), None when compressed or unknown.
+def _store_path(args: argparse.Namespace) -> Path:
+    path: Path = args.store
+    return path
 
-    Progress counts uncompressed bytes, so a compressed file's size is no total for it.
-    """
+
+def _store(args: argparse.Namespace) -> ls.Store:
+    return open_store(_store_path(args))
+
+
+_UNSUPPORTED_SCHEMES = ("docker://",)
+
+
+def _transport(src: str) -> tuple[str, str]:
+    """('oci' | 'docker-archive' | '', path) for a skopeo-style source name; a path that exists
+    as given is a path even if it looks like a transport."""
+    if os.path.lexists(src) or src == "-":
+        return "", src
+    for scheme in _UNSUPPORTED_SCHEMES:
+        if src.startswith(scheme):
+            raise CliError(f"{src}: registry transports are not supported yet")
+    for name in ("oci", "docker-archive"):
+        if src.startswith(name + ":"):
+            return name, src[len(name) + 1 :]
+    return "", src
+
+
+def _check_sources(sources: Sequence[str]) -> None:
+    """Refuse what cannot be imported before the store is touched (a missing file, two '-')."""
+    if list(sources).count("-") > 1:
+        raise CliError("standard input ('-') can be imported only once")
+    for src in sources:
+        kind, path = _transport(src)
+        if path != "-" and not os.path.lexists(path):
+            raise FileNotFoundError(2, os.strerror(2), path)
+        if kind == "oci" and not os.path.isfile(os.path.join(path, "oci-layout")):
+            raise CliError(f"{src}: not an OCI image layout (no oci-layout file)")
+
+
+def _python_decoded(head: bytes) -> str | None:
+    """'xz' or 'bzip2' when Python decodes the input for the core (which reads gzip and zstd)."""
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    if head.startswith(b"BZh") and head[3:4] in b"123456789" and len(head) > 3:
+        return "bzip2"
+    return None
+
+
+def _magic(src: str) -> tuple[bytes, int]:
+    with open(src, "rb") as f:
+        return f.read(6), os.fstat(f.fileno()).st_size
+
+
+class _CountingReader:
+    """A binary file whose reads advance a progress bar by the bytes read from the file itself:
+    for a compressed input, progress against the file size (the uncompressed size is unknown)."""
+
+    def __init__(self, f: IO[bytes], progress: Callable[[int], None]) -> None:
+        self.f = f
+        self.progress = progress
+        self.done = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.done += len(data)
+        self.progress(self.done)
+        return data
+
+
+def _import_tar_file(store: ls.Store, src: str, show: bool) -> ls.Layer:
+    """A tar file, plain or compressed: gzip and zstd decoded by the core, xz and bzip2 by
+    Python's lzma and bz2 (the layer then records no compressed blob digest)."""
+    head, size = _magic(src)
+    name = _python_decoded(head)
+    if name is not None:
+        with (
+            lzma.open(src, "rb") if name == "xz" else bz2.open(src, "rb") as decoded,
+            progress_bar(f"{os.path.basename(src)} ({name})", None, show) as bar,
+        ):
+            return store.import_tar(decoded, progress=bar)
+    if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
+        # Compressed: progress counts the file's bytes as the core reads them.
+        with open(src, "rb") as f, progress_bar(os.path.basename(src), size, show) as bar:
+            if bar is None:
+                return store.import_tar(f)
+            counted = cast("IO[bytes]", _CountingReader(f, bar))
+            return store.import_tar(counted, progress=lambda _: None)
+    with progress_bar(os.path.basename(src), size, show) as bar:
+        return store.import_tar(src, progress=bar)
+
+
+def _import_one(
+    store: ls.Store, src: str, args: argparse.Namespace
+) -> tuple[ls.Layer | None, Mapping[str, ls.Stack]]:
+    kind, path = _transport(src)
+    label = os.path.basename(path.rstrip("/")) or path
+    if path == "-":
+        if sys.stdin is None:
+            raise CliError("no standard input to read a tar from")
+        if sys.stdin.isatty():
+            raise CliError("refusing to read a tar from a terminal (pipe one into '-')")
+        with progress_bar("stdin", None, args.progress) as bar:
+            return store.import_tar(sys.stdin.buffer, progress=bar), {}
+    if kind == "oci" or (
+        not kind and os.path.isdir(path) and os.path.isfile(os.path.join(path, "oci-layout"))
+    ):
+        with progress_bar(label, None, args.progress) as bar:
+            return None, store.import_oci(path, platform=args.platform, progress=bar)
+    if kind == "docker-archive" or (
+        not kind and not os.path.isdir(path) and is_docker_archive(path)
+    ):
+        with progress_bar(label, None, args.progress) as bar:
+            return None, store.import_docker_archive(path, progress=bar)
+    if os.path.isdir(path):
+        with progress_bar(label, None, args.progress) as bar:
+            layer = store.import_dir(path, exclude_xattrs=list(args.exclude_xattr), progress=bar)
+        return layer, {}
+    return _import_tar_file(store, path, args.progress), {}
+
+
+def _moved_tags(before: Mapping[str, ls.Stack], images: Mapping[str, ls.Stack]) -> dict[str, str]:
+    """Tags an image import re-pointed: name -> what it named before (digest or chain id)."""
+    moved = {}
+    for name, image in images.items():
+        old = before.get(name)
+        if old is not None and (old.chain_id, old.digest) != (image.chain_id, image.digest):
+            moved[name] = old.digest or old.chain_id
+    return moved
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    _check_sources(args.src)
+    path = _store_path(args)
+    created = new_store_path(path)
+    store = open_store(path, create=True)
+    results: list[dict[str, Any]] = []
+    done: list[str] = []
     try:
-        with open(src, "rb") as f:
-            head = f.read(4)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return None  # the import itself reports the error
-    if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
-        return None
-    return size
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    layers = open_store(args).layers()
+        for src in args.src:
+            try:
+                before = store.images()
+                layer, images = _import_one(store, src, args)
+            except (ls.LayerstoreError, OSError, ValueError, CliError) as e:
+                said = _message(e)
+                if src not in said:
+                    said = f"{src}: {said}"
+                if done:
+                    said += f" (imported before it: {', '.join(done)})"
+                elif len(args.src) > 1:
+                    said += " (nothing imported)"
+                raise CliError(said) from e
+            done.append(src)
+            if layer is not None:
+                results.append({"source": src, **layer_json(layer)})
+                if not args.json:
+                    _print_imported_layer(src, layer)
+                continue
+            moved = _moved_tags(before, images)
+            for name, old in moved.items():
+                new = images[name].digest or images[name].chain_id
+                _warn(f"tag {name} now names {new} (it named {old})")
+            results.append(
+                {
+                    "source": src,
+                    "images": {name: image_json(im) for name, im in images.items()},
+                    "moved_tags": moved,
+                }
+            )
+            if not args.json:
+                _print_imported_images(src, images)
+    except BaseException:
+        if not done and created is not None:
+            # A failed first import leaves no store behind (it would only hold leftovers).
+            del store
+            remove_new_store(created)
+        raise
     if args.json:
-        print_json([layer_json(layer) for layer in layers])
-        return 0
-    rows = [["ID", "DIFF ID", "ENTRIES", "SIZE", "FROM", "CREATED"]]
-    for layer in layers:
-        rows.append(
-            [
-                layer.id if args.no_trunc else short_digest(layer.id),
-                layer.diff_id if args.no_trunc else short_digest(layer.diff_id),
-                f"{layer.entry_count:,}",
-                human_bytes(layer.size),
-                layer.compression or "tar",
-                format_time(layer.created),
-            ]
-        )
-    print_table(rows, right=frozenset({2, 3}))
+        print_json(results)
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    layer = open_store(args).layer(args.layer)
-    entries = layer.entries()
-    if args.json:
-        print_json({**layer_json(layer), "entries": [entry_json(e) for e in entries]})
-        return 0
-    print(f"id                 {layer.id}")
-    print(f"diff_id            {layer.diff_id}")
-    print(f"tree_id            {layer.tree_id}")
-    print(f"size               {human_bytes(layer.size)} ({layer.size:,} bytes)")
-    print(f"entries            {layer.entry_count:,}")
-    if layer.compressed_digest:
-        print(f"imported from      {layer.compression} blob {layer.compressed_digest}")
-    print(f"created            {format_time(layer.created)}")
-    print()
-    width = max((len(str(e.size)) for e in entries), default=1)
-    for entry in entries:
-        print(listing_line(entry, width))
-    return 0
+def _print_imported_layer(src: str, layer: ls.Layer) -> None:
+    print(f"imported {src}")
+    print(f"  id       {layer.id}")
+    print(f"  diff_id  {layer.diff_id}")
+    print(f"  entries  {layer.entry_count:,}")
+    print(f"  size     {human_bytes(layer.size)} ({layer.size:,} bytes)")
+    sys.stdout.flush()
+
+
+def _print_imported_images(src: str, images: Mapping[str, ls.Stack]) -> None:
+    print(f"imported {src}")
+    for name, image in images.items():
+        print(f"  image    {name}")
+        print(f"  digest   {image.digest}")
+        print(f"  layers   {len(image)}")
+    sys.stdout.flush()
 
 
 class _StdoutSink:
@@ -405,9 +425,104 @@ class _StdoutSink:
             raise
 
 
+def _tree(image: ls.Stack, top: str) -> Iterator[tuple[str, ls.Stat]]:
+    """Every path under `top` with its stat (symlinks not followed): each directory, then its
+    files and its symlinks to directories (which walk lists but does not enter)."""
+    found = image.stat(top, follow_symlinks=False)
+    if found.kind != "dir":
+        yield found.path, found
+        return
+    for dirpath, dirnames, filenames in image.walk(top):
+        names = [*filenames, *dirnames]
+        paths = [dirpath, *(os.path.join(dirpath, n) for n in names)]
+        stats = image.stat_many(paths, follow_symlinks=False)
+        for i, (p, st) in enumerate(zip(paths, stats, strict=True)):
+            # Subdirectories appear when walk reaches them; symlinks among dirnames do not.
+            if st is not None and (i == 0 or i <= len(filenames) or st.kind == "symlink"):
+                yield p, st
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: ls, show, export
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    layers = _store(args).layers()
+    if args.json:
+        print_json([layer_json(layer) for layer in layers])
+        return 0
+    # BLOB: the compression of a compressed blob known for the layer (its digest also finds
+    # the layer), '-' when only the uncompressed tar is known.
+    rows = [["ID", "DIFF ID", "ENTRIES", "SIZE", "BLOB", "CREATED"]]
+    for layer in layers:
+        rows.append(
+            [
+                layer.id if args.no_trunc else short_digest(layer.id),
+                layer.diff_id if args.no_trunc else short_digest(layer.diff_id),
+                f"{layer.entry_count:,}",
+                human_bytes(layer.size),
+                layer.compression or "-",
+                format_time(layer.created),
+            ]
+        )
+    print_table(rows, right=frozenset({2, 3}))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    # Looked up again by id, so that every name of a layer shows the same thing.
+    layer = store.layer(resolve_layer(store, args.layer).id)
+    entries = layer.entries()
+    if args.json:
+        print_json({**layer_json(layer), "entries": [entry_json(e) for e in entries]})
+        return 0
+    print(f"id                 {layer.id}")
+    print(f"diff_id            {layer.diff_id}")
+    print(f"tree_id            {layer.tree_id}")
+    print(f"size               {human_bytes(layer.size)} ({layer.size:,} bytes)")
+    print(f"entries            {layer.entry_count:,}")
+    if layer.compressed_digest:
+        print(f"compressed blob    {layer.compression} {layer.compressed_digest}")
+    if layer.created_by:
+        print(f"created_by         {layer.created_by}")
+    print(f"created            {format_time(layer.created)}")
+    print()
+    width = max((len(str(e.size)) for e in entries), default=1)
+    for entry in entries:
+        print(listing_line(entry, width))
+    return 0
+
+
+#: Output compressions named by a file extension (``export L out.tar.gz``).
+_EXTENSIONS = {
+    ".gz": "gzip",
+    ".tgz": "gzip",
+    ".zst": "zstd",
+    ".tzst": "zstd",
+    ".xz": "xz",
+    ".txz": "xz",
+    ".bz2": "bzip2",
+    ".tbz2": "bzip2",
+}
+
+
+def export_compression(dest: str, asked: str | None) -> str | None:
+    """The compression to write `dest` with: `asked` ('gzip' | 'zstd' | 'none'), else what the
+    extension says. A mismatch between the two, or an extension we cannot write, is refused."""
+    implied = _EXTENSIONS.get(os.path.splitext(dest)[1].lower()) if dest != "-" else None
+    if implied in ("xz", "bzip2"):
+        raise CliError(f"{dest}: cannot write {implied} (use .tar, .tar.gz or .tar.zst)")
+    if asked is None:
+        return implied
+    if implied is not None and asked != implied:
+        raise CliError(f"--compression {asked} does not match the extension of {dest} ({implied})")
+    return None if asked == "none" else asked
+
+
 def cmd_export_image(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.layer)
+    store = _store(args)
+    image = resolve_image(store, args.layer)
     tag = args.tag or args.layer
     if args.dest == "-":
         raise CliError(f"--format {args.format} writes a file or directory, not standard output")
@@ -432,7 +547,9 @@ def cmd_export_image(args: argparse.Namespace) -> int:
         "dest": args.dest,
         "format": args.format,
         "digest": digest,
-        "config_digest": store.get(args.layer).config_digest if args.format == "oci" else None,
+        "config_digest": store.get(tag).config_digest
+        if args.format == "oci" and _has_tag(store, tag)
+        else None,
     }
     if args.json:
         print_json(doc)
@@ -441,13 +558,41 @@ def cmd_export_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _has_tag(store: ls.Store, name: str) -> bool:
+    try:
+        store.get(name)
+    except (ls.NotFoundError, ValueError):
+        return False
+    return True
+
+
+def _split_transport_dest(args: argparse.Namespace) -> None:
+    """``oci:DIR[:REF]`` and ``docker-archive:FILE[:REF]`` as DEST set --format and --tag."""
+    for scheme, fmt in (("oci:", "oci"), ("docker-archive:", "docker")):
+        if args.dest.startswith(scheme) and not os.path.lexists(args.dest):
+            if args.format not in ("tar", fmt):
+                raise CliError(f"{args.dest} contradicts --format {args.format}")
+            rest = args.dest[len(scheme) :]
+            path, _, ref = rest.partition(":")
+            args.format, args.dest = fmt, path
+            if ref:
+                if args.tag not in (None, ref):
+                    raise CliError(f"{scheme}{rest} contradicts --tag {args.tag}")
+                args.tag = ref
+            return
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    _split_transport_dest(args)
     if args.format != "tar":
         return cmd_export_image(args)
     if args.tag is not None or args.classic:
         raise CliError("--tag and --classic apply to --format oci|docker")
-    store = open_store(args)
-    layer = store.layer(args.layer)
+    if args.dest == "":
+        raise CliError("DEST is empty: give a file name, or '-' for standard output")
+    compression = export_compression(args.dest, args.compression)
+    store = _store(args)
+    layer = resolve_layer(store, args.layer)
     to_stdout = args.dest == "-"
     if to_stdout and args.json:
         raise CliError("--json cannot be combined with DEST '-' (stdout carries the tar)")
@@ -459,10 +604,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             sink = _StdoutSink(sys.stdout.buffer)
             try:
                 digest = store.export_tar(
-                    layer,
-                    cast("IO[bytes]", sink),
-                    compression=args.compression,
-                    progress=progress,
+                    layer, cast("IO[bytes]", sink), compression=compression, progress=progress
                 )
                 sink.flush()
             except OSError:
@@ -470,60 +612,252 @@ def cmd_export(args: argparse.Namespace) -> int:
                     raise BrokenPipeError from None
                 raise
         else:
-            digest = store.export_tar(
-                layer, args.dest, compression=args.compression, progress=progress
-            )
+            digest = store.export_tar(layer, args.dest, compression=compression, progress=progress)
     if args.json:
         print_json(
             {
                 "layer": layer.id,
                 "diff_id": layer.diff_id,
                 "dest": args.dest,
-                "compression": args.compression,
+                "compression": compression,
                 "digest": digest,
             }
         )
     elif not to_stdout:
-        print(f"exported {layer.id} to {args.dest} ({digest})")
+        how = f" ({compression})" if compression else ""
+        print(f"exported {layer.id} to {args.dest}{how} ({digest})")
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Images: tag, images, untag, inspect, history
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.stack([store.layer(key) for key in args.layers])
+    store = _store(args)
+    if len(args.layers) == 1:
+        # One argument: an image (a tag, digest) or a layer, as every other command takes it.
+        image = resolve_image(store, args.layers[0])
+    else:
+        image = store.stack([resolve_layer(store, key) for key in args.layers])
     store.tag(image, args.name)
     if args.json:
         print_json({"tag": args.name, "chain_id": image.chain_id, "layers": len(image)})
     else:
-        print(f"{args.name}  {image.chain_id}  ({len(image)} layers)")
+        print(f"{args.name}  {image.chain_id}  ({plural(len(image), 'layer')})")
     return 0
 
 
+def _image_size(image: ls.Stack) -> int:
+    return sum(layer.size for layer in image.layers)
+
+
+def _image_created(image: ls.Stack) -> int:
+    """When the image's newest layer was stored (the store keeps no image config time)."""
+    return max((layer.created for layer in image.layers), default=0)
+
+
 def cmd_images(args: argparse.Namespace) -> int:
-    images = open_store(args).images()
+    images = _store(args).images()
     if args.json:
         print_json(
             {
-                name: {"chain_id": image.chain_id, "layers": [layer.id for layer in image.layers]}
+                name: {
+                    "chain_id": image.chain_id,
+                    "digest": image.digest,
+                    "config_digest": image.config_digest,
+                    "layers": [layer.id for layer in image.layers],
+                    "size": _image_size(image),
+                    "created": _image_created(image),
+                }
                 for name, image in images.items()
             }
         )
         return 0
-    rows = [["TAG", "CHAIN ID", "LAYERS"]]
+    rows = [["TAG", "DIGEST", "CHAIN ID", "LAYERS", "SIZE", "CREATED"]]
     for name, image in sorted(images.items()):
+        digest = image.digest or "-"
+        if not args.no_trunc and image.digest:
+            digest = short_digest(image.digest)
         chain = image.chain_id if args.no_trunc else short_digest(image.chain_id)
-        rows.append([name, chain, str(len(image))])
-    print_table(rows, right=frozenset({2}))
+        rows.append(
+            [
+                name,
+                digest,
+                chain,
+                str(len(image)),
+                human_bytes(_image_size(image)),
+                format_time(_image_created(image)),
+            ]
+        )
+    print_table(rows, right=frozenset({3, 4}))
     return 0
 
 
 def cmd_untag(args: argparse.Namespace) -> int:
-    open_store(args).untag(args.name)
+    _store(args).untag(args.name)
     return 0
 
 
+def _history_json(layer: ls.Layer) -> dict[str, Any]:
+    return {
+        "id": layer.id,
+        "diff_id": layer.diff_id,
+        "size": layer.size,
+        "created": layer.created,
+        "created_by": layer.created_by,
+        "compressed_digest": layer.compressed_digest,
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = _store(args)
+    image = resolve_image(store, args.image)
+    doc = {
+        "name": args.image,
+        "tags": image_tags(store, image),
+        "digest": image.digest,
+        "config_digest": image.config_digest,
+        "chain_id": image.chain_id,
+        "size": _image_size(image),
+        "created": _image_created(image),
+        "layers": [_history_json(layer) for layer in image.layers],
+    }
+    # docker inspect prints JSON either way.
+    print_json(doc)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    store = _store(args)
+    image = resolve_image(store, args.image)
+    top_first = list(reversed(image.layers))
+    if args.json:
+        print_json([_history_json(layer) for layer in top_first])
+        return 0
+    rows = [["LAYER", "CREATED", "CREATED BY", "SIZE"]]
+    for layer in top_first:
+        created_by = layer.created_by or ""
+        if not args.no_trunc and len(created_by) > 45:
+            created_by = created_by[:44] + "…"
+        layer_id = layer.id if args.no_trunc else short_digest(layer.id)
+        rows.append([layer_id, format_time(layer.created), created_by, human_bytes(layer.size)])
+    print_table(rows, right=frozenset({3}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Removing: rm, rmi, prune
+
+
+def _users(images: Mapping[str, ls.Stack], layer_id: str) -> list[str]:
+    return sorted(n for n, im in images.items() if any(x.id == layer_id for x in im.layers))
+
+
+def _gc_hint(args: argparse.Namespace, removed: int) -> None:
+    if not args.json and removed:
+        print(f"'{PROG} gc' frees the space they held")
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = _store(args)
+    layers = {layer.id: layer for layer in (resolve_layer(store, k) for k in args.layers)}
+    images = store.images()
+    untagged: list[str] = []
+    for layer_id in layers:
+        users = _users(images, layer_id)
+        if users and not args.force:
+            raise CliError(
+                f"layer {short_digest(layer_id)} is used by "
+                f"{plural(len(users), 'image')} ({', '.join(users)}): "
+                f"remove them first ('{PROG} rmi') or use --force to untag them"
+            )
+        for name in users:
+            if name not in untagged:
+                store.untag(name)
+                untagged.append(name)
+    for layer_id in layers:
+        store.delete(layer_id)
+    if args.json:
+        print_json({"removed": list(layers), "untagged": untagged})
+        return 0
+    for name in untagged:
+        print(f"untagged {name}")
+    for layer_id in layers:
+        print(f"removed {layer_id}")
+    _gc_hint(args, len(layers))
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    store = _store(args)
+    untagged: list[str] = []
+    candidates: list[str] = []
+    for key in args.images:
+        if _has_tag(store, key):
+            names = [key]
+        else:
+            names = image_tags(store, resolve_image(store, key))
+            if not names:
+                raise CliError(
+                    f"'{key}' is a layer, not a tagged image ('{PROG} rm' removes layers)"
+                )
+            if len(names) > 1 and not args.force:
+                raise CliError(
+                    f"'{key}' is tagged {plural(len(names), 'time')} ({', '.join(names)}): "
+                    "name a tag, or use --force to remove every tag"
+                )
+        for name in names:
+            if name in untagged:
+                continue
+            candidates.extend(layer.id for layer in store.get(name).layers)
+            store.untag(name)
+            untagged.append(name)
+    # The layers that no remaining tag uses go with the image.
+    remaining = store.images()
+    removed: list[str] = []
+    for layer_id in dict.fromkeys(candidates):
+        if not _users(remaining, layer_id):
+            store.delete(layer_id)
+            removed.append(layer_id)
+    if args.json:
+        print_json({"untagged": untagged, "removed": removed})
+        return 0
+    for name in untagged:
+        print(f"untagged {name}")
+    for layer_id in removed:
+        print(f"removed {layer_id}")
+    _gc_hint(args, len(removed))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    store = _store(args)
+    reached = {layer.id for image in store.images().values() for layer in image.layers}
+    unreached = [layer.id for layer in store.layers() if layer.id not in reached]
+    if not args.dry_run:
+        for layer_id in unreached:
+            store.delete(layer_id)
+    report = store.gc() if not args.dry_run else None
+    if args.json:
+        print_json({"removed": unreached, "dry_run": args.dry_run, "gc": report})
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for layer_id in unreached:
+        print(f"{verb} {layer_id}")
+    summary = f"{verb} {plural(len(unreached), 'untagged layer')}"
+    if report is not None:
+        summary += f", reclaimed {human_bytes(report['bytes_reclaimed'])}"
+    print(summary)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing images: cat, tree, materialize, apply
+
+
 def cmd_cat(args: argparse.Namespace) -> int:
-    image = open_store(args).get(args.image)
+    image = resolve_image(_store(args), args.image)
     with image.open(args.path) as f:
         out = sys.stdout.buffer
         while block := f.read(1 << 20):
@@ -533,7 +867,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    image = open_store(args).get(args.image)
+    image = resolve_image(_store(args), args.image)
     if args.json:
         print_json(
             [
@@ -549,26 +883,9 @@ def cmd_tree(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tree(image: ls.Stack, top: str) -> Iterator[tuple[str, ls.Stat]]:
-    """Every path under `top` with its stat (symlinks not followed): each directory, then its
-    files and its symlinks to directories (which walk lists but does not enter)."""
-    found = image.stat(top, follow_symlinks=False)
-    if found.kind != "dir":
-        yield found.path, found
-        return
-    for dirpath, dirnames, filenames in image.walk(top):
-        names = [*filenames, *dirnames]
-        paths = [dirpath, *(os.path.join(dirpath, n) for n in names)]
-        stats = image.stat_many(paths, follow_symlinks=False)
-        for i, (p, st) in enumerate(zip(paths, stats, strict=True)):
-            # Subdirectories appear when walk reaches them; symlinks among dirnames do not.
-            if st is not None and (i == 0 or i <= len(filenames) or st.kind == "symlink"):
-                yield p, st
-
-
 def cmd_materialize(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.image)
+    store = _store(args)
+    image = resolve_image(store, args.image)
     with progress_bar(args.image, None, args.progress) as progress:
         report = store.materialize(
             image, args.dest, max_threads=args.max_threads, progress=progress
@@ -577,35 +894,42 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print_json({"image": args.image, "dest": args.dest, **report})
     else:
         print(
-            f"materialized {args.image} into {args.dest}: {report['entries']:,} entries, "
-            f"{human_bytes(report['bytes'])}"
-            + (f", {report['skipped']} skipped" if report["skipped"] else "")
+            f"materialized {args.image} into {args.dest}: "
+            f"{plural(report['entries'], 'entry', 'entries')}, {human_bytes(report['bytes'])}"
+            + (f", {report['skipped']:,} skipped" if report["skipped"] else "")
         )
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    layer = store.layer(args.layer)
+    store = _store(args)
+    layer = resolve_layer(store, args.layer)
     with progress_bar(short_digest(layer.id), None, args.progress) as progress:
         report = store.apply(layer, args.dest, progress=progress)
     if args.json:
         print_json({"layer": layer.id, "dest": args.dest, **report})
     else:
         print(
-            f"applied {short_digest(layer.id)} onto {args.dest}: {report['entries']:,} entries "
-            f"written, {report['removed']:,} removed, {human_bytes(report['bytes'])}"
-            + (f", {report['skipped']} skipped" if report["skipped"] else "")
+            f"applied {short_digest(layer.id)} onto {args.dest}: "
+            f"{plural(report['entries'], 'entry', 'entries')} written, "
+            f"{report['replaced']:,} replaced, {report['removed']:,} removed, "
+            f"{human_bytes(report['bytes'])}"
+            + (f", {report['skipped']:,} skipped" if report["skipped"] else "")
         )
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Making layers: diff, squash, commit
+
+
 def _side(store: ls.Store, arg: str) -> ls.Stack | Path:
-    """A diff side: an existing directory, else an image tag."""
-    return Path(arg) if os.path.isdir(arg) else store.get(arg)
+    """A diff side: an existing directory, else an image (tag, digest, layer)."""
+    return Path(arg) if os.path.isdir(arg) else resolve_image(store, arg)
 
 
 def _print_layer(args: argparse.Namespace, verb: str, layer: ls.Layer, **extra: object) -> None:
+    tagged = extra.get("tag") is not None
     if args.json:
         print_json(
             {
@@ -616,22 +940,44 @@ def _print_layer(args: argparse.Namespace, verb: str, layer: ls.Layer, **extra: 
                 **extra,
             }
         )
+        return
+    tail = "".join(f"  {k}={v}" for k, v in extra.items() if v is not None)
+    print(
+        f"{verb} {layer.id}  {layer.diff_id}  "
+        f"({plural(layer.entry_count, 'entry', 'entries')}){tail}"
+    )
+    if not tagged:
+        short = short_digest(layer.id)
+        print(
+            f"the layer is in the store untagged: '{PROG} tag NAME {short}' keeps it as an "
+            f"image, '{PROG} rm {short}' removes it"
+        )
+
+
+#: What each kind of change is, docker-style: A added, C changed, D deleted.
+def _status(a: ls.Stack | Path, kind: str, path: str) -> str:
+    if kind == "whiteout":
+        return "D"
+    if kind == "opaque":
+        return "C"
+    if isinstance(a, Path):
+        existed = os.path.lexists(a / path.lstrip("/"))
     else:
-        tail = "".join(f"  {k}={v}" for k, v in extra.items())
-        print(f"{verb} {layer.id}  {layer.diff_id}  ({layer.entry_count} entries){tail}")
+        existed = a.exists(path, follow_symlinks=False)
+    return "C" if existed else "A"
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = _store(args)
     a, b = _side(store, args.a), _side(store, args.b)
     if args.compare_only:
         changes = store.changes(a, b, compare_content=args.compare_content)
+        listed = [(_status(a, kind, path), kind, path) for kind, path in changes]
         if args.json:
-            print_json([{"change": kind, "path": path} for kind, path in changes])
+            print_json([{"status": s, "change": kind, "path": p} for s, kind, p in listed])
         else:
-            marks = {"entry": "M", "link": "L", "whiteout": "D", "opaque": "O"}
-            for kind, path in changes:
-                print(f"{marks[kind]} {path}")
+            for status, _, path in listed:
+                print(f"{status} {path}")
         return 0
     with progress_bar("diff", None, args.progress) as progress:
         layer = store.diff(a, b, compare_content=args.compare_content, progress=progress)
@@ -640,21 +986,26 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_squash(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.image)
-    stop = len(image) if args.stop is None else args.stop
+    store = _store(args)
+    image = resolve_image(store, args.image)
+    depth = len(image)
+    stop = depth if args.stop is None else args.stop
+    if stop > depth:
+        raise CliError(f"--stop {stop} is beyond {args.image}, which has {plural(depth, 'layer')}")
+    if args.start >= stop:
+        raise CliError(f"--start {args.start} --stop {stop} is an empty range (stop is excluded)")
     with progress_bar("squash", None, args.progress) as progress:
         layer = store.squash(image, args.start, stop, dest=args.output, progress=progress)
     if args.tag:
         layers = [*image.layers[: args.start], layer, *image.layers[stop:]]
         store.tag(store.stack(layers), args.tag)
-    _print_layer(args, "squashed", layer, **({"tag": args.tag} if args.tag else {}))
+    _print_layer(args, "squashed", layer, tag=args.tag)
     return 0
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.image)
+    store = _store(args)
+    image = resolve_image(store, args.image)
     with progress_bar("commit", None, args.progress) as progress:
         layer = store.diff(image, Path(args.dir), progress=progress)
     store.tag(image.push(layer), args.tag)
@@ -662,14 +1013,19 @@ def cmd_commit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# The store: gc, fsck, du
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    report = open_store(args).gc()
+    report = _store(args).gc()
     if args.json:
         print_json(report)
         return 0
     print(
-        f"removed {report['chunks_removed']:,} chunk(s) and {report['packs_removed']:,} pack(s), "
-        f"rewrote {report['packs_rewritten']:,} pack(s), "
+        f"removed {plural(report['chunks_removed'], 'chunk')} and "
+        f"{plural(report['packs_removed'], 'pack')}, "
+        f"rewrote {plural(report['packs_rewritten'], 'pack')}, "
         f"reclaimed {human_bytes(report['bytes_reclaimed'])}"
     )
     if report["deferred"]:
@@ -678,7 +1034,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    report = open_store(args).fsck(repair=args.repair)
+    report = _store(args).fsck(repair=args.repair)
     ok = bool(report["ok"])
     if args.json:
         print_json(report)
@@ -689,24 +1045,28 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     if repaired is not None:
         broken = repaired["layers_broken"]
         print(
-            f"repair: took {repaired['chunks_retired']:,} damaged chunk(s) out of use and marked "
-            f"{len(broken):,} layer(s) broken; importing their content again heals them"
+            f"repair: took {plural(repaired['chunks_retired'], 'damaged chunk')} out of use and "
+            f"marked {plural(len(broken), 'layer')} broken; importing their content again heals "
+            "them"
         )
         for layer in broken:
             print(f"broken: {layer}")
     garbage = report["garbage"]
     if garbage:
-        print(f"{len(garbage)} leftover file(s) of interrupted imports ('{PROG} gc' removes them)")
-    verdict = "ok" if ok else f"{len(report['problems'])} problem(s)"
+        print(
+            f"{plural(len(garbage), 'leftover file')} of interrupted imports "
+            f"('{PROG} gc' removes them)"
+        )
+    verdict = "ok" if ok else plural(len(report["problems"]), "problem")
     print(
-        f"checked {report['chunks_checked']:,} chunk(s) and "
-        f"{report['layers_checked']:,} layer(s): {verdict}"
+        f"checked {plural(report['chunks_checked'], 'chunk')} and "
+        f"{plural(report['layers_checked'], 'layer')}: {verdict}"
     )
     return 0 if ok else EXIT_ERROR
 
 
 def cmd_du(args: argparse.Namespace) -> int:
-    s = open_store(args).stats()
+    s = _store(args).stats()
     if args.json:
         print_json(s)
         return 0
@@ -716,7 +1076,7 @@ def cmd_du(args: argparse.Namespace) -> int:
     packing = content / s["stored_bytes"] if s["stored_bytes"] else 1.0
     rows = [
         ["layers", f"{s['layers']:,}", ""],
-        ["chunks", f"{s['chunks']:,}", f"in {s['packs']:,} pack(s)"],
+        ["chunks", f"{s['chunks']:,}", f"in {plural(s['packs'], 'pack')}"],
         ["logical", human_bytes(s["logical_bytes"]), "the layers' tars, added up"],
         ["content", human_bytes(content), "unique chunk bytes, uncompressed"],
         ["stored", human_bytes(s["stored_bytes"]), "chunk blocks as stored in packs"],
@@ -736,32 +1096,63 @@ def cmd_du(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # Parser and entry point
 
+_LAYER_HELP = (
+    "a layer: its id, diff_id or compressed blob digest, or a unique prefix of at least 6 hex "
+    "digits of its id or diff_id"
+)
+_IMAGE_HELP = (
+    "an image: a tag, a tagged image's manifest digest or chain id (or a unique prefix of 6+ hex "
+    "digits), or a layer as a one-layer image"
+)
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="A content-addressed store of container-image layers.",
-        epilog=(
-            "The store defaults to $LAYERSTORE_HOME, else $XDG_DATA_HOME/layerstore, "
-            "else ~/.local/share/layerstore."
-        ),
-    )
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other error (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG CMD: error: MESSAGE (see 'PROG CMD --help')`` and exit with status 2."""
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--store, --json, --no-progress: on the main parser and, so that they may follow the
+    command too, on every subparser (there without defaults, so as not to undo the main one's)."""
+    default: Any = None if top else argparse.SUPPRESS
     parser.add_argument(
         "--store",
         metavar="DIR",
         type=Path,
-        default=None,
-        help="the store directory (created by 'import' if missing)",
+        default=default,
+        help="the store directory (default: $LAYERSTORE_HOME, else $XDG_DATA_HOME/layerstore, "
+        "else ~/.local/share/layerstore; created by 'import' if missing or empty)",
     )
     parser.add_argument(
-        "--json", action="store_true", help="print one JSON document on stdout instead of text"
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="print one JSON document on stdout instead of text",
     )
     parser.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
-        help="never draw a progress bar (one is drawn on a terminal)",
+        default=True if top else argparse.SUPPRESS,
+        help="never draw a progress bar (one is drawn when stderr is a terminal)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``layerstore`` command."""
+    parser = _Parser(
+        prog=PROG,
+        description="A content-addressed store of container-image layers.",
+        epilog=(
+            "The store defaults to $LAYERSTORE_HOME, else $XDG_DATA_HOME/layerstore, "
+            "else ~/.local/share/layerstore. Global options may also follow the command."
+        ),
+    )
+    _global_options(parser, top=True)
     parser.add_argument(
         "--version",
         action="version",
@@ -769,18 +1160,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
+    def command(name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
+        p = sub.add_parser(name, **kw)
+        _global_options(p, top=False)
+        p.set_defaults(func=func)
+        return p
+
+    p = command(
         "import",
-        help="import tars or directories as layers",
+        cmd_import,
+        help="import tars, directories, OCI layouts and docker archives",
         description=(
-            "Import each SRC: an OCI image layout (a directory with an oci-layout file) or a "
-            "'docker save' archive as tagged images; else as a layer: a tar file (plain, gzip or "
-            "zstd, recognised by its magic bytes), a directory (as a canonical tar of the tree), "
-            "or '-' for a tar on standard input."
+            "Import each SRC: an OCI image layout (a directory with an oci-layout file, or "
+            "oci:DIR) or a 'docker save' archive (or docker-archive:FILE) as tagged images; else "
+            "as a layer: a tar file (plain, gzip, zstd, xz or bzip2, recognised by its magic "
+            "bytes), a directory (as a canonical tar of the tree), or '-' for a tar on standard "
+            "input. A failure names the SRC and what was imported before it; a first import "
+            "that fails leaves no store behind."
         ),
     )
     p.add_argument(
-        "src", nargs="+", metavar="SRC", help="OCI layout, docker archive, tar, directory, or '-'"
+        "src",
+        nargs="+",
+        metavar="SRC",
+        help="tar file, directory, '-', OCI layout (DIR or oci:DIR), docker archive "
+        "(FILE or docker-archive:FILE)",
     )
     p.add_argument(
         "--exclude-xattr",
@@ -795,58 +1199,68 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the image to take from a multi-platform OCI index (default: this machine's)",
     )
-    p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("ls", help="list layers", description="List the layers in the store.")
+    p = command("ls", cmd_ls, help="list layers", description="List the layers in the store.")
     p.add_argument("--no-trunc", action="store_true", help="print full digests")
-    p.set_defaults(func=cmd_ls)
 
-    layer_help = "layer id, diff_id, blob digest, or a unique hex prefix of the id or diff_id"
-    p = sub.add_parser(
+    p = command(
         "show",
+        cmd_show,
         help="show a layer and its entries",
         description="Show a layer's identity and list its entries like 'tar -tv'.",
     )
-    p.add_argument("layer", metavar="LAYER", help=layer_help)
-    p.set_defaults(func=cmd_show)
+    p.add_argument("layer", metavar="LAYER", help=_LAYER_HELP)
 
-    p = sub.add_parser(
+    p = command(
         "export",
+        cmd_export,
         help="write a layer as a tar, or an image as an OCI layout or docker archive",
         description=(
             "Write a layer as a tar (--format tar, the default): uncompressed, it is byte for "
-            "byte the tar that was imported (its sha256 is the diff_id). With --format oci or "
-            "docker, SOURCE is an image tag, written into the OCI layout DEST (created or added "
-            "to) or as the docker archive DEST; an imported image keeps its digests."
+            "byte the tar that was imported (its sha256 is the diff_id); DEST ending in .gz/.tgz "
+            "or .zst/.tzst is compressed accordingly. With --format oci or docker (or DEST "
+            "oci:DIR[:REF] or docker-archive:FILE[:REF]), SOURCE is an image, written into the "
+            "OCI layout DEST (created or added to) or as the docker archive DEST; an imported "
+            "image keeps its digests."
         ),
     )
-    p.add_argument("layer", metavar="SOURCE", help=layer_help + "; or an image tag")
-    p.add_argument("dest", metavar="DEST", help="output file or directory, or '-' for stdout")
-    p.add_argument("--format", choices=["tar", "oci", "docker"], default="tar")
+    p.add_argument("layer", metavar="SOURCE", help=_LAYER_HELP + "; or, for oci/docker, an image")
+    p.add_argument(
+        "dest",
+        metavar="DEST",
+        help="output file or directory, '-' for stdout, oci:DIR[:REF], docker-archive:FILE[:REF]",
+    )
+    p.add_argument(
+        "--format", choices=["tar", "oci", "docker"], default="tar", help="what to write"
+    )
     p.add_argument(
         "--compression",
         choices=["gzip", "zstd", "none"],
         default=None,
-        help="compress the output (oci: default keeps an imported image's blobs, else gzip)",
+        help="tar: compress the output (default: from DEST's extension); oci: default keeps an "
+        "imported image's blobs, else gzip",
     )
-    p.add_argument("--tag", default=None, help="oci/docker: the name to write (default SOURCE)")
+    p.add_argument(
+        "--tag", default=None, metavar="NAME", help="oci/docker: the name to write (default SOURCE)"
+    )
     p.add_argument(
         "--classic",
         action="store_true",
         help="docker: the classic layout (a directory per layer), not the OCI-embedding one",
     )
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
+    command(
         "gc",
+        cmd_gc,
         help="remove what nothing references",
         description="Remove unreferenced chunks and leftovers of interrupted imports; "
-        "compact packs that are mostly garbage. Safe while other processes import.",
+        "compact packs that are mostly garbage. Safe while other processes import. "
+        "Layers stay until removed ('rm', 'rmi', 'prune').",
     )
-    p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser(
+    p = command(
         "fsck",
+        cmd_fsck,
         help="verify the store",
         description="Re-hash every chunk and check every reference. Exit status 1 on problems.",
     )
@@ -856,112 +1270,189 @@ def build_parser() -> argparse.ArgumentParser:
         help="take damaged chunks out of use and mark the layers using them broken "
         "(importing their content again heals them)",
     )
-    p.set_defaults(func=cmd_fsck)
 
-    p = sub.add_parser(
+    command(
         "du",
+        cmd_du,
         help="show space used and the dedup ratio",
         description="Show the store's logical and stored sizes and its dedup ratio.",
     )
-    p.set_defaults(func=cmd_du)
 
-    p = sub.add_parser(
+    p = command(
         "tag",
-        help="tag a stack of layers as an image",
-        description="Stack LAYERs (bottom first) and point tag NAME at the image.",
+        cmd_tag,
+        help="tag an image, or a stack of layers as an image",
+        description="Point tag NAME at an image: one SOURCE (an image or a layer), or several "
+        "LAYERs stacked bottom first.",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("layers", metavar="LAYER", nargs="+")
-    p.set_defaults(func=cmd_tag)
+    p.add_argument("name", metavar="NAME", help="the tag, e.g. app:1 or example.com/app:1")
+    p.add_argument(
+        "layers",
+        metavar="SOURCE",
+        nargs="+",
+        help="one image or layer, or layers bottom first (" + _LAYER_HELP + ")",
+    )
 
-    p = sub.add_parser("images", help="list tagged images", description="List tagged images.")
+    p = command(
+        "images",
+        cmd_images,
+        help="list tagged images",
+        description="List tagged images: manifest digest (when imported or exported as OCI), "
+        "chain id, layer count, uncompressed size, and when the newest layer was stored.",
+    )
     p.add_argument("--no-trunc", action="store_true", help="print whole digests")
-    p.set_defaults(func=cmd_images)
 
-    p = sub.add_parser("untag", help="remove a tag", description="Remove tag NAME.")
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=cmd_untag)
+    p = command("untag", cmd_untag, help="remove a tag", description="Remove tag NAME.")
+    p.add_argument("name", metavar="NAME", help="the tag to remove (its layers stay)")
 
-    p = sub.add_parser(
+    p = command(
+        "inspect",
+        cmd_inspect,
+        help="an image's identity and layers as JSON",
+        description="Print IMAGE's tags, manifest and config digests, chain id, size, and its "
+        "layers (bottom first) with sizes, times and created_by, as one JSON document.",
+    )
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+
+    p = command(
+        "history",
+        cmd_history,
+        help="an image's layers, newest first",
+        description="List IMAGE's layers top first, as 'docker history' does: layer, when "
+        "stored, the build step that created it, size.",
+    )
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("--no-trunc", action="store_true", help="print whole ids and build steps")
+
+    p = command(
+        "rm",
+        cmd_rm,
+        help="remove layers",
+        description="Remove LAYERs from the store. A layer an image uses is refused unless "
+        "--force, which untags those images first. 'gc' then frees the space.",
+    )
+    p.add_argument("layers", metavar="LAYER", nargs="+", help=_LAYER_HELP)
+    p.add_argument("-f", "--force", action="store_true", help="untag the images using them")
+
+    p = command(
+        "rmi",
+        cmd_rmi,
+        help="remove images",
+        description="Untag each IMAGE and remove the layers that no remaining tag uses. An "
+        "image digest with several tags is refused unless --force. 'gc' then frees the space.",
+    )
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="a tag, or a tagged image's digest")
+    p.add_argument("-f", "--force", action="store_true", help="remove every tag of a digest")
+
+    p = command(
+        "prune",
+        cmd_prune,
+        help="remove every layer no tag reaches, then gc",
+        description="Remove every layer that no tagged image uses, then collect garbage.",
+    )
+    p.add_argument("-n", "--dry-run", action="store_true", help="only list what would go")
+
+    p = command(
         "cat",
+        cmd_cat,
         help="print a file of an image",
-        description="Write the content of PATH in image IMAGE (a tag) to stdout.",
+        description="Write the content of PATH in IMAGE to stdout.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("path", metavar="PATH")
-    p.set_defaults(func=cmd_cat)
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument(
+        "path", metavar="PATH", help="an absolute path in the image, e.g. /etc/os-release"
+    )
 
-    p = sub.add_parser(
+    p = command(
         "tree",
+        cmd_tree,
         help="list an image's files",
-        description="List every path under PATH (default /) in image IMAGE (a tag), with the "
-        "layer that provides it.",
+        description="List every path under PATH (default /) in IMAGE, with the layer (index, "
+        "bottom 0) that provides it.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("path", metavar="PATH", nargs="?", default="/")
-    p.set_defaults(func=cmd_tree)
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("path", metavar="PATH", nargs="?", default="/", help="where to start")
 
-    p = sub.add_parser(
+    p = command(
         "materialize",
+        cmd_materialize,
         help="write an image's files to a new directory",
-        description="Write the union view of image IMAGE (a tag) to DEST, which must not exist: "
+        description="Write the union view of IMAGE to DEST, which must not exist: "
         "every owner (as root), mode, time, xattr, device (as root) and hardlink. DEST appears "
         "only once complete.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("dest", metavar="DEST", help="the directory to create")
     p.add_argument(
-        "--max-threads", type=int, default=None, metavar="N", help="writer threads (default: cores)"
+        "--max-threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="writer threads, at least 1 (default: one per core)",
     )
-    p.set_defaults(func=cmd_materialize)
 
-    p = sub.add_parser(
+    p = command(
         "apply",
+        cmd_apply,
         help="apply a layer onto a directory",
         description="Apply the changeset LAYER onto the existing directory DEST: its whiteouts "
-        "and opaque markers remove what they hide, then its entries are written.",
+        "and opaque markers remove what they hide, then its entries are written (replacing "
+        "what is in their way).",
     )
-    p.add_argument("layer", metavar="LAYER", help=layer_help)
-    p.add_argument("dest", metavar="DEST")
-    p.set_defaults(func=cmd_apply)
+    p.add_argument("layer", metavar="LAYER", help=_LAYER_HELP)
+    p.add_argument("dest", metavar="DEST", help="an existing directory")
 
-    p = sub.add_parser(
+    p = command(
         "diff",
+        cmd_diff,
         help="the changeset between two images or directories",
         description="Store the changeset taking A to B as a layer (or, with --compare-only, "
-        "list it: M changed or added, L hard link, D deleted, O opaque directory). A and B are "
-        "image tags or directories (an existing directory wins); image to directory compares "
-        "metadata first and hashes only with --compare-content.",
+        "list it as 'docker diff' does: A added, C changed, D deleted). A and B are images or "
+        "directories (an existing directory wins); image to directory compares metadata "
+        "first and hashes only with --compare-content.",
     )
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
+    p.add_argument("a", metavar="A", help="the old side: " + _IMAGE_HELP + "; or a directory")
+    p.add_argument("b", metavar="B", help="the new side, likewise")
     p.add_argument("--compare-only", action="store_true", help="list changes, store nothing")
     p.add_argument("--compare-content", action="store_true", help="hash same-looking files")
-    p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser(
+    p = command(
         "squash",
+        cmd_squash,
         help="squash a range of an image's layers into one",
-        description="Squash layers START..STOP (default: all) of image IMAGE into one layer with "
-        "the same view; optionally tag the resulting image and write the layer's tar.",
+        description="Squash layers START up to STOP of IMAGE into one layer with the same view. "
+        "Layers are numbered from 0 at the bottom; STOP is excluded, as in a Python slice "
+        "(--start 1 --stop 3 squashes layers 1 and 2); by default all of them. Optionally tag "
+        "the resulting image and write the layer's tar.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--start", type=int, default=0)
-    p.add_argument("--stop", type=int, default=None)
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument(
+        "--start",
+        type=non_negative_int,
+        default=0,
+        metavar="START",
+        help="the first layer to squash, 0-based (default 0, the bottom)",
+    )
+    p.add_argument(
+        "--stop",
+        type=non_negative_int,
+        default=None,
+        metavar="STOP",
+        help="the layer after the last one to squash (excluded; default: the top's + 1)",
+    )
     p.add_argument("--tag", metavar="NAME", help="tag the image with the squashed range")
     p.add_argument("-o", "--output", metavar="FILE", type=Path, help="also write the tar here")
-    p.set_defaults(func=cmd_squash)
 
-    p = sub.add_parser(
+    p = command(
         "commit",
+        cmd_commit,
         help="commit a directory's changes over an image as a new image",
-        description="Store the changes from image IMAGE to directory DIR (a container's "
+        description="Store the changes from IMAGE to directory DIR (a container's "
         "root filesystem, say) as a layer, and tag IMAGE plus that layer as NAME.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--tag", metavar="NAME", required=True)
-    p.set_defaults(func=cmd_commit)
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("dir", metavar="DIR", help="the changed root filesystem")
+    p.add_argument("--tag", metavar="NAME", required=True, help="the new image's tag")
     return parser
 
 
@@ -972,10 +1463,29 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _warn(message: str) -> None:
+    text = " ".join(message.split())
+    sys.stderr.write(f"{PROG}: warning: {text}\n")
+    sys.stderr.flush()
+
+
 def _os_error_message(e: OSError) -> str:
-    # OSErrors raised in Python carry errno/strerror/filename; the core's carry a full message.
-    if e.strerror and e.filename is not None:
-        return f"{os.fsdecode(e.filename)}: {e.strerror}"
+    """'PATH: No such file or directory': what failed and why, once.
+
+    Python's OSErrors carry errno, strerror and filename; the core's carry errno and a message
+    that already names the path (``[Errno N]`` is noise to a user).
+    """
+    if e.strerror:
+        if e.filename is not None:
+            return f"{os.fsdecode(e.filename)}: {e.strerror}"
+        return str(e.strerror)
+    return str(e) or type(e).__name__
+
+
+def _message(e: BaseException) -> str:
+    """The one-line text of an error the CLI reports."""
+    if isinstance(e, OSError):
+        return _os_error_message(e)
     return str(e) or type(e).__name__
 
 
@@ -987,8 +1497,7 @@ def _show_warning(
     file: IO[str] | None = None,
     line: str | None = None,
 ) -> None:
-    text = " ".join(str(message).split())
-    sys.stderr.write(f"{PROG}: warning: {text}\n")
+    _warn(str(message))
 
 
 def _silence_stdout() -> None:
@@ -1020,18 +1529,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
-    except CliError as e:
-        _error(str(e))
-        return EXIT_ERROR
-    except (ls.LayerstoreError, ValueError) as e:
-        _error(str(e))
-        return EXIT_ERROR
-    except OSError as e:
-        _error(_os_error_message(e))
+    except (CliError, ls.LayerstoreError, ValueError, OSError) as e:
+        _error(_message(e))
         return EXIT_ERROR
 
 
 def run() -> NoReturn:
+    """The console-script entry point: exit with :func:`main`'s status."""
     sys.exit(main())
 
 

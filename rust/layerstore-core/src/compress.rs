@@ -50,6 +50,17 @@ pub fn detect_bytes(head: &[u8]) -> Compression {
     }
 }
 
+/// A compression we recognise but do not decode ("xz", "bzip2"), from the first 4 bytes: so that
+/// such a layer is refused by name rather than as a broken tar. (A plain tar whose first member
+/// name starts with `BZh1`…`BZh9` or `\xfd7zX` would be refused too; no real layer does.)
+pub fn unsupported(head: &[u8]) -> Option<&'static str> {
+    match head {
+        [0xfd, b'7', b'z', b'X', ..] => Some("xz"),
+        [b'B', b'Z', b'h', b'1'..=b'9', ..] => Some("bzip2"),
+        _ => None,
+    }
+}
+
 /// Peek at the first bytes and say what the stream is.
 pub fn detect<R: BufRead>(r: &mut R) -> io::Result<Compression> {
     Ok(detect_bytes(r.fill_buf()?))
