@@ -12,17 +12,24 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Any, TextIO
+
+import layerstore as ls
 
 __all__ = [
     "format_time",
     "human_bytes",
+    "image_json",
+    "layer_json",
     "plural",
     "print_json",
     "print_table",
     "progress_bar",
     "short_digest",
+    "warn",
 ]
+
+PROG = "layerstore"
 
 
 def human_bytes(n: float) -> str:
@@ -108,3 +115,34 @@ def progress_bar(
         yield update
     finally:
         bar.close()
+
+
+def warn(message: str) -> None:
+    """``layerstore: warning: MESSAGE`` on stderr, on one line."""
+    text = " ".join(message.split())
+    sys.stderr.write(f"{PROG}: warning: {text}\n")
+    sys.stderr.flush()
+
+
+def layer_json(layer: ls.Layer) -> dict[str, Any]:
+    """The JSON shape of a layer (``ls``, ``show``, ``import``)."""
+    return {
+        "id": layer.id,
+        "diff_id": layer.diff_id,
+        "tree_id": layer.tree_id,
+        "size": layer.size,
+        "entry_count": layer.entry_count,
+        "compressed_digest": layer.compressed_digest,
+        "compression": layer.compression,
+        "created": layer.created,
+    }
+
+
+def image_json(image: ls.Stack) -> dict[str, Any]:
+    """The JSON shape of an image as an import reports it."""
+    return {
+        "digest": image.digest,
+        "config_digest": image.config_digest,
+        "chain_id": image.chain_id,
+        "layers": [layer.diff_id for layer in image.layers],
+    }

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 from collections.abc import Mapping
@@ -24,11 +25,13 @@ __all__ = [
     "CliError",
     "check_prefix",
     "default_store_dir",
+    "error_message",
     "new_store_path",
     "open_store",
     "remove_new_store",
     "resolve_image",
     "resolve_layer",
+    "store_from",
 ]
 
 PROG = "layerstore"
@@ -170,3 +173,29 @@ def image_tags(store: ls.Store, image: ls.Stack) -> list[str]:
         for name, other in store.images().items()
         if other.chain_id == image.chain_id and other.digest == image.digest
     )
+
+
+def store_from(args: argparse.Namespace) -> ls.Store:
+    """The existing store ``--store`` (or its default) names; commands other than import."""
+    path: Path = args.store
+    return open_store(path)
+
+
+def _os_error_message(e: OSError) -> str:
+    """'PATH: No such file or directory': what failed and why, once.
+
+    Python's OSErrors carry errno, strerror and filename; the core's carry errno and a message
+    that already names the path (``[Errno N]`` is noise to a user).
+    """
+    if e.strerror:
+        if e.filename is not None:
+            return f"{os.fsdecode(e.filename)}: {e.strerror}"
+        return str(e.strerror)
+    return str(e) or type(e).__name__
+
+
+def error_message(e: BaseException) -> str:
+    """The one-line text of an error the CLI reports."""
+    if isinstance(e, OSError):
+        return _os_error_message(e)
+    return str(e) or type(e).__name__

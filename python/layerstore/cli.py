@@ -11,42 +11,51 @@ from __future__ import annotations
 
 import argparse
 import base64
-import bz2
 import io
-import lzma
 import os
 import stat
 import sys
-import tarfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn, cast
 
 import layerstore as ls
+from layerstore._cliimages import (
+    cmd_history,
+    cmd_images,
+    cmd_inspect,
+    cmd_prune,
+    cmd_rm,
+    cmd_rmi,
+    cmd_tag,
+    cmd_untag,
+    has_tag,
+)
+from layerstore._cliimport import cmd_import
 from layerstore._cliout import (
     format_time,
     human_bytes,
+    layer_json,
     plural,
     print_json,
     print_table,
     progress_bar,
     short_digest,
+    warn,
 )
 from layerstore._clistore import (
+    PROG,
     CliError,
     default_store_dir,
-    image_tags,
-    new_store_path,
-    open_store,
-    remove_new_store,
+    error_message,
     resolve_image,
     resolve_layer,
+    store_from,
 )
 
 __all__ = ["CliError", "build_parser", "default_store_dir", "main", "run"]
 
-PROG = "layerstore"
 
 #: Exit codes besides 0 (success) and 2 (usage error, from argparse).
 EXIT_ERROR = 1
@@ -144,261 +153,6 @@ def entry_json(entry: ls.Entry) -> dict[str, Any]:
     }
 
 
-def layer_json(layer: ls.Layer) -> dict[str, Any]:
-    """The JSON shape of a layer (``ls``, ``show``, ``import``)."""
-    return {
-        "id": layer.id,
-        "diff_id": layer.diff_id,
-        "tree_id": layer.tree_id,
-        "size": layer.size,
-        "entry_count": layer.entry_count,
-        "compressed_digest": layer.compressed_digest,
-        "compression": layer.compression,
-        "created": layer.created,
-    }
-
-
-def image_json(image: ls.Stack) -> dict[str, Any]:
-    """The JSON shape of an image as an import reports it."""
-    return {
-        "digest": image.digest,
-        "config_digest": image.config_digest,
-        "chain_id": image.chain_id,
-        "layers": [layer.diff_id for layer in image.layers],
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# import
-
-_DOCKER_ARCHIVE_FILES = frozenset({"manifest.json", "repositories", "index.json", "oci-layout"})
-
-
-def _looks_like_docker_member(name: str) -> bool:
-    first = name.removeprefix("./").split("/", 1)[0]
-    stem = first.removesuffix(".json").removesuffix(".tar")
-    return (
-        first in _DOCKER_ARCHIVE_FILES
-        or first == "blobs"
-        or (len(stem) == 64 and all(c in "0123456789abcdef" for c in stem))
-    )
-
-
-def is_docker_archive(src: str) -> bool:
-    """Whether `src` is a ``docker save`` archive (plain, gzip, bzip2 or xz): a tar whose members
-    are docker's (``manifest.json``, ``blobs/…``, ``<hex>/layer.tar``, ``<hex>.json``…) and
-    that has a top-level ``manifest.json``. A layer's first member decides quickly that it is not.
-    """
-    try:
-        with tarfile.open(src, "r:*") as tar:
-            found = False
-            for member in tar:
-                if not _looks_like_docker_member(member.name):
-                    return False
-                found = found or member.name.removeprefix("./") == "manifest.json"
-            return found
-    except (OSError, tarfile.TarError, EOFError):
-        return False  # not a tar tarfile can read (e.g. zstd): the layer import decides
-
-
-def _store_path(args: argparse.Namespace) -> Path:
-    path: Path = args.store
-    return path
-
-
-def _store(args: argparse.Namespace) -> ls.Store:
-    return open_store(_store_path(args))
-
-
-_UNSUPPORTED_SCHEMES = ("docker://",)
-
-
-def _transport(src: str) -> tuple[str, str]:
-    """('oci' | 'docker-archive' | '', path) for a skopeo-style source name; a path that exists
-    as given is a path even if it looks like a transport."""
-    if os.path.lexists(src) or src == "-":
-        return "", src
-    for scheme in _UNSUPPORTED_SCHEMES:
-        if src.startswith(scheme):
-            raise CliError(f"{src}: registry transports are not supported yet")
-    for name in ("oci", "docker-archive"):
-        if src.startswith(name + ":"):
-            return name, src[len(name) + 1 :]
-    return "", src
-
-
-def _check_sources(sources: Sequence[str]) -> None:
-    """Refuse what cannot be imported before the store is touched (a missing file, two '-')."""
-    if list(sources).count("-") > 1:
-        raise CliError("standard input ('-') can be imported only once")
-    for src in sources:
-        kind, path = _transport(src)
-        if path != "-" and not os.path.lexists(path):
-            raise FileNotFoundError(2, os.strerror(2), path)
-        if kind == "oci" and not os.path.isfile(os.path.join(path, "oci-layout")):
-            raise CliError(f"{src}: not an OCI image layout (no oci-layout file)")
-
-
-def _python_decoded(head: bytes) -> str | None:
-    """'xz' or 'bzip2' when Python decodes the input for the core (which reads gzip and zstd)."""
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    if head.startswith(b"BZh") and head[3:4] in b"123456789" and len(head) > 3:
-        return "bzip2"
-    return None
-
-
-def _magic(src: str) -> tuple[bytes, int]:
-    with open(src, "rb") as f:
-        return f.read(6), os.fstat(f.fileno()).st_size
-
-
-class _CountingReader:
-    """A binary file whose reads advance a progress bar by the bytes read from the file itself:
-    for a compressed input, progress against the file size (the uncompressed size is unknown)."""
-
-    def __init__(self, f: IO[bytes], progress: Callable[[int], None]) -> None:
-        self.f = f
-        self.progress = progress
-        self.done = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.done += len(data)
-        self.progress(self.done)
-        return data
-
-
-def _import_tar_file(store: ls.Store, src: str, show: bool) -> ls.Layer:
-    """A tar file, plain or compressed: gzip and zstd decoded by the core, xz and bzip2 by
-    Python's lzma and bz2 (the layer then records no compressed blob digest)."""
-    head, size = _magic(src)
-    name = _python_decoded(head)
-    if name is not None:
-        with (
-            lzma.open(src, "rb") if name == "xz" else bz2.open(src, "rb") as decoded,
-            progress_bar(f"{os.path.basename(src)} ({name})", None, show) as bar,
-        ):
-            return store.import_tar(decoded, progress=bar)
-    if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
-        # Compressed: progress counts the file's bytes as the core reads them.
-        with open(src, "rb") as f, progress_bar(os.path.basename(src), size, show) as bar:
-            if bar is None:
-                return store.import_tar(f)
-            counted = cast("IO[bytes]", _CountingReader(f, bar))
-            return store.import_tar(counted, progress=lambda _: None)
-    with progress_bar(os.path.basename(src), size, show) as bar:
-        return store.import_tar(src, progress=bar)
-
-
-def _import_one(
-    store: ls.Store, src: str, args: argparse.Namespace
-) -> tuple[ls.Layer | None, Mapping[str, ls.Stack]]:
-    kind, path = _transport(src)
-    label = os.path.basename(path.rstrip("/")) or path
-    if path == "-":
-        if sys.stdin is None:
-            raise CliError("no standard input to read a tar from")
-        if sys.stdin.isatty():
-            raise CliError("refusing to read a tar from a terminal (pipe one into '-')")
-        with progress_bar("stdin", None, args.progress) as bar:
-            return store.import_tar(sys.stdin.buffer, progress=bar), {}
-    if kind == "oci" or (
-        not kind and os.path.isdir(path) and os.path.isfile(os.path.join(path, "oci-layout"))
-    ):
-        with progress_bar(label, None, args.progress) as bar:
-            return None, store.import_oci(path, platform=args.platform, progress=bar)
-    if kind == "docker-archive" or (
-        not kind and not os.path.isdir(path) and is_docker_archive(path)
-    ):
-        with progress_bar(label, None, args.progress) as bar:
-            return None, store.import_docker_archive(path, progress=bar)
-    if os.path.isdir(path):
-        with progress_bar(label, None, args.progress) as bar:
-            layer = store.import_dir(path, exclude_xattrs=list(args.exclude_xattr), progress=bar)
-        return layer, {}
-    return _import_tar_file(store, path, args.progress), {}
-
-
-def _moved_tags(before: Mapping[str, ls.Stack], images: Mapping[str, ls.Stack]) -> dict[str, str]:
-    """Tags an image import re-pointed: name -> what it named before (digest or chain id)."""
-    moved = {}
-    for name, image in images.items():
-        old = before.get(name)
-        if old is not None and (old.chain_id, old.digest) != (image.chain_id, image.digest):
-            moved[name] = old.digest or old.chain_id
-    return moved
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    _check_sources(args.src)
-    path = _store_path(args)
-    created = new_store_path(path)
-    store = open_store(path, create=True)
-    results: list[dict[str, Any]] = []
-    done: list[str] = []
-    try:
-        for src in args.src:
-            try:
-                before = store.images()
-                layer, images = _import_one(store, src, args)
-            except (ls.LayerstoreError, OSError, ValueError, CliError) as e:
-                said = _message(e)
-                if src not in said:
-                    said = f"{src}: {said}"
-                if done:
-                    said += f" (imported before it: {', '.join(done)})"
-                elif len(args.src) > 1:
-                    said += " (nothing imported)"
-                raise CliError(said) from e
-            done.append(src)
-            if layer is not None:
-                results.append({"source": src, **layer_json(layer)})
-                if not args.json:
-                    _print_imported_layer(src, layer)
-                continue
-            moved = _moved_tags(before, images)
-            for name, old in moved.items():
-                new = images[name].digest or images[name].chain_id
-                _warn(f"tag {name} now names {new} (it named {old})")
-            results.append(
-                {
-                    "source": src,
-                    "images": {name: image_json(im) for name, im in images.items()},
-                    "moved_tags": moved,
-                }
-            )
-            if not args.json:
-                _print_imported_images(src, images)
-    except BaseException:
-        if not done and created is not None:
-            # A failed first import leaves no store behind (it would only hold leftovers).
-            del store
-            remove_new_store(created)
-        raise
-    if args.json:
-        print_json(results)
-    return 0
-
-
-def _print_imported_layer(src: str, layer: ls.Layer) -> None:
-    print(f"imported {src}")
-    print(f"  id       {layer.id}")
-    print(f"  diff_id  {layer.diff_id}")
-    print(f"  entries  {layer.entry_count:,}")
-    print(f"  size     {human_bytes(layer.size)} ({layer.size:,} bytes)")
-    sys.stdout.flush()
-
-
-def _print_imported_images(src: str, images: Mapping[str, ls.Stack]) -> None:
-    print(f"imported {src}")
-    for name, image in images.items():
-        print(f"  image    {name}")
-        print(f"  digest   {image.digest}")
-        print(f"  layers   {len(image)}")
-    sys.stdout.flush()
-
-
 class _StdoutSink:
     """Binary stdout that remembers a broken pipe.
 
@@ -447,7 +201,7 @@ def _tree(image: ls.Stack, top: str) -> Iterator[tuple[str, ls.Stat]]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    layers = _store(args).layers()
+    layers = store_from(args).layers()
     if args.json:
         print_json([layer_json(layer) for layer in layers])
         return 0
@@ -470,7 +224,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = store_from(args)
     # Looked up again by id, so that every name of a layer shows the same thing.
     layer = store.layer(resolve_layer(store, args.layer).id)
     entries = layer.entries()
@@ -521,7 +275,7 @@ def export_compression(dest: str, asked: str | None) -> str | None:
 
 
 def cmd_export_image(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = store_from(args)
     image = resolve_image(store, args.layer)
     tag = args.tag or args.layer
     if args.dest == "-":
@@ -548,7 +302,7 @@ def cmd_export_image(args: argparse.Namespace) -> int:
         "format": args.format,
         "digest": digest,
         "config_digest": store.get(tag).config_digest
-        if args.format == "oci" and _has_tag(store, tag)
+        if args.format == "oci" and has_tag(store, tag)
         else None,
     }
     if args.json:
@@ -556,14 +310,6 @@ def cmd_export_image(args: argparse.Namespace) -> int:
     else:
         print(f"exported image {args.layer} to {args.dest} as {tag} ({digest})")
     return 0
-
-
-def _has_tag(store: ls.Store, name: str) -> bool:
-    try:
-        store.get(name)
-    except (ls.NotFoundError, ValueError):
-        return False
-    return True
 
 
 def _split_transport_dest(args: argparse.Namespace) -> None:
@@ -591,7 +337,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.dest == "":
         raise CliError("DEST is empty: give a file name, or '-' for standard output")
     compression = export_compression(args.dest, args.compression)
-    store = _store(args)
+    store = store_from(args)
     layer = resolve_layer(store, args.layer)
     to_stdout = args.dest == "-"
     if to_stdout and args.json:
@@ -630,234 +376,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Images: tag, images, untag, inspect, history
-
-
-def cmd_tag(args: argparse.Namespace) -> int:
-    store = _store(args)
-    if len(args.layers) == 1:
-        # One argument: an image (a tag, digest) or a layer, as every other command takes it.
-        image = resolve_image(store, args.layers[0])
-    else:
-        image = store.stack([resolve_layer(store, key) for key in args.layers])
-    store.tag(image, args.name)
-    if args.json:
-        print_json({"tag": args.name, "chain_id": image.chain_id, "layers": len(image)})
-    else:
-        print(f"{args.name}  {image.chain_id}  ({plural(len(image), 'layer')})")
-    return 0
-
-
-def _image_size(image: ls.Stack) -> int:
-    return sum(layer.size for layer in image.layers)
-
-
-def _image_created(image: ls.Stack) -> int:
-    """When the image's newest layer was stored (the store keeps no image config time)."""
-    return max((layer.created for layer in image.layers), default=0)
-
-
-def cmd_images(args: argparse.Namespace) -> int:
-    images = _store(args).images()
-    if args.json:
-        print_json(
-            {
-                name: {
-                    "chain_id": image.chain_id,
-                    "digest": image.digest,
-                    "config_digest": image.config_digest,
-                    "layers": [layer.id for layer in image.layers],
-                    "size": _image_size(image),
-                    "created": _image_created(image),
-                }
-                for name, image in images.items()
-            }
-        )
-        return 0
-    rows = [["TAG", "DIGEST", "CHAIN ID", "LAYERS", "SIZE", "CREATED"]]
-    for name, image in sorted(images.items()):
-        digest = image.digest or "-"
-        if not args.no_trunc and image.digest:
-            digest = short_digest(image.digest)
-        chain = image.chain_id if args.no_trunc else short_digest(image.chain_id)
-        rows.append(
-            [
-                name,
-                digest,
-                chain,
-                str(len(image)),
-                human_bytes(_image_size(image)),
-                format_time(_image_created(image)),
-            ]
-        )
-    print_table(rows, right=frozenset({3, 4}))
-    return 0
-
-
-def cmd_untag(args: argparse.Namespace) -> int:
-    _store(args).untag(args.name)
-    return 0
-
-
-def _history_json(layer: ls.Layer) -> dict[str, Any]:
-    return {
-        "id": layer.id,
-        "diff_id": layer.diff_id,
-        "size": layer.size,
-        "created": layer.created,
-        "created_by": layer.created_by,
-        "compressed_digest": layer.compressed_digest,
-    }
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    store = _store(args)
-    image = resolve_image(store, args.image)
-    doc = {
-        "name": args.image,
-        "tags": image_tags(store, image),
-        "digest": image.digest,
-        "config_digest": image.config_digest,
-        "chain_id": image.chain_id,
-        "size": _image_size(image),
-        "created": _image_created(image),
-        "layers": [_history_json(layer) for layer in image.layers],
-    }
-    # docker inspect prints JSON either way.
-    print_json(doc)
-    return 0
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    store = _store(args)
-    image = resolve_image(store, args.image)
-    top_first = list(reversed(image.layers))
-    if args.json:
-        print_json([_history_json(layer) for layer in top_first])
-        return 0
-    rows = [["LAYER", "CREATED", "CREATED BY", "SIZE"]]
-    for layer in top_first:
-        created_by = layer.created_by or ""
-        if not args.no_trunc and len(created_by) > 45:
-            created_by = created_by[:44] + "…"
-        layer_id = layer.id if args.no_trunc else short_digest(layer.id)
-        rows.append([layer_id, format_time(layer.created), created_by, human_bytes(layer.size)])
-    print_table(rows, right=frozenset({3}))
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Removing: rm, rmi, prune
-
-
-def _users(images: Mapping[str, ls.Stack], layer_id: str) -> list[str]:
-    return sorted(n for n, im in images.items() if any(x.id == layer_id for x in im.layers))
-
-
-def _gc_hint(args: argparse.Namespace, removed: int) -> None:
-    if not args.json and removed:
-        print(f"'{PROG} gc' frees the space they held")
-
-
-def cmd_rm(args: argparse.Namespace) -> int:
-    store = _store(args)
-    layers = {layer.id: layer for layer in (resolve_layer(store, k) for k in args.layers)}
-    images = store.images()
-    untagged: list[str] = []
-    for layer_id in layers:
-        users = _users(images, layer_id)
-        if users and not args.force:
-            raise CliError(
-                f"layer {short_digest(layer_id)} is used by "
-                f"{plural(len(users), 'image')} ({', '.join(users)}): "
-                f"remove them first ('{PROG} rmi') or use --force to untag them"
-            )
-        for name in users:
-            if name not in untagged:
-                store.untag(name)
-                untagged.append(name)
-    for layer_id in layers:
-        store.delete(layer_id)
-    if args.json:
-        print_json({"removed": list(layers), "untagged": untagged})
-        return 0
-    for name in untagged:
-        print(f"untagged {name}")
-    for layer_id in layers:
-        print(f"removed {layer_id}")
-    _gc_hint(args, len(layers))
-    return 0
-
-
-def cmd_rmi(args: argparse.Namespace) -> int:
-    store = _store(args)
-    untagged: list[str] = []
-    candidates: list[str] = []
-    for key in args.images:
-        if _has_tag(store, key):
-            names = [key]
-        else:
-            names = image_tags(store, resolve_image(store, key))
-            if not names:
-                raise CliError(
-                    f"'{key}' is a layer, not a tagged image ('{PROG} rm' removes layers)"
-                )
-            if len(names) > 1 and not args.force:
-                raise CliError(
-                    f"'{key}' is tagged {plural(len(names), 'time')} ({', '.join(names)}): "
-                    "name a tag, or use --force to remove every tag"
-                )
-        for name in names:
-            if name in untagged:
-                continue
-            candidates.extend(layer.id for layer in store.get(name).layers)
-            store.untag(name)
-            untagged.append(name)
-    # The layers that no remaining tag uses go with the image.
-    remaining = store.images()
-    removed: list[str] = []
-    for layer_id in dict.fromkeys(candidates):
-        if not _users(remaining, layer_id):
-            store.delete(layer_id)
-            removed.append(layer_id)
-    if args.json:
-        print_json({"untagged": untagged, "removed": removed})
-        return 0
-    for name in untagged:
-        print(f"untagged {name}")
-    for layer_id in removed:
-        print(f"removed {layer_id}")
-    _gc_hint(args, len(removed))
-    return 0
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    store = _store(args)
-    reached = {layer.id for image in store.images().values() for layer in image.layers}
-    unreached = [layer.id for layer in store.layers() if layer.id not in reached]
-    if not args.dry_run:
-        for layer_id in unreached:
-            store.delete(layer_id)
-    report = store.gc() if not args.dry_run else None
-    if args.json:
-        print_json({"removed": unreached, "dry_run": args.dry_run, "gc": report})
-        return 0
-    verb = "would remove" if args.dry_run else "removed"
-    for layer_id in unreached:
-        print(f"{verb} {layer_id}")
-    summary = f"{verb} {plural(len(unreached), 'untagged layer')}"
-    if report is not None:
-        summary += f", reclaimed {human_bytes(report['bytes_reclaimed'])}"
-    print(summary)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
 # Reading and writing images: cat, tree, materialize, apply
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    image = resolve_image(_store(args), args.image)
+    image = resolve_image(store_from(args), args.image)
     with image.open(args.path) as f:
         out = sys.stdout.buffer
         while block := f.read(1 << 20):
@@ -867,7 +390,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    image = resolve_image(_store(args), args.image)
+    image = resolve_image(store_from(args), args.image)
     if args.json:
         print_json(
             [
@@ -884,7 +407,7 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = store_from(args)
     image = resolve_image(store, args.image)
     with progress_bar(args.image, None, args.progress) as progress:
         report = store.materialize(
@@ -902,7 +425,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = store_from(args)
     layer = resolve_layer(store, args.layer)
     with progress_bar(short_digest(layer.id), None, args.progress) as progress:
         report = store.apply(layer, args.dest, progress=progress)
@@ -968,7 +491,7 @@ def _status(a: ls.Stack | Path, kind: str, path: str) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = store_from(args)
     a, b = _side(store, args.a), _side(store, args.b)
     if args.compare_only:
         changes = store.changes(a, b, compare_content=args.compare_content)
@@ -986,7 +509,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_squash(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = store_from(args)
     image = resolve_image(store, args.image)
     depth = len(image)
     stop = depth if args.stop is None else args.stop
@@ -1004,7 +527,7 @@ def cmd_squash(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = store_from(args)
     image = resolve_image(store, args.image)
     with progress_bar("commit", None, args.progress) as progress:
         layer = store.diff(image, Path(args.dir), progress=progress)
@@ -1018,7 +541,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    report = _store(args).gc()
+    report = store_from(args).gc()
     if args.json:
         print_json(report)
         return 0
@@ -1034,7 +557,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    report = _store(args).fsck(repair=args.repair)
+    report = store_from(args).fsck(repair=args.repair)
     ok = bool(report["ok"])
     if args.json:
         print_json(report)
@@ -1066,7 +589,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_du(args: argparse.Namespace) -> int:
-    s = _store(args).stats()
+    s = store_from(args).stats()
     if args.json:
         print_json(s)
         return 0
@@ -1463,32 +986,6 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
-def _warn(message: str) -> None:
-    text = " ".join(message.split())
-    sys.stderr.write(f"{PROG}: warning: {text}\n")
-    sys.stderr.flush()
-
-
-def _os_error_message(e: OSError) -> str:
-    """'PATH: No such file or directory': what failed and why, once.
-
-    Python's OSErrors carry errno, strerror and filename; the core's carry errno and a message
-    that already names the path (``[Errno N]`` is noise to a user).
-    """
-    if e.strerror:
-        if e.filename is not None:
-            return f"{os.fsdecode(e.filename)}: {e.strerror}"
-        return str(e.strerror)
-    return str(e) or type(e).__name__
-
-
-def _message(e: BaseException) -> str:
-    """The one-line text of an error the CLI reports."""
-    if isinstance(e, OSError):
-        return _os_error_message(e)
-    return str(e) or type(e).__name__
-
-
 def _show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -1497,7 +994,7 @@ def _show_warning(
     file: IO[str] | None = None,
     line: str | None = None,
 ) -> None:
-    _warn(str(message))
+    warn(str(message))
 
 
 def _silence_stdout() -> None:
@@ -1530,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except (CliError, ls.LayerstoreError, ValueError, OSError) as e:
-        _error(_message(e))
+        _error(error_message(e))
         return EXIT_ERROR
 
 
