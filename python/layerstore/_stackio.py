@@ -6,7 +6,7 @@ import io
 import os
 import posixpath
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
     from layerstore._core import ContentFile, Stack, Stat
@@ -80,7 +80,12 @@ def open_file(content: ContentFile) -> io.BufferedReader:
 
 
 class StackPath:
-    """A read-only, pathlib-like path inside a stack (`image.path("/etc") / "os-release"`)."""
+    """A read-only, pathlib-like path inside a stack (`image.path("/etc") / "os-release"`).
+
+    It is an ``importlib.resources.abc.Traversable`` (iterdir, read_bytes, read_text, is_dir,
+    is_file, joinpath, ``/``, open, name), so ``importlib.resources.as_file`` and code written
+    for package resources take it.
+    """
 
     __slots__ = ("_path", "_stack")
 
@@ -169,11 +174,31 @@ class StackPath:
             self._stack, posixpath.join(self.parent._path, self._stack.readlink(self._path))
         )
 
-    def open(self, mode: str = "rb") -> io.BufferedReader:
+    @overload
+    def open(
+        self,
+        mode: Literal["r"] = "r",
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> io.TextIOWrapper: ...
+    @overload
+    def open(self, mode: Literal["rb"]) -> io.BufferedReader: ...
+    def open(
+        self,
+        mode: str = "r",
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> io.BufferedReader | io.TextIOWrapper:
+        """Open the file for reading: text with mode "r" (the default, as pathlib and
+        ``importlib.resources.abc.Traversable`` have it; UTF-8 unless `encoding` says otherwise),
+        binary with "rb". A stack is read-only: other modes raise ValueError."""
         if mode not in ("r", "rb"):
-            raise ValueError(f"a stack is read-only: mode {mode!r} is not supported (use 'rb')")
-        if mode == "r":
-            raise ValueError(
-                "open the file in binary mode ('rb') and decode it, or use read_text()"
-            )
-        return self._stack.open(self._path)
+            raise ValueError(f"a stack is read-only: mode {mode!r} is not supported ('r', 'rb')")
+        binary = self._stack.open(self._path)
+        if mode == "rb":
+            return binary
+        return io.TextIOWrapper(
+            binary, encoding=encoding or "utf-8", errors=errors, newline=newline
+        )
