@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import fcntl
 import gzip
 import io
 import json
 import lzma
 import os
+import pty
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
 from pathlib import Path
 
 import layerstore as ls
 import pytest
+import tqdm
 import zstandard
 from layerstore.cli import build_parser
 
@@ -394,3 +399,37 @@ def test_every_argument_has_help() -> None:
             assert action.help, f"{name} {action.dest} has no help"
     squash = sub.choices["squash"].format_help()
     assert "0-based" in squash and "excluded" in squash
+
+
+def test_progress_bar_counts_compressed_bytes_against_the_file_size(
+    store: Path, tmp_path: Path
+) -> None:
+    """On a terminal, a gzip import draws a bar with a percentage, in binary units."""
+    raw = tar_bytes({"big": os.urandom(8 << 20)})
+    src = tmp_path / "big.tar.gz"
+    src.write_bytes(gzip.compress(raw, compresslevel=1))
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen(
+        [*CLI, "--store", str(store), "import", str(src)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    drawn = b""
+    while True:
+        try:
+            block = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not block:
+            break
+        drawn += block
+    os.close(controller)
+    assert proc.wait(timeout=300) == 0
+    text = drawn.decode(errors="replace")
+    assert "big.tar.gz:" in text and "%|" in text, text
+    total = tqdm.tqdm.format_sizeof(src.stat().st_size, divisor=1024)
+    assert f"/{total}iB [" in text, text  # the total is the compressed file's size
+    assert " MB" not in text and "kB" not in text

@@ -120,24 +120,26 @@ class _CountingReader:
 
 def _import_tar_file(store: ls.Store, src: str, show: bool) -> ls.Layer:
     """A tar file, plain or compressed: gzip and zstd decoded by the core, xz and bzip2 by
-    Python's lzma and bz2 (the layer then records no compressed blob digest)."""
+    Python's lzma and bz2 (the layer then records no compressed blob digest).
+
+    The progress bar's total is the file's size: for a compressed file, the bar counts the
+    file's bytes as they are read (the uncompressed size is not known in advance).
+    """
     head, size = _magic(src)
     name = _python_decoded(head)
-    if name is not None:
-        with (
-            lzma.open(src, "rb") if name == "xz" else bz2.open(src, "rb") as decoded,
-            progress_bar(f"{os.path.basename(src)} ({name})", None, show) as bar,
-        ):
-            return store.import_tar(decoded, progress=bar)
-    if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
-        # Compressed: progress counts the file's bytes as the core reads them.
-        with open(src, "rb") as f, progress_bar(os.path.basename(src), size, show) as bar:
-            if bar is None:
-                return store.import_tar(f)
-            counted = cast("IO[bytes]", _CountingReader(f, bar))
-            return store.import_tar(counted, progress=lambda _: None)
-    with progress_bar(os.path.basename(src), size, show) as bar:
-        return store.import_tar(src, progress=bar)
+    label = os.path.basename(src)
+    if name is None and not (head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd"):
+        with progress_bar(label, size, show) as bar:
+            return store.import_tar(src, progress=bar)
+    with progress_bar(label, size, show) as bar:
+        if name is None and bar is None:
+            return store.import_tar(src)  # the core reads the path itself: fastest
+        with open(src, "rb") as f:
+            raw = f if bar is None else cast("IO[bytes]", _CountingReader(f, bar))
+            if name is None:
+                return store.import_tar(raw, progress=lambda _: None)
+            with lzma.open(raw) if name == "xz" else bz2.open(raw) as decoded:
+                return store.import_tar(decoded, progress=lambda _: None)
 
 
 def _import_one(

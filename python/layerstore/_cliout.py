@@ -102,6 +102,11 @@ def progress_bar(
         file=sys.stderr,
         leave=False,
         dynamic_ncols=True,
+        # Counts carry the unit too ("6.0MiB/19.1MiB"), not only the rate.
+        bar_format="{l_bar}{bar}| {n_fmt}{unit}/{total_fmt}{unit} [{elapsed}<{remaining}, "
+        "{rate_fmt}]"
+        if total
+        else "{desc}: {n_fmt}{unit} [{elapsed}, {rate_fmt}]",
     )
     last = 0
 
