@@ -433,3 +433,19 @@ def test_progress_bar_counts_compressed_bytes_against_the_file_size(
     total = tqdm.tqdm.format_sizeof(src.stat().st_size, divisor=1024)
     assert f"/{total}iB [" in text, text  # the total is the compressed file's size
     assert " MB" not in text and "kB" not in text
+
+
+def test_layout_import_can_pick_one_ref(
+    store: Path, two_layers: tuple[str, str], tmp_path: Path
+) -> None:
+    s = ["--store", str(store)]
+    layout = tmp_path / "layout"
+    run(*s, "export", "img", f"oci:{layout}:v1")
+    run(*s, "export", two_layers[0], f"oci:{layout}:base")
+    other = tmp_path / "other"
+    doc = json.loads(run("--store", str(other), "--json", "import", f"oci:{layout}:v1").stdout)
+    assert list(doc[0]["images"]) == ["v1"]
+    assert list(json.loads(run("--store", str(other), "--json", "images").stdout)) == ["v1"]
+    line = error_line(run("--store", str(other), "import", f"oci:{layout}:nope", expect=1))
+    assert "no image 'nope' in the layout (it has: base, v1)" in line
+    assert list(json.loads(run("--store", str(other), "--json", "images").stdout)) == ["v1"]

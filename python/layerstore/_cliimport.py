@@ -76,12 +76,24 @@ def _transport(src: str) -> tuple[str, str]:
     return "", src
 
 
+def _layout_ref(rest: str) -> tuple[str, str | None]:
+    """``DIR`` or ``DIR:REF`` of an ``oci:`` source: the first split whose DIR is a directory."""
+    if os.path.isdir(rest):
+        return rest, None
+    for i, c in enumerate(rest):
+        if c == ":" and os.path.isdir(rest[:i]):
+            return rest[:i], rest[i + 1 :]
+    return rest, None
+
+
 def _check_sources(sources: Sequence[str]) -> None:
     """Refuse what cannot be imported before the store is touched (a missing file, two '-')."""
     if list(sources).count("-") > 1:
         raise CliError("standard input ('-') can be imported only once")
     for src in sources:
         kind, path = _transport(src)
+        if kind == "oci":
+            path = _layout_ref(path)[0]
         if path != "-" and not os.path.lexists(path):
             raise FileNotFoundError(2, os.strerror(2), path)
         if kind == "oci" and not os.path.isfile(os.path.join(path, "oci-layout")):
@@ -146,6 +158,9 @@ def _import_one(
     store: ls.Store, src: str, args: argparse.Namespace
 ) -> tuple[ls.Layer | None, Mapping[str, ls.Stack]]:
     kind, path = _transport(src)
+    ref = None
+    if kind == "oci":
+        path, ref = _layout_ref(path)
     label = os.path.basename(path.rstrip("/")) or path
     if path == "-":
         if sys.stdin is None:
@@ -157,8 +172,10 @@ def _import_one(
     if kind == "oci" or (
         not kind and os.path.isdir(path) and os.path.isfile(os.path.join(path, "oci-layout"))
     ):
+        before = store.images()
         with progress_bar(label, None, args.progress) as bar:
-            return None, store.import_oci(path, platform=args.platform, progress=bar)
+            images = store.import_oci(path, platform=args.platform, progress=bar)
+        return None, images if ref is None else _keep_ref(store, before, images, ref)
     if kind == "docker-archive" or (
         not kind and not os.path.isdir(path) and is_docker_archive(path)
     ):
@@ -169,6 +186,25 @@ def _import_one(
             layer = store.import_dir(path, exclude_xattrs=list(args.exclude_xattr), progress=bar)
         return layer, {}
     return _import_tar_file(store, path, args.progress), {}
+
+
+def _keep_ref(
+    store: ls.Store, before: Mapping[str, ls.Stack], images: Mapping[str, ls.Stack], ref: str
+) -> dict[str, ls.Stack]:
+    """Of a layout's images, keep `ref` tagged: every other tag the import set goes back to what
+    it was (or away). Their layers stay in the store untagged ('prune' removes them)."""
+    for name in images:
+        if name == ref:
+            continue
+        if name in before:
+            store.tag(before[name], name)
+        else:
+            store.untag(name)
+    if ref not in images:
+        if ref in before:
+            store.tag(before[ref], ref)
+        raise CliError(f"no image '{ref}' in the layout (it has: {', '.join(sorted(images))})")
+    return {ref: images[ref]}
 
 
 def _moved_tags(before: Mapping[str, ls.Stack], images: Mapping[str, ls.Stack]) -> dict[str, str]:
