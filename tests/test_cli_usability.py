@@ -210,6 +210,11 @@ def test_failed_first_import_creates_no_store(tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
     error_line(run("--store", str(store), "import", str(tmp_path / "missing.tar"), expect=1))
     assert not (tmp_path / "new").exists()
+    # An empty directory given as the store is left empty.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    error_line(run("--store", str(empty), "import", str(bad), expect=1))
+    assert list(empty.iterdir()) == []
 
 
 def test_store_refuses_a_non_empty_directory_that_is_not_a_store(tmp_path: Path) -> None:

@@ -66,21 +66,33 @@ def is_store(path: Path) -> bool:
     return (path / "meta.db").is_file()
 
 
-def new_store_path(path: Path) -> Path | None:
-    """The outermost directory that creating a store at `path` would create (None if `path`
-    exists): what :func:`remove_new_store` removes again when the first import fails."""
-    if path.exists():
+def new_store_path(path: Path) -> tuple[Path, bool] | None:
+    """What creating a store at `path` would create, for :func:`remove_new_store` to remove
+    when the first import fails: (the outermost missing directory, False), or (`path`, True)
+    when `path` is an empty directory (only what is put into it goes); None for anything else."""
+    if path.is_dir() and not is_store(path) and not any(path.iterdir()):
+        return path, True
+    if path.exists() or path.is_symlink():
         return None
     top = path.absolute()
     while not top.parent.exists() and top.parent != top:
         top = top.parent
-    return top
+    return top, False
 
 
-def remove_new_store(top: Path | None) -> None:
-    """Remove the directories a failed first import created (see :func:`new_store_path`)."""
-    if top is not None:
+def remove_new_store(created: tuple[Path, bool] | None) -> None:
+    """Remove what a failed first import created (see :func:`new_store_path`)."""
+    if created is None:
+        return
+    top, keep_top = created
+    if not keep_top:
         shutil.rmtree(top, ignore_errors=True)
+        return
+    for child in top.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def open_store(path: Path, *, create: bool = False) -> ls.Store:
