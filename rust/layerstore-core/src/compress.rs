@@ -218,4 +218,14 @@ mod tests {
         assert_eq!(decoder(&z[..]).unwrap().0, Compression::Zstd);
         assert_eq!(decoder(&b"abc"[..]).unwrap().0, Compression::None);
     }
+
+    #[test]
+    fn xz_and_bzip2_named_not_decoded() {
+        assert_eq!(unsupported(b"\xfd7zXZ\x00\x00"), Some("xz"));
+        assert_eq!(unsupported(b"BZh91AY&SY"), Some("bzip2"));
+        // A tar whose first member is named "BZh" or "BZhx" is still a tar.
+        assert_eq!(unsupported(b"BZh\x00"), None);
+        assert_eq!(unsupported(b"BZhx"), None);
+        assert_eq!(unsupported(b"etc/"), None);
+    }
 }
