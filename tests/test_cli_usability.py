@@ -402,6 +402,7 @@ def test_every_argument_has_help() -> None:
     for name, command in sub.choices.items():
         for action in command._actions:
             assert action.help, f"{name} {action.dest} has no help"
+        assert command.format_help().startswith(f"usage: layerstore {name}")
     squash = sub.choices["squash"].format_help()
     assert "0-based" in squash and "excluded" in squash
 
@@ -454,3 +455,24 @@ def test_layout_import_can_pick_one_ref(
     line = error_line(run("--store", str(other), "import", f"oci:{layout}:nope", expect=1))
     assert "no image 'nope' in the layout (it has: base, v1)" in line
     assert list(json.loads(run("--store", str(other), "--json", "images").stdout)) == ["v1"]
+
+
+def test_inspect_and_history_of_an_imported_image_show_its_config(
+    store: Path, two_layers: tuple[str, str], tmp_path: Path
+) -> None:
+    s = ["--store", str(store)]
+    layout, other = tmp_path / "layout", tmp_path / "other"
+    run(*s, "export", "img", f"oci:{layout}:v1")
+    run("--store", str(other), "import", str(layout))
+    doc = json.loads(run("--store", str(other), "inspect", "v1").stdout)
+    diff_ids = [ls.Store(store).layer(i).diff_id for i in two_layers]
+    assert doc["config"]["rootfs"]["diff_ids"] == diff_ids
+    assert [m["digest"] for m in doc["manifest"]["layers"]] == [
+        layer["compressed_digest"] or layer["diff_id"] for layer in doc["layers"]
+    ]
+    steps = json.loads(run("--store", str(other), "--json", "history", "v1").stdout)
+    assert [h["id"] for h in steps] == list(reversed(two_layers))
+    assert all(h["created"] == doc["config"]["history"][0]["created"] for h in steps)
+    assert set(steps[0]) == {"id", "size", "created", "created_by", "comment", "empty_layer"}
+    header = run("--store", str(other), "history", "v1").stdout.decode().splitlines()[0]
+    assert header.split() == ["LAYER", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]

@@ -1,14 +1,18 @@
 """The command line's image and removal commands: tag, images, untag, inspect, history, rm, rmi,
 prune (``layerstore.cli`` wires them into the parser).
 
-Images are what tags name. The store keeps no image config, so "created" is when an image's
-newest layer was stored, and history comes from the layers' recorded build steps.
+Images are what tags name. An imported (or exported) image has the manifest and config it came
+with, which ``inspect`` prints and ``history`` reads; an image made in the store has none yet,
+so its "created" is when its newest layer was stored and its history is the layers' recorded
+build steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import layerstore as ls
@@ -39,6 +43,7 @@ __all__ = [
     "cmd_tag",
     "cmd_untag",
     "has_tag",
+    "history",
     "image_size",
 ]
 
@@ -130,6 +135,16 @@ def _history_json(layer: ls.Layer) -> dict[str, Any]:
     }
 
 
+def _recorded(store: ls.Store, digest: str | None) -> Any:
+    """A manifest or config the store recorded for an image, parsed; None when there is none."""
+    if digest is None:
+        return None
+    try:
+        return json.loads(store.oci_blob(digest)[1])
+    except (ls.LayerstoreError, ValueError):
+        return None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = store_from(args)
     image = resolve_image(store, args.image)
@@ -142,26 +157,81 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "size": image_size(image),
         "created": _image_created(image),
         "layers": [_history_json(layer) for layer in image.layers],
+        # As imported (or last exported); None for an image only ever made in the store.
+        "manifest": _recorded(store, image.digest),
+        "config": _recorded(store, image.config_digest),
     }
     # docker inspect prints JSON either way.
     print_json(doc)
     return 0
 
 
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def history(store: ls.Store, image: ls.Stack) -> list[dict[str, Any]]:
+    """The image's build steps, bottom first, as docker history lists them: from the config's
+    ``history`` when it has one entry per layer (plus empty-layer steps), else one step per
+    layer from what the store recorded (its ``created_by``, when it was stored)."""
+    config = _recorded(store, image.config_digest)
+    steps = config.get("history") if isinstance(config, dict) else None
+    layers = list(image.layers)
+    if isinstance(steps, list) and sum(not h.get("empty_layer") for h in steps) == len(layers):
+        out = []
+        remaining = iter(layers)
+        for step in steps:
+            layer = None if step.get("empty_layer") else next(remaining)
+            out.append(
+                {
+                    "id": layer.id if layer else None,
+                    "size": layer.size if layer else 0,
+                    "created": step.get("created"),
+                    "created_by": step.get("created_by") or (layer and layer.created_by),
+                    "comment": step.get("comment"),
+                    "empty_layer": layer is None,
+                }
+            )
+        return out
+    return [
+        {
+            "id": layer.id,
+            "size": layer.size,
+            "created": _iso(layer.created),
+            "created_by": layer.created_by,
+            "comment": None,
+            "empty_layer": False,
+        }
+        for layer in layers
+    ]
+
+
+def _when(created: str | None) -> str:
+    if not created:
+        return "-"
+    try:
+        return format_time(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return created[:16]
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     store = store_from(args)
     image = resolve_image(store, args.image)
-    top_first = list(reversed(image.layers))
+    top_first = list(reversed(history(store, image)))
     if args.json:
-        print_json([_history_json(layer) for layer in top_first])
+        print_json(top_first)
         return 0
-    rows = [["LAYER", "CREATED", "CREATED BY", "SIZE"]]
-    for layer in top_first:
-        created_by = layer.created_by or ""
+    rows = [["LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
+    for step in top_first:
+        created_by = step["created_by"] or ""
         if not args.no_trunc and len(created_by) > 45:
             created_by = created_by[:44] + "…"
-        layer_id = layer.id if args.no_trunc else short_digest(layer.id)
-        rows.append([layer_id, format_time(layer.created), created_by, human_bytes(layer.size)])
+        layer_id = step["id"] or "-"
+        if step["id"] and not args.no_trunc:
+            layer_id = short_digest(step["id"])
+        size = human_bytes(step["size"])
+        rows.append([layer_id, _when(step["created"]), created_by, size, step["comment"] or ""])
     print_table(rows, right=frozenset({3}))
     return 0
 

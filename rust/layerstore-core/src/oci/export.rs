@@ -37,7 +37,8 @@ impl Store {
             .optional()?)
     }
 
-    fn oci_blob(&self, digest: &str) -> Result<(String, Vec<u8>)> {
+    /// A manifest or config the store recorded for an image, byte for byte: (media type, data).
+    pub fn oci_blob(&self, digest: &str) -> Result<(String, Vec<u8>)> {
         self.conn()?
             .query_row(
                 "SELECT media_type, data FROM oci_blobs WHERE digest = ?1",
