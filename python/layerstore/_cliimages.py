@@ -58,6 +58,7 @@ def has_tag(store: ls.Store, name: str) -> bool:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
+    """``layerstore tag NAME SOURCE...``: point a tag at an image or a stack of layers."""
     store = store_from(args)
     if len(args.layers) == 1:
         # One argument: an image (a tag, digest) or a layer, as every other command takes it.
@@ -83,6 +84,7 @@ def _image_created(image: ls.Stack) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    """``layerstore images``: tagged images with digest, size and time."""
     images = store_from(args).images()
     if args.json:
         print_json(
@@ -120,6 +122,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_untag(args: argparse.Namespace) -> int:
+    """``layerstore untag NAME``: remove a tag (its layers stay)."""
     store_from(args).untag(args.name)
     return 0
 
@@ -146,6 +149,7 @@ def _recorded(store: ls.Store, digest: str | None) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``layerstore inspect IMAGE``: identity, layers, manifest and config as JSON."""
     store = store_from(args)
     image = resolve_image(store, args.image)
     doc = {
@@ -216,6 +220,7 @@ def _when(created: str | None) -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    """``layerstore history IMAGE``: build steps, newest first, as docker prints them."""
     store = store_from(args)
     image = resolve_image(store, args.image)
     top_first = list(reversed(history(store, image)))
@@ -250,6 +255,7 @@ def _gc_hint(args: argparse.Namespace, removed: int) -> None:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    """``layerstore rm LAYER...``: remove layers (refused while used, unless --force)."""
     store = store_from(args)
     layers = {layer.id: layer for layer in (resolve_layer(store, k) for k in args.layers)}
     images = store.images()
@@ -280,6 +286,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
+    """``layerstore rmi IMAGE...``: untag images and remove the layers only they used."""
     store = store_from(args)
     untagged: list[str] = []
     candidates: list[str] = []
@@ -322,6 +329,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    """``layerstore prune``: remove every layer no tag reaches, then gc."""
     store = store_from(args)
     reached = {layer.id for image in store.images().values() for layer in image.layers}
     unreached = [layer.id for layer in store.layers() if layer.id not in reached]

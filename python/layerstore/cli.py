@@ -201,6 +201,7 @@ def _tree(image: ls.Stack, top: str) -> Iterator[tuple[str, ls.Stat]]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """``layerstore ls``: the layers, as a table or JSON."""
     layers = store_from(args).layers()
     if args.json:
         print_json([layer_json(layer) for layer in layers])
@@ -224,6 +225,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """``layerstore show LAYER``: a layer's identity and its entries, like ``tar -tv``."""
     store = store_from(args)
     # Looked up again by id, so that every name of a layer shows the same thing.
     layer = store.layer(resolve_layer(store, args.layer).id)
@@ -275,6 +277,7 @@ def export_compression(dest: str, asked: str | None) -> str | None:
 
 
 def cmd_export_image(args: argparse.Namespace) -> int:
+    """``layerstore export --format oci|docker IMAGE DEST``."""
     store = store_from(args)
     image = resolve_image(store, args.layer)
     tag = args.tag or args.layer
@@ -329,6 +332,8 @@ def _split_transport_dest(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``layerstore export SOURCE DEST``: a layer as a tar (compression from the
+    extension), or an image."""
     _split_transport_dest(args)
     if args.format != "tar":
         return cmd_export_image(args)
@@ -380,6 +385,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+    """``layerstore cat IMAGE PATH``: a file's content on stdout."""
     image = resolve_image(store_from(args), args.image)
     with image.open(args.path) as f:
         out = sys.stdout.buffer
@@ -390,6 +396,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
+    """``layerstore tree IMAGE [PATH]``: every path under PATH with the layer providing it."""
     image = resolve_image(store_from(args), args.image)
     if args.json:
         print_json(
@@ -407,6 +414,7 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
+    """``layerstore materialize IMAGE DEST``: the union view written to a new directory."""
     store = store_from(args)
     image = resolve_image(store, args.image)
     with progress_bar(args.image, None, args.progress) as progress:
@@ -425,6 +433,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    """``layerstore apply LAYER DEST``: a changeset applied onto an existing directory."""
     store = store_from(args)
     layer = resolve_layer(store, args.layer)
     with progress_bar(short_digest(layer.id), None, args.progress) as progress:
@@ -491,6 +500,7 @@ def _status(a: ls.Stack | Path, kind: str, path: str) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    """``layerstore diff A B``: the changeset stored as a layer, or listed (A/C/D)."""
     store = store_from(args)
     a, b = _side(store, args.a), _side(store, args.b)
     if args.compare_only:
@@ -509,6 +519,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_squash(args: argparse.Namespace) -> int:
+    """``layerstore squash IMAGE``: layers START..STOP (STOP excluded) as one layer."""
     store = store_from(args)
     image = resolve_image(store, args.image)
     depth = len(image)
@@ -527,6 +538,7 @@ def cmd_squash(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
+    """``layerstore commit IMAGE DIR --tag NAME``: DIR's changes as a new image."""
     store = store_from(args)
     image = resolve_image(store, args.image)
     with progress_bar("commit", None, args.progress) as progress:
@@ -541,6 +553,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    """``layerstore gc``: remove unreferenced chunks and leftovers."""
     report = store_from(args).gc()
     if args.json:
         print_json(report)
@@ -557,6 +570,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    """``layerstore fsck``: verify the store; exit status 1 on problems."""
     report = store_from(args).fsck(repair=args.repair)
     ok = bool(report["ok"])
     if args.json:
@@ -589,6 +603,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_du(args: argparse.Namespace) -> int:
+    """``layerstore du``: logical and stored sizes, dedup ratio."""
     s = store_from(args).stats()
     if args.json:
         print_json(s)
