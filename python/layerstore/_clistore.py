@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import layerstore as ls
@@ -23,6 +24,7 @@ import layerstore as ls
 __all__ = [
     "MIN_PREFIX",
     "CliError",
+    "NewStore",
     "check_prefix",
     "default_store_dir",
     "error_message",
@@ -66,33 +68,51 @@ def is_store(path: Path) -> bool:
     return (path / "meta.db").is_file()
 
 
-def new_store_path(path: Path) -> tuple[Path, bool] | None:
-    """What creating a store at `path` would create, for :func:`remove_new_store` to remove
-    when the first import fails: (the outermost missing directory, False), or (`path`, True)
-    when `path` is an empty directory (only what is put into it goes); None for anything else."""
+@dataclass(frozen=True)
+class NewStore:
+    """What creating a store at `path` creates, for :func:`remove_new_store` to take away again
+    when the first import fails."""
+
+    #: The store directory.
+    path: Path
+    #: The outermost directory created for it: `path` itself or one of its ancestors.
+    top: Path
+    #: `path` was an empty directory already: only what is put into it goes.
+    existed: bool
+
+
+def new_store_path(path: Path) -> NewStore | None:
+    """What a store at `path` would create (None when `path` holds a store or anything else)."""
     if path.is_dir() and not is_store(path) and not any(path.iterdir()):
-        return path, True
+        return NewStore(path, path, existed=True)
     if path.exists() or path.is_symlink():
         return None
     top = path.absolute()
     while not top.parent.exists() and top.parent != top:
         top = top.parent
-    return top, False
+    return NewStore(path.absolute(), top, existed=False)
 
 
-def remove_new_store(created: tuple[Path, bool] | None) -> None:
-    """Remove what a failed first import created (see :func:`new_store_path`)."""
+def remove_new_store(created: NewStore | None) -> None:
+    """Remove what a failed first import created (see :func:`new_store_path`). Directories
+    created above the store go only while empty: whatever else appeared in them stays."""
     if created is None:
         return
-    top, keep_top = created
-    if not keep_top:
-        shutil.rmtree(top, ignore_errors=True)
+    if created.existed:
+        for child in created.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
         return
-    for child in top.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+    shutil.rmtree(created.path, ignore_errors=True)
+    parent = created.path.parent
+    while created.top in (parent, *parent.parents):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
 
 
 def open_store(path: Path, *, create: bool = False) -> ls.Store:
