@@ -476,3 +476,58 @@ def test_inspect_and_history_of_an_imported_image_show_its_config(
     assert set(steps[0]) == {"id", "size", "created", "created_by", "comment", "empty_layer"}
     header = run("--store", str(other), "history", "v1").stdout.decode().splitlines()[0]
     assert header.split() == ["LAYER", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]
+
+
+def test_config_writes_a_new_image_with_the_config_changed(
+    store: Path, two_layers: tuple[str, str], tmp_path: Path
+) -> None:
+    s = ["--store", str(store)]
+    env = {k: v for k, v in os.environ.items() if k not in ("LAYERSTORE_HOME", "XDG_DATA_HOME")}
+    args = [
+        *s,
+        "--json",
+        "config",
+        "img",
+        "--env",
+        "PATH=/bin",
+        "--label",
+        "team=core",
+        "--entrypoint",
+        '["/bin/sh", "-c"]',
+        "--cmd",
+        "true",
+        "--workdir",
+        "/srv",
+        "--tag",
+        "img:cfg",
+    ]
+    proc = subprocess.run(
+        [*CLI, *args], capture_output=True, env={**env, "SOURCE_DATE_EPOCH": "1700000000"}
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    inspected = json.loads(run(*s, "inspect", "img:cfg").stdout)
+    assert (
+        inspected["digest"] == doc["digest"]
+        and inspected["chain_id"] == json.loads(run(*s, "inspect", "img").stdout)["chain_id"]
+    )
+    config = inspected["config"]
+    assert config["created"] == "2023-11-14T22:13:20Z"
+    assert config["config"]["Env"] == ["PATH=/bin"]
+    assert config["config"]["Labels"] == {"team": "core"}
+    assert (config["config"]["Entrypoint"], config["config"]["Cmd"]) == (
+        ["/bin/sh", "-c"],
+        ["true"],
+    )
+    assert config["config"]["WorkingDir"] == "/srv"
+    steps = json.loads(run(*s, "--json", "history", "img:cfg").stdout)
+    assert steps[0]["empty_layer"] and steps[0]["created_by"].startswith("layerstore config: ENV")
+    assert [h["id"] for h in steps[1:]] == list(reversed(two_layers))
+    # The Python API: env merges into what is there.
+    again = ls.with_config(
+        ls.Store(store), ls.Store(store).get("img:cfg"), tag="img:2", env={"A": "1"}
+    )
+    raw = ls.Store(store).oci_blob(again.config_digest or "")[1]
+    assert json.loads(raw)["config"]["Env"] == ["PATH=/bin", "A=1"]
+    line = error_line(run(*s, "config", "img", "--env", "NOEQUALS", "--tag", "x", expect=2))
+    assert "expected KEY=VALUE" in line

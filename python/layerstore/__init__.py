@@ -6,6 +6,7 @@ re-exports its classes and the exception hierarchy.
 
 from __future__ import annotations
 
+from layerstore._config import with_config
 from layerstore._container import Container
 from layerstore._core import FORMAT_VERSION, Entry, Layer, Limits, Stack, Stat, Store, __version__
 from layerstore._errors import (
@@ -37,4 +38,5 @@ __all__ = [
     "Stat",
     "Store",
     "__version__",
+    "with_config",
 ]

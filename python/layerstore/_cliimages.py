@@ -34,6 +34,7 @@ from layerstore._clistore import (
 )
 
 __all__ = [
+    "cmd_config",
     "cmd_history",
     "cmd_images",
     "cmd_inspect",
@@ -238,6 +239,50 @@ def cmd_history(args: argparse.Namespace) -> int:
         size = human_bytes(step["size"])
         rows.append([layer_id, _when(step["created"]), created_by, size, step["comment"] or ""])
     print_table(rows, right=frozenset({3}))
+    return 0
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type: ``K=V`` (for --env and --label)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return key, value
+
+
+def command_line(text: str) -> list[str]:
+    """argparse type: a JSON array of strings (``'["/bin/sh", "-c"]'``), else one word."""
+    if not text.startswith("["):
+        return [text]
+    try:
+        words = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a JSON array of strings: {text}") from None
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise argparse.ArgumentTypeError(f"not a JSON array of strings: {text}")
+    return words
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``layerstore config IMAGE --env K=V … --tag NEW``: a new image with a changed config."""
+    store = store_from(args)
+    image = resolve_image(store, args.image)
+    new = ls.with_config(
+        store,
+        image,
+        tag=args.tag,
+        env=dict(args.env) or None,
+        entrypoint=args.entrypoint,
+        cmd=args.cmd,
+        workdir=args.workdir,
+        user=args.user,
+        labels=dict(args.label) or None,
+    )
+    doc = {"tag": args.tag, "digest": new.digest, "config_digest": new.config_digest}
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"configured {args.tag} ({new.digest})")
     return 0
 
 

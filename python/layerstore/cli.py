@@ -22,6 +22,7 @@ from typing import IO, Any, NoReturn, cast
 
 import layerstore as ls
 from layerstore._cliimages import (
+    cmd_config,
     cmd_history,
     cmd_images,
     cmd_inspect,
@@ -30,7 +31,9 @@ from layerstore._cliimages import (
     cmd_rmi,
     cmd_tag,
     cmd_untag,
+    command_line,
     has_tag,
+    key_value,
 )
 from layerstore._cliimport import cmd_import
 from layerstore._cliout import (
@@ -861,6 +864,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
     p.add_argument("--no-trunc", action="store_true", help="print whole ids and build steps")
+
+    p = command(
+        "config",
+        cmd_config,
+        help="a new image with a changed config",
+        description="Write a new image NEW with IMAGE's layers and its config changed: --env "
+        "and --label merge into the config's, the others replace theirs. The config's created "
+        "time is now (or $SOURCE_DATE_EPOCH). IMAGE's layers are read once (an export to "
+        "$TMPDIR); nothing but the new config and manifest is stored.",
+    )
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("--tag", metavar="NEW", required=True, help="the new image's tag")
+    p.add_argument(
+        "--env", type=key_value, action="append", default=[], metavar="K=V", help="set a variable"
+    )
+    p.add_argument(
+        "--label", type=key_value, action="append", default=[], metavar="K=V", help="set a label"
+    )
+    p.add_argument(
+        "--entrypoint",
+        type=command_line,
+        metavar="CMD",
+        help='the entrypoint: a JSON array (\'["/bin/sh", "-c"]\') or one word',
+    )
+    p.add_argument(
+        "--cmd", type=command_line, metavar="CMD", help="the command: a JSON array or one word"
+    )
+    p.add_argument("--workdir", metavar="DIR", help="the working directory")
+    p.add_argument("--user", metavar="USER", help="the user (name or uid[:gid])")
 
     p = command(
         "rm",
