@@ -6,6 +6,7 @@ re-exports its classes and the exception hierarchy.
 
 from __future__ import annotations
 
+from layerstore._config import with_config
 from layerstore._container import Container
 from layerstore._core import (
     FORMAT_VERSION,
@@ -58,4 +59,5 @@ __all__ = [
     "__version__",
     "registry_login",
     "registry_logout",
+    "with_config",
 ]

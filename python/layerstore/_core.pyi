@@ -188,6 +188,9 @@ class Store:
         compression: str | None = None,
         progress: Progress | None = None,
     ) -> str: ...
+    def oci_blob(self, digest: str) -> tuple[str, bytes]:
+        """The manifest or config `digest` recorded for an image (``image.digest``,
+        ``image.config_digest``), byte for byte: (media type, data)."""
     def import_docker_archive(
         self, src: StrPath, /, *, progress: Progress | None = None
     ) -> dict[str, Stack]: ...

@@ -47,7 +47,9 @@ pub fn to_py(err: Error) -> PyErr {
     if let Some(io) = err.io_error() {
         let msg = err.to_string();
         if let Some(errno) = io.raw_os_error() {
-            // An OS error keeps its errno (e.g. ELOOP from symlink resolution).
+            // An OS error keeps its errno (e.g. ELOOP from symlink resolution). Python prints
+            // the errno itself (`[Errno 2] …`), so Rust's ` (os error 2)` suffix goes.
+            let msg = msg.replace(&format!(" (os error {errno})"), "");
             return os_error(errno, (errno, msg));
         }
         return match io.kind() {

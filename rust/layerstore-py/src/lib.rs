@@ -19,6 +19,7 @@ use layerstore_core::tar::Limits as CoreLimits;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+mod args;
 mod changes;
 mod container;
 mod errors;
@@ -56,20 +57,21 @@ impl Limits {
     #[new]
     #[pyo3(signature = (*, max_bytes=None, max_entries=None, max_record=None, max_path_depth=None, max_trailing=None))]
     fn new(
-        max_bytes: Option<u64>,
-        max_entries: Option<u64>,
-        max_record: Option<u64>,
-        max_path_depth: Option<u32>,
-        max_trailing: Option<u64>,
-    ) -> Self {
+        max_bytes: Option<i128>,
+        max_entries: Option<i128>,
+        max_record: Option<i128>,
+        max_path_depth: Option<i128>,
+        max_trailing: Option<i128>,
+    ) -> PyResult<Self> {
         let d = CoreLimits::default();
-        Limits {
-            max_bytes: max_bytes.unwrap_or(d.max_bytes),
-            max_entries: max_entries.unwrap_or(d.max_entries),
-            max_record: max_record.unwrap_or(d.max_record),
-            max_path_depth: max_path_depth.unwrap_or(d.max_path_depth),
-            max_trailing: max_trailing.unwrap_or(d.max_trailing),
-        }
+        Ok(Limits {
+            max_bytes: args::opt_int("max_bytes", max_bytes, 0)?.unwrap_or(d.max_bytes),
+            max_entries: args::opt_int("max_entries", max_entries, 0)?.unwrap_or(d.max_entries),
+            max_record: args::opt_int("max_record", max_record, 0)?.unwrap_or(d.max_record),
+            max_path_depth: args::opt_int("max_path_depth", max_path_depth, 0)?
+                .unwrap_or(d.max_path_depth),
+            max_trailing: args::opt_int("max_trailing", max_trailing, 0)?.unwrap_or(d.max_trailing),
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -152,8 +154,9 @@ impl Source {
     }
 }
 
+/// An I/O error on the caller's path, through the one mapping (which keeps the errno).
 fn io_to_py(e: io::Error, p: &std::path::Path) -> PyErr {
-    errors::to_py(core::Error::io(p.display().to_string(), e))
+    to_py(core::Error::io(p.display().to_string(), e))
 }
 
 /// A Python binary file object as a Rust reader (re-attaches for each read).
@@ -281,21 +284,21 @@ impl Store {
         py: Python<'_>,
         path: PathBuf,
         compression_level: i32,
-        chunk_min: Option<u32>,
-        chunk_avg: Option<u32>,
-        chunk_max: Option<u32>,
-        max_depth: usize,
+        chunk_min: Option<i128>,
+        chunk_avg: Option<i128>,
+        chunk_max: Option<i128>,
+        max_depth: i128,
         limits: Option<Limits>,
     ) -> PyResult<Self> {
         let d = core::chunk::ChunkParams::default();
         let options = core::store::StoreOptions {
             compression_level,
             chunk: core::chunk::ChunkParams {
-                min: chunk_min.unwrap_or(d.min),
-                avg: chunk_avg.unwrap_or(d.avg),
-                max: chunk_max.unwrap_or(d.max),
+                min: args::opt_int("chunk_min", chunk_min, 1)?.unwrap_or(d.min),
+                avg: args::opt_int("chunk_avg", chunk_avg, 1)?.unwrap_or(d.avg),
+                max: args::opt_int("chunk_max", chunk_max, 1)?.unwrap_or(d.max),
             },
-            max_depth,
+            max_depth: args::int("max_depth", max_depth, 1)?,
         };
         let limits = limits.map(|l| l.core()).unwrap_or_default();
         let inner = py
@@ -362,11 +365,11 @@ impl Store {
         expected_diff_id: Option<String>,
         limits: Option<Limits>,
         progress: Option<Py<PyAny>>,
-        max_threads: Option<usize>,
+        max_threads: Option<i128>,
     ) -> PyResult<Layer> {
         let dir_opts = core::fsio::DirOptions {
             exclude_xattrs: exclude_xattrs.into_iter().map(String::into_bytes).collect(),
-            max_threads,
+            max_threads: args::opt_int("max_threads", max_threads, 1)?,
         };
         let opts = ImportOptions {
             expected_diff_id,
