@@ -125,7 +125,11 @@ class Store:
         chunk_max: int | None = None,
         max_depth: int = 127,
         limits: Limits | None = None,
+        readonly: bool = False,
     ) -> Store: ...
+    @property
+    def readonly(self) -> bool:
+        """Whether the store is open read-only (asked for, or its files cannot be written)."""
     @property
     def path(self) -> str: ...
     @property

@@ -35,6 +35,8 @@ pub enum ErrorKind {
     Ambiguous,
     /// A bug: a worker thread panicked.
     Internal,
+    /// A write to a store opened read-only (or whose files cannot be written).
+    ReadOnly,
 }
 
 /// What is wrong with a path looked up in an image, as the OS would say it.
@@ -176,6 +178,10 @@ pub enum Error {
         prefix: String,
         candidates: Vec<String>,
     },
+    #[error(
+        "store {store} is read-only (opened so, or its files cannot be written): cannot {action}"
+    )]
+    ReadOnly { store: String, action: &'static str },
     #[error("internal error: the {what} panicked (a bug in layerstore: please report it)")]
     Panicked { what: &'static str },
 }
@@ -204,6 +210,7 @@ impl Error {
             Error::Database(_) => ErrorKind::Database,
             Error::Ambiguous { .. } => ErrorKind::Ambiguous,
             Error::Panicked { .. } => ErrorKind::Internal,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
             Error::InEntry { source, .. } => source.kind(),
         }
     }

@@ -68,7 +68,9 @@ pub fn to_py(err: Error) -> PyErr {
         ErrorKind::Conflict => &CONFLICT_ERROR,
         ErrorKind::Cancelled => return PyKeyboardInterrupt::new_err("cancelled"),
         ErrorKind::InvalidArgument => return PyValueError::new_err(err.to_string()),
-        ErrorKind::PermissionDenied => return PyPermissionError::new_err(err.to_string()),
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnly => {
+            return PyPermissionError::new_err(err.to_string())
+        }
         ErrorKind::Network => return PyOSError::new_err(err.to_string()),
         _ => &LAYERSTORE_ERROR,
     };

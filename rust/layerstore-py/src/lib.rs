@@ -279,7 +279,7 @@ impl Store {
     /// store keeps the settings it was created with).
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
-    #[pyo3(signature = (path, *, compression_level=3, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None))]
+    #[pyo3(signature = (path, *, compression_level=3, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None, readonly=false))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -289,6 +289,7 @@ impl Store {
         chunk_max: Option<i128>,
         max_depth: i128,
         limits: Option<Limits>,
+        readonly: bool,
     ) -> PyResult<Self> {
         let d = core::chunk::ChunkParams::default();
         let options = core::store::StoreOptions {
@@ -302,11 +303,21 @@ impl Store {
         };
         let limits = limits.map(|l| l.core()).unwrap_or_default();
         let inner = py
-            .detach(|| core::Store::open(&path, options, limits))
+            .detach(|| match readonly {
+                true => core::Store::open_readonly(&path, limits),
+                false => core::Store::open(&path, options, limits),
+            })
             .py()?;
         Ok(Store {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Whether the store is open read-only (asked for, or because its files cannot be written):
+    /// reads work, writes raise `PermissionError`.
+    #[getter]
+    fn readonly(&self) -> bool {
+        self.inner.readonly()
     }
 
     /// The store's directory.
