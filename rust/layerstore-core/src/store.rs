@@ -95,8 +95,7 @@ pub struct Store {
 /// says `EROFS` for a read-only file system, even to root).
 fn writable(root: &Path) -> bool {
     use rustix::fs::{access, Access};
-    access(root, Access::WRITE_OK).is_ok()
-        && access(root.join("meta.db"), Access::WRITE_OK).is_ok()
+    access(root, Access::WRITE_OK).is_ok() && access(root.join("meta.db"), Access::WRITE_OK).is_ok()
 }
 
 /// Decoded bytes a store keeps for its content readers.
