@@ -14,7 +14,7 @@ from pathlib import Path
 import layerstore as ls
 import pytest
 import tarfixtures as tf
-from storeutil import export_bytes, no_core_dumps, pack_files
+from storeutil import export_bytes, no_core_dumps, pack_files, run_python
 
 MiB = 1 << 20
 
@@ -132,3 +132,48 @@ def test_packs_merged_by_gc_wait_in_retirement_too(store: ls.Store) -> None:
     assert {p.name for p in (packs / "retired").iterdir()} == small
     for i, layer in enumerate(layers):
         assert store.stack([layer]).read_bytes(f"/s{i}") == tf.rand_bytes(i, 4096)
+
+
+GC_ELSEWHERE = """
+import json, sys
+import layerstore as ls
+print(json.dumps(ls.Store(sys.argv[1]).gc()))
+"""
+
+
+@pytest.mark.root
+def test_an_import_that_fails_on_a_full_disk_never_leaves_a_lease_that_blocks_gc(
+    tmp_path: Path,
+) -> None:
+    """Whatever point of an import the disk fills at (its lease's own release included), once
+    space is back a gc in another process collects: the lease is never left looking alive."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        root = disk / "store"
+        store = ls.Store(root)
+        kept = store.import_tar(tf.simple_tar({"kept": tf.rand_bytes("kept", 100_000)}))
+        big = tf.simple_tar({"big": tf.rand_bytes("big", 2 * MiB)})
+        failures = 0
+        for free in (4096, 8192, 16384, 65536, 262144):
+            filler = disk / "filler"
+            st = os.statvfs(disk)
+            room = st.f_bavail * st.f_frsize - free
+            with open(filler, "wb") as f:
+                f.truncate(0)
+                f.write(b"\0" * max(room, 0))
+            try:
+                store.import_tar(big)
+            except OSError:
+                failures += 1
+            filler.unlink()
+            report = run_python(GC_ELSEWHERE, str(root))
+            assert report.returncode == 0, report.stderr
+            assert '"deferred": false' in report.stdout, (free, report.stdout)
+            assert store.fsck()["ok"]
+        assert failures >= 3, "the disk was not full enough to fail the imports"
+        assert export_bytes(store, kept) == tf.simple_tar({"kept": tf.rand_bytes("kept", 100_000)})
+        del store
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)

@@ -5,13 +5,15 @@
 //! process until it ends. Whether a lease is live is asked of the kernel — the lock is held
 //! exactly while its owner's descriptor is open, so it is dropped when the owner dies, however
 //! it dies, and it works across PID namespaces (a container sharing the store), where process
-//! ids are not comparable. The owner removes its lock file when it is done (after the row went,
-//! or after failing to remove it); a lease without a lock file (done, or written by an older
-//! build) is judged by its process id and start time. `gc` removes lock files no one holds.
+//! ids are not comparable. The owner removes its lock file once its row is gone; if it could not
+//! delete the row (a full disk), it leaves the file, unlocked once it closes it, so the next `gc`
+//! judges the lease dead. A lease without a lock file (written by an older build) is judged by
+//! its process id and start time. `gc` removes lock files no one holds.
 
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{flock, FlockOperation};
 
@@ -26,12 +28,31 @@ pub(crate) struct Lease {
     pub id: i64,
     lock: File,
     path: PathBuf,
+    /// The row is gone: the lock file can go too.
+    released: AtomicBool,
+}
+
+impl Lease {
+    /// The row was deleted (by the transaction that committed the import).
+    pub fn released(&self) {
+        self.released.store(true, Ordering::Relaxed);
+    }
+
+    /// Delete the row now (an import that failed). If that fails too (a full disk), the lock
+    /// file stays, unlocked once this lease is dropped: the next `gc` finds it unlocked, judges
+    /// the lease dead and deletes the row — a release is never lost.
+    pub fn release(&self, conn: &rusqlite::Connection) {
+        if meta::release_lease(conn, self.id).is_ok() {
+            self.released();
+        }
+    }
 }
 
 impl Drop for Lease {
-    /// Remove the lock file while still holding the lock (then close it, releasing it).
+    /// Remove the lock file of a released lease while still holding the lock (then close it,
+    /// releasing the lock). An unreleased lease leaves its file for `gc` (see [`Lease::release`]).
     fn drop(&mut self) {
-        if same_file(&self.lock, &self.path) {
+        if self.released.load(Ordering::Relaxed) && same_file(&self.lock, &self.path) {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -60,7 +81,12 @@ impl Lease {
             }
         };
         let id = meta::acquire_lease(conn, name)?;
-        Ok(Lease { id, lock, path })
+        Ok(Lease {
+            id,
+            lock,
+            path,
+            released: AtomicBool::new(false),
+        })
     }
 }
 

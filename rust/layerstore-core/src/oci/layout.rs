@@ -95,7 +95,7 @@ impl<'s> Staging<'s> {
         let lease = store.lease(&*store.conn()?, &format!("tmp/{name}"))?;
         let dir = store.root().join("tmp").join(name);
         if let Err(e) = fs::create_dir_all(&dir) {
-            let _ = crate::meta::release_lease(&*store.conn()?, lease.id);
+            lease.release(&*store.conn()?);
             return Err(Error::io(format!("creating {}", dir.display()), e));
         }
         Ok(Staging {
@@ -434,7 +434,7 @@ impl Drop for Staging<'_> {
     /// End the lease and its pins (a lease left behind would expire with the process anyway).
     fn drop(&mut self) {
         if let Ok(conn) = self.store.conn() {
-            let _ = crate::meta::release_lease(&conn, self.lease.id);
+            self.lease.release(&conn);
         }
     }
 }

@@ -110,8 +110,9 @@ impl Store {
                 Ok(())
             },
         );
-        if result.is_err() {
-            let _ = meta::release_lease(&conn, lease.id);
+        match &result {
+            Ok(_) => lease.released(), // by the transaction that committed the layer
+            Err(_) => lease.release(&conn),
         }
         result
     }
