@@ -33,7 +33,7 @@ class GcReport(TypedDict):
     packs_rewritten: int
     bytes_reclaimed: int
     deferred: bool
-    """Imports in flight held leases, so no chunk was collected this time."""
+    """Some unreferenced chunks were kept: imports in flight may use them (a later gc takes them)."""
 
 
 class DamagedChunk(TypedDict):

@@ -171,7 +171,7 @@ pub enum Error {
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
     #[error("metadata database: {0}")]
-    Database(#[from] rusqlite::Error),
+    Database(rusqlite::Error),
     #[error("{what} {prefix:?} is ambiguous: it matches {}; give more characters", candidates.join(", "))]
     Ambiguous {
         what: &'static str,
@@ -249,6 +249,30 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    /// A database failure that is an operating-system condition (a full disk, an I/O error,
+    /// a file that cannot be opened) is that I/O error, so callers see the `OSError` they expect.
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        let errno = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => match f.code {
+                ErrorCode::DiskFull => Some(28),         // ENOSPC
+                ErrorCode::SystemIoFailure => Some(5),   // EIO
+                ErrorCode::PermissionDenied => Some(13), // EACCES
+                _ => None,
+            },
+            _ => None,
+        };
+        match errno {
+            Some(n) => Error::io(
+                format!("metadata database: {e}"),
+                io::Error::from_raw_os_error(n),
+            ),
+            None => Error::Database(e),
         }
     }
 }

@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS leases (
     pid INTEGER NOT NULL,
     start_time INTEGER NOT NULL,       -- the process's start time, so a reused pid is not alive
     pack TEXT NOT NULL,                -- a tar import's pack file, or an image import's tmp/ directory
-    created INTEGER NOT NULL
+    created INTEGER NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0     -- settings.lease_seq when taken: orders leases by age
 );
 -- Layers an image import in flight uses (created or found), kept from `delete` until it ends.
 CREATE TABLE IF NOT EXISTS pins (
@@ -119,6 +120,13 @@ CREATE TABLE IF NOT EXISTS oci_refs (
     name TEXT PRIMARY KEY,             -- a refs.name an image import tagged
     manifest TEXT NOT NULL             -- oci_images.manifest it was imported from
 );
+-- Unreferenced chunks `gc` could not delete because imports were in flight (one might have
+-- deduplicated against them): deleted by a later `gc` once every live lease's seq is above
+-- `after_lease`; an import never deduplicates against one (it stores its own copy).
+CREATE TABLE IF NOT EXISTS doomed_chunks (
+    digest BLOB PRIMARY KEY,
+    after_lease INTEGER NOT NULL       -- settings.lease_seq when it was found unreferenced
+) WITHOUT ROWID;
 -- Layers `fsck --repair` found using damaged chunks (taken out of use): refused by every read
 -- until an import stores those chunks again.
 CREATE TABLE IF NOT EXISTS broken_layers (
@@ -243,6 +251,13 @@ pub fn read_settings(conn: &Connection) -> Result<Vec<(String, String)>> {
 pub fn init(conn: &mut Connection, defaults: &[(&str, String)]) -> Result<Vec<(String, String)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
+    // Stores made before leases were ordered: their leases (seq 0) count as the oldest.
+    let has_seq = tx
+        .prepare("SELECT 1 FROM pragma_table_info('leases') WHERE name = 'seq'")?
+        .exists([])?;
+    if !has_seq {
+        tx.execute_batch("ALTER TABLE leases ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")?;
+    }
     let version: Option<String> = tx
         .query_row(
             "SELECT value FROM settings WHERE key = 'format_version'",
@@ -282,6 +297,16 @@ pub fn init(conn: &mut Connection, defaults: &[(&str, String)]) -> Result<Vec<(S
 
 pub fn chunk_exists(conn: &Connection, digest: &Blake3) -> Result<bool> {
     let mut stmt = conn.prepare_cached("SELECT 1 FROM chunks WHERE digest = ?1")?;
+    Ok(stmt.exists([&digest.0[..]])?)
+}
+
+/// Whether an import may deduplicate against the stored chunk `digest`: it exists and `gc` has
+/// not doomed it (a doomed chunk may go while the import runs, so the import stores its own).
+pub fn chunk_reusable(conn: &Connection, digest: &Blake3) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT 1 FROM chunks WHERE digest = ?1
+         AND NOT EXISTS (SELECT 1 FROM doomed_chunks WHERE digest = ?1)",
+    )?;
     Ok(stmt.exists([&digest.0[..]])?)
 }
 
@@ -696,9 +721,24 @@ pub fn referenced_chunks(conn: &Connection) -> Result<std::collections::HashSet<
     Ok(all)
 }
 
-/// Delete the chunk rows no layer names; returns how many went.
-pub fn delete_unreferenced_chunks(conn: &Connection) -> Result<u64> {
+/// `gc`'s sweep of the chunk rows no layer names, in the caller's transaction. With no import
+/// in flight (`oldest_live`, the smallest `seq` of the live leases, is `None`) every one goes.
+/// Otherwise one goes only if an earlier sweep doomed it before every live lease began (no live import can have deduplicated against
+/// it: imports skip doomed chunks); the others are doomed now, to go in a later sweep.
+/// Returns (deleted, kept).
+pub fn sweep_unreferenced_chunks(
+    conn: &Connection,
+    oldest_live: Option<i64>,
+) -> Result<(u64, u64)> {
     let keep = referenced_chunks(conn)?;
+    let mut doomed: HashMap<Vec<u8>, i64> = HashMap::new();
+    {
+        let mut stmt = conn.prepare("SELECT digest, after_lease FROM doomed_chunks")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            doomed.insert(row.get(0)?, row.get(1)?);
+        }
+    }
     let mut dead: Vec<Vec<u8>> = Vec::new();
     {
         let mut stmt = conn.prepare("SELECT digest FROM chunks")?;
@@ -711,11 +751,37 @@ pub fn delete_unreferenced_chunks(conn: &Connection) -> Result<u64> {
             }
         }
     }
-    let mut delete = conn.prepare_cached("DELETE FROM chunks WHERE digest = ?1")?;
-    for digest in &dead {
-        delete.execute([digest])?;
+    // Doomed chunks a layer took up again are safe.
+    let mut undoom = conn.prepare_cached("DELETE FROM doomed_chunks WHERE digest = ?1")?;
+    for digest in doomed.keys() {
+        let referenced =
+            <[u8; 32]>::try_from(digest.as_slice()).is_ok_and(|d| keep.contains(&Blake3(d)));
+        if referenced {
+            undoom.execute([digest])?;
+        }
     }
-    Ok(dead.len() as u64)
+    let newest = lease_seq(conn)?;
+    let mut delete = conn.prepare_cached("DELETE FROM chunks WHERE digest = ?1")?;
+    let mut doom = conn.prepare_cached(
+        "INSERT OR IGNORE INTO doomed_chunks (digest, after_lease) VALUES (?1, ?2)",
+    )?;
+    let (mut deleted, mut kept) = (0, 0);
+    for digest in &dead {
+        let goes = match (oldest_live, doomed.get(digest)) {
+            (None, _) => true,
+            (Some(oldest), Some(&after)) => after < oldest,
+            (Some(_), None) => false,
+        };
+        if goes {
+            delete.execute([digest])?;
+            undoom.execute([digest])?;
+            deleted += 1;
+        } else {
+            doom.execute(params![digest, newest])?;
+            kept += 1;
+        }
+    }
+    Ok((deleted, kept))
 }
 
 /// Delete a layer unless a stack or tag uses it, or a live import other than `owner` (the
@@ -874,11 +940,49 @@ pub fn packs(conn: &Connection) -> Result<Vec<(String, u64)>> {
 pub fn acquire_lease(conn: &Connection, pack: &str) -> Result<i64> {
     let pid = std::process::id();
     let start = crate::owner::process_start_time(pid).unwrap_or(0);
-    conn.execute(
-        "INSERT INTO leases (pid, start_time, pack, created) VALUES (?1, ?2, ?3, ?4)",
-        params![pid, start, pack, now()],
+    let tx = conn.unchecked_transaction()?;
+    let seq = next_lease_seq(&tx)?;
+    tx.execute(
+        "INSERT INTO leases (pid, start_time, pack, created, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![pid, start, pack, now(), seq],
     )?;
-    Ok(conn.last_insert_rowid())
+    let id = tx.last_insert_rowid();
+    tx.commit()?;
+    Ok(id)
+}
+
+/// The next value of the store's lease counter (never reused, unlike row ids).
+fn next_lease_seq(tx: &Connection) -> Result<i64> {
+    let bumped: Option<i64> = tx
+        .query_row(
+            "UPDATE settings SET value = CAST(value AS INTEGER) + 1 WHERE key = 'lease_seq'
+             RETURNING CAST(value AS INTEGER)",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match bumped {
+        Some(seq) => Ok(seq),
+        None => {
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES ('lease_seq', '1')",
+                [],
+            )?;
+            Ok(1)
+        }
+    }
+}
+
+/// The lease counter's current value (0 before any lease).
+fn lease_seq(conn: &Connection) -> Result<i64> {
+    let v: Option<String> = conn
+        .query_row(
+            "SELECT value FROM settings WHERE key = 'lease_seq'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 /// End a lease and drop the pins it holds.
@@ -896,6 +1000,8 @@ pub struct LeaseRow {
     pub start_time: u64,
     /// The pack file or `tmp/` directory the lease covers (it also names its lock file).
     pub name: String,
+    /// Its place in the order leases were taken (0: taken by a build before the order).
+    pub seq: i64,
 }
 
 fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
@@ -904,6 +1010,7 @@ fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
         pid: r.get(1)?,
         start_time: r.get(2)?,
         name: r.get(3)?,
+        seq: r.get(4)?,
     })
 }
 
@@ -922,7 +1029,7 @@ pub fn pin_layer(conn: &Connection, lease: i64, id: &Blake3) -> Result<()> {
 /// How many live leases other than `owner` pin the layer `key`.
 fn live_pins(conn: &Connection, key: &str, owner: Option<i64>, alive: Alive<'_>) -> Result<usize> {
     let mut stmt = conn.prepare_cached(
-        "SELECT leases.id, leases.pid, leases.start_time, leases.pack FROM pins
+        "SELECT leases.id, leases.pid, leases.start_time, leases.pack, leases.seq FROM pins
          JOIN leases ON leases.id = pins.lease WHERE pins.layer = ?1",
     )?;
     let holders = stmt
@@ -934,16 +1041,16 @@ fn live_pins(conn: &Connection, key: &str, owner: Option<i64>, alive: Alive<'_>)
         .count())
 }
 
-/// Drop leases whose owner is gone (and their pins); return the live ones' names.
-pub fn live_leases(conn: &Connection, alive: Alive<'_>) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare("SELECT id, pid, start_time, pack FROM leases")?;
+/// Drop leases whose owner is gone (and their pins); return the live ones.
+pub fn live_leases(conn: &Connection, alive: Alive<'_>) -> Result<Vec<LeaseRow>> {
+    let mut stmt = conn.prepare("SELECT id, pid, start_time, pack, seq FROM leases")?;
     let rows = stmt
         .query_map([], lease_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut live = Vec::new();
     for row in rows {
         if alive(&row) {
-            live.push(row.name);
+            live.push(row);
         } else {
             release_lease(conn, row.id)?;
         }

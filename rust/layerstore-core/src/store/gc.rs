@@ -22,7 +22,8 @@ pub struct GcReport {
     pub packs_removed: u64,
     pub packs_rewritten: u64,
     pub bytes_reclaimed: u64,
-    /// Live imports held leases, so no chunk was swept this time.
+    /// Some unreferenced chunks were kept because imports in flight may have deduplicated
+    /// against them (a later gc, once those imports end, collects them).
     pub deferred: bool,
 }
 
@@ -43,44 +44,46 @@ impl Store {
         let mut retire: Vec<String> = Vec::new();
         let mut unlink: Vec<PathBuf> = Vec::new();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let live = meta::live_leases(&tx, &|l| self.lease_alive(l))?;
-        if live.is_empty() {
-            report.chunks_removed = meta::delete_unreferenced_chunks(&tx)?;
-            let header = cas::PACK_MAGIC.len() as u64;
-            let mut rewrite: Vec<(String, u64)> = Vec::new();
-            let mut small: Vec<(String, u64)> = Vec::new();
-            for (name, size) in meta::packs(&tx)? {
-                let live_bytes = self.live_pack_bytes(&tx, &name)?;
-                if live_bytes == 0 {
-                    meta::delete_pack(&tx, &name)?;
-                    retire.push(name);
-                    report.packs_removed += 1;
-                    report.bytes_reclaimed += size;
-                } else if (live_bytes + header) * 2 < size {
-                    rewrite.push((name, size));
-                } else if size < SMALL_PACK {
-                    small.push((name, size));
-                } else {
-                    self.trim_pack_tail(&name, size, &mut report);
-                }
-            }
-            // Every import writes its own pack: merge small ones so their number stays low.
-            if small.len() >= SMALL_PACKS_TO_MERGE {
-                rewrite.append(&mut small);
-            }
-            for (name, size) in small {
+        let leases = meta::live_leases(&tx, &|l| self.lease_alive(l))?;
+        let live: Vec<String> = leases.iter().map(|l| l.name.clone()).collect();
+        // Imports in flight protect exactly the unreferenced chunks they may have deduplicated
+        // against (see meta::sweep_unreferenced_chunks); everything else is collected.
+        let oldest_live = leases.iter().map(|l| l.seq).min();
+        let (removed, kept) = meta::sweep_unreferenced_chunks(&tx, oldest_live)?;
+        report.chunks_removed = removed;
+        report.deferred = kept > 0;
+        let header = cas::PACK_MAGIC.len() as u64;
+        let mut rewrite: Vec<(String, u64)> = Vec::new();
+        let mut small: Vec<(String, u64)> = Vec::new();
+        for (name, size) in meta::packs(&tx)? {
+            let live_bytes = self.live_pack_bytes(&tx, &name)?;
+            if live_bytes == 0 {
+                meta::delete_pack(&tx, &name)?;
+                retire.push(name);
+                report.packs_removed += 1;
+                report.bytes_reclaimed += size;
+            } else if (live_bytes + header) * 2 < size {
+                rewrite.push((name, size));
+            } else if size < SMALL_PACK {
+                small.push((name, size));
+            } else {
                 self.trim_pack_tail(&name, size, &mut report);
             }
-            if !rewrite.is_empty() {
-                let names: Vec<&str> = rewrite.iter().map(|(n, _)| n.as_str()).collect();
-                let new_size = self.rewrite_packs(&tx, &names)?;
-                let old_size: u64 = rewrite.iter().map(|(_, s)| s).sum();
-                retire.extend(rewrite.iter().map(|(n, _)| n.clone()));
-                report.packs_rewritten += rewrite.len() as u64;
-                report.bytes_reclaimed += old_size.saturating_sub(new_size);
-            }
-        } else {
-            report.deferred = true;
+        }
+        // Every import writes its own pack: merge small ones so their number stays low.
+        if small.len() >= SMALL_PACKS_TO_MERGE {
+            rewrite.append(&mut small);
+        }
+        for (name, size) in small {
+            self.trim_pack_tail(&name, size, &mut report);
+        }
+        if !rewrite.is_empty() {
+            let names: Vec<&str> = rewrite.iter().map(|(n, _)| n.as_str()).collect();
+            let new_size = self.rewrite_packs(&tx, &names)?;
+            let old_size: u64 = rewrite.iter().map(|(_, s)| s).sum();
+            retire.extend(rewrite.iter().map(|(n, _)| n.clone()));
+            report.packs_rewritten += rewrite.len() as u64;
+            report.bytes_reclaimed += old_size.saturating_sub(new_size);
         }
         // Pack files that no row names and no live import owns: interrupted imports.
         let known: HashSet<String> = meta::packs(&tx)?.into_iter().map(|(n, _)| n).collect();

@@ -343,7 +343,7 @@ impl EntrySink for ImportSink<'_> {
             if !known.contains(&d) {
                 known.insert(d);
                 let asked = Instant::now();
-                let exists = meta::chunk_exists(conn, &d)?;
+                let exists = meta::chunk_reusable(conn, &d)?;
                 *lookups += asked.elapsed();
                 if !exists {
                     writer.add(d, chunk)?;
