@@ -33,7 +33,7 @@ class GcReport(TypedDict):
     packs_rewritten: int
     bytes_reclaimed: int
     deferred: bool
-    """Some unreferenced chunks were kept: imports in flight may use them (a later gc takes them)."""
+    """Some unreferenced chunks were kept: imports in flight may use them (a later gc frees)."""
 
 
 class DamagedChunk(TypedDict):
