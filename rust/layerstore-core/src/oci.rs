@@ -27,6 +27,8 @@ pub mod pgzip;
 pub mod source;
 
 pub(crate) use export::{merged_index, synth_manifest, OCI_LAYOUT_FILE};
+#[doc(hidden)] // for `crate::fuzzing`
+pub use layout::find_image_layers;
 pub(crate) use layout::{
     check_names, diff_ids, layer_blob, read_small, record_image, HashWriter, PendingImage, Staging,
 };

@@ -588,36 +588,24 @@ impl<'a, R: Read> Splitter<'a, R> {
         }
     }
 
-    /// Normalise a member name: relative, no `.`/empty components, never `..`.
+    /// Normalise a member name ([`normalize_name`]), noting a removed leading `/` and enforcing
+    /// the depth limit.
     fn normalize(&mut self, raw: &[u8]) -> Result<Vec<u8>> {
-        if raw.contains(&0) {
-            return Err(self.invalid("path contains a NUL byte"));
-        }
+        let (out, depth) = match normalize_name(raw) {
+            Ok(normalized) => normalized,
+            Err(BadName::Nul) => return Err(self.invalid("path contains a NUL byte")),
+            Err(BadName::Escapes) => {
+                return Err(self.invalid(format!(
+                    "path escapes the layer: {:?}",
+                    String::from_utf8_lossy(raw)
+                )))
+            }
+        };
         if raw.first() == Some(&b'/') {
             self.warnings.push(format!(
                 "{}: leading '/' removed from member name",
                 String::from_utf8_lossy(raw)
             ));
-        }
-        let mut out = Vec::with_capacity(raw.len());
-        let mut depth = 0u32;
-        for comp in raw.split(|&b| b == b'/') {
-            match comp {
-                b"" | b"." => {}
-                b".." => {
-                    return Err(self.invalid(format!(
-                        "path escapes the layer: {:?}",
-                        String::from_utf8_lossy(raw)
-                    )))
-                }
-                c => {
-                    depth += 1;
-                    if !out.is_empty() {
-                        out.push(b'/');
-                    }
-                    out.extend_from_slice(c);
-                }
-            }
         }
         if depth > self.limits.max_path_depth {
             return Err(self.limit(
@@ -628,6 +616,41 @@ impl<'a, R: Read> Splitter<'a, R> {
         }
         Ok(out)
     }
+}
+
+/// Why a member name has no normal form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadName {
+    /// A NUL byte (no file system can hold it).
+    Nul,
+    /// A `..` component: the name could address something outside the layer.
+    Escapes,
+}
+
+/// A member name's normal form and its depth (number of components): relative, `/`-separated,
+/// no empty or `.` components, the root being the empty name. A name with a `..` component is
+/// refused rather than resolved, so a normal name never climbs. Applying it to its own output
+/// gives that output again.
+pub fn normalize_name(raw: &[u8]) -> std::result::Result<(Vec<u8>, u32), BadName> {
+    if raw.contains(&0) {
+        return Err(BadName::Nul);
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut depth = 0u32;
+    for comp in raw.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => return Err(BadName::Escapes),
+            c => {
+                depth = depth.saturating_add(1);
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(c);
+            }
+        }
+    }
+    Ok((out, depth))
 }
 
 fn is_decode_error(e: &io::Error) -> bool {

@@ -752,6 +752,46 @@ pub(crate) fn diff_ids(blob: &str, config: &Value) -> Result<Vec<String>> {
         .collect()
 }
 
+/// The images of the layout `src` an import takes, for `platform` (the host's when `None`): its
+/// `oci-layout` and `index.json` read, every index, manifest and config it reaches read and
+/// checked, each layer blob's presence and size checked. Nothing is imported.
+fn find_images(src: &dyn Source, platform: Option<&str>) -> Result<Vec<Candidate>> {
+    let index = read_layout_index(src)?;
+    let mut walk = Walk {
+        src,
+        platform: platform.map_or_else(|| Ok(Platform::host()), Platform::parse)?,
+        explicit_platform: platform.is_some(),
+        found: Vec::new(),
+        other_platforms: Vec::new(),
+    };
+    walk.index("index.json", &index, None, 0)?;
+    if walk.found.is_empty() && !walk.other_platforms.is_empty() {
+        return Err(Error::NotFound(format!(
+            "no image for platform {} in {} (it has {})",
+            walk.platform,
+            src.describe(),
+            walk.other_platforms.join(", ")
+        )));
+    }
+    check_names(
+        "index.json",
+        walk.found.iter().filter_map(|c| c.name.as_deref()),
+    )?;
+    Ok(walk.found)
+}
+
+/// [`find_images`] for the fuzz targets: the number of layers of each image found, after
+/// checking that every image has as many diff_ids as layers.
+pub fn find_image_layers(src: &dyn Source, platform: Option<&str>) -> Result<Vec<usize>> {
+    Ok(find_images(src, platform)?
+        .iter()
+        .map(|c| {
+            assert_eq!(c.layers.len(), c.diff_ids.len(), "checked by the walk");
+            c.layers.len()
+        })
+        .collect())
+}
+
 /// Read `index.json` and `oci-layout` of a layout.
 fn read_layout_index(src: &dyn Source) -> Result<Value> {
     let layout = read_small(src, "oci-layout")?;
@@ -819,29 +859,9 @@ impl Store {
         platform: Option<&str>,
         progress: Progress<'_>,
     ) -> Result<Vec<ImportedImage>> {
-        let index = read_layout_index(src)?;
-        let mut walk = Walk {
-            src,
-            platform: platform.map_or_else(|| Ok(Platform::host()), Platform::parse)?,
-            explicit_platform: platform.is_some(),
-            found: Vec::new(),
-            other_platforms: Vec::new(),
-        };
-        walk.index("index.json", &index, None, 0)?;
-        if walk.found.is_empty() && !walk.other_platforms.is_empty() {
-            return Err(Error::NotFound(format!(
-                "no image for platform {} in {} (it has {})",
-                walk.platform,
-                src.describe(),
-                walk.other_platforms.join(", ")
-            )));
-        }
-        check_names(
-            "index.json",
-            walk.found.iter().filter_map(|c| c.name.as_deref()),
-        )?;
+        let found = find_images(src, platform)?;
         let mut staging = Staging::new(self)?;
-        match self.import_candidates(src, walk.found, &mut staging, progress) {
+        match self.import_candidates(src, found, &mut staging, progress) {
             Ok(pending) => staging.commit(pending),
             Err(e) => {
                 staging.abort();
