@@ -751,7 +751,9 @@ fn parse_pax(
     Ok(())
 }
 
-/// Parse a PAX time (`123`, `123.456`, `-1.5`) into nanoseconds.
+/// Parse a PAX time (`123`, `123.456`, `-1.5`) into nanoseconds; `None` when it is no number.
+/// A number beyond i128 nanoseconds saturates (the caller refuses anything beyond i64 as out of
+/// range): the arithmetic must not overflow on a hostile record.
 fn parse_pax_time(v: &[u8]) -> Option<i128> {
     let s = std::str::from_utf8(v).ok()?;
     let (neg, s) = match s.strip_prefix('-') {
@@ -765,12 +767,16 @@ fn parse_pax_time(v: &[u8]) -> Option<i128> {
     {
         return None;
     }
-    let secs: i128 = secs.parse().ok()?;
+    // Only digits, so parsing fails only by overflowing.
+    let secs: i128 = secs.parse().unwrap_or(i128::MAX);
     let mut ns: i128 = 0;
     for (i, d) in frac.bytes().take(9).enumerate() {
         ns += i128::from(d - b'0') * 10i128.pow(8 - i as u32);
     }
-    let total = secs * 1_000_000_000 + ns;
+    let total = secs
+        .checked_mul(1_000_000_000)
+        .and_then(|t| t.checked_add(ns))
+        .unwrap_or(i128::MAX);
     Some(if neg { -total } else { total })
 }
 
@@ -843,5 +849,11 @@ mod tests {
         assert_eq!(parse_pax_time(b"-1.000000001"), Some(-1_000_000_001));
         assert_eq!(parse_pax_time(b"1.1234567891"), Some(1_123_456_789));
         assert_eq!(parse_pax_time(b"x"), None);
+        // Found reviewing the parsers for the fuzz targets (reproduced with `tar_split`): 30 or
+        // more digits overflowed i128 nanoseconds, a panic.
+        assert_eq!(parse_pax_time(&[b'9'; 35]), Some(i128::MAX));
+        assert_eq!(parse_pax_time(&[b'9'; 60]), Some(i128::MAX));
+        let neg = [&b"-"[..], &[b'9'; 35][..], b".5"].concat();
+        assert_eq!(parse_pax_time(&neg), Some(-i128::MAX));
     }
 }
