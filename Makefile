@@ -133,6 +133,7 @@ fuzz: ## Build the cargo-fuzz targets and run each FUZZ_SECONDS (60) seconds, on
 		echo "make: fuzzing $$t for $(FUZZ_SECONDS) s (new inputs in $(FUZZ_WORK)/$$t)"; \
 		(cd $(FUZZ_DIR) && $(FUZZ_CARGO) fuzz run $(FUZZ_FLAGS) $$t $(FUZZ_WORK)/$$t corpus/$$t -- \
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+			$$(test -f $(FUZZ_DIR)/dict/$$t.dict && echo -dict=dict/$$t.dict) \
 			2>&1 | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)'; exit $${PIPESTATUS[0]}); \
 	done
 
