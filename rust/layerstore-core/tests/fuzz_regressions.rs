@@ -3,10 +3,15 @@
 //! the core must do with it; the targets' own invariants (a split rebuilds its input, …) are
 //! checked here too where they apply.
 
-use std::io::Read;
+use std::collections::HashMap;
+use std::io::{Cursor, Read};
+use std::time::{Duration, Instant};
 
-use layerstore_core::fuzzing::{Entry, EntrySink, Limits, Op, SplitOutput, Splitter};
+use layerstore_core::fuzzing::{
+    find_image_layers, Entry, EntrySink, Limits, Op, Opened, Source, SplitOutput, Splitter,
+};
 use layerstore_core::Error;
+use sha2::Digest as _;
 
 /// Keeps every payload (`None` for an entry without data).
 #[derive(Default)]
@@ -80,4 +85,53 @@ fn a_pax_mtime_beyond_any_range_is_refused_without_a_panic() {
     // In range, with nanoseconds: kept.
     let out = split(&pax_tar(&[("mtime", b"1600000000.5")])).unwrap();
     assert_eq!(out.entries[0].mtime_ns, 1_600_000_000_500_000_000);
+}
+
+/// An OCI layout in memory: file name → bytes.
+struct Layout(HashMap<String, Vec<u8>>);
+
+impl Source for Layout {
+    fn open(&self, name: &str) -> layerstore_core::Result<Option<Opened>> {
+        Ok(self.0.get(name).map(|b| {
+            let len = b.len() as u64;
+            (Box::new(Cursor::new(b.clone())) as Box<_>, len)
+        }))
+    }
+
+    fn describe(&self) -> String {
+        "a layout in memory".into()
+    }
+}
+
+/// Indexes seven deep, each listing the next thirty times: a 20 KB layout whose walk read 30^7
+/// blobs, i.e. never finished (a `timeout` of `oci_parse`). The walk now stops at its budget.
+#[test]
+fn a_layout_whose_indexes_fan_out_is_refused_quickly() {
+    let mut files = HashMap::new();
+    files.insert(
+        "oci-layout".to_string(),
+        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+    );
+    let mut next = br#"{"schemaVersion":2,"manifests":[]}"#.to_vec();
+    for depth in (0..7).rev() {
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&next)));
+        let entry = format!(
+            r#"{{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"{digest}","size":{}}}"#,
+            next.len()
+        );
+        files.insert(format!("blobs/{}", digest.replace(':', "/")), next);
+        next = format!(
+            r#"{{"schemaVersion":2,"manifests":[{}]}}"#,
+            vec![entry; 30].join(",")
+        )
+        .into_bytes();
+        if depth == 0 {
+            files.insert("index.json".to_string(), next.clone());
+        }
+    }
+    let started = Instant::now();
+    let err = find_image_layers(&Layout(files), None).unwrap_err();
+    assert!(matches!(err, Error::InvalidImage { .. }), "{err}");
+    assert!(err.to_string().contains("blobs"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
 }

@@ -565,15 +565,43 @@ fn entry_name(v: &Value) -> Option<String> {
         .map(String::from)
 }
 
+/// Most index, manifest and config blobs one walk over a layout reads, and most bytes of them. An
+/// index may list one blob any number of times and nested indexes multiply that, so without a
+/// budget a layout of a few kilobytes keeps the walk reading for ever (thirty entries per index,
+/// seven deep: 30^7 reads), and one listing a large config many times fills memory with copies.
+/// A blob listed again counts again. Real layouts stay far below: an image costs two reads.
+const MAX_WALK_BLOBS: usize = 10_000;
+const MAX_WALK_BYTES: u64 = 256 << 20;
+
 struct Walk<'a> {
     src: &'a dyn Source,
     platform: Platform,
     explicit_platform: bool,
     found: Vec<Candidate>,
     other_platforms: Vec<String>,
+    /// Blobs and bytes read so far, against [`MAX_WALK_BLOBS`] and [`MAX_WALK_BYTES`].
+    blobs_read: usize,
+    bytes_read: u64,
 }
 
 impl Walk<'_> {
+    /// [`read_json_blob`], within the walk's budget.
+    fn read(&mut self, d: &Descriptor) -> Result<(Vec<u8>, Value)> {
+        self.blobs_read += 1;
+        self.bytes_read = self.bytes_read.saturating_add(d.size);
+        if self.blobs_read > MAX_WALK_BLOBS || self.bytes_read > MAX_WALK_BYTES {
+            return Err(invalid(
+                &d.digest.to_string(),
+                format!(
+                    "the layout's indexes reach more than {MAX_WALK_BLOBS} manifest, index and \
+                     config blobs or {MAX_WALK_BYTES} bytes of them (a blob listed again counts \
+                     again)"
+                ),
+            ));
+        }
+        read_json_blob(self.src, d)
+    }
+
     fn index(
         &mut self,
         blob: &str,
@@ -610,7 +638,7 @@ impl Walk<'_> {
             if !known {
                 continue; // artifact manifests and other things that are no image
             }
-            let (bytes, value) = read_json_blob(self.src, &d)?;
+            let (bytes, value) = self.read(&d)?;
             let media_type = d
                 .media_type
                 .clone()
@@ -698,7 +726,7 @@ impl Walk<'_> {
                 Some(_) => {}
             }
         }
-        let (config_bytes, config_value) = read_json_blob(self.src, &config)?;
+        let (config_bytes, config_value) = self.read(&config)?;
         let config_name = config.digest.to_string();
         let diff_ids = diff_ids(&config_name, &config_value)?;
         if diff_ids.len() != layers.len() {
@@ -763,6 +791,8 @@ fn find_images(src: &dyn Source, platform: Option<&str>) -> Result<Vec<Candidate
         explicit_platform: platform.is_some(),
         found: Vec::new(),
         other_platforms: Vec::new(),
+        blobs_read: 0,
+        bytes_read: 0,
     };
     walk.index("index.json", &index, None, 0)?;
     if walk.found.is_empty() && !walk.other_platforms.is_empty() {
