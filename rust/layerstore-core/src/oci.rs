@@ -31,6 +31,7 @@ pub(crate) use export::{merged_index, synth_manifest, OCI_LAYOUT_FILE};
 pub use layout::find_image_layers;
 pub(crate) use layout::{
     check_names, diff_ids, layer_blob, read_small, record_image, HashWriter, PendingImage, Staging,
+    MAX_WALK_BLOBS, MAX_WALK_BYTES,
 };
 
 use std::collections::{HashMap, HashSet};

@@ -135,3 +135,38 @@ fn a_layout_whose_indexes_fan_out_is_refused_quickly() {
     assert!(err.to_string().contains("blobs"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// A `docker save` manifest naming one config over and over: every entry kept its own copy of
+/// the config, so a small archive naming a large config many times filled memory. Found
+/// reviewing the import beside `oci_parse`'s finding; the same budget now applies.
+#[test]
+fn a_docker_archive_naming_one_config_many_times_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let entry = r#"{"Config":"config.json","RepoTags":[],"Layers":[]}"#;
+    let manifest = format!("[{}]", vec![entry; 10_001].join(","));
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("config.json", &config[..]),
+        ("manifest.json", manifest.as_bytes()),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    let archive = dir.path().join("archive.tar");
+    std::fs::write(&archive, b.into_inner().unwrap()).unwrap();
+    let store = layerstore_core::Store::open(
+        &dir.path().join("store"),
+        Default::default(),
+        Limits::default(),
+    )
+    .unwrap();
+    let err = store
+        .import_docker_archive(&archive, &|_| Ok(()))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidImage { .. }), "{err}");
+    assert!(err.to_string().contains("10000 images"), "{err}");
+}

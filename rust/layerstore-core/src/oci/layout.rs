@@ -570,8 +570,8 @@ fn entry_name(v: &Value) -> Option<String> {
 /// budget a layout of a few kilobytes keeps the walk reading for ever (thirty entries per index,
 /// seven deep: 30^7 reads), and one listing a large config many times fills memory with copies.
 /// A blob listed again counts again. Real layouts stay far below: an image costs two reads.
-const MAX_WALK_BLOBS: usize = 10_000;
-const MAX_WALK_BYTES: u64 = 256 << 20;
+pub(crate) const MAX_WALK_BLOBS: usize = 10_000;
+pub(crate) const MAX_WALK_BYTES: u64 = 256 << 20;
 
 struct Walk<'a> {
     src: &'a dyn Source,
