@@ -70,6 +70,7 @@ lint: fmt-check clippy ruff ruff-format mypy stubtest audit ## All static checks
 .PHONY: fmt-check clippy ruff ruff-format mypy stubtest
 fmt-check:
 	cargo fmt --all -- --check
+	cargo fmt --all --manifest-path $(FUZZ_DIR)/Cargo.toml -- --check
 clippy:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 ruff: $(PY)
@@ -98,6 +99,7 @@ audit: ## Audit dependencies: licences, bans, sources always; RustSec advisories
 .PHONY: fmt
 fmt: $(PY) ## Format Rust and Python, apply ruff's safe fixes
 	cargo fmt --all
+	cargo fmt --all --manifest-path $(FUZZ_DIR)/Cargo.toml
 	$(BIN)/ruff check --fix $(PY_SOURCES)
 	$(BIN)/ruff format $(PY_SOURCES)
 

@@ -36,7 +36,10 @@ impl EntrySink for Keep {
             Some(r) => {
                 let mut buf = Vec::new();
                 r.read_to_end(&mut buf)?;
-                assert!(buf.len() as u64 <= entry.size, "a payload is at most its size");
+                assert!(
+                    buf.len() as u64 <= entry.size,
+                    "a payload is at most its size"
+                );
                 self.1 |= (buf.len() as u64) < entry.size;
                 Some(buf)
             }
