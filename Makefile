@@ -77,6 +77,7 @@ modgraph:
 	$(PYTHON) scripts/modgraph.py > /dev/null
 fmt-check:
 	cargo fmt --all -- --check
+	cargo fmt --all --manifest-path $(FUZZ_DIR)/Cargo.toml -- --check
 clippy:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 ruff: $(PY)
@@ -105,6 +106,7 @@ audit: ## Audit dependencies: licences, bans, sources always; RustSec advisories
 .PHONY: fmt
 fmt: $(PY) ## Format Rust and Python, apply ruff's safe fixes
 	cargo fmt --all
+	cargo fmt --all --manifest-path $(FUZZ_DIR)/Cargo.toml
 	$(BIN)/ruff check --fix $(PY_SOURCES)
 	$(BIN)/ruff format $(PY_SOURCES)
 
@@ -116,9 +118,37 @@ bench: build ## Run the benchmarks beside their peers (see benches/README.md)
 demo: build ## The main job on real data: import /usr/share (directory, tar, tar.gz), check exports, show dedup
 	$(PY) scripts/demo.py
 
+# The cargo-fuzz targets of the core (rust/layerstore-core/fuzz/README.md). libFuzzer needs
+# nightly rustc flags: the nightly toolchain where rustup has one, else the stable compiler with
+# RUSTC_BOOTSTRAP=1. Runs grow a scratch corpus under FUZZ_WORK; the seeds in the repository
+# are only read. Crashes land in the fuzz crate's artifacts/ (ignored by git).
+FUZZ_DIR := rust/layerstore-core/fuzz
+FUZZ_TARGETS := tar_split decompress oci_parse path_normalise digest_parse
+FUZZ_SECONDS ?= 60
+# address (AddressSanitizer) by default; CI builds with none: the core forbids unsafe code, and
+# the sanitizer build costs minutes CI's budget does not have.
+FUZZ_SANITIZER ?= address
+FUZZ_WORK ?= $(or $(TMPDIR),/tmp)/layerstore-fuzz
+FUZZ_TOOLCHAIN := $(shell rustup toolchain list 2>/dev/null | grep -q '^nightly' && echo +nightly)
+FUZZ_CARGO := $(if $(FUZZ_TOOLCHAIN),cargo $(FUZZ_TOOLCHAIN),RUSTC_BOOTSTRAP=1 cargo)
+FUZZ_FLAGS := -O --debug-assertions --sanitizer $(FUZZ_SANITIZER)
+
+.PHONY: fuzz
+fuzz: ## Build the cargo-fuzz targets and run each FUZZ_SECONDS (60) seconds, one after the other
+	@command -v cargo-fuzz >/dev/null || { echo "make: cargo-fuzz is missing: cargo install --locked cargo-fuzz@0.13.2" >&2; exit 1; }
+	cd $(FUZZ_DIR) && $(FUZZ_CARGO) fuzz build $(FUZZ_FLAGS)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_WORK)/$$t; \
+		echo "make: fuzzing $$t for $(FUZZ_SECONDS) s (new inputs in $(FUZZ_WORK)/$$t)"; \
+		(cd $(FUZZ_DIR) && $(FUZZ_CARGO) fuzz run $(FUZZ_FLAGS) $$t $(FUZZ_WORK)/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+			$$(test -f $(FUZZ_DIR)/dict/$$t.dict && echo -dict=dict/$$t.dict) \
+			2>&1 | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)'; exit $${PIPESTATUS[0]}); \
+	done
+
 .PHONY: ci
-ci: ## What .ci/run runs after installing tools: lint, test and the wheel smoke test, reporting every failure
-	$(MAKE) --no-print-directory --keep-going lint test wheel-smoke
+ci: ## What .ci/run runs after installing tools: lint, test, the wheel smoke test, then each fuzz target 60 s (no sanitizer)
+	$(MAKE) --no-print-directory --keep-going lint test wheel-smoke fuzz FUZZ_SANITIZER=none
 
 .PHONY: clean
 clean: ## Remove build outputs and caches (keeps .venv)

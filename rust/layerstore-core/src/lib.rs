@@ -36,6 +36,24 @@ pub mod tarwrite;
 pub mod union;
 
 pub use error::{Error, ErrorKind, PathProblem, Result};
+
+/// What the `cargo fuzz` targets in `rust/layerstore-core/fuzz/` call, and nothing else may:
+/// the parsers that take untrusted bytes, re-exported in this one place so the targets keep
+/// building when the modules above become `pub(crate)`. Not part of the API; no stability.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::compress::{decoder, detect_bytes, Compression, ZSTD_WINDOW_LOG_MAX};
+    pub use crate::digest::{Blake3, OciDigest};
+    pub use crate::layer::{Entry, Kind};
+    pub use crate::oci::find_image_layers;
+    pub use crate::oci::source::{
+        normalise as normalise_source_name, resolve_dots, Opened, Source,
+    };
+    pub use crate::oci::Platform;
+    pub use crate::tar::{
+        normalize_name, BadName, EntrySink, Limits, Op, SplitOutput, Splitter, TarSplit,
+    };
+}
 pub use store::Store;
 
 /// The cores this process may use (1 when unknown), looked up once.

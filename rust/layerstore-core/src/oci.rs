@@ -28,9 +28,11 @@ pub mod source;
 
 pub(crate) use export::{merged_index, synth_manifest, OCI_LAYOUT_FILE};
 pub(crate) use export::{BlobPlan, ImageDocs};
+#[doc(hidden)] // for `crate::fuzzing`
+pub use layout::find_image_layers;
 pub(crate) use layout::{
     check_names, diff_ids, layer_blob, read_small, record_image, record_layer_blob, FetchedLayer,
-    HashWriter, LayerBlob, PendingImage, Staging, WantedBlob,
+    HashWriter, LayerBlob, PendingImage, Staging, WantedBlob, MAX_WALK_BLOBS, MAX_WALK_BYTES,
 };
 
 use std::collections::{HashMap, HashSet};

@@ -589,36 +589,24 @@ impl<'a, R: Read> Splitter<'a, R> {
         }
     }
 
-    /// Normalise a member name: relative, no `.`/empty components, never `..`.
+    /// Normalise a member name ([`normalize_name`]), noting a removed leading `/` and enforcing
+    /// the depth limit.
     fn normalize(&mut self, raw: &[u8]) -> Result<Vec<u8>> {
-        if raw.contains(&0) {
-            return Err(self.invalid("path contains a NUL byte"));
-        }
+        let (out, depth) = match normalize_name(raw) {
+            Ok(normalized) => normalized,
+            Err(BadName::Nul) => return Err(self.invalid("path contains a NUL byte")),
+            Err(BadName::Escapes) => {
+                return Err(self.invalid(format!(
+                    "path escapes the layer: {:?}",
+                    String::from_utf8_lossy(raw)
+                )))
+            }
+        };
         if raw.first() == Some(&b'/') {
             self.warnings.push(format!(
                 "{}: leading '/' removed from member name",
                 String::from_utf8_lossy(raw)
             ));
-        }
-        let mut out = Vec::with_capacity(raw.len());
-        let mut depth = 0u32;
-        for comp in raw.split(|&b| b == b'/') {
-            match comp {
-                b"" | b"." => {}
-                b".." => {
-                    return Err(self.invalid(format!(
-                        "path escapes the layer: {:?}",
-                        String::from_utf8_lossy(raw)
-                    )))
-                }
-                c => {
-                    depth += 1;
-                    if !out.is_empty() {
-                        out.push(b'/');
-                    }
-                    out.extend_from_slice(c);
-                }
-            }
         }
         if depth > self.limits.max_path_depth {
             return Err(self.limit(
@@ -629,6 +617,41 @@ impl<'a, R: Read> Splitter<'a, R> {
         }
         Ok(out)
     }
+}
+
+/// Why a member name has no normal form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadName {
+    /// A NUL byte (no file system can hold it).
+    Nul,
+    /// A `..` component: the name could address something outside the layer.
+    Escapes,
+}
+
+/// A member name's normal form and its depth (number of components): relative, `/`-separated,
+/// no empty or `.` components, the root being the empty name. A name with a `..` component is
+/// refused rather than resolved, so a normal name never climbs. Applying it to its own output
+/// gives that output again.
+pub fn normalize_name(raw: &[u8]) -> std::result::Result<(Vec<u8>, u32), BadName> {
+    if raw.contains(&0) {
+        return Err(BadName::Nul);
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut depth = 0u32;
+    for comp in raw.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => return Err(BadName::Escapes),
+            c => {
+                depth = depth.saturating_add(1);
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(c);
+            }
+        }
+    }
+    Ok((out, depth))
 }
 
 fn is_decode_error(e: &io::Error) -> bool {
@@ -729,7 +752,9 @@ fn parse_pax(
     Ok(())
 }
 
-/// Parse a PAX time (`123`, `123.456`, `-1.5`) into nanoseconds.
+/// Parse a PAX time (`123`, `123.456`, `-1.5`) into nanoseconds; `None` when it is no number.
+/// A number beyond i128 nanoseconds saturates (the caller refuses anything beyond i64 as out of
+/// range): the arithmetic must not overflow on a hostile record.
 fn parse_pax_time(v: &[u8]) -> Option<i128> {
     let s = std::str::from_utf8(v).ok()?;
     let (neg, s) = match s.strip_prefix('-') {
@@ -743,12 +768,16 @@ fn parse_pax_time(v: &[u8]) -> Option<i128> {
     {
         return None;
     }
-    let secs: i128 = secs.parse().ok()?;
+    // Only digits, so parsing fails only by overflowing.
+    let secs: i128 = secs.parse().unwrap_or(i128::MAX);
     let mut ns: i128 = 0;
     for (i, d) in frac.bytes().take(9).enumerate() {
         ns += i128::from(d - b'0') * 10i128.pow(8 - i as u32);
     }
-    let total = secs * 1_000_000_000 + ns;
+    let total = secs
+        .checked_mul(1_000_000_000)
+        .and_then(|t| t.checked_add(ns))
+        .unwrap_or(i128::MAX);
     Some(if neg { -total } else { total })
 }
 
@@ -821,5 +850,11 @@ mod tests {
         assert_eq!(parse_pax_time(b"-1.000000001"), Some(-1_000_000_001));
         assert_eq!(parse_pax_time(b"1.1234567891"), Some(1_123_456_789));
         assert_eq!(parse_pax_time(b"x"), None);
+        // Found reviewing the parsers for the fuzz targets (reproduced with `tar_split`): 30 or
+        // more digits overflowed i128 nanoseconds, a panic.
+        assert_eq!(parse_pax_time(&[b'9'; 35]), Some(i128::MAX));
+        assert_eq!(parse_pax_time(&[b'9'; 60]), Some(i128::MAX));
+        let neg = [&b"-"[..], &[b'9'; 35][..], b".5"].concat();
+        assert_eq!(parse_pax_time(&neg), Some(-i128::MAX));
     }
 }

@@ -21,8 +21,8 @@ use sha2::Digest as _;
 use super::source::{Source, TarSource};
 use super::{
     check_names, diff_ids, layer_media_type, merged_index, parse_json, read_small, synth_manifest,
-    ExportedImage, ImportedImage, LayerInfo, PendingImage, Staging, OCI_CONFIG, OCI_LAYOUT_FILE,
-    OCI_MANIFEST, REF_NAME,
+    ExportedImage, ImportedImage, LayerInfo, PendingImage, Staging, MAX_WALK_BLOBS, MAX_WALK_BYTES,
+    OCI_CONFIG, OCI_LAYOUT_FILE, OCI_MANIFEST, REF_NAME,
 };
 use crate::compress::{self, Compression};
 use crate::error::{Error, IoContext, Result};
@@ -123,9 +123,22 @@ impl Store {
         let entries = doc
             .as_array()
             .ok_or_else(|| invalid("manifest.json", "not a JSON array"))?;
+        // The walk's budget (see MAX_WALK_BLOBS): entries may name one large config many times.
         let mut items = Vec::new();
+        let mut config_bytes = 0u64;
         for e in entries {
-            items.push(self.classic_item(src, e)?);
+            let item = self.classic_item(src, e)?;
+            config_bytes += item.config.len() as u64;
+            if items.len() >= MAX_WALK_BLOBS || config_bytes > MAX_WALK_BYTES {
+                return Err(invalid(
+                    "manifest.json",
+                    format!(
+                        "more than {MAX_WALK_BLOBS} images or {MAX_WALK_BYTES} bytes of \
+                         configs (a config named again counts again)"
+                    ),
+                ));
+            }
+            items.push(item);
         }
         check_names(
             "manifest.json",

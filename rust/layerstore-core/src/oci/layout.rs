@@ -687,15 +687,43 @@ fn entry_name(v: &Value) -> Option<String> {
         .map(String::from)
 }
 
+/// Most index, manifest and config blobs one walk over a layout reads, and most bytes of them. An
+/// index may list one blob any number of times and nested indexes multiply that, so without a
+/// budget a layout of a few kilobytes keeps the walk reading for ever (thirty entries per index,
+/// seven deep: 30^7 reads), and one listing a large config many times fills memory with copies.
+/// A blob listed again counts again. Real layouts stay far below: an image costs two reads.
+pub(crate) const MAX_WALK_BLOBS: usize = 10_000;
+pub(crate) const MAX_WALK_BYTES: u64 = 256 << 20;
+
 struct Walk<'a> {
     src: &'a dyn Source,
     platform: Platform,
     explicit_platform: bool,
     found: Vec<Candidate>,
     other_platforms: Vec<String>,
+    /// Blobs and bytes read so far, against [`MAX_WALK_BLOBS`] and [`MAX_WALK_BYTES`].
+    blobs_read: usize,
+    bytes_read: u64,
 }
 
 impl Walk<'_> {
+    /// [`read_json_blob`], within the walk's budget.
+    fn read(&mut self, d: &Descriptor) -> Result<(Vec<u8>, Value)> {
+        self.blobs_read += 1;
+        self.bytes_read = self.bytes_read.saturating_add(d.size);
+        if self.blobs_read > MAX_WALK_BLOBS || self.bytes_read > MAX_WALK_BYTES {
+            return Err(invalid(
+                &d.digest.to_string(),
+                format!(
+                    "the layout's indexes reach more than {MAX_WALK_BLOBS} manifest, index and \
+                     config blobs or {MAX_WALK_BYTES} bytes of them (a blob listed again counts \
+                     again)"
+                ),
+            ));
+        }
+        read_json_blob(self.src, d)
+    }
+
     fn index(
         &mut self,
         blob: &str,
@@ -732,7 +760,7 @@ impl Walk<'_> {
             if !known {
                 continue; // artifact manifests and other things that are no image
             }
-            let (bytes, value) = read_json_blob(self.src, &d)?;
+            let (bytes, value) = self.read(&d)?;
             let media_type = d
                 .media_type
                 .clone()
@@ -820,7 +848,7 @@ impl Walk<'_> {
                 Some(_) => {}
             }
         }
-        let (config_bytes, config_value) = read_json_blob(self.src, &config)?;
+        let (config_bytes, config_value) = self.read(&config)?;
         let config_name = config.digest.to_string();
         let diff_ids = diff_ids(&config_name, &config_value)?;
         if diff_ids.len() != layers.len() {
@@ -872,6 +900,48 @@ pub(crate) fn diff_ids(blob: &str, config: &Value) -> Result<Vec<String>> {
             Ok(s.to_string())
         })
         .collect()
+}
+
+/// The images of the layout `src` an import takes, for `platform` (the host's when `None`): its
+/// `oci-layout` and `index.json` read, every index, manifest and config it reaches read and
+/// checked, each layer blob's presence and size checked. Nothing is imported.
+fn find_images(src: &dyn Source, platform: Option<&str>) -> Result<Vec<Candidate>> {
+    let index = read_layout_index(src)?;
+    let mut walk = Walk {
+        src,
+        platform: platform.map_or_else(|| Ok(Platform::host()), Platform::parse)?,
+        explicit_platform: platform.is_some(),
+        found: Vec::new(),
+        other_platforms: Vec::new(),
+        blobs_read: 0,
+        bytes_read: 0,
+    };
+    walk.index("index.json", &index, None, 0)?;
+    if walk.found.is_empty() && !walk.other_platforms.is_empty() {
+        return Err(Error::NotFound(format!(
+            "no image for platform {} in {} (it has {})",
+            walk.platform,
+            src.describe(),
+            walk.other_platforms.join(", ")
+        )));
+    }
+    check_names(
+        "index.json",
+        walk.found.iter().filter_map(|c| c.name.as_deref()),
+    )?;
+    Ok(walk.found)
+}
+
+/// [`find_images`] for the fuzz targets: the number of layers of each image found, after
+/// checking that every image has as many diff_ids as layers.
+pub fn find_image_layers(src: &dyn Source, platform: Option<&str>) -> Result<Vec<usize>> {
+    Ok(find_images(src, platform)?
+        .iter()
+        .map(|c| {
+            assert_eq!(c.layers.len(), c.diff_ids.len(), "checked by the walk");
+            c.layers.len()
+        })
+        .collect())
 }
 
 /// Read `index.json` and `oci-layout` of a layout.
@@ -941,29 +1011,9 @@ impl Store {
         platform: Option<&str>,
         progress: Progress<'_>,
     ) -> Result<Vec<ImportedImage>> {
-        let index = read_layout_index(src)?;
-        let mut walk = Walk {
-            src,
-            platform: platform.map_or_else(|| Ok(Platform::host()), Platform::parse)?,
-            explicit_platform: platform.is_some(),
-            found: Vec::new(),
-            other_platforms: Vec::new(),
-        };
-        walk.index("index.json", &index, None, 0)?;
-        if walk.found.is_empty() && !walk.other_platforms.is_empty() {
-            return Err(Error::NotFound(format!(
-                "no image for platform {} in {} (it has {})",
-                walk.platform,
-                src.describe(),
-                walk.other_platforms.join(", ")
-            )));
-        }
-        check_names(
-            "index.json",
-            walk.found.iter().filter_map(|c| c.name.as_deref()),
-        )?;
+        let found = find_images(src, platform)?;
         let mut staging = Staging::new(self)?;
-        match self.import_candidates(src, walk.found, &mut staging, progress) {
+        match self.import_candidates(src, found, &mut staging, progress) {
             Ok(pending) => staging.commit(pending),
             Err(e) => {
                 staging.abort();

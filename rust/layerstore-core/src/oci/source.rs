@@ -165,7 +165,7 @@ impl TarSource {
 
 /// Normalise a path that may contain `..` (a symlink target joined to its directory); `None`
 /// when it climbs above the archive root.
-fn resolve_dots(path: &[u8]) -> Option<String> {
+pub fn resolve_dots(path: &[u8]) -> Option<String> {
     let mut parts: Vec<&[u8]> = Vec::new();
     for c in path.split(|&b| b == b'/') {
         match c {
