@@ -6,6 +6,7 @@ re-exports its classes and the exception hierarchy.
 
 from __future__ import annotations
 
+from layerstore._analysis import Analysis, Comparison
 from layerstore._container import Container
 from layerstore._core import (
     FORMAT_VERSION,
@@ -34,6 +35,8 @@ from layerstore._stackio import StackPath
 __all__ = [
     "FORMAT_VERSION",
     "AmbiguousError",
+    "Analysis",
+    "Comparison",
     "ConflictError",
     "Container",
     "Entry",

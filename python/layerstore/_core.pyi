@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from io import BufferedReader
 from typing import IO, Any, final
 
+from layerstore._analysis import Analysis, Comparison
 from layerstore._container import Container
 from layerstore._stackio import StackPath
 
@@ -168,6 +169,8 @@ class Store:
     def get(self, name: str) -> Stack: ...
     def images(self) -> dict[str, Stack]: ...
     def untag(self, name: str) -> None: ...
+    def analyze(self, image: Stack) -> Analysis: ...
+    def compare(self, a: Stack, b: Stack) -> Comparison: ...
     def import_oci(
         self,
         src: StrPath,

@@ -20,6 +20,7 @@ use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPerm
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+mod analysis;
 mod changes;
 mod container;
 mod errors;
