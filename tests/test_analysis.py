@@ -104,7 +104,9 @@ def dive_figures(layers: Sequence[bytes]) -> tuple[float, int, int]:
         with tarfile.open(fileobj=io.BytesIO(raw)) as t:
             tree = {m.name.strip("/"): m for m in t.getmembers()}
         # dive never adds an opaque marker to its tree.
-        trees.append({p: m for p, m in tree.items() if not p.rpartition("/")[2].startswith(".wh..wh..")})
+        trees.append(
+            {p: m for p, m in tree.items() if not p.rpartition("/")[2].startswith(".wh..wh..")}
+        )
 
     def lower_view(k: int) -> dict[str, tuple[bool, int]]:
         view: dict[str, tuple[bool, int]] = {}
@@ -209,7 +211,13 @@ def test_a_file_deleted_then_recreated_wastes_only_the_deleted_copy(store: ls.St
 def test_a_hardlink_is_not_a_second_copy(store: ls.Store) -> None:
     a = check_dive(
         store,
-        [[M("a", blob(4, 4000)), M("b", kind="hardlink", link="a"), M("c", kind="symlink", link="a")]],
+        [
+            [
+                M("a", blob(4, 4000)),
+                M("b", kind="hardlink", link="a"),
+                M("c", kind="symlink", link="a"),
+            ]
+        ],
     )
     only_waste(a)
     assert a["image"]["liveFiles"] == 1
@@ -316,7 +324,9 @@ def test_compare_counts_shared_layers_files_and_chunks(store: ls.Store) -> None:
     base = [M("lib/a", blob(25, 5000)), M("lib/b", blob(26, 3000))]
     old = image(store, [base, [M("app", blob(27, 8000))]], tag="app:1")
     l0 = store.import_tar(tar(base))
-    l1 = store.import_tar(tar([M("app", blob(27, 8000)[:6000] + blob(28, 2000)), M("x", blob(26, 3000))]))
+    l1 = store.import_tar(
+        tar([M("app", blob(27, 8000)[:6000] + blob(28, 2000)), M("x", blob(26, 3000))])
+    )
     new = store.stack([l0, l1])
     c = store.compare(old, new)
     assert c["sharedLayers"] == [0]
@@ -362,7 +372,9 @@ def test_json_is_a_superset_of_dives_fields(wasteful: ls.Store) -> None:
     assert doc == wasteful.analyze(wasteful.get("img:1"))
     for layer in doc["layer"]:
         assert {"index", "id", "digestId", "sizeBytes", "command"} <= layer.keys()
-    assert {"sizeBytes", "inefficientBytes", "efficiencyScore", "fileReference"} <= doc["image"].keys()
+    assert {"sizeBytes", "inefficientBytes", "efficiencyScore", "fileReference"} <= doc[
+        "image"
+    ].keys()
     (ref,) = doc["image"]["fileReference"]
     assert ref == {"count": 2, "sizeBytes": 10000, "file": "/tool"}
     assert doc["image"]["sizeBytes"] == 11000
@@ -392,7 +404,18 @@ def test_ci_rules_from_a_file_fail_with_one_line_per_broken_rule(
     [
         (["--lowestEfficiency", "0.545", "--highestUserWastedPercent", "1"], 0, 0),
         (["--lowestEfficiency", "0.546", "--highestUserWastedPercent", "1"], 1, 1),
-        (["--lowest-efficiency", "0", "--highestWastedBytes", "10000", "--highest-user-wasted-percent", "1"], 0, 0),
+        (
+            [
+                "--lowest-efficiency",
+                "0",
+                "--highestWastedBytes",
+                "10000",
+                "--highest-user-wasted-percent",
+                "1",
+            ],
+            0,
+            0,
+        ),
         (["--lowest-efficiency", "0", "--highestWastedBytes", "9999"], 1, 2),
         (["--lowest-efficiency", "disabled", "--highestUserWastedPercent", "0.99"], 1, 1),
     ],

@@ -783,8 +783,10 @@ def _print_analysis(a: ls.Analysis) -> None:
         )
     print_table(rows, right=frozenset({1, 5}))
     print()
-    print(f"files shipped: {human_bytes(image['shippedBytes'])}, seen: "
-          f"{human_bytes(image['liveBytes'])} in {image['liveFiles']:,} file(s)")
+    print(
+        f"files shipped: {human_bytes(image['shippedBytes'])}, seen: "
+        f"{human_bytes(image['liveBytes'])} in {image['liveFiles']:,} file(s)"
+    )
     print(f"wasted: {human_bytes(image['wastedBytes'])}, efficiency {image['efficiency']:.4%}")
     for kind, total in a["waste"]["totals"].items():
         print(f"  {kind:<15} {total['count']:>8,}  {human_bytes(total['bytes'])}")
@@ -796,8 +798,10 @@ def _print_analysis(a: ls.Analysis) -> None:
     if items:
         print("largest waste:")
         for item in items:
-            print(f"  {human_bytes(item['bytes']):>10}  {item['kind']:<15} {item['path']}: "
-                  f"{item['reason']}")
+            print(
+                f"  {human_bytes(item['bytes']):>10}  {item['kind']:<15} {item['path']}: "
+                f"{item['reason']}"
+            )
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -822,8 +826,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not args.json:
         passed = sum(r.status == "pass" for r in results)
         skipped = sum(r.status == "skip" for r in results)
-        print(f"CI: {'FAIL' if failed else 'PASS'} [passed: {passed}] [failed: {len(failed)}] "
-              f"[skipped: {skipped}]")
+        print(
+            f"CI: {'FAIL' if failed else 'PASS'} [passed: {passed}] [failed: {len(failed)}] "
+            f"[skipped: {skipped}]"
+        )
     return EXIT_ERROR if failed else 0
 
 
@@ -836,8 +842,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     u = c["update"]
     print(f"shared layers: {len(c['sharedLayers'])} ({human_bytes(c['sharedLayerBytes'])})")
-    print(f"shared chunks: {c['sharedChunks']:,} of {c['bChunks']:,} "
-          f"({human_bytes(c['sharedChunkBytes'])} of {human_bytes(c['bChunkBytes'])})")
+    print(
+        f"shared chunks: {c['sharedChunks']:,} of {c['bChunks']:,} "
+        f"({human_bytes(c['sharedChunkBytes'])} of {human_bytes(c['bChunkBytes'])})"
+    )
     print("update cost:")
     print(f"  as layers: {u['layers']:,} ({human_bytes(u['layerBytes'])})")
     print(f"  as files:  {u['files']:,} ({human_bytes(u['fileBytes'])})")
