@@ -54,8 +54,9 @@ baseline = peak_rss()
 start = time.perf_counter()
 a = store.analyze(image)
 seconds = time.perf_counter() - start
+im = a["image"]
 print(json.dumps({"seconds": seconds, "load": load, "baseline": baseline, "peak": peak_rss(),
-                  "score": a["image"]["efficiencyScore"], "wasted": a["image"]["inefficientBytes"]}))
+                  "score": im["efficiencyScore"], "wasted": im["inefficientBytes"]}))
 """
 )
 
