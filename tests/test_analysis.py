@@ -11,9 +11,13 @@ import io
 import json
 import os
 import random
+import re
+import shutil
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,6 +248,17 @@ def test_a_whiteout_of_a_directory_deletes_everything_below_it(store: ls.Store) 
     assert a["image"]["efficiencyScore"] == 1.0
 
 
+def test_dive_sizes_a_directory_whiteout_as_the_directory_it_removes(store: ls.Store) -> None:
+    # /d is seen twice by dive: as the whiteout of a 1000-byte directory, then as a 10-byte file.
+    a = check_dive(
+        store, [[M("d", kind="dir"), M("d/x", blob(31, 1000))], [wh("d")], [M("d", b"0123456789")]]
+    )
+    assert a["image"]["inefficientBytes"] == 1010
+    assert a["image"]["efficiencyScore"] == pytest.approx(1010 / 2010)
+    only_waste(a, deleted=1000)
+    assert a["layer"][2]["filesAdded"] == 1
+
+
 def test_an_opaque_directory_deletes_the_lower_children_only(store: ls.Store) -> None:
     layers = [
         [M("d", kind="dir"), M("d/x", blob(9, 700)), M("d/y", blob(10, 300))],
@@ -435,3 +450,111 @@ def test_the_text_report_names_every_kind_and_the_largest_waste(wasteful: ls.Sto
     for kind in ("metadata_only", "shadowed", "deleted", "duplicate", "near_duplicate"):
         assert kind in res.stdout
     assert "/tool" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML report, in headless Chromium
+
+CHROMIUM = shutil.which("chromium")
+
+
+def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, rows of RGBA/RGB pixels) of an 8-bit PNG, decoded here (no imaging
+    library needed)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, head = 8, b"", b""
+    while pos < len(data):
+        n = struct.unpack(">I", data[pos : pos + 4])[0]
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        if kind == b"IHDR":
+            head = body
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    width, height, depth, colour = struct.unpack(">IIBB", head[:10])
+    assert depth == 8 and colour in (2, 6)
+    bpp = 4 if colour == 6 else 3
+    raw, stride, rows = zlib.decompress(idat), width * bpp, []
+    prev = bytearray(stride)
+    for y in range(height):
+        f, line = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return width, bpp, rows
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_the_html_report_renders_the_jsons_numbers_without_errors(
+    store: ls.Store, tmp_path: Path
+) -> None:
+    same = blob(40, 3000)
+    image(
+        store,
+        [
+            [M("etc", kind="dir"), M("etc/a", same), M("usr/bin/tool", blob(41, 20_000))],
+            [M("etc/a", same, mode=0o600), wh("usr/bin/tool"), M("opt/app", blob(42, 9000))],
+        ],
+    )
+    page = tmp_path / "report.html"
+    res = cli(store, "analyze", "img:1", "--json", "--html", str(page))
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    text = page.read_text()
+    # Nothing is fetched at view time: no external script, style, image or request.
+    assert not re.search(r"""(src|href)=["']?https?:|url\(|@import|fetch\(|XMLHttpRequest""", text)
+    chrome = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run(
+        [*chrome, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert console == [], console
+    assert 'data-rendered="yes"' in dom.stdout, "the page's script did not run to its end"
+    shown = dict(re.findall(r'data-key="([^"]+)"[^>]*>([^<]*)<', dom.stdout))
+    assert shown["image.wastedBytes"] == f"{doc['image']['wastedBytes']:,}"
+    assert shown["image.inefficientBytes"] == f"{doc['image']['inefficientBytes']:,}"
+    assert shown["image.efficiencyScore"] == f"{doc['image']['efficiencyScore']:.6f}"
+    assert shown["image.efficiency"] == f"{doc['image']['efficiency']:.6f}"
+    for kind, total in doc["waste"]["totals"].items():
+        assert shown[f"waste.totals.{kind}.bytes"] == f"{total['bytes']:,}"
+    for layer in doc["layer"]:
+        assert shown[f"layer.{layer['index']}.wastedBytes"] == f"{layer['wastedBytes']:,}"
+    # Every file of the view is in the tree the page draws from, with its history.
+    assert [f["path"] for f in doc["files"]] == ["/etc/a", "/opt/app"]
+    assert doc["files"][0]["history"] == [
+        {"layer": 0, "touch": "entry"},
+        {"layer": 1, "touch": "entry"},
+    ]
+
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*chrome, f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    width, bpp, rows = png_pixels(shot.read_bytes())
+    pixels = [row[i : i + 3] for row in rows[::4] for i in range(0, width * bpp, bpp * 4)]
+    colours = set(pixels)
+    not_white = sum(p != b"\xff\xff\xff" for p in pixels) / len(pixels)
+    assert len(colours) > 20, "the screenshot is (nearly) one colour"
+    assert not_white > 0.05, f"only {not_white:.1%} of the screenshot is not white"

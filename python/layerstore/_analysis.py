@@ -19,16 +19,18 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 __all__ = [
     "DEFAULT_RULES",
     "Analysis",
     "Comparison",
     "FileReference",
+    "FileRow",
     "ImageAnalysis",
     "LayerAnalysis",
     "RuleResult",
+    "Touch",
     "UpdateCost",
     "WasteItem",
     "WasteKind",
@@ -121,12 +123,33 @@ class WasteReport(TypedDict):
     items: list[WasteItem]
 
 
+class Touch(TypedDict):
+    """One layer's touch of a path: ``entry``, ``whiteout`` (of it or an ancestor), ``opaque``."""
+
+    layer: int
+    touch: Literal["entry", "whiteout", "opaque"]
+
+
+class FileRow(TypedDict):
+    """A non-directory path the image shows, its providing layer and its layer history."""
+
+    path: str
+    kind: str
+    size: int
+    layer: int
+    history: list[Touch]
+
+
 class Analysis(TypedDict):
-    """What :meth:`layerstore.Store.analyze` returns (and ``layerstore analyze --json`` prints)."""
+    """What :meth:`layerstore.Store.analyze` returns (and ``layerstore analyze --json`` prints).
+
+    ``files`` is present only when asked for (``analyze(image, files=True)``).
+    """
 
     image: ImageAnalysis
     layer: list[LayerAnalysis]
     waste: WasteReport
+    files: NotRequired[list[FileRow]]
 
 
 class UpdateCost(TypedDict):

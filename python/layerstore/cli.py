@@ -807,7 +807,7 @@ def _print_analysis(a: ls.Analysis) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     store = open_store(args)
     image = _analysis_image(store, args.image)
-    analysis = store.analyze(image)
+    analysis = store.analyze(image, files=args.html is not None)
     rules = _ci_rules(args)
     if args.html is not None:
         from layerstore._report import write_html

@@ -15,8 +15,15 @@ fn from_json(py: Python<'_>, text: &str) -> PyResult<Py<PyAny>> {
 #[pymethods]
 impl Store {
     /// Where every byte of `image` comes from and which bytes are waste, from the indices only
-    /// (no tar or file content is read). See `layerstore.Analysis` for the shape.
-    fn analyze(&self, py: Python<'_>, image: &Bound<'_, Stack>) -> PyResult<Py<PyAny>> {
+    /// (no tar or file content is read). With `files`, also every file the image shows with
+    /// the layers that touched it. See `layerstore.Analysis` for the shape.
+    #[pyo3(signature = (image, /, *, files = false))]
+    fn analyze(
+        &self,
+        py: Python<'_>,
+        image: &Bound<'_, Stack>,
+        files: bool,
+    ) -> PyResult<Py<PyAny>> {
         let image = image.get();
         image.image_only("analyze")?;
         let store = self.inner.clone();
@@ -24,7 +31,11 @@ impl Store {
         let text = py
             .detach(|| -> core::Result<String> {
                 let meta = store.layer_meta(&stack)?;
-                Ok(core::analysis::analyze(&stack, &meta).to_json())
+                let mut analysis = core::analysis::analyze(&stack, &meta);
+                if files {
+                    analysis.files = Some(core::analysis::files(&stack));
+                }
+                Ok(analysis.to_json())
             })
             .py()?;
         from_json(py, &text)
