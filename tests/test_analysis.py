@@ -452,6 +452,45 @@ def test_the_text_report_names_every_kind_and_the_largest_waste(wasteful: ls.Sto
     assert "/tool" in res.stdout
 
 
+def test_an_oci_layout_is_analysed_with_its_compressed_layer_sizes(
+    store: ls.Store, tmp_path: Path
+) -> None:
+    img = image(store, [[M("a", blob(32, 4000))], [M("a", blob(32, 4000), mode=0o700)]])
+    layout = tmp_path / "layout"
+    store.export_oci(img, layout, tag="v1", compression="gzip")
+    fresh = ls.Store(tmp_path / "fresh")
+    res = cli(fresh, "analyze", str(layout), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    blobs = {p.name: p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir()}
+    manifest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    layers = json.loads((layout / "blobs" / "sha256" / manifest.split(":")[1]).read_text())[
+        "layers"
+    ]
+    assert [layer["compressedBytes"] for layer in doc["layer"]] == [
+        blobs[d["digest"].split(":")[1]] for d in layers
+    ]
+    assert doc["image"]["compressedBytes"] == sum(blobs[d["digest"].split(":")[1]] for d in layers)
+    assert doc["waste"]["totals"]["metadata_only"]["bytes"] == 4000
+
+
+def test_compare_on_the_command_line(store: ls.Store) -> None:
+    base = [M("lib/a", blob(33, 5000))]
+    image(store, [base], tag="app:1")
+    image(store, [base, [M("app", blob(34, 3000))]], tag="app:2")
+    res = cli(store, "compare", "app:1", "app:2", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc == store.compare(store.get("app:1"), store.get("app:2"))
+    assert (doc["sharedLayers"], doc["update"]["layers"], doc["update"]["fileBytes"]) == (
+        [0],
+        1,
+        3000,
+    )
+    text = cli(store, "compare", "app:1", "app:2")
+    assert "as chunks" in text.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # The HTML report, in headless Chromium
 
