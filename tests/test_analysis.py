@@ -331,6 +331,63 @@ def test_each_kind_at_once_and_nothing_counted_twice(store: ls.Store) -> None:
     assert sum(layer["wastedBytes"] for layer in a["layer"]) == a["image"]["wastedBytes"]
 
 
+def random_layers(seed: int) -> list[list[M]]:
+    """A few layers over a small namespace (directories d, d/e fixed; files at the leaves):
+    new files, rewrites, chmod-only copies, identical content at other paths, whiteouts of
+    files and directories the lower layers show."""
+    rng = random.Random(seed)
+    pool = [blob(1000 + i, rng.randrange(300, 3000)) for i in range(4)]
+    names = ["a", "b", "d/x", "d/y", "d/e/z", "d/e/w"]
+    shown: dict[str, bytes] = {}
+    layers: list[list[M]] = []
+    for _ in range(rng.randrange(2, 6)):
+        layer: list[M] = [M("d", kind="dir"), M("d/e", kind="dir")] if not layers else []
+        for name in rng.sample(names, rng.randrange(1, 5)):
+            action = rng.random()
+            if action < 0.2 and name in shown:
+                layer.append(wh(name))
+                del shown[name]
+            elif action < 0.35 and name in shown:
+                layer.append(M(name, shown[name], mode=0o700))
+            else:
+                shown[name] = rng.choice(pool)
+                layer.append(M(name, shown[name]))
+        if layers and rng.random() < 0.15 and any(n.startswith("d/e/") for n in shown):
+            layer = [m for m in layer if not m.name.startswith("d/")] + [wh("d/e")]
+            for n in [n for n in shown if n.startswith("d/e/")]:
+                del shown[n]
+        layers.append(layer)
+    return layers
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_images_match_dive_and_account_for_every_byte(store: ls.Store, seed: int) -> None:
+    layers = random_layers(seed)
+    a = check_dive(store, layers)
+    img = store.get("dive:check")
+    live = sum(
+        img.stat(os.path.join(top, f)).size
+        for top, _, files in img.walk("/")
+        for f in files
+        if img.stat(os.path.join(top, f)).kind == "file"
+    )
+    shipped = 0
+    for layer in layers:
+        last = {m.name: m for m in layer}
+        shipped += sum(len(m.data) for m in last.values() if m.kind == "file")
+    assert a["image"]["liveBytes"] == live
+    assert a["image"]["shippedBytes"] == shipped
+    totals = a["waste"]["totals"]
+    assert a["image"]["wastedBytes"] == sum(t["bytes"] for t in totals.values()) <= shipped
+    dead = sum(
+        i["bytes"]
+        for i in a["waste"]["items"]
+        if i["kind"] in ("metadata_only", "shadowed", "deleted")
+        or (i["kind"] == "duplicate" and i["otherPath"] is None)
+    )
+    assert dead == shipped - live
+
+
 # ---------------------------------------------------------------------------------------------
 # Across images
 
