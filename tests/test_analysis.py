@@ -200,6 +200,16 @@ def test_a_container_chmod_commit_is_metadata_only_with_its_created_by(store: ls
     assert a["layer"][0]["createdBy"] is None
 
 
+def test_a_containers_uncommitted_view_is_refused(store: ls.Store) -> None:
+    base = image(store, [[M("f", blob(35, 100))]])
+    with base.container() as c:
+        c.write_bytes("/g", b"new")
+        with pytest.raises(ValueError, match="container's view"):
+            store.analyze(c.view())
+        with pytest.raises(ValueError, match="container's view"):
+            store.compare(base, c.view())
+
+
 def test_a_file_deleted_then_recreated_wastes_only_the_deleted_copy(store: ls.Store) -> None:
     data = blob(3, 3000)
     a = check_dive(store, [[M("etc/a", data)], [wh("etc/a")], [M("etc/a", data)]])

@@ -10,7 +10,8 @@ CI rules are dive's, read as dive reads them (a ``.dive-ci`` file's ``rules:`` m
 flags): ``lowestEfficiency`` (fails when dive's efficiency score is below it),
 ``highestWastedBytes`` (fails when dive's wasted bytes exceed it; ``20MB``, ``1.5GiB``, bytes),
 ``highestUserWastedPercent`` (fails when wasted bytes / the bytes of every layer but the first
-exceed it, a ratio between 0 and 1). A rule whose value is ``disabled`` is skipped.
+exceed it, a ratio between 0 and 1; 0 when every layer but the first is empty, where dive
+divides by zero). A rule whose value is ``disabled`` is skipped.
 """
 
 from __future__ import annotations

@@ -1221,7 +1221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "analyze",
         help="where an image's bytes come from, and which are wasted",
-        description="Analyse image IMAGE (a tag or an OCI layout directory) from the store's "
+        description="Analyse image IMAGE (a tag, or an OCI layout directory, which is imported "
+        "into the store first) from the store's "
         "indices: per layer what it adds, modifies and deletes; waste of five kinds, each with "
         "its reason; dive's efficiency score beside ours. With CI rules (--ci, or a rule flag), "
         "exit 1 and print one line per broken rule.",

@@ -49,6 +49,8 @@ impl Store {
         a: &Bound<'_, Stack>,
         b: &Bound<'_, Stack>,
     ) -> PyResult<Py<PyAny>> {
+        a.get().image_only("compare")?;
+        b.get().image_only("compare")?;
         let store = self.inner.clone();
         let (a, b) = (a.get().inner.clone(), b.get().inner.clone());
         let text = py
