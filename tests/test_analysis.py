@@ -185,6 +185,7 @@ def test_a_metadata_only_layer_wastes_one_whole_copy_and_says_what_changed(
     assert a["layer"][1]["metadataOnly"] == 1
     assert a["layer"][1]["filesModified"] == 0
     assert a["layer"][0]["wastedBytes"] == 5000
+    assert (a["layer"][0]["causedWasteBytes"], a["layer"][1]["causedWasteBytes"]) == (0, 5000)
     assert a["image"]["efficiency"] == pytest.approx(0.5)
 
 
@@ -339,6 +340,9 @@ def test_each_kind_at_once_and_nothing_counted_twice(store: ls.Store) -> None:
     assert a["image"]["wastedBytes"] == sum(k["bytes"] for k in kinds.values())
     assert a["image"]["wastedBytes"] <= a["image"]["shippedBytes"]
     assert sum(layer["wastedBytes"] for layer in a["layer"]) == a["image"]["wastedBytes"]
+    assert sum(layer["causedWasteBytes"] for layer in a["layer"]) == a["image"]["wastedBytes"]
+    # Layer 1 causes all of it: the chmod, the deletion, the rewrite, the copies it ships.
+    assert a["layer"][1]["causedWasteBytes"] == a["image"]["wastedBytes"]
 
 
 def random_layers(seed: int) -> list[list[M]]:
@@ -396,6 +400,8 @@ def test_random_images_match_dive_and_account_for_every_byte(store: ls.Store, se
         or (i["kind"] == "duplicate" and i["otherPath"] is None)
     )
     assert dead == shipped - live
+    for key in ("wastedBytes", "causedWasteBytes"):
+        assert sum(layer[key] for layer in a["layer"]) == a["image"]["wastedBytes"]  # type: ignore[literal-required]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,6 +650,7 @@ def test_the_html_report_renders_the_jsons_numbers_without_errors(
         assert shown[f"waste.totals.{kind}.bytes"] == f"{total['bytes']:,}"
     for layer in doc["layer"]:
         assert shown[f"layer.{layer['index']}.wastedBytes"] == f"{layer['wastedBytes']:,}"
+        assert shown[f"layer.{layer['index']}.causedWasteBytes"] == f"{layer['causedWasteBytes']:,}"
     # Every file of the view is in the tree the page draws from, with its history.
     assert [f["path"] for f in doc["files"]] == ["/etc/a", "/opt/app"]
     assert doc["files"][0]["history"] == [

@@ -70,6 +70,9 @@ class LayerAnalysis(TypedDict):
     opaques: int
     #: Bytes this layer ships that are waste, of any kind.
     wastedBytes: int
+    #: Waste this layer causes: copies below it re-ships, replaces or deletes, and the duplicate or
+    #: near-duplicate content it ships itself.
+    causedWasteBytes: int
 
 
 class FileReference(TypedDict):

@@ -89,6 +89,8 @@ for (const l of A.layer) {
     el("td", {class: "n"}, fmt(l.filesAdded)), el("td", {class: "n"}, fmt(l.filesModified)),
     el("td", {class: "n"}, fmt(l.filesDeleted)), el("td", {class: "n"}, fmt(l.metadataOnly)),
     el("td", {class: "n", "data-key": `layer.${l.index}.wastedBytes`}, fmt(l.wastedBytes)),
+    el("td", {class: "n", "data-key": `layer.${l.index}.causedWasteBytes`},
+      fmt(l.causedWasteBytes)),
     el("td", {}, l.command || "")));
 }
 
@@ -193,7 +195,8 @@ def render_html(analysis: Any, *, title: str = "image") -> str:
 <div class="legend" id="legend"></div>
 <svg id="bars" width="720" height="10" role="img" aria-label="bytes per layer"></svg>
 <table><thead><tr><th>#</th><th>tar bytes</th><th>compressed</th><th>added</th><th>modified</th>
-<th>deleted</th><th>metadata-only</th><th>wasted bytes</th><th>created by</th></tr></thead>
+<th>deleted</th><th>metadata-only</th><th>wasted bytes</th><th>waste caused</th>
+<th>created by</th></tr></thead>
 <tbody id="layers"></tbody></table>
 <h2>Treemap (by directory, coloured by the providing layer)</h2>
 <div class="legend" id="treemap-legend"></div>

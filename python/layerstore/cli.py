@@ -768,7 +768,9 @@ def _ci_rules(args: argparse.Namespace) -> dict[str, str] | None:
 
 def _print_analysis(a: ls.Analysis) -> None:
     image = a["image"]
-    rows = [["#", "size", "added", "modified", "deleted", "wasted", "command"]]
+    rows = [
+        ["#", "size", "added", "modified", "deleted", "meta-only", "wasted", "causes", "command"]
+    ]
     for layer in a["layer"]:
         rows.append(
             [
@@ -777,11 +779,13 @@ def _print_analysis(a: ls.Analysis) -> None:
                 f"{layer['filesAdded']:,} ({human_bytes(layer['bytesAdded'])})",
                 f"{layer['filesModified']:,} ({human_bytes(layer['bytesModified'])})",
                 f"{layer['filesDeleted']:,} ({human_bytes(layer['bytesDeleted'])})",
+                f"{layer['metadataOnly']:,}",
                 human_bytes(layer["wastedBytes"]),
+                human_bytes(layer["causedWasteBytes"]),
                 (layer["command"] or "")[:60],
             ]
         )
-    print_table(rows, right=frozenset({1, 5}))
+    print_table(rows, right=frozenset({1, 5, 6, 7}))
     print()
     print(
         f"files shipped: {human_bytes(image['shippedBytes'])}, seen: "

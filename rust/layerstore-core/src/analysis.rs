@@ -125,6 +125,9 @@ pub struct LayerReport {
     pub opaques: u64,
     /// Bytes this layer ships that are waste (of any kind), attributed to the shipping layer.
     pub wasted_bytes: u64,
+    /// Waste this layer causes: copies below that it re-ships, replaces or deletes, and the
+    /// duplicate or near-duplicate content it ships itself.
+    pub caused_waste_bytes: u64,
 }
 
 /// dive's per-path record of a path seen in more than one layer.
@@ -784,6 +787,13 @@ fn finish_waste(a: &mut Analysis, copies: &[Copy]) {
         t.bytes += it.bytes;
         if let Some(r) = a.layer.get_mut(it.layers[0]) {
             r.wasted_bytes += it.bytes;
+        }
+        // A dead copy's waste is caused by the layer that ended it; a live duplicate's or
+        // near-duplicate's by the layer that ships it.
+        let dead = it.other_path.is_none() || it.kind == WasteKind::Deleted;
+        let cause = if dead { it.layers[1] } else { it.layers[0] };
+        if let Some(r) = a.layer.get_mut(cause) {
+            r.caused_waste_bytes += it.bytes;
         }
     }
     items.sort_by(|x, y| y.bytes.cmp(&x.bytes).then_with(|| x.path.cmp(&y.path)));
