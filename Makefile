@@ -64,6 +64,10 @@ test-python: build system-deps
 	$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; fi; exit $$rc
 
+.PHONY: wheel-smoke
+wheel-smoke: $(PY) ## Build the abi3 wheel (maturin build --release), install it into a fresh venv without cargo on PATH, smoke-test it
+	scripts/wheel_smoke.sh
+
 .PHONY: lint
 lint: fmt-check clippy ruff ruff-format mypy stubtest audit modgraph ## All static checks: rustfmt, clippy, ruff, mypy --strict, stubtest, cargo deny, no module cycle
 
@@ -113,8 +117,8 @@ demo: build ## The main job on real data: import /usr/share (directory, tar, tar
 	$(PY) scripts/demo.py
 
 .PHONY: ci
-ci: ## What .ci/run runs after installing tools: lint and test, reporting every failure
-	$(MAKE) --no-print-directory --keep-going lint test
+ci: ## What .ci/run runs after installing tools: lint, test and the wheel smoke test, reporting every failure
+	$(MAKE) --no-print-directory --keep-going lint test wheel-smoke
 
 .PHONY: clean
 clean: ## Remove build outputs and caches (keeps .venv)

@@ -404,6 +404,30 @@ def test_random_images_match_dive_and_account_for_every_byte(store: ls.Store, se
         assert sum(layer[key] for layer in a["layer"]) == a["image"]["wastedBytes"]  # type: ignore[literal-required]
 
 
+def test_the_typed_shapes_are_the_reports_shapes(store: ls.Store) -> None:
+    from layerstore import _analysis as t
+
+    data = blob(36, 500)
+    img = image(store, [[M("a", data), M("b", data)], [wh("a"), M("c", blob(37, 9))]])
+    a = store.analyze(img, files=True)
+    assert set(a) == set(t.Analysis.__annotations__)
+    assert set(a["image"]) == set(t.ImageAnalysis.__annotations__)
+    for layer in a["layer"]:
+        assert set(layer) == set(t.LayerAnalysis.__annotations__)
+    assert set(a["waste"]) == set(t.WasteReport.__annotations__)
+    assert set(a["waste"]["totals"]) == set(t.WasteKind.__args__)  # type: ignore[attr-defined]
+    for item in a["waste"]["items"]:
+        assert set(item) == set(t.WasteItem.__annotations__)
+    for row in a["files"]:
+        assert set(row) == set(t.FileRow.__annotations__)
+        for touch in row["history"]:
+            assert set(touch) == set(t.Touch.__annotations__)
+    assert "files" not in store.analyze(img)
+    c = store.compare(img, img)
+    assert set(c) == set(t.Comparison.__annotations__)
+    assert set(c["update"]) == set(t.UpdateCost.__annotations__)
+
+
 # ---------------------------------------------------------------------------------------------
 # Across images
 

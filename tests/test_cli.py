@@ -363,9 +363,11 @@ def test_bad_tar_is_a_one_line_error(
     else:
         gz = gzip.compress(raw)
         bad.write_bytes(gz[: len(gz) // 2] + b"\x00" * 64 + gz[len(gz) // 2 + 64 :])
+    run(store, "import", str(tars["ustar"]))
     line = one_error_line(run(store, "import", str(bad), expect=1))
-    assert "invalid layer" in line
-    assert run_json(store, "ls") == []
+    assert "invalid layer" in line and str(bad) in line
+    listed = run_json(store, "ls")
+    assert isinstance(listed, list) and [d["diff_id"] for d in listed] == [sha256(tars["ustar"])]
     gc = run_json(store, "gc")
     assert isinstance(gc, dict) and gc["bytes_reclaimed"] == 0
 
@@ -381,9 +383,11 @@ def test_unknown_layer_and_missing_store(store: Path, tars: dict[str, Path]) -> 
 
 
 def test_usage_errors_exit_2(store: Path) -> None:
-    assert b"usage:" in run(store, "frobnicate", expect=2).stderr
-    assert b"usage:" in run(store, "export", expect=2).stderr
-    run(store, "export", "abc", "x", "--compression", "lz4", expect=2)
+    # One line, like every other error, pointing at the help.
+    for args in (("frobnicate",), ("export",), ("export", "abc", "x", "--compression", "lz4")):
+        lines = run(store, *args, expect=2).stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("layerstore"), lines
+        assert ": error: " in lines[0] and "--help" in lines[0], lines
     assert b"import" in run(store, "--help").stdout
     assert run(store, "--version").stdout.startswith(b"layerstore ")
 
@@ -452,7 +456,8 @@ def test_ctrl_c_exits_130_with_one_line(store: Path, tars: dict[str, Path]) -> N
     assert proc.returncode == 130, err
     assert err.decode().splitlines() == ["layerstore: error: interrupted"]
     assert out == b""
-    assert run_json(store, "ls") == []
+    # The interrupted import was the store's first: it leaves no store behind.
+    assert not store.exists()
 
 
 def test_export_into_closed_pipe_is_quiet(store: Path, tars: dict[str, Path]) -> None:
@@ -521,7 +526,7 @@ def test_diff_squash_commit(store: Path, tmp_path: Path) -> None:
     (root / "etc/a").unlink()
     (root / "etc/c").write_bytes(b"c")
     listed = run(store, "diff", "--compare-only", "base", str(root)).stdout.decode()
-    assert listed.splitlines()[-2:] == ["D /etc/a", "M /etc/c"]
+    assert listed.splitlines()[-2:] == ["D /etc/a", "A /etc/c"]
     committed = run_json(store, "commit", "base", str(root), "--tag", "next")
     assert committed["tag"] == "next"  # type: ignore[index]
     flat = tmp_path / "flat.tar"

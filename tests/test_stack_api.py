@@ -778,8 +778,11 @@ def test_path_api(image: Image) -> None:
     assert host.read_bytes() == b"layer1\n"
     assert host.read_text() == "layer1\n"
     assert fields(host.stat()) == fields(s.stat("/etc/hostname"))
-    with host.open() as f:
+    # open() reads text by default, as pathlib and importlib's Traversable have it.
+    with host.open("rb") as f:
         assert f.read() == b"layer1\n"
+    with host.open() as text:
+        assert text.read() == "layer1\n"
     assert str(s.path("/etc") / "cfg" / "c") == "/etc/cfg/c"
     assert sorted(p.name for p in etc.iterdir()) == s.listdir("/etc")
     assert all(str(p) == f"/etc/{p.name}" for p in etc.iterdir())

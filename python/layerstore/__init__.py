@@ -7,6 +7,7 @@ re-exports its classes and the exception hierarchy.
 from __future__ import annotations
 
 from layerstore._analysis import Analysis, Comparison
+from layerstore._config import with_config
 from layerstore._container import Container
 from layerstore._core import (
     FORMAT_VERSION,
@@ -31,6 +32,7 @@ from layerstore._errors import (
     StackDepthError,
 )
 from layerstore._stackio import StackPath
+from layerstore._types import DamagedChunk, FsckReport, GcReport, RepairReport, StoreStats
 
 __all__ = [
     "FORMAT_VERSION",
@@ -39,7 +41,10 @@ __all__ = [
     "Comparison",
     "ConflictError",
     "Container",
+    "DamagedChunk",
     "Entry",
+    "FsckReport",
+    "GcReport",
     "IntegrityError",
     "InvalidLayerError",
     "Layer",
@@ -47,12 +52,15 @@ __all__ = [
     "LayerstoreWarning",
     "Limits",
     "NotFoundError",
+    "RepairReport",
     "Stack",
     "StackDepthError",
     "StackPath",
     "Stat",
     "Store",
+    "StoreStats",
     "__version__",
     "registry_login",
     "registry_logout",
+    "with_config",
 ]

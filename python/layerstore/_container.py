@@ -12,11 +12,16 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from layerstore._args import checked_int
+
 if TYPE_CHECKING:
     from layerstore._core import Layer, RawContainer, Stack, Stat
     from layerstore._stackio import StackPath
 
 PathArg = str | bytes | os.PathLike[str]
+
+#: Permission bits, setuid, setgid and sticky: the most a mode argument may hold.
+MODE_MAX = 0o7777
 
 # Writes reach the core in blocks of this size: each block re-cuts at most about two chunks
 # around its edges, so large blocks keep sequential writes close to one hashing pass.
@@ -120,6 +125,7 @@ class Container:
 
     @property
     def closed(self) -> bool:
+        """Whether the container was closed (its edits are gone; commits stay)."""
         return self._raw.closed
 
     @property
@@ -140,14 +146,19 @@ class Container:
         self._raw.write_bytes(path, bytes(data))
 
     def write_text(self, path: PathArg, text: str, encoding: str = "utf-8") -> None:
+        """Write `text` (encoded) as the whole content of `path`."""
         self.write_bytes(path, text.encode(encoding))
 
     def truncate(self, path: PathArg, size: int) -> None:
-        self._raw.truncate(path, size)
+        """Cut or extend (with zeros) the regular file `path` to `size` bytes."""
+        self._raw.truncate(path, checked_int("size", size))
 
     def mkdir(
         self, path: PathArg, mode: int = 0o755, *, parents: bool = False, exist_ok: bool = False
     ) -> None:
+        """Create a directory (and its parents with `parents`; an existing one is no error
+        with `exist_ok`)."""
+        mode = checked_int("mode", mode, maximum=MODE_MAX)
         self._raw.mkdir(path, mode, parents=parents, exist_ok=exist_ok)
 
     def remove(self, path: PathArg, *, recursive: bool = False) -> None:
@@ -155,9 +166,11 @@ class Container:
         self._raw.remove(path, recursive=recursive)
 
     def rename(self, src: PathArg, dst: PathArg) -> None:
+        """Move `src` to `dst` (replacing a file there, as ``os.rename`` does)."""
         self._raw.rename(src, dst)
 
     def symlink(self, target: PathArg, path: PathArg) -> None:
+        """A symlink at `path` whose target is `target`, kept verbatim."""
         self._raw.symlink(target, path)
 
     def link(self, src: PathArg, dst: PathArg) -> None:
@@ -165,9 +178,13 @@ class Container:
         self._raw.link(src, dst)
 
     def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
+        """Set the permission bits (setuid, setgid and sticky included: at most 0o7777)."""
+        mode = checked_int("mode", mode, maximum=MODE_MAX)
         self._raw.chmod(path, mode, follow_symlinks=follow_symlinks)
 
     def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+        """Set the numeric owner and group."""
+        uid, gid = checked_int("uid", uid), checked_int("gid", gid)
         self._raw.chown(path, uid, gid, follow_symlinks=follow_symlinks)
 
     def utime(
@@ -177,9 +194,11 @@ class Container:
         self._raw.utime(path, mtime_ns, follow_symlinks=follow_symlinks)
 
     def setxattr(self, path: PathArg, name: str, value: bytes) -> None:
+        """Set extended attribute `name` of `path` to `value`."""
         self._raw.setxattr(path, name, value)
 
     def removexattr(self, path: PathArg, name: str) -> None:
+        """Remove extended attribute `name` of `path`."""
         self._raw.removexattr(path, name)
 
     def open(self, path: PathArg, mode: str = "rb") -> BinaryIO:
@@ -212,32 +231,41 @@ class Container:
     # Reads, through a snapshot of the current view.
 
     def stat(self, path: PathArg, *, follow_symlinks: bool = True) -> Stat:
+        """The entry at `path` as the container sees it (its own changes included)."""
         return self.view().stat(path, follow_symlinks=follow_symlinks)
 
     def stat_many(
         self, paths: Iterable[PathArg], *, follow_symlinks: bool = True
     ) -> list[Stat | None]:
+        """``stat`` of many paths in one call; None for a missing one."""
         return self.view().stat_many(paths, follow_symlinks=follow_symlinks)
 
     def exists(self, path: PathArg, *, follow_symlinks: bool = True) -> bool:
+        """Whether `path` exists in the container's view."""
         return self.view().exists(path, follow_symlinks=follow_symlinks)
 
     def listdir(self, path: PathArg = "/") -> list[str]:
+        """The names in directory `path`, sorted."""
         return self.view().listdir(path)
 
     def walk(self, top: PathArg = "/") -> Iterator[tuple[str, list[str], list[str]]]:
+        """Like ``os.walk`` over the container's view."""
         return self.view().walk(top)
 
     def readlink(self, path: PathArg) -> str:
+        """The target of symlink `path`."""
         return self.view().readlink(path)
 
     def read_bytes(self, path: PathArg) -> bytes:
+        """The content of file `path`."""
         return self.view().read_bytes(path)
 
     def read_text(self, path: PathArg, encoding: str = "utf-8") -> str:
+        """The content of file `path`, decoded."""
         return self.read_bytes(path).decode(encoding)
 
     def path(self, p: PathArg = "/") -> StackPath:
+        """A pathlib-like read-only view of `p` in the container's current view."""
         return self.view().path(p)
 
     def __repr__(self) -> str:

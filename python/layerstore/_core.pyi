@@ -3,11 +3,12 @@
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from io import BufferedReader
-from typing import IO, Any, final
+from typing import IO, final
 
 from layerstore._analysis import Analysis, Comparison
 from layerstore._container import Container
 from layerstore._stackio import StackPath
+from layerstore._types import FsckReport, GcReport, StoreStats
 
 __all__ = [
     "FORMAT_VERSION",
@@ -125,7 +126,11 @@ class Store:
         chunk_max: int | None = None,
         max_depth: int = 127,
         limits: Limits | None = None,
+        readonly: bool = False,
     ) -> Store: ...
+    @property
+    def readonly(self) -> bool:
+        """Whether the store is open read-only (asked for, or its files cannot be written)."""
     @property
     def path(self) -> str: ...
     @property
@@ -163,7 +168,8 @@ class Store:
     def layers(self) -> list[Layer]: ...
     def layer(self, key: Layer | str) -> Layer: ...
     def delete(self, layer: Layer | str) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> StoreStats:
+        """Logical and stored bytes, chunks, packs and the dedup ratio."""
     def stack(self, layers: Sequence[Layer | str]) -> Stack: ...
     def tag(self, image: Stack, name: str) -> None: ...
     def get(self, name: str) -> Stack: ...
@@ -189,6 +195,9 @@ class Store:
         compression: str | None = None,
         progress: Progress | None = None,
     ) -> str: ...
+    def oci_blob(self, digest: str) -> tuple[str, bytes]:
+        """The manifest or config `digest` recorded for an image (``image.digest``,
+        ``image.config_digest``), byte for byte: (media type, data)."""
     def import_docker_archive(
         self, src: StrPath, /, *, progress: Progress | None = None
     ) -> dict[str, Stack]: ...
@@ -241,8 +250,9 @@ class Store:
         format: str = "oci",
         progress: Progress | None = None,
     ) -> str: ...
-    def gc(self) -> dict[str, Any]: ...
-    def fsck(self, *, repair: bool = False) -> dict[str, Any]:
+    def gc(self) -> GcReport:
+        """Remove what nothing references and compact packs that are mostly garbage."""
+    def fsck(self, *, repair: bool = False) -> FsckReport:
         """Re-hash every chunk and check every reference.
 
         Returns ``ok``, ``problems``, ``garbage``, ``chunks_checked``, ``layers_checked``,

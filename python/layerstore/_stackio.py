@@ -6,7 +6,7 @@ import io
 import os
 import posixpath
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
     from layerstore._core import ContentFile, Stack, Stat
@@ -80,7 +80,12 @@ def open_file(content: ContentFile) -> io.BufferedReader:
 
 
 class StackPath:
-    """A read-only, pathlib-like path inside a stack (`image.path("/etc") / "os-release"`)."""
+    """A read-only, pathlib-like path inside a stack (`image.path("/etc") / "os-release"`).
+
+    It is an ``importlib.resources.abc.Traversable`` (iterdir, read_bytes, read_text, is_dir,
+    is_file, joinpath, ``/``, open, name), so ``importlib.resources.as_file`` and code written
+    for package resources take it.
+    """
 
     __slots__ = ("_path", "_stack")
 
@@ -112,33 +117,41 @@ class StackPath:
 
     @property
     def name(self) -> str:
+        """The last component of the path."""
         return posixpath.basename(self._path)
 
     @property
     def suffix(self) -> str:
+        """The final suffix of the name ('.conf'), or ''."""
         return posixpath.splitext(self.name)[1]
 
     @property
     def parent(self) -> StackPath:
+        """The directory holding this path (the root is its own parent)."""
         return StackPath(self._stack, posixpath.dirname(self._path))
 
     @property
     def parts(self) -> tuple[str, ...]:
+        """'/' and the components of the path."""
         return ("/", *[p for p in self._path.split("/") if p])
 
     def joinpath(self, *others: str) -> StackPath:
+        """This path with `others` appended, as ``/`` does."""
         path = self
         for o in others:
             path = path / o
         return path
 
     def stat(self, *, follow_symlinks: bool = True) -> Stat:
+        """The entry at this path (symlinks followed unless `follow_symlinks` is False)."""
         return self._stack.stat(self._path, follow_symlinks=follow_symlinks)
 
     def lstat(self) -> Stat:
+        """The entry at this path itself, a symlink not followed."""
         return self._stack.stat(self._path, follow_symlinks=False)
 
     def exists(self, *, follow_symlinks: bool = True) -> bool:
+        """Whether something is at this path."""
         return self._stack.exists(self._path, follow_symlinks=follow_symlinks)
 
     def _kind(self, follow: bool = True) -> str | None:
@@ -146,34 +159,61 @@ class StackPath:
         return None if found is None else found.kind
 
     def is_dir(self) -> bool:
+        """Whether this path is a directory (symlinks followed)."""
         return self._kind() == "dir"
 
     def is_file(self) -> bool:
+        """Whether this path is a regular file (symlinks followed)."""
         return self._kind() == "file"
 
     def is_symlink(self) -> bool:
+        """Whether this path is a symlink."""
         return self._kind(follow=False) == "symlink"
 
     def iterdir(self) -> Iterator[StackPath]:
+        """The paths of the directory's entries."""
         for name in self._stack.listdir(self._path):
             yield self / name
 
     def read_bytes(self) -> bytes:
+        """The file's content."""
         return self._stack.read_bytes(self._path)
 
     def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        """The file's content, decoded."""
         return self.read_bytes().decode(encoding, errors)
 
     def readlink(self) -> StackPath:
+        """The symlink's target, as a path in the same stack."""
         return StackPath(
             self._stack, posixpath.join(self.parent._path, self._stack.readlink(self._path))
         )
 
-    def open(self, mode: str = "rb") -> io.BufferedReader:
+    @overload
+    def open(
+        self,
+        mode: Literal["r"] = "r",
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> io.TextIOWrapper: ...
+    @overload
+    def open(self, mode: Literal["rb"]) -> io.BufferedReader: ...
+    def open(
+        self,
+        mode: str = "r",
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> io.BufferedReader | io.TextIOWrapper:
+        """Open the file for reading: text with mode "r" (the default, as pathlib and
+        ``importlib.resources.abc.Traversable`` have it; UTF-8 unless `encoding` says otherwise),
+        binary with "rb". A stack is read-only: other modes raise ValueError."""
         if mode not in ("r", "rb"):
-            raise ValueError(f"a stack is read-only: mode {mode!r} is not supported (use 'rb')")
-        if mode == "r":
-            raise ValueError(
-                "open the file in binary mode ('rb') and decode it, or use read_text()"
-            )
-        return self._stack.open(self._path)
+            raise ValueError(f"a stack is read-only: mode {mode!r} is not supported ('r', 'rb')")
+        binary = self._stack.open(self._path)
+        if mode == "rb":
+            return binary
+        return io.TextIOWrapper(
+            binary, encoding=encoding or "utf-8", errors=errors, newline=newline
+        )

@@ -2,32 +2,66 @@
 
 Every command prints human-readable text by default, or exactly one JSON document on stdout with
 ``--json``. Errors are one line on stderr (``layerstore: error: ...``) and exit code 1; usage
-errors exit 2 (argparse's convention); Ctrl-C exits 130. A progress bar (tqdm, when installed)
-is drawn on stderr during imports and exports, only when stderr is a terminal.
+errors, bad numbers included, exit 2 (argparse's convention); Ctrl-C exits 130. The global
+options (``--store``, ``--json``, ``--no-progress``) go before or after the command. A progress
+bar (tqdm) is drawn on stderr during long work, only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import importlib
 import io
-import json
 import os
 import stat
 import sys
-import tarfile
-import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn, TextIO, cast
+from typing import IO, Any, NoReturn, cast
 
 import layerstore as ls
 from layerstore._analysis import evaluate_rules, read_rules
+from layerstore._cliimages import (
+    cmd_config,
+    cmd_history,
+    cmd_images,
+    cmd_inspect,
+    cmd_prune,
+    cmd_rm,
+    cmd_rmi,
+    cmd_tag,
+    cmd_untag,
+    command_line,
+    has_tag,
+    key_value,
+)
+from layerstore._cliimport import cmd_import
+from layerstore._cliout import (
+    format_time,
+    human_bytes,
+    image_json,
+    layer_json,
+    plural,
+    print_json,
+    print_table,
+    progress_bar,
+    short_digest,
+    warn,
+)
+from layerstore._clistore import (
+    PROG,
+    CliError,
+    default_store_dir,
+    error_message,
+    open_store,
+    resolve_image,
+    resolve_layer,
+    store_from,
+)
 
-PROG = "layerstore"
+__all__ = ["CliError", "build_parser", "default_store_dir", "main", "run"]
+
 
 #: Exit codes besides 0 (success) and 2 (usage error, from argparse).
 EXIT_ERROR = 1
@@ -35,46 +69,33 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process kille
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (``layerstore export L - | head``)
 
 
-class CliError(Exception):
-    """An error the CLI itself detects; printed as one line, exit code 1."""
+# ---------------------------------------------------------------------------------------------
+# Argument types: a bad number is a usage error (exit 2) that names the option, never a traceback
 
 
-def default_store_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$LAYERSTORE_HOME``, else ``$XDG_DATA_HOME/layerstore``, else ``~/.local/share/layerstore``.
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    if value < minimum:
+        rule = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+    return value
 
-    An empty or relative ``XDG_DATA_HOME`` is ignored, as the XDG base-directory spec says.
-    """
-    env = os.environ if environ is None else environ
-    home = env.get("LAYERSTORE_HOME")
-    if home:
-        return Path(home)
-    xdg = env.get("XDG_DATA_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "layerstore"
-    return Path.home() / ".local" / "share" / "layerstore"
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (indices such as ``--start``)."""
+    return _integer(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts such as ``--max-threads``)."""
+    return _integer(text, 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Formatting helpers
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as du -h and ls -lh use)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def short_digest(digest: str, n: int = 12) -> str:
-    """'blake3:0123456789abcdef…' -> '0123456789ab' (a prefix `layer()` accepts)."""
-    return digest.split(":", 1)[-1][:n]
-
-
-def format_time(unix: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(unix))
+# Formatting of layers and entries
 
 
 def _text(name: str | os.PathLike[str] | None) -> str:
@@ -114,20 +135,8 @@ def listing_line(entry: ls.Entry, size_width: int) -> str:
     return f"{mode_string(entry)} {owner:<17} {size:>{size_width}} {when} {path}"
 
 
-def layer_json(layer: ls.Layer) -> dict[str, Any]:
-    return {
-        "id": layer.id,
-        "diff_id": layer.diff_id,
-        "tree_id": layer.tree_id,
-        "size": layer.size,
-        "entry_count": layer.entry_count,
-        "compressed_digest": layer.compressed_digest,
-        "compression": layer.compression,
-        "created": layer.created,
-    }
-
-
 def entry_json(entry: ls.Entry) -> dict[str, Any]:
+    """The JSON shape of an entry (``show --json``)."""
     return {
         "path": _text(entry.path),
         "kind": entry.kind,
@@ -148,236 +157,6 @@ def entry_json(entry: ls.Entry) -> dict[str, Any]:
         "chunk_count": entry.chunk_count,
         "sparse": entry.sparse,
     }
-
-
-def print_json(doc: object, out: TextIO | None = None) -> None:
-    # ensure_ascii keeps non-UTF-8 names (surrogate escapes) representable.
-    stream = sys.stdout if out is None else out
-    json.dump(doc, stream, indent=2, ensure_ascii=True)
-    stream.write("\n")
-
-
-def print_table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> None:
-    """Columns padded to the widest cell; column indices in `right` are right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        print("  ".join(cells).rstrip())
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-
-
-@contextmanager
-def progress_bar(
-    description: str, total: int | None, enabled: bool
-) -> Iterator[Callable[[int], None] | None]:
-    """Yield a ``progress(bytes_done)`` callback drawing a tqdm bar on stderr, or None.
-
-    tqdm is optional: without it (or without a terminal) there is no bar.
-    """
-    if not enabled or sys.stderr is None or not sys.stderr.isatty():
-        yield None
-        return
-    try:
-        tqdm_module = importlib.import_module("tqdm")
-    except ImportError:
-        yield None
-        return
-    bar = tqdm_module.tqdm(
-        total=total,
-        desc=description,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        leave=False,
-        dynamic_ncols=True,
-    )
-    last = 0
-
-    def update(done: int) -> None:
-        nonlocal last
-        if done > last:
-            bar.update(done - last)
-            last = done
-
-    try:
-        yield update
-    finally:
-        bar.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Commands
-
-
-def open_store(args: argparse.Namespace, *, create: bool = False) -> ls.Store:
-    path: Path = args.store
-    if not create and not (path / "meta.db").exists():
-        raise CliError(
-            f"no store at {path} (use --store DIR or $LAYERSTORE_HOME; '{PROG} import' creates one)"
-        )
-    return ls.Store(path)
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    if args.src.count("-") > 1:
-        raise CliError("standard input ('-') can be imported only once")
-    store = open_store(args, create=True)
-    results: list[dict[str, Any]] = []
-    for src in args.src:
-        if src == "-":
-            if sys.stdin is None:
-                raise CliError("no standard input to read a tar from")
-            if sys.stdin.isatty():
-                raise CliError("refusing to read a tar from a terminal (pipe one into '-')")
-            with progress_bar("stdin", None, args.progress) as progress:
-                layer = store.import_tar(sys.stdin.buffer, progress=progress)
-        elif os.path.isdir(src) and os.path.isfile(os.path.join(src, "oci-layout")):
-            with progress_bar(os.path.basename(src) or src, None, args.progress) as progress:
-                images = store.import_oci(src, platform=args.platform, progress=progress)
-            results.append(_report_images(src, images, args.json))
-            continue
-        elif os.path.isdir(src):
-            with progress_bar(os.path.basename(src) or src, None, args.progress) as progress:
-                layer = store.import_dir(
-                    src, exclude_xattrs=list(args.exclude_xattr), progress=progress
-                )
-        elif is_docker_archive(src):
-            with progress_bar(os.path.basename(src), None, args.progress) as progress:
-                images = store.import_docker_archive(src, progress=progress)
-            results.append(_report_images(src, images, args.json))
-            continue
-        else:
-            total = _plain_size(src)
-            with progress_bar(os.path.basename(src), total, args.progress) as progress:
-                layer = store.import_tar(src, progress=progress)
-        if args.json:
-            results.append({"source": src, **layer_json(layer)})
-        else:
-            print(f"imported {src}")
-            print(f"  id       {layer.id}")
-            print(f"  diff_id  {layer.diff_id}")
-            print(f"  entries  {layer.entry_count:,}")
-            print(f"  size     {human_bytes(layer.size)} ({layer.size:,} bytes)")
-            sys.stdout.flush()
-    if args.json:
-        print_json(results)
-    return 0
-
-
-def image_json(image: ls.Stack) -> dict[str, Any]:
-    return {
-        "digest": image.digest,
-        "config_digest": image.config_digest,
-        "chain_id": image.chain_id,
-        "layers": [layer.diff_id for layer in image.layers],
-    }
-
-
-def _report_images(src: str, images: Mapping[str, ls.Stack], as_json: bool) -> dict[str, Any]:
-    """Print what an image import brought in (text mode); the JSON document of it."""
-    if not as_json:
-        print(f"imported {src}")
-        for name, image in images.items():
-            print(f"  image    {name}")
-            print(f"  digest   {image.digest}")
-            print(f"  layers   {len(image)}")
-        sys.stdout.flush()
-    return {"source": src, "images": {name: image_json(im) for name, im in images.items()}}
-
-
-_DOCKER_ARCHIVE_FILES = frozenset({"manifest.json", "repositories", "index.json", "oci-layout"})
-
-
-def _looks_like_docker_member(name: str) -> bool:
-    first = name.removeprefix("./").split("/", 1)[0]
-    stem = first.removesuffix(".json").removesuffix(".tar")
-    return (
-        first in _DOCKER_ARCHIVE_FILES
-        or first == "blobs"
-        or (len(stem) == 64 and all(c in "0123456789abcdef" for c in stem))
-    )
-
-
-def is_docker_archive(src: str) -> bool:
-    """Whether `src` is a ``docker save`` archive (plain, gzip, bzip2 or xz): a tar whose members
-    are docker's (``manifest.json``, ``blobs/…``, ``<hex>/layer.tar``, ``<hex>.json``…) and
-    that has a top-level ``manifest.json``. A layer's first member decides quickly that it is not.
-    """
-    try:
-        with tarfile.open(src, "r:*") as tar:
-            found = False
-            for member in tar:
-                if not _looks_like_docker_member(member.name):
-                    return False
-                found = found or member.name.removeprefix("./") == "manifest.json"
-            return found
-    except (OSError, tarfile.TarError, EOFError):
-        return False  # not a tar tarfile can read (e.g. zstd): the layer import decides
-
-
-def _plain_size(src: str) -> int | None:
-    """Size of an uncompressed tar file (the progress total), None when compressed or unknown.
-
-    Progress counts uncompressed bytes, so a compressed file's size is no total for it.
-    """
-    try:
-        with open(src, "rb") as f:
-            head = f.read(4)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return None  # the import itself reports the error
-    if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
-        return None
-    return size
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    layers = open_store(args).layers()
-    if args.json:
-        print_json([layer_json(layer) for layer in layers])
-        return 0
-    rows = [["ID", "DIFF ID", "ENTRIES", "SIZE", "FROM", "CREATED"]]
-    for layer in layers:
-        rows.append(
-            [
-                layer.id if args.no_trunc else short_digest(layer.id),
-                layer.diff_id if args.no_trunc else short_digest(layer.diff_id),
-                f"{layer.entry_count:,}",
-                human_bytes(layer.size),
-                layer.compression or "tar",
-                format_time(layer.created),
-            ]
-        )
-    print_table(rows, right=frozenset({2, 3}))
-    return 0
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    layer = open_store(args).layer(args.layer)
-    entries = layer.entries()
-    if args.json:
-        print_json({**layer_json(layer), "entries": [entry_json(e) for e in entries]})
-        return 0
-    print(f"id                 {layer.id}")
-    print(f"diff_id            {layer.diff_id}")
-    print(f"tree_id            {layer.tree_id}")
-    print(f"size               {human_bytes(layer.size)} ({layer.size:,} bytes)")
-    print(f"entries            {layer.entry_count:,}")
-    if layer.compressed_digest:
-        print(f"imported from      {layer.compression} blob {layer.compressed_digest}")
-    print(f"created            {format_time(layer.created)}")
-    print()
-    width = max((len(str(e.size)) for e in entries), default=1)
-    for entry in entries:
-        print(listing_line(entry, width))
-    return 0
 
 
 class _StdoutSink:
@@ -406,9 +185,107 @@ class _StdoutSink:
             raise
 
 
+def _tree(image: ls.Stack, top: str) -> Iterator[tuple[str, ls.Stat]]:
+    """Every path under `top` with its stat (symlinks not followed): each directory, then its
+    files and its symlinks to directories (which walk lists but does not enter)."""
+    found = image.stat(top, follow_symlinks=False)
+    if found.kind != "dir":
+        yield found.path, found
+        return
+    for dirpath, dirnames, filenames in image.walk(top):
+        names = [*filenames, *dirnames]
+        paths = [dirpath, *(os.path.join(dirpath, n) for n in names)]
+        stats = image.stat_many(paths, follow_symlinks=False)
+        for i, (p, st) in enumerate(zip(paths, stats, strict=True)):
+            # Subdirectories appear when walk reaches them; symlinks among dirnames do not.
+            if st is not None and (i == 0 or i <= len(filenames) or st.kind == "symlink"):
+                yield p, st
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: ls, show, export
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """``layerstore ls``: the layers, as a table or JSON."""
+    layers = store_from(args).layers()
+    if args.json:
+        print_json([layer_json(layer) for layer in layers])
+        return 0
+    # BLOB: the compression of a compressed blob known for the layer (its digest also finds
+    # the layer), '-' when only the uncompressed tar is known.
+    rows = [["ID", "DIFF ID", "ENTRIES", "SIZE", "BLOB", "CREATED"]]
+    for layer in layers:
+        rows.append(
+            [
+                layer.id if args.no_trunc else short_digest(layer.id),
+                layer.diff_id if args.no_trunc else short_digest(layer.diff_id),
+                f"{layer.entry_count:,}",
+                human_bytes(layer.size),
+                layer.compression or "-",
+                format_time(layer.created),
+            ]
+        )
+    print_table(rows, right=frozenset({2, 3}))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """``layerstore show LAYER``: a layer's identity and its entries, like ``tar -tv``."""
+    store = store_from(args)
+    # Looked up again by id, so that every name of a layer shows the same thing.
+    layer = store.layer(resolve_layer(store, args.layer).id)
+    entries = layer.entries()
+    if args.json:
+        print_json({**layer_json(layer), "entries": [entry_json(e) for e in entries]})
+        return 0
+    print(f"id                 {layer.id}")
+    print(f"diff_id            {layer.diff_id}")
+    print(f"tree_id            {layer.tree_id}")
+    print(f"size               {human_bytes(layer.size)} ({layer.size:,} bytes)")
+    print(f"entries            {layer.entry_count:,}")
+    if layer.compressed_digest:
+        print(f"compressed blob    {layer.compression} {layer.compressed_digest}")
+    if layer.created_by:
+        print(f"created_by         {layer.created_by}")
+    print(f"created            {format_time(layer.created)}")
+    print()
+    width = max((len(str(e.size)) for e in entries), default=1)
+    for entry in entries:
+        print(listing_line(entry, width))
+    return 0
+
+
+#: Output compressions named by a file extension (``export L out.tar.gz``).
+_EXTENSIONS = {
+    ".gz": "gzip",
+    ".tgz": "gzip",
+    ".zst": "zstd",
+    ".tzst": "zstd",
+    ".xz": "xz",
+    ".txz": "xz",
+    ".bz2": "bzip2",
+    ".tbz2": "bzip2",
+}
+
+
+def export_compression(dest: str, asked: str | None) -> str | None:
+    """The compression to write `dest` with: `asked` ('gzip' | 'zstd' | 'none'), else what the
+    extension says. A mismatch between the two, or an extension we cannot write, is refused."""
+    implied = _EXTENSIONS.get(os.path.splitext(dest)[1].lower()) if dest != "-" else None
+    if implied in ("xz", "bzip2"):
+        raise CliError(f"{dest}: cannot write {implied} (use .tar, .tar.gz or .tar.zst)")
+    if asked is None:
+        return implied
+    if implied is not None and asked != implied:
+        raise CliError(f"--compression {asked} does not match the extension of {dest} ({implied})")
+    return None if asked == "none" else asked
+
+
 def cmd_export_image(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.layer)
+    """``layerstore export --format oci|docker IMAGE DEST``."""
+    store = store_from(args)
+    image = resolve_image(store, args.layer)
     tag = args.tag or args.layer
     if args.dest == "-":
         raise CliError(f"--format {args.format} writes a file or directory, not standard output")
@@ -433,7 +310,9 @@ def cmd_export_image(args: argparse.Namespace) -> int:
         "dest": args.dest,
         "format": args.format,
         "digest": digest,
-        "config_digest": store.get(args.layer).config_digest if args.format == "oci" else None,
+        "config_digest": store.get(tag).config_digest
+        if args.format == "oci" and has_tag(store, tag)
+        else None,
     }
     if args.json:
         print_json(doc)
@@ -442,13 +321,35 @@ def cmd_export_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_transport_dest(args: argparse.Namespace) -> None:
+    """``oci:DIR[:REF]`` and ``docker-archive:FILE[:REF]`` as DEST set --format and --tag."""
+    for scheme, fmt in (("oci:", "oci"), ("docker-archive:", "docker")):
+        if args.dest.startswith(scheme) and not os.path.lexists(args.dest):
+            if args.format not in ("tar", fmt):
+                raise CliError(f"{args.dest} contradicts --format {args.format}")
+            rest = args.dest[len(scheme) :]
+            path, _, ref = rest.partition(":")
+            args.format, args.dest = fmt, path
+            if ref:
+                if args.tag not in (None, ref):
+                    raise CliError(f"{scheme}{rest} contradicts --tag {args.tag}")
+                args.tag = ref
+            return
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    """``layerstore export SOURCE DEST``: a layer as a tar (compression from the
+    extension), or an image."""
+    _split_transport_dest(args)
     if args.format != "tar":
         return cmd_export_image(args)
     if args.tag is not None or args.classic:
         raise CliError("--tag and --classic apply to --format oci|docker")
-    store = open_store(args)
-    layer = store.layer(args.layer)
+    if args.dest == "":
+        raise CliError("DEST is empty: give a file name, or '-' for standard output")
+    compression = export_compression(args.dest, args.compression)
+    store = store_from(args)
+    layer = resolve_layer(store, args.layer)
     to_stdout = args.dest == "-"
     if to_stdout and args.json:
         raise CliError("--json cannot be combined with DEST '-' (stdout carries the tar)")
@@ -460,10 +361,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             sink = _StdoutSink(sys.stdout.buffer)
             try:
                 digest = store.export_tar(
-                    layer,
-                    cast("IO[bytes]", sink),
-                    compression=args.compression,
-                    progress=progress,
+                    layer, cast("IO[bytes]", sink), compression=compression, progress=progress
                 )
                 sink.flush()
             except OSError:
@@ -471,60 +369,30 @@ def cmd_export(args: argparse.Namespace) -> int:
                     raise BrokenPipeError from None
                 raise
         else:
-            digest = store.export_tar(
-                layer, args.dest, compression=args.compression, progress=progress
-            )
+            digest = store.export_tar(layer, args.dest, compression=compression, progress=progress)
     if args.json:
         print_json(
             {
                 "layer": layer.id,
                 "diff_id": layer.diff_id,
                 "dest": args.dest,
-                "compression": args.compression,
+                "compression": compression,
                 "digest": digest,
             }
         )
     elif not to_stdout:
-        print(f"exported {layer.id} to {args.dest} ({digest})")
+        how = f" ({compression})" if compression else ""
+        print(f"exported {layer.id} to {args.dest}{how} ({digest})")
     return 0
 
 
-def cmd_tag(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.stack([store.layer(key) for key in args.layers])
-    store.tag(image, args.name)
-    if args.json:
-        print_json({"tag": args.name, "chain_id": image.chain_id, "layers": len(image)})
-    else:
-        print(f"{args.name}  {image.chain_id}  ({len(image)} layers)")
-    return 0
-
-
-def cmd_images(args: argparse.Namespace) -> int:
-    images = open_store(args).images()
-    if args.json:
-        print_json(
-            {
-                name: {"chain_id": image.chain_id, "layers": [layer.id for layer in image.layers]}
-                for name, image in images.items()
-            }
-        )
-        return 0
-    rows = [["TAG", "CHAIN ID", "LAYERS"]]
-    for name, image in sorted(images.items()):
-        chain = image.chain_id if args.no_trunc else short_digest(image.chain_id)
-        rows.append([name, chain, str(len(image))])
-    print_table(rows, right=frozenset({2}))
-    return 0
-
-
-def cmd_untag(args: argparse.Namespace) -> int:
-    open_store(args).untag(args.name)
-    return 0
+# ---------------------------------------------------------------------------------------------
+# Reading and writing images: cat, tree, materialize, apply
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    image = open_store(args).get(args.image)
+    """``layerstore cat IMAGE PATH``: a file's content on stdout."""
+    image = resolve_image(store_from(args), args.image)
     with image.open(args.path) as f:
         out = sys.stdout.buffer
         while block := f.read(1 << 20):
@@ -534,7 +402,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    image = open_store(args).get(args.image)
+    """``layerstore tree IMAGE [PATH]``: every path under PATH with the layer providing it."""
+    image = resolve_image(store_from(args), args.image)
     if args.json:
         print_json(
             [
@@ -550,26 +419,10 @@ def cmd_tree(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tree(image: ls.Stack, top: str) -> Iterator[tuple[str, ls.Stat]]:
-    """Every path under `top` with its stat (symlinks not followed): each directory, then its
-    files and its symlinks to directories (which walk lists but does not enter)."""
-    found = image.stat(top, follow_symlinks=False)
-    if found.kind != "dir":
-        yield found.path, found
-        return
-    for dirpath, dirnames, filenames in image.walk(top):
-        names = [*filenames, *dirnames]
-        paths = [dirpath, *(os.path.join(dirpath, n) for n in names)]
-        stats = image.stat_many(paths, follow_symlinks=False)
-        for i, (p, st) in enumerate(zip(paths, stats, strict=True)):
-            # Subdirectories appear when walk reaches them; symlinks among dirnames do not.
-            if st is not None and (i == 0 or i <= len(filenames) or st.kind == "symlink"):
-                yield p, st
-
-
 def cmd_materialize(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.image)
+    """``layerstore materialize IMAGE DEST``: the union view written to a new directory."""
+    store = store_from(args)
+    image = resolve_image(store, args.image)
     with progress_bar(args.image, None, args.progress) as progress:
         report = store.materialize(
             image, args.dest, max_threads=args.max_threads, progress=progress
@@ -578,35 +431,43 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print_json({"image": args.image, "dest": args.dest, **report})
     else:
         print(
-            f"materialized {args.image} into {args.dest}: {report['entries']:,} entries, "
-            f"{human_bytes(report['bytes'])}"
-            + (f", {report['skipped']} skipped" if report["skipped"] else "")
+            f"materialized {args.image} into {args.dest}: "
+            f"{plural(report['entries'], 'entry', 'entries')}, {human_bytes(report['bytes'])}"
+            + (f", {report['skipped']:,} skipped" if report["skipped"] else "")
         )
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    layer = store.layer(args.layer)
+    """``layerstore apply LAYER DEST``: a changeset applied onto an existing directory."""
+    store = store_from(args)
+    layer = resolve_layer(store, args.layer)
     with progress_bar(short_digest(layer.id), None, args.progress) as progress:
         report = store.apply(layer, args.dest, progress=progress)
     if args.json:
         print_json({"layer": layer.id, "dest": args.dest, **report})
     else:
         print(
-            f"applied {short_digest(layer.id)} onto {args.dest}: {report['entries']:,} entries "
-            f"written, {report['removed']:,} removed, {human_bytes(report['bytes'])}"
-            + (f", {report['skipped']} skipped" if report["skipped"] else "")
+            f"applied {short_digest(layer.id)} onto {args.dest}: "
+            f"{plural(report['entries'], 'entry', 'entries')} written, "
+            f"{report['replaced']:,} replaced, {report['removed']:,} removed, "
+            f"{human_bytes(report['bytes'])}"
+            + (f", {report['skipped']:,} skipped" if report["skipped"] else "")
         )
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Making layers: diff, squash, commit
+
+
 def _side(store: ls.Store, arg: str) -> ls.Stack | Path:
-    """A diff side: an existing directory, else an image tag."""
-    return Path(arg) if os.path.isdir(arg) else store.get(arg)
+    """A diff side: an existing directory, else an image (tag, digest, layer)."""
+    return Path(arg) if os.path.isdir(arg) else resolve_image(store, arg)
 
 
 def _print_layer(args: argparse.Namespace, verb: str, layer: ls.Layer, **extra: object) -> None:
+    tagged = extra.get("tag") is not None
     if args.json:
         print_json(
             {
@@ -617,22 +478,45 @@ def _print_layer(args: argparse.Namespace, verb: str, layer: ls.Layer, **extra: 
                 **extra,
             }
         )
+        return
+    tail = "".join(f"  {k}={v}" for k, v in extra.items() if v is not None)
+    print(
+        f"{verb} {layer.id}  {layer.diff_id}  "
+        f"({plural(layer.entry_count, 'entry', 'entries')}){tail}"
+    )
+    if not tagged:
+        short = short_digest(layer.id)
+        print(
+            f"the layer is in the store untagged: '{PROG} tag NAME {short}' keeps it as an "
+            f"image, '{PROG} rm {short}' removes it"
+        )
+
+
+#: What each kind of change is, docker-style: A added, C changed, D deleted.
+def _status(a: ls.Stack | Path, kind: str, path: str) -> str:
+    if kind == "whiteout":
+        return "D"
+    if kind == "opaque":
+        return "C"
+    if isinstance(a, Path):
+        existed = os.path.lexists(a / path.lstrip("/"))
     else:
-        tail = "".join(f"  {k}={v}" for k, v in extra.items())
-        print(f"{verb} {layer.id}  {layer.diff_id}  ({layer.entry_count} entries){tail}")
+        existed = a.exists(path, follow_symlinks=False)
+    return "C" if existed else "A"
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    """``layerstore diff A B``: the changeset stored as a layer, or listed (A/C/D)."""
+    store = store_from(args)
     a, b = _side(store, args.a), _side(store, args.b)
     if args.compare_only:
         changes = store.changes(a, b, compare_content=args.compare_content)
+        listed = [(_status(a, kind, path), kind, path) for kind, path in changes]
         if args.json:
-            print_json([{"change": kind, "path": path} for kind, path in changes])
+            print_json([{"status": s, "change": kind, "path": p} for s, kind, p in listed])
         else:
-            marks = {"entry": "M", "link": "L", "whiteout": "D", "opaque": "O"}
-            for kind, path in changes:
-                print(f"{marks[kind]} {path}")
+            for status, _, path in listed:
+                print(f"{status} {path}")
         return 0
     with progress_bar("diff", None, args.progress) as progress:
         layer = store.diff(a, b, compare_content=args.compare_content, progress=progress)
@@ -641,21 +525,28 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_squash(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.image)
-    stop = len(image) if args.stop is None else args.stop
+    """``layerstore squash IMAGE``: layers START..STOP (STOP excluded) as one layer."""
+    store = store_from(args)
+    image = resolve_image(store, args.image)
+    depth = len(image)
+    stop = depth if args.stop is None else args.stop
+    if stop > depth:
+        raise CliError(f"--stop {stop} is beyond {args.image}, which has {plural(depth, 'layer')}")
+    if args.start >= stop:
+        raise CliError(f"--start {args.start} --stop {stop} is an empty range (stop is excluded)")
     with progress_bar("squash", None, args.progress) as progress:
         layer = store.squash(image, args.start, stop, dest=args.output, progress=progress)
     if args.tag:
         layers = [*image.layers[: args.start], layer, *image.layers[stop:]]
         store.tag(store.stack(layers), args.tag)
-    _print_layer(args, "squashed", layer, **({"tag": args.tag} if args.tag else {}))
+    _print_layer(args, "squashed", layer, tag=args.tag)
     return 0
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.image)
+    """``layerstore commit IMAGE DIR --tag NAME``: DIR's changes as a new image."""
+    store = store_from(args)
+    image = resolve_image(store, args.image)
     with progress_bar("commit", None, args.progress) as progress:
         layer = store.diff(image, Path(args.dir), progress=progress)
     store.tag(image.push(layer), args.tag)
@@ -663,14 +554,20 @@ def cmd_commit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# The store: gc, fsck, du
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    report = open_store(args).gc()
+    """``layerstore gc``: remove unreferenced chunks and leftovers."""
+    report = store_from(args).gc()
     if args.json:
         print_json(report)
         return 0
     print(
-        f"removed {report['chunks_removed']:,} chunk(s) and {report['packs_removed']:,} pack(s), "
-        f"rewrote {report['packs_rewritten']:,} pack(s), "
+        f"removed {plural(report['chunks_removed'], 'chunk')} and "
+        f"{plural(report['packs_removed'], 'pack')}, "
+        f"rewrote {plural(report['packs_rewritten'], 'pack')}, "
         f"reclaimed {human_bytes(report['bytes_reclaimed'])}"
     )
     if report["deferred"]:
@@ -679,7 +576,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    report = open_store(args).fsck(repair=args.repair)
+    """``layerstore fsck``: verify the store; exit status 1 on problems."""
+    report = store_from(args).fsck(repair=args.repair)
     ok = bool(report["ok"])
     if args.json:
         print_json(report)
@@ -690,24 +588,29 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     if repaired is not None:
         broken = repaired["layers_broken"]
         print(
-            f"repair: took {repaired['chunks_retired']:,} damaged chunk(s) out of use and marked "
-            f"{len(broken):,} layer(s) broken; importing their content again heals them"
+            f"repair: took {plural(repaired['chunks_retired'], 'damaged chunk')} out of use and "
+            f"marked {plural(len(broken), 'layer')} broken; importing their content again heals "
+            "them"
         )
         for layer in broken:
             print(f"broken: {layer}")
     garbage = report["garbage"]
     if garbage:
-        print(f"{len(garbage)} leftover file(s) of interrupted imports ('{PROG} gc' removes them)")
-    verdict = "ok" if ok else f"{len(report['problems'])} problem(s)"
+        print(
+            f"{plural(len(garbage), 'leftover file')} of interrupted imports "
+            f"('{PROG} gc' removes them)"
+        )
+    verdict = "ok" if ok else plural(len(report["problems"]), "problem")
     print(
-        f"checked {report['chunks_checked']:,} chunk(s) and "
-        f"{report['layers_checked']:,} layer(s): {verdict}"
+        f"checked {plural(report['chunks_checked'], 'chunk')} and "
+        f"{plural(report['layers_checked'], 'layer')}: {verdict}"
     )
     return 0 if ok else EXIT_ERROR
 
 
 def cmd_du(args: argparse.Namespace) -> int:
-    s = open_store(args).stats()
+    """``layerstore du``: logical and stored sizes, dedup ratio."""
+    s = store_from(args).stats()
     if args.json:
         print_json(s)
         return 0
@@ -717,7 +620,7 @@ def cmd_du(args: argparse.Namespace) -> int:
     packing = content / s["stored_bytes"] if s["stored_bytes"] else 1.0
     rows = [
         ["layers", f"{s['layers']:,}", ""],
-        ["chunks", f"{s['chunks']:,}", f"in {s['packs']:,} pack(s)"],
+        ["chunks", f"{s['chunks']:,}", f"in {plural(s['packs'], 'pack')}"],
         ["logical", human_bytes(s["logical_bytes"]), "the layers' tars, added up"],
         ["content", human_bytes(content), "unique chunk bytes, uncompressed"],
         ["stored", human_bytes(s["stored_bytes"]), "chunk blocks as stored in packs"],
@@ -745,7 +648,7 @@ def _analysis_image(store: ls.Store, arg: str) -> ls.Stack:
         if not images:
             raise CliError(f"{arg}: the OCI layout holds no image")
         return next(iter(images.values()))
-    return store.get(arg)
+    return resolve_image(store, arg)
 
 
 def _ci_rules(args: argparse.Namespace) -> dict[str, str] | None:
@@ -860,6 +763,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # Parser and entry point
 
+_LAYER_HELP = (
+    "a layer: its id, diff_id or compressed blob digest, or a unique prefix of at least 6 hex "
+    "digits of its id or diff_id"
+)
+_IMAGE_HELP = (
+    "an image: a tag, a tagged image's manifest digest or chain id (or a unique prefix of 6+ hex "
+    "digits), or a layer as a one-layer image"
+)
+
 
 def _bool(text: str) -> bool:
     """``true``/``false`` (as skopeo spells ``--tls-verify=false``)."""
@@ -882,7 +794,8 @@ def _creds(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    store = open_store(args, create=True)
+    """``layerstore pull REF``: an image from a registry into the store, tagged REF."""
+    store = open_store(args.store, create=True)
     with progress_bar(args.ref, None, args.progress) as progress:
         image = store.pull(
             args.ref,
@@ -902,8 +815,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    image = store.get(args.image)
+    """``layerstore push IMAGE REF``: an image of the store to a registry."""
+    store = store_from(args)
+    image = resolve_image(store, args.image)
     compression = None if args.compression == "keep" else args.compression
     with progress_bar(args.image, None, args.progress) as progress:
         digest = store.push(
@@ -922,6 +836,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
+    """``layerstore login HOST``: check and record credentials for a registry."""
     if args.password_stdin:
         if sys.stdin is None:
             raise CliError("no standard input to read the password from")
@@ -941,6 +856,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
+    """``layerstore logout HOST``: forget a registry's credentials."""
     removed = ls.registry_logout(args.host)
     if args.json:
         print_json({"registry": args.host, "removed": removed})
@@ -951,31 +867,53 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="A content-addressed store of container-image layers.",
-        epilog=(
-            "The store defaults to $LAYERSTORE_HOME, else $XDG_DATA_HOME/layerstore, "
-            "else ~/.local/share/layerstore."
-        ),
-    )
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other error (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG CMD: error: MESSAGE (see 'PROG CMD --help')`` and exit with status 2."""
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--store, --json, --no-progress: on the main parser and, so that they may follow the
+    command too, on every subparser (there without defaults, so as not to undo the main one's)."""
+    default: Any = None if top else argparse.SUPPRESS
     parser.add_argument(
         "--store",
         metavar="DIR",
         type=Path,
-        default=None,
-        help="the store directory (created by 'import' if missing)",
+        default=default,
+        help="the store directory (default: $LAYERSTORE_HOME, else $XDG_DATA_HOME/layerstore, "
+        "else ~/.local/share/layerstore; created by 'import' if missing or empty)",
     )
     parser.add_argument(
-        "--json", action="store_true", help="print one JSON document on stdout instead of text"
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="print one JSON document on stdout instead of text",
     )
     parser.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
-        help="never draw a progress bar (one is drawn on a terminal)",
+        default=True if top else argparse.SUPPRESS,
+        help="never draw a progress bar (one is drawn when stderr is a terminal)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``layerstore`` command."""
+    parser = _Parser(
+        prog=PROG,
+        description="A content-addressed store of container-image layers.",
+        epilog=(
+            "The store defaults to $LAYERSTORE_HOME, else $XDG_DATA_HOME/layerstore, "
+            "else ~/.local/share/layerstore. Global options may also follow the command."
+        ),
+    )
+    _global_options(parser, top=True)
     parser.add_argument(
         "--version",
         action="version",
@@ -983,18 +921,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
+    def command(name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
+        p = sub.add_parser(name, **kw)
+        _global_options(p, top=False)
+        p.set_defaults(func=func)
+        return p
+
+    p = command(
         "import",
-        help="import tars or directories as layers",
+        cmd_import,
+        help="import tars, directories, OCI layouts and docker archives",
         description=(
-            "Import each SRC: an OCI image layout (a directory with an oci-layout file) or a "
-            "'docker save' archive as tagged images; else as a layer: a tar file (plain, gzip or "
-            "zstd, recognised by its magic bytes), a directory (as a canonical tar of the tree), "
-            "or '-' for a tar on standard input."
+            "Import each SRC: an OCI image layout (a directory with an oci-layout file, or "
+            "oci:DIR) or a 'docker save' archive (or docker-archive:FILE) as tagged images; else "
+            "as a layer: a tar file (plain, gzip, zstd, xz or bzip2, recognised by its magic "
+            "bytes), a directory (as a canonical tar of the tree), or '-' for a tar on standard "
+            "input. A failure names the SRC and what was imported before it; a first import "
+            "that fails leaves no store behind."
         ),
     )
     p.add_argument(
-        "src", nargs="+", metavar="SRC", help="OCI layout, docker archive, tar, directory, or '-'"
+        "src",
+        nargs="+",
+        metavar="SRC",
+        help="tar file, directory, '-', OCI layout (DIR or oci:DIR), docker archive "
+        "(FILE or docker-archive:FILE)",
     )
     p.add_argument(
         "--exclude-xattr",
@@ -1009,58 +960,68 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the image to take from a multi-platform OCI index (default: this machine's)",
     )
-    p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("ls", help="list layers", description="List the layers in the store.")
+    p = command("ls", cmd_ls, help="list layers", description="List the layers in the store.")
     p.add_argument("--no-trunc", action="store_true", help="print full digests")
-    p.set_defaults(func=cmd_ls)
 
-    layer_help = "layer id, diff_id, blob digest, or a unique hex prefix of the id or diff_id"
-    p = sub.add_parser(
+    p = command(
         "show",
+        cmd_show,
         help="show a layer and its entries",
         description="Show a layer's identity and list its entries like 'tar -tv'.",
     )
-    p.add_argument("layer", metavar="LAYER", help=layer_help)
-    p.set_defaults(func=cmd_show)
+    p.add_argument("layer", metavar="LAYER", help=_LAYER_HELP)
 
-    p = sub.add_parser(
+    p = command(
         "export",
+        cmd_export,
         help="write a layer as a tar, or an image as an OCI layout or docker archive",
         description=(
             "Write a layer as a tar (--format tar, the default): uncompressed, it is byte for "
-            "byte the tar that was imported (its sha256 is the diff_id). With --format oci or "
-            "docker, SOURCE is an image tag, written into the OCI layout DEST (created or added "
-            "to) or as the docker archive DEST; an imported image keeps its digests."
+            "byte the tar that was imported (its sha256 is the diff_id); DEST ending in .gz/.tgz "
+            "or .zst/.tzst is compressed accordingly. With --format oci or docker (or DEST "
+            "oci:DIR[:REF] or docker-archive:FILE[:REF]), SOURCE is an image, written into the "
+            "OCI layout DEST (created or added to) or as the docker archive DEST; an imported "
+            "image keeps its digests."
         ),
     )
-    p.add_argument("layer", metavar="SOURCE", help=layer_help + "; or an image tag")
-    p.add_argument("dest", metavar="DEST", help="output file or directory, or '-' for stdout")
-    p.add_argument("--format", choices=["tar", "oci", "docker"], default="tar")
+    p.add_argument("layer", metavar="SOURCE", help=_LAYER_HELP + "; or, for oci/docker, an image")
+    p.add_argument(
+        "dest",
+        metavar="DEST",
+        help="output file or directory, '-' for stdout, oci:DIR[:REF], docker-archive:FILE[:REF]",
+    )
+    p.add_argument(
+        "--format", choices=["tar", "oci", "docker"], default="tar", help="what to write"
+    )
     p.add_argument(
         "--compression",
         choices=["gzip", "zstd", "none"],
         default=None,
-        help="compress the output (oci: default keeps an imported image's blobs, else gzip)",
+        help="tar: compress the output (default: from DEST's extension); oci: default keeps an "
+        "imported image's blobs, else gzip",
     )
-    p.add_argument("--tag", default=None, help="oci/docker: the name to write (default SOURCE)")
+    p.add_argument(
+        "--tag", default=None, metavar="NAME", help="oci/docker: the name to write (default SOURCE)"
+    )
     p.add_argument(
         "--classic",
         action="store_true",
         help="docker: the classic layout (a directory per layer), not the OCI-embedding one",
     )
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
+    command(
         "gc",
+        cmd_gc,
         help="remove what nothing references",
         description="Remove unreferenced chunks and leftovers of interrupted imports; "
-        "compact packs that are mostly garbage. Safe while other processes import.",
+        "compact packs that are mostly garbage. Safe while other processes import. "
+        "Layers stay until removed ('rm', 'rmi', 'prune').",
     )
-    p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser(
+    p = command(
         "fsck",
+        cmd_fsck,
         help="verify the store",
         description="Re-hash every chunk and check every reference. Exit status 1 on problems.",
     )
@@ -1070,112 +1031,218 @@ def build_parser() -> argparse.ArgumentParser:
         help="take damaged chunks out of use and mark the layers using them broken "
         "(importing their content again heals them)",
     )
-    p.set_defaults(func=cmd_fsck)
 
-    p = sub.add_parser(
+    command(
         "du",
+        cmd_du,
         help="show space used and the dedup ratio",
         description="Show the store's logical and stored sizes and its dedup ratio.",
     )
-    p.set_defaults(func=cmd_du)
 
-    p = sub.add_parser(
+    p = command(
         "tag",
-        help="tag a stack of layers as an image",
-        description="Stack LAYERs (bottom first) and point tag NAME at the image.",
+        cmd_tag,
+        help="tag an image, or a stack of layers as an image",
+        description="Point tag NAME at an image: one SOURCE (an image or a layer), or several "
+        "LAYERs stacked bottom first.",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("layers", metavar="LAYER", nargs="+")
-    p.set_defaults(func=cmd_tag)
+    p.add_argument("name", metavar="NAME", help="the tag, e.g. app:1 or example.com/app:1")
+    p.add_argument(
+        "layers",
+        metavar="SOURCE",
+        nargs="+",
+        help="one image or layer, or layers bottom first (" + _LAYER_HELP + ")",
+    )
 
-    p = sub.add_parser("images", help="list tagged images", description="List tagged images.")
+    p = command(
+        "images",
+        cmd_images,
+        help="list tagged images",
+        description="List tagged images: manifest digest (when imported or exported as OCI), "
+        "chain id, layer count, uncompressed size, and when the newest layer was stored.",
+    )
     p.add_argument("--no-trunc", action="store_true", help="print whole digests")
-    p.set_defaults(func=cmd_images)
 
-    p = sub.add_parser("untag", help="remove a tag", description="Remove tag NAME.")
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=cmd_untag)
+    p = command("untag", cmd_untag, help="remove a tag", description="Remove tag NAME.")
+    p.add_argument("name", metavar="NAME", help="the tag to remove (its layers stay)")
 
-    p = sub.add_parser(
+    p = command(
+        "inspect",
+        cmd_inspect,
+        help="an image's identity and layers as JSON",
+        description="Print IMAGE's tags, manifest and config digests, chain id, size, and its "
+        "layers (bottom first) with sizes, times and created_by, as one JSON document.",
+    )
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+
+    p = command(
+        "history",
+        cmd_history,
+        help="an image's layers, newest first",
+        description="List IMAGE's layers top first, as 'docker history' does: layer, when "
+        "stored, the build step that created it, size.",
+    )
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("--no-trunc", action="store_true", help="print whole ids and build steps")
+
+    p = command(
+        "config",
+        cmd_config,
+        help="a new image with a changed config",
+        description="Write a new image NEW with IMAGE's layers and its config changed: --env "
+        "and --label merge into the config's, the others replace theirs. The config's created "
+        "time is now (or $SOURCE_DATE_EPOCH). IMAGE's layers are read once (an export to "
+        "$TMPDIR); nothing but the new config and manifest is stored.",
+    )
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("--tag", metavar="NEW", required=True, help="the new image's tag")
+    p.add_argument(
+        "--env", type=key_value, action="append", default=[], metavar="K=V", help="set a variable"
+    )
+    p.add_argument(
+        "--label", type=key_value, action="append", default=[], metavar="K=V", help="set a label"
+    )
+    p.add_argument(
+        "--entrypoint",
+        type=command_line,
+        metavar="CMD",
+        help='the entrypoint: a JSON array (\'["/bin/sh", "-c"]\') or one word',
+    )
+    p.add_argument(
+        "--cmd", type=command_line, metavar="CMD", help="the command: a JSON array or one word"
+    )
+    p.add_argument("--workdir", metavar="DIR", help="the working directory")
+    p.add_argument("--user", metavar="USER", help="the user (name or uid[:gid])")
+
+    p = command(
+        "rm",
+        cmd_rm,
+        help="remove layers",
+        description="Remove LAYERs from the store. A layer an image uses is refused unless "
+        "--force, which untags those images first. 'gc' then frees the space.",
+    )
+    p.add_argument("layers", metavar="LAYER", nargs="+", help=_LAYER_HELP)
+    p.add_argument("-f", "--force", action="store_true", help="untag the images using them")
+
+    p = command(
+        "rmi",
+        cmd_rmi,
+        help="remove images",
+        description="Untag each IMAGE and remove the layers that no remaining tag uses. An "
+        "image digest with several tags is refused unless --force. 'gc' then frees the space.",
+    )
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="a tag, or a tagged image's digest")
+    p.add_argument("-f", "--force", action="store_true", help="remove every tag of a digest")
+
+    p = command(
+        "prune",
+        cmd_prune,
+        help="remove every layer no tag reaches, then gc",
+        description="Remove every layer that no tagged image uses, then collect garbage.",
+    )
+    p.add_argument("-n", "--dry-run", action="store_true", help="only list what would go")
+
+    p = command(
         "cat",
+        cmd_cat,
         help="print a file of an image",
-        description="Write the content of PATH in image IMAGE (a tag) to stdout.",
+        description="Write the content of PATH in IMAGE to stdout.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("path", metavar="PATH")
-    p.set_defaults(func=cmd_cat)
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument(
+        "path", metavar="PATH", help="an absolute path in the image, e.g. /etc/os-release"
+    )
 
-    p = sub.add_parser(
+    p = command(
         "tree",
+        cmd_tree,
         help="list an image's files",
-        description="List every path under PATH (default /) in image IMAGE (a tag), with the "
-        "layer that provides it.",
+        description="List every path under PATH (default /) in IMAGE, with the layer (index, "
+        "bottom 0) that provides it.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("path", metavar="PATH", nargs="?", default="/")
-    p.set_defaults(func=cmd_tree)
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("path", metavar="PATH", nargs="?", default="/", help="where to start")
 
-    p = sub.add_parser(
+    p = command(
         "materialize",
+        cmd_materialize,
         help="write an image's files to a new directory",
-        description="Write the union view of image IMAGE (a tag) to DEST, which must not exist: "
+        description="Write the union view of IMAGE to DEST, which must not exist: "
         "every owner (as root), mode, time, xattr, device (as root) and hardlink. DEST appears "
         "only once complete.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("dest", metavar="DEST", help="the directory to create")
     p.add_argument(
-        "--max-threads", type=int, default=None, metavar="N", help="writer threads (default: cores)"
+        "--max-threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="writer threads, at least 1 (default: one per core)",
     )
-    p.set_defaults(func=cmd_materialize)
 
-    p = sub.add_parser(
+    p = command(
         "apply",
+        cmd_apply,
         help="apply a layer onto a directory",
         description="Apply the changeset LAYER onto the existing directory DEST: its whiteouts "
-        "and opaque markers remove what they hide, then its entries are written.",
+        "and opaque markers remove what they hide, then its entries are written (replacing "
+        "what is in their way).",
     )
-    p.add_argument("layer", metavar="LAYER", help=layer_help)
-    p.add_argument("dest", metavar="DEST")
-    p.set_defaults(func=cmd_apply)
+    p.add_argument("layer", metavar="LAYER", help=_LAYER_HELP)
+    p.add_argument("dest", metavar="DEST", help="an existing directory")
 
-    p = sub.add_parser(
+    p = command(
         "diff",
+        cmd_diff,
         help="the changeset between two images or directories",
         description="Store the changeset taking A to B as a layer (or, with --compare-only, "
-        "list it: M changed or added, L hard link, D deleted, O opaque directory). A and B are "
-        "image tags or directories (an existing directory wins); image to directory compares "
-        "metadata first and hashes only with --compare-content.",
+        "list it as 'docker diff' does: A added, C changed, D deleted). A and B are images or "
+        "directories (an existing directory wins); image to directory compares metadata "
+        "first and hashes only with --compare-content.",
     )
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
+    p.add_argument("a", metavar="A", help="the old side: " + _IMAGE_HELP + "; or a directory")
+    p.add_argument("b", metavar="B", help="the new side, likewise")
     p.add_argument("--compare-only", action="store_true", help="list changes, store nothing")
     p.add_argument("--compare-content", action="store_true", help="hash same-looking files")
-    p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser(
+    p = command(
         "squash",
+        cmd_squash,
         help="squash a range of an image's layers into one",
-        description="Squash layers START..STOP (default: all) of image IMAGE into one layer with "
-        "the same view; optionally tag the resulting image and write the layer's tar.",
+        description="Squash layers START up to STOP of IMAGE into one layer with the same view. "
+        "Layers are numbered from 0 at the bottom; STOP is excluded, as in a Python slice "
+        "(--start 1 --stop 3 squashes layers 1 and 2); by default all of them. Optionally tag "
+        "the resulting image and write the layer's tar.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--start", type=int, default=0)
-    p.add_argument("--stop", type=int, default=None)
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument(
+        "--start",
+        type=non_negative_int,
+        default=0,
+        metavar="START",
+        help="the first layer to squash, 0-based (default 0, the bottom)",
+    )
+    p.add_argument(
+        "--stop",
+        type=non_negative_int,
+        default=None,
+        metavar="STOP",
+        help="the layer after the last one to squash (excluded; default: the top's + 1)",
+    )
     p.add_argument("--tag", metavar="NAME", help="tag the image with the squashed range")
     p.add_argument("-o", "--output", metavar="FILE", type=Path, help="also write the tar here")
-    p.set_defaults(func=cmd_squash)
 
-    p = sub.add_parser(
+    p = command(
         "commit",
+        cmd_commit,
         help="commit a directory's changes over an image as a new image",
-        description="Store the changes from image IMAGE to directory DIR (a container's "
+        description="Store the changes from IMAGE to directory DIR (a container's "
         "root filesystem, say) as a layer, and tag IMAGE plus that layer as NAME.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--tag", metavar="NAME", required=True)
-    p.set_defaults(func=cmd_commit)
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("dir", metavar="DIR", help="the changed root filesystem")
+    p.add_argument("--tag", metavar="NAME", required=True, help="the new image's tag")
 
     def registry_options(p: argparse.ArgumentParser, creds: bool = True) -> None:
         p.add_argument(
@@ -1193,26 +1260,27 @@ def build_parser() -> argparse.ArgumentParser:
                 help="credentials (default: the auth files podman and docker write)",
             )
 
-    p = sub.add_parser(
+    p = command(
         "pull",
+        cmd_pull,
         help="pull an image from a registry",
         description="Pull image REF (host[:port]/repo[:tag][@digest]; a bare repo:tag is on "
         "Docker Hub) into the store, tagged with its full name. Layers the store holds are not "
         "downloaded; every blob is digest-checked.",
     )
-    p.add_argument("ref", metavar="REF")
+    p.add_argument("ref", metavar="REF", help="the image: host[:port]/repo[:tag][@digest]")
     p.add_argument("--platform", metavar="OS/ARCH", default=None, help="default: this machine's")
     registry_options(p)
-    p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser(
+    p = command(
         "push",
+        cmd_push,
         help="push an image to a registry",
-        description="Push image IMAGE (a tag) to REF. Blobs the registry has are not sent; an "
+        description="Push image IMAGE to REF. Blobs the registry has are not sent; an "
         "imported or pulled image keeps its digests.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("ref", metavar="REF")
+    p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
+    p.add_argument("ref", metavar="REF", help="where to: host[:port]/repo[:tag]")
     p.add_argument(
         "--compression",
         choices=["gzip", "zstd", "none", "keep"],
@@ -1220,10 +1288,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer compression (keep: an imported image's own blobs; default gzip)",
     )
     registry_options(p)
-    p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser(
+    p = command(
         "analyze",
+        cmd_analyze,
         help="where an image's bytes come from, and which are wasted",
         description="Analyse image IMAGE (a tag, or an OCI layout directory, which is imported "
         "into the store first) from the store's "
@@ -1231,7 +1299,9 @@ def build_parser() -> argparse.ArgumentParser:
         "its reason; dive's efficiency score beside ours. With CI rules (--ci, or a rule flag), "
         "exit 1 and print one line per broken rule.",
     )
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument(
+        "image", metavar="IMAGE", help=_IMAGE_HELP + ", or an OCI layout directory (imported)"
+    )
     p.add_argument(
         "--ci",
         metavar="RULES",
@@ -1241,50 +1311,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="check dive's CI rules, read from RULES (a .dive-ci file; default ./.dive-ci when "
         "it exists, else dive's defaults)",
     )
-    p.add_argument("--lowest-efficiency", "--lowestEfficiency", default=None, metavar="RATIO")
-    p.add_argument("--highest-wasted-bytes", "--highestWastedBytes", default=None, metavar="BYTES")
+    p.add_argument(
+        "--lowest-efficiency",
+        "--lowestEfficiency",
+        default=None,
+        metavar="RATIO",
+        help="fail when dive's efficiency score is below RATIO (0-1; dive's default 0.9)",
+    )
+    p.add_argument(
+        "--highest-wasted-bytes",
+        "--highestWastedBytes",
+        default=None,
+        metavar="BYTES",
+        help="fail when dive's wasted bytes exceed BYTES (20MB, 1.5GiB, 4096; default disabled)",
+    )
     p.add_argument(
         "--highest-user-wasted-percent",
         "--highestUserWastedPercent",
         default=None,
         metavar="RATIO",
+        help="fail when wasted bytes / the bytes of every layer but the first exceed RATIO "
+        "(dive's default 0.1)",
     )
     p.add_argument("--html", metavar="FILE", default=None, help="write a self-contained report")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="as --json")
-    p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser(
+    p = command(
         "compare",
+        cmd_compare,
         help="what two images share, and what an update costs",
         description="What images A and B share (by layer and by chunk), and what pulling B "
         "costs with A present: as whole layers, whole files and chunks.",
     )
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="as --json")
-    p.set_defaults(func=cmd_compare)
+    p.add_argument("a", metavar="A", help=_IMAGE_HELP)
+    p.add_argument("b", metavar="B", help=_IMAGE_HELP)
 
-    p = sub.add_parser(
+    p = command(
         "login",
+        cmd_login,
         help="record credentials for a registry",
         description="Check USER's password against registry HOST (host[:port]) and record it in "
         "$REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json, else "
         "~/.docker/config.json.",
     )
-    p.add_argument("host", metavar="HOST")
-    p.add_argument("-u", "--username", required=True)
+    p.add_argument("host", metavar="HOST", help="the registry, host[:port]")
+    p.add_argument("-u", "--username", required=True, help="the user name")
     p.add_argument("-p", "--password", default=None, help="prefer --password-stdin")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     registry_options(p, creds=False)
-    p.set_defaults(func=cmd_login)
 
-    p = sub.add_parser(
+    p = command(
         "logout",
+        cmd_logout,
         help="forget the credentials of a registry",
         description="Remove HOST's credentials from every auth file.",
     )
-    p.add_argument("host", metavar="HOST")
-    p.set_defaults(func=cmd_logout)
+    p.add_argument("host", metavar="HOST", help="the registry, host[:port]")
     return parser
 
 
@@ -1295,13 +1376,6 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
-def _os_error_message(e: OSError) -> str:
-    # OSErrors raised in Python carry errno/strerror/filename; the core's carry a full message.
-    if e.strerror and e.filename is not None:
-        return f"{os.fsdecode(e.filename)}: {e.strerror}"
-    return str(e) or type(e).__name__
-
-
 def _show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -1310,8 +1384,7 @@ def _show_warning(
     file: IO[str] | None = None,
     line: str | None = None,
 ) -> None:
-    text = " ".join(str(message).split())
-    sys.stderr.write(f"{PROG}: warning: {text}\n")
+    warn(str(message))
 
 
 def _silence_stdout() -> None:
@@ -1343,18 +1416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
-    except CliError as e:
-        _error(str(e))
-        return EXIT_ERROR
-    except (ls.LayerstoreError, ValueError) as e:
-        _error(str(e))
-        return EXIT_ERROR
-    except OSError as e:
-        _error(_os_error_message(e))
+    except (CliError, ls.LayerstoreError, ValueError, OSError) as e:
+        _error(error_message(e))
         return EXIT_ERROR
 
 
 def run() -> NoReturn:
+    """The console-script entry point: exit with :func:`main`'s status."""
     sys.exit(main())
 
 

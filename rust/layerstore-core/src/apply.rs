@@ -198,7 +198,7 @@ impl Applier<'_> {
             let keep_dir = e.kind == Kind::Dir && existing.as_ref().is_some_and(is_dir);
             if existing.is_some() && !keep_dir {
                 let n = remove_entry(parent.as_fd(), name, &e.path)?;
-                self.ctx.removed(n);
+                self.ctx.replaced(n);
             }
             match e.kind {
                 Kind::Dir => {
@@ -415,7 +415,7 @@ impl Applier<'_> {
                     self.touch(&at, fd.as_fd())?;
                     if e != Errno::NOENT {
                         let n = remove_entry(fd.as_fd(), comp, &child)?;
-                        self.ctx.removed(n);
+                        self.ctx.replaced(n);
                     }
                     rfs::mkdirat(fd.as_fd(), comp, Mode::from_raw_mode(0o700))
                         .map_err(|x| io_err("mkdir", &child, x))?;

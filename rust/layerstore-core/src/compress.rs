@@ -57,6 +57,17 @@ fn is_skippable_frame(head: &[u8]) -> bool {
     matches!(head, [b0, 0x2a, 0x4d, 0x18, ..] if b0 & 0xf0 == 0x50)
 }
 
+/// A compression we recognise but do not decode ("xz", "bzip2"), from the first 4 bytes: so that
+/// such a layer is refused by name rather than as a broken tar. (A plain tar whose first member
+/// name starts with `BZh1`…`BZh9` or `\xfd7zX` would be refused too; no real layer does.)
+pub fn unsupported(head: &[u8]) -> Option<&'static str> {
+    match head {
+        [0xfd, b'7', b'z', b'X', ..] => Some("xz"),
+        [b'B', b'Z', b'h', b'1'..=b'9', ..] => Some("bzip2"),
+        _ => None,
+    }
+}
+
 /// Peek at the first bytes and say what the stream is.
 pub fn detect<R: BufRead>(r: &mut R) -> io::Result<Compression> {
     Ok(detect_bytes(r.fill_buf()?))
@@ -213,5 +224,15 @@ mod tests {
         let z = zstd::encode_all(&b"abc"[..], 1).unwrap();
         assert_eq!(decoder(&z[..]).unwrap().0, Compression::Zstd);
         assert_eq!(decoder(&b"abc"[..]).unwrap().0, Compression::None);
+    }
+
+    #[test]
+    fn xz_and_bzip2_named_not_decoded() {
+        assert_eq!(unsupported(b"\xfd7zXZ\x00\x00"), Some("xz"));
+        assert_eq!(unsupported(b"BZh91AY&SY"), Some("bzip2"));
+        // A tar whose first member is named "BZh" or "BZhx" is still a tar.
+        assert_eq!(unsupported(b"BZh\x00"), None);
+        assert_eq!(unsupported(b"BZhx"), None);
+        assert_eq!(unsupported(b"etc/"), None);
     }
 }

@@ -35,11 +35,57 @@ pub enum ErrorKind {
     Ambiguous,
     /// A bug: a worker thread panicked.
     Internal,
+    /// A write to a store opened read-only (or whose files cannot be written).
+    ReadOnly,
+}
+
+/// What is wrong with a path looked up in an image, as the OS would say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PathProblem {
+    /// `ENOENT`.
+    NotFound,
+    /// `ENOTDIR`: a directory was needed.
+    NotADirectory,
+    /// `EISDIR`: a file was needed.
+    IsADirectory,
+    /// `EINVAL`: e.g. `readlink` of something that is not a symlink.
+    InvalidArgument,
+    /// Content was asked of a device, fifo or socket.
+    NotARegularFile,
+}
+
+impl PathProblem {
+    /// The errno, where the OS has one for it.
+    pub fn errno(self) -> Option<i32> {
+        match self {
+            PathProblem::NotFound => Some(2),
+            PathProblem::NotADirectory => Some(20),
+            PathProblem::IsADirectory => Some(21),
+            PathProblem::InvalidArgument => Some(22),
+            PathProblem::NotARegularFile => None,
+        }
+    }
+
+    /// The words for it (`strerror`'s, where there is an errno).
+    pub fn text(self) -> &'static str {
+        match self {
+            PathProblem::NotFound => "No such file or directory",
+            PathProblem::NotADirectory => "Not a directory",
+            PathProblem::IsADirectory => "Is a directory",
+            PathProblem::InvalidArgument => "Invalid argument",
+            PathProblem::NotARegularFile => "not a regular file",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A path of an image that does not suit the operation (kind `Io`: bindings raise the OS
+    /// error class for its errno, with the path as the file name).
+    #[error("{}: {}", problem.text(), path_text(path))]
+    Path { problem: PathProblem, path: Vec<u8> },
     #[error("invalid layer: {reason} (entry {entry}, byte offset {offset})")]
     InvalidTar {
         reason: String,
@@ -132,6 +178,10 @@ pub enum Error {
         prefix: String,
         candidates: Vec<String>,
     },
+    #[error(
+        "store {store} is read-only (opened so, or its files cannot be written): cannot {action}"
+    )]
+    ReadOnly { store: String, action: &'static str },
     #[error("internal error: the {what} panicked (a bug in layerstore: please report it)")]
     Panicked { what: &'static str },
 }
@@ -156,10 +206,11 @@ impl Error {
             Error::RegistryDenied { .. } => ErrorKind::PermissionDenied,
             Error::Network { .. } | Error::Registry { .. } => ErrorKind::Network,
             Error::Cancelled => ErrorKind::Cancelled,
-            Error::Io { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Path { .. } => ErrorKind::Io,
             Error::Database(_) => ErrorKind::Database,
             Error::Ambiguous { .. } => ErrorKind::Ambiguous,
             Error::Panicked { .. } => ErrorKind::Internal,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
             Error::InEntry { source, .. } => source.kind(),
         }
     }
@@ -183,6 +234,14 @@ impl Error {
             layer: layer.to_string(),
             path: path_text(path),
             source: Box::new(self),
+        }
+    }
+
+    /// `problem` with `path` (normalised, relative to the image root).
+    pub fn path(problem: PathProblem, path: &[u8]) -> Self {
+        Error::Path {
+            problem,
+            path: path.to_vec(),
         }
     }
 

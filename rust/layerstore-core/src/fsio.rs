@@ -157,18 +157,22 @@ pub fn write_atomically<T>(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let name = dest.file_name().ok_or_else(|| {
-        Error::io(
-            format!("{} names no file", dest.display()),
-            io::ErrorKind::InvalidInput.into(),
-        )
+        Error::InvalidArgument(format!("destination '{}' names no file", dest.display()))
     })?;
+    // Errors name `dest` as the caller gave it, never the temporary file beside it.
+    if fs::metadata(dest).is_ok_and(|md| md.is_dir()) {
+        return Err(Error::io(
+            dest.display().to_string(),
+            io::Error::from_raw_os_error(rustix::io::Errno::ISDIR.raw_os_error()),
+        ));
+    }
     let prefix = tmp_prefix(name.as_bytes());
     remove_abandoned_files(dir, &prefix);
     let mut tmp_name = prefix;
     tmp_name.extend_from_slice(crate::owner::owner_tag().as_bytes());
     let tmp = dir.join(OsStr::from_bytes(&tmp_name));
     let result = (|| {
-        let f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        let f = File::create(&tmp).ctx(|| format!("writing {}", dest.display()))?;
         let mut w = io::BufWriter::with_capacity(1 << 20, f);
         let out = write(&mut w)?;
         w.into_inner()

@@ -36,7 +36,7 @@ pub mod tar;
 pub mod tarwrite;
 pub mod union;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, PathProblem, Result};
 pub use store::Store;
 
 /// The cores this process may use (1 when unknown), looked up once.

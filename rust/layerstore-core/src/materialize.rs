@@ -61,8 +61,10 @@ pub struct WriteReport {
     pub entries: u64,
     /// Bytes of file content written.
     pub bytes: u64,
-    /// Paths removed by whiteouts, opaque markers or replacement (apply only).
+    /// Paths removed by whiteouts, opaque markers, or beneath a replaced directory (apply only).
     pub removed: u64,
+    /// Existing paths an entry of the layer took the place of (apply only).
+    pub replaced: u64,
     /// What was skipped, and why (e.g. a device node without root).
     pub warnings: Vec<String>,
 }
@@ -251,6 +253,7 @@ pub(crate) struct Ctx<'a> {
     bytes: AtomicU64,
     entries: AtomicU64,
     removed: AtomicU64,
+    replaced: AtomicU64,
     reported: Mutex<(u64, u64)>,
 }
 
@@ -264,6 +267,7 @@ impl<'a> Ctx<'a> {
             bytes: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             removed: AtomicU64::new(0),
+            replaced: AtomicU64::new(0),
             reported: Mutex::new((0, 0)),
         }
     }
@@ -276,6 +280,14 @@ impl<'a> Ctx<'a> {
 
     pub fn removed(&self, n: u64) {
         self.removed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One existing path replaced by an entry; `removed` paths went with it (1 for a file, more
+    /// for a directory tree): the path itself counts as replaced, the rest as removed.
+    pub fn replaced(&self, removed: u64) {
+        self.replaced.fetch_add(1, Ordering::Relaxed);
+        self.removed
+            .fetch_add(removed.saturating_sub(1), Ordering::Relaxed);
     }
 
     /// Count work done; report progress (which may cancel) every few MiB or entries.
@@ -307,6 +319,7 @@ impl<'a> Ctx<'a> {
             entries: self.entries.load(Ordering::Relaxed),
             bytes,
             removed: self.removed.load(Ordering::Relaxed),
+            replaced: self.replaced.load(Ordering::Relaxed),
             warnings: self
                 .warnings
                 .into_inner()
@@ -897,10 +910,8 @@ impl Store {
         .map_err(errno_io)
         .ctx(|| format!("opening {}", parent_path.display()))?;
         let exists = || {
-            Error::io(
-                format!("materialize: {} already exists", dest.display()),
-                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-            )
+            // "DEST: File exists" (EEXIST keeps FileExistsError in Python), said once.
+            Error::io(dest.display().to_string(), errno_io(Errno::EXIST))
         };
         match rfs::statat(&parent, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(_) => return Err(exists()),

@@ -197,6 +197,48 @@ fn migrate_from_v1(tx: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Open the database at `path` for reading only. `immutable`: the files cannot change while
+/// open (a read-only file system): SQLite then needs no shared-memory file, and ignores a
+/// write-ahead log (whose commits a checkpoint has not yet folded in are not seen).
+pub fn open_readonly(path: &Path, immutable: bool) -> Result<Connection> {
+    // A URI, so that `mode` and `immutable` apply; the path's own `%`, `?` and `#` are escaped.
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str(if immutable {
+        "?mode=ro&immutable=1"
+    } else {
+        "?mode=ro"
+    });
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+        | rusqlite::OpenFlags::SQLITE_OPEN_URI
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(&uri, flags)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// The settings of an existing store, checking its format version (nothing is written).
+pub fn read_settings(conn: &Connection) -> Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare("SELECT key, value FROM settings")?;
+    let settings = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<(String, String)>>>()?;
+    match settings.iter().find(|(k, _)| k == "format_version") {
+        Some((_, v)) if *v == FORMAT_VERSION.to_string() => Ok(settings),
+        Some((_, v)) => Err(Error::Conflict(format!(
+            "store format version {v} cannot be read without upgrading it, and the store is read-only"
+        ))),
+        None => Err(Error::Corrupt("store settings have no format version".into())),
+    }
+}
+
 /// Create the schema and settings on first use; check the format version afterwards.
 pub fn init(conn: &mut Connection, defaults: &[(&str, String)]) -> Result<Vec<(String, String)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

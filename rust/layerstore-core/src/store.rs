@@ -82,11 +82,20 @@ pub struct Store {
     /// Idle database connections, and the process that opened them: SQLite connections must
     /// not cross a `fork()`, so a child leaks its parent's and opens its own.
     pool: Mutex<(u32, Vec<Connection>)>,
+    /// Opened read-only: writes are refused before they start.
+    readonly: bool,
     /// Decoded entries of layers some live stack uses, shared between stacks.
     entry_cache: Mutex<HashMap<Blake3, Weak<Vec<Arc<Entry>>>>>,
     /// Decoded blocks shared by the readers of file contents (a directory of small files
     /// lies in a few blocks: reading it file by file decodes each block once).
     blocks: Arc<cas::BlockCache>,
+}
+
+/// Whether this process can write the store's directory and database (`access(2)`, which also
+/// says `EROFS` for a read-only file system, even to root).
+fn writable(root: &Path) -> bool {
+    use rustix::fs::{access, Access};
+    access(root, Access::WRITE_OK).is_ok() && access(root.join("meta.db"), Access::WRITE_OK).is_ok()
 }
 
 /// Decoded bytes a store keeps for its content readers.
@@ -138,7 +147,40 @@ impl Drop for Conn<'_> {
 impl Store {
     /// Open the store at `root`, creating it with `options` if it does not exist. The options
     /// of an existing store are the ones it was created with.
+    /// Open the store at `root`, creating it with `options` if it does not exist. The options
+    /// of an existing store are the ones it was created with. An existing store whose files
+    /// this process cannot write (a read-only file system, or permissions) opens read-only.
     pub fn open(root: &Path, options: StoreOptions, limits: Limits) -> Result<Self> {
+        if root.join("meta.db").exists() && !writable(root) {
+            return Self::open_readonly(root, limits);
+        }
+        Self::open_writable(root, options, limits)
+    }
+
+    /// Open the existing store at `root` for reading only: every read works (layers, stacks,
+    /// content, exports and materialize elsewhere, `fsck` without repair); every write is refused
+    /// with [`Error::ReadOnly`]. A store on a read-only file system is read as it is on disk.
+    pub fn open_readonly(root: &Path, limits: Limits) -> Result<Self> {
+        let db = root.join("meta.db");
+        if !db.exists() {
+            return Err(Error::NotFound(format!("no store at {}", root.display())));
+        }
+        // Readers of a live store share its write-ahead log; where nothing can be written, the
+        // store is read as immutable.
+        let conn = match meta::open_readonly(&db, false)
+            .and_then(|c| meta::read_settings(&c).map(|s| (c, s)))
+        {
+            Ok(found) => found,
+            Err(_) => {
+                let c = meta::open_readonly(&db, true)?;
+                let s = meta::read_settings(&c)?;
+                (c, s)
+            }
+        };
+        Self::with_connection(root, conn, limits, true)
+    }
+
+    fn open_writable(root: &Path, options: StoreOptions, limits: Limits) -> Result<Self> {
         options.chunk.validate()?;
         fs::create_dir_all(root.join("packs"))
             .ctx(|| format!("creating store {}", root.display()))?;
@@ -154,6 +196,16 @@ impl Store {
             ("max_depth", options.max_depth.to_string()),
         ];
         let settings = meta::init(&mut conn, &defaults)?;
+        Self::with_connection(root, (conn, settings), limits, false)
+    }
+
+    /// The store over an open database and the settings read from it.
+    fn with_connection(
+        root: &Path,
+        (conn, settings): (Connection, Vec<(String, String)>),
+        limits: Limits,
+        readonly: bool,
+    ) -> Result<Self> {
         let get = |k: &str| -> Result<String> {
             settings
                 .iter()
@@ -179,10 +231,27 @@ impl Store {
             root: root.to_path_buf(),
             options,
             limits,
+            readonly,
             pool: Mutex::new((std::process::id(), vec![conn])),
             entry_cache: Mutex::new(HashMap::new()),
             blocks: Arc::new(cas::BlockCache::new(BLOCK_CACHE_BYTES)),
         })
+    }
+
+    /// Whether the store was opened read-only.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Refuse `action` (a write) on a read-only store, before anything is touched.
+    pub(crate) fn check_writable(&self, action: &'static str) -> Result<()> {
+        if self.readonly {
+            return Err(Error::ReadOnly {
+                store: self.root.display().to_string(),
+                action,
+            });
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -213,6 +282,8 @@ impl Store {
         };
         let conn = match pooled {
             Some(c) => c,
+            None if self.readonly => meta::open_readonly(&self.root.join("meta.db"), false)
+                .or_else(|_| meta::open_readonly(&self.root.join("meta.db"), true))?,
             None => meta::open(&self.root.join("meta.db"))?,
         };
         Ok(Conn {
@@ -226,8 +297,10 @@ impl Store {
         crate::lease::alive(&self.root, row)
     }
 
-    /// Take a lease covering `name` (a pack file, or a `tmp/` directory).
+    /// Take a lease covering `name` (a pack file, or a `tmp/` directory): every write that adds
+    /// to the store starts here, so a read-only store refuses it here.
     pub(crate) fn lease(&self, conn: &Connection, name: &str) -> Result<crate::lease::Lease> {
+        self.check_writable("add to it")?;
         crate::lease::Lease::acquire(&self.root, conn, name)
     }
 
@@ -237,6 +310,7 @@ impl Store {
 
     /// Record the build step that made a layer (its OCI history `created_by`).
     pub fn set_created_by(&self, id: &Blake3, created_by: &str) -> Result<()> {
+        self.check_writable("record a build step")?;
         meta::set_created_by(&*self.conn()?, id, created_by)
     }
 
@@ -278,6 +352,7 @@ impl Store {
 
     /// Delete a layer that no recorded stack uses and no image import in flight has pinned.
     pub fn delete(&self, id: &Blake3) -> Result<()> {
+        self.check_writable("delete a layer")?;
         meta::delete_layer(&mut *self.conn()?, id, None, &|l| self.lease_alive(l))
     }
 
@@ -391,6 +466,7 @@ impl Store {
 
     /// Point tag `name` at `stack` (recording the stack, so its layers cannot be deleted).
     pub fn tag(&self, stack: &Stack, name: &str) -> Result<()> {
+        self.check_writable("tag an image")?;
         if let Some(why) = bad_tag(name) {
             return Err(Error::InvalidArgument(format!(
                 "invalid tag {name:?}: {why}"
@@ -417,6 +493,7 @@ impl Store {
     }
 
     pub fn untag(&self, name: &str) -> Result<()> {
+        self.check_writable("remove a tag")?;
         meta::delete_ref(&mut *self.conn()?, name)
     }
 

@@ -122,6 +122,13 @@ fn clamp_ns(source_date_epoch: Option<i64>) -> PyResult<Option<i64>> {
         .transpose()
 }
 
+/// A squash range as indices (`stop` defaults to the depth): a negative bound is a `ValueError`.
+fn range(start: i128, stop: Option<i128>, depth: usize) -> PyResult<(usize, usize)> {
+    let start = crate::args::int("start", start, 0)?;
+    let stop = crate::args::opt_int("stop", stop, 0)?.unwrap_or(depth);
+    Ok((start, stop))
+}
+
 #[pymethods]
 impl Store {
     /// The changeset taking `a` to `b` (each an image or a directory), stored as a layer.
@@ -136,10 +143,11 @@ impl Store {
         b: Side,
         compare_content: bool,
         source_date_epoch: Option<i64>,
-        max_threads: Option<usize>,
+        max_threads: Option<i128>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Layer> {
         let clamp = clamp_ns(source_date_epoch)?;
+        let max_threads = crate::args::opt_int("max_threads", max_threads, 1)?;
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let result = py.detach(|| match (a, b) {
@@ -169,8 +177,9 @@ impl Store {
         a: Side,
         b: Side,
         compare_content: bool,
-        max_threads: Option<usize>,
+        max_threads: Option<i128>,
     ) -> PyResult<Vec<(&'static str, OsString)>> {
+        let max_threads = crate::args::opt_int("max_threads", max_threads, 1)?;
         let store = self.inner.clone();
         let listed = py
             .detach(|| match (a, b) {
@@ -195,8 +204,8 @@ impl Store {
         &self,
         py: Python<'_>,
         image: &Bound<'_, Stack>,
-        start: usize,
-        stop: Option<usize>,
+        start: i128,
+        stop: Option<i128>,
         dest: Option<PathBuf>,
         source_date_epoch: Option<i64>,
         progress: Option<Py<PyAny>>,
@@ -204,7 +213,7 @@ impl Store {
         let clamp = clamp_ns(source_date_epoch)?;
         image.get().image_only("squash")?;
         let stack = image.get().inner.clone();
-        let stop = stop.unwrap_or(stack.depth());
+        let (start, stop) = range(start, stop, stack.depth())?;
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let result = py.detach(|| match &dest {
@@ -224,12 +233,12 @@ impl Store {
         &self,
         py: Python<'_>,
         image: &Bound<'_, Stack>,
-        start: usize,
-        stop: Option<usize>,
+        start: i128,
+        stop: Option<i128>,
     ) -> PyResult<Vec<(&'static str, OsString)>> {
         image.get().image_only("squash")?;
         let stack = image.get().inner.clone();
-        let stop = stop.unwrap_or(stack.depth());
+        let (start, stop) = range(start, stop, stack.depth())?;
         let store = self.inner.clone();
         let changes = py
             .detach(|| store.squash_changes(&stack, start, stop))
@@ -246,14 +255,14 @@ impl Stack {
     fn squash(
         &self,
         py: Python<'_>,
-        start: usize,
-        stop: Option<usize>,
+        start: i128,
+        stop: Option<i128>,
         source_date_epoch: Option<i64>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Stack> {
         let clamp = clamp_ns(source_date_epoch)?;
         self.image_only("squash")?;
-        let stop = stop.unwrap_or(self.inner.depth());
+        let (start, stop) = range(start, stop, self.inner.depth())?;
         let interrupts = Interrupts::new(progress);
         let store = self.store.clone();
         let result = py.detach(|| {

@@ -58,24 +58,31 @@ impl RawContainer {
         py.detach(|| self.with(|c, s| c.write_at(&path.0, offset, data, create, &read_chunk(s))))
     }
 
+    /// Write `data` at `offset` of file `path` (created if missing; `truncate` cuts it to end
+    /// there). Copies a lower file up chunk by chunk.
     fn write_bytes(&self, py: Python<'_>, path: PathOrBytes, data: &[u8]) -> PyResult<()> {
         py.detach(|| self.with(|c, s| c.write_bytes(&path.0, data, &read_chunk(s))))
     }
 
+    /// Cut or extend file `path` to `size` bytes.
     fn truncate(&self, py: Python<'_>, path: PathOrBytes, size: u64) -> PyResult<()> {
         py.detach(|| self.with(|c, s| c.truncate(&path.0, size, &read_chunk(s))))
     }
 
+    /// Create directory `path` (`parents`: and its missing parents; `exist_ok`: an existing
+    /// directory is fine).
     #[pyo3(signature = (path, /, mode=0o755, *, parents=false, exist_ok=false))]
     fn mkdir(&self, path: PathOrBytes, mode: u32, parents: bool, exist_ok: bool) -> PyResult<()> {
         self.with(|c, _| c.mkdir(&path.0, mode, parents, exist_ok))
     }
 
+    /// Remove `path` (a directory only with `recursive`); a lower path gets a whiteout.
     #[pyo3(signature = (path, /, *, recursive=false))]
     fn remove(&self, path: PathOrBytes, recursive: bool) -> PyResult<()> {
         self.with(|c, _| c.remove(&path.0, recursive))
     }
 
+    /// Rename `src` to `dst` (a directory moves with its subtree).
     fn rename(&self, src: PathOrBytes, dst: PathOrBytes) -> PyResult<()> {
         self.with(|c, _| c.rename(&src.0, &dst.0))
     }
@@ -95,15 +102,18 @@ impl RawContainer {
         self.with(|c, _| c.symlink(&target, &path.0))
     }
 
+    /// Make `path` a hard link to `target`.
     fn link(&self, src: PathOrBytes, dst: PathOrBytes) -> PyResult<()> {
         self.with(|c, _| c.link(&src.0, &dst.0))
     }
 
+    /// Set the permission bits of `path` (metadata only: no content is copied).
     #[pyo3(signature = (path, mode, /, *, follow_symlinks=true))]
     fn chmod(&self, path: PathOrBytes, mode: u32, follow_symlinks: bool) -> PyResult<()> {
         self.with(|c, _| c.chmod(&path.0, mode, follow_symlinks))
     }
 
+    /// Set the owner and group of `path` (metadata only).
     #[pyo3(signature = (path, uid, gid, /, *, follow_symlinks=true))]
     fn chown(&self, path: PathOrBytes, uid: u64, gid: u64, follow_symlinks: bool) -> PyResult<()> {
         self.with(|c, _| c.chown(&path.0, uid, gid, follow_symlinks))
@@ -120,10 +130,12 @@ impl RawContainer {
         self.with(|c, _| c.utime(&path.0, mtime_ns, follow_symlinks))
     }
 
+    /// Set extended attribute `name` of `path` to `value`.
     fn setxattr(&self, path: PathOrBytes, name: &str, value: &[u8]) -> PyResult<()> {
         self.with(|c, _| c.setxattr(&path.0, name.as_bytes(), value))
     }
 
+    /// Remove extended attribute `name` of `path`.
     fn removexattr(&self, path: PathOrBytes, name: &str) -> PyResult<()> {
         self.with(|c, _| c.removexattr(&path.0, name.as_bytes()))
     }
@@ -188,6 +200,7 @@ impl RawContainer {
         Ok(())
     }
 
+    /// Whether the container was committed or discarded.
     #[getter]
     fn closed(&self) -> bool {
         self.inner.lock().map(|g| g.is_none()).unwrap_or(true)
@@ -206,8 +219,8 @@ impl Stack {
                 self.store.options().chunk,
             ))),
         };
-        py.import("layerstore._container")?
-            .getattr("Container")?
+        crate::pyobjects::CONTAINER
+            .get(py)?
             .call1((Bound::new(py, raw)?,))
     }
 }

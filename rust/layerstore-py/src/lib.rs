@@ -16,16 +16,17 @@ use layerstore_core::digest::Blake3;
 use layerstore_core::layer::{Entry as CoreEntry, LayerInfo};
 use layerstore_core::store::{ImportOptions, Imported};
 use layerstore_core::tar::Limits as CoreLimits;
-use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 mod analysis;
+mod args;
 mod changes;
 mod container;
 mod errors;
 mod materialize;
 mod oci;
+mod pyobjects;
 mod registry;
 mod stack;
 
@@ -39,32 +40,39 @@ use errors::{to_py, CoreResultExt};
 #[pyclass(frozen, get_all, from_py_object, module = "layerstore._core")]
 #[derive(Clone)]
 struct Limits {
+    /// Largest decompressed tar, in bytes.
     max_bytes: u64,
+    /// Most entries in one tar (extension headers not counted).
     max_entries: u64,
+    /// Largest PAX record set or GNU long name/link block, in bytes.
     max_record: u64,
+    /// Most components in one path.
     max_path_depth: u32,
+    /// Most bytes after the end-of-archive marker.
     max_trailing: u64,
 }
 
 #[pymethods]
 impl Limits {
+    /// Limits enforced while a tar streams in (sizes in bytes); every argument has a safe default.
     #[new]
     #[pyo3(signature = (*, max_bytes=None, max_entries=None, max_record=None, max_path_depth=None, max_trailing=None))]
     fn new(
-        max_bytes: Option<u64>,
-        max_entries: Option<u64>,
-        max_record: Option<u64>,
-        max_path_depth: Option<u32>,
-        max_trailing: Option<u64>,
-    ) -> Self {
+        max_bytes: Option<i128>,
+        max_entries: Option<i128>,
+        max_record: Option<i128>,
+        max_path_depth: Option<i128>,
+        max_trailing: Option<i128>,
+    ) -> PyResult<Self> {
         let d = CoreLimits::default();
-        Limits {
-            max_bytes: max_bytes.unwrap_or(d.max_bytes),
-            max_entries: max_entries.unwrap_or(d.max_entries),
-            max_record: max_record.unwrap_or(d.max_record),
-            max_path_depth: max_path_depth.unwrap_or(d.max_path_depth),
-            max_trailing: max_trailing.unwrap_or(d.max_trailing),
-        }
+        Ok(Limits {
+            max_bytes: args::opt_int("max_bytes", max_bytes, 0)?.unwrap_or(d.max_bytes),
+            max_entries: args::opt_int("max_entries", max_entries, 0)?.unwrap_or(d.max_entries),
+            max_record: args::opt_int("max_record", max_record, 0)?.unwrap_or(d.max_record),
+            max_path_depth: args::opt_int("max_path_depth", max_path_depth, 0)?
+                .unwrap_or(d.max_path_depth),
+            max_trailing: args::opt_int("max_trailing", max_trailing, 0)?.unwrap_or(d.max_trailing),
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -147,14 +155,9 @@ impl Source {
     }
 }
 
+/// An I/O error on the caller's path, through the one mapping (which keeps the errno).
 fn io_to_py(e: io::Error, p: &std::path::Path) -> PyErr {
-    let msg = format!("{}: {e}", p.display());
-    match e.kind() {
-        io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
-        io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
-        io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),
-        _ => PyOSError::new_err(msg),
-    }
+    to_py(core::Error::io(p.display().to_string(), e))
 }
 
 /// A Python binary file object as a Rust reader (re-attaches for each read).
@@ -252,13 +255,11 @@ fn emit_warnings(py: Python<'_>, warnings: &[String]) -> PyResult<()> {
     if warnings.is_empty() {
         return Ok(());
     }
-    let category = py
-        .import("layerstore._errors")?
-        .getattr("LayerstoreWarning")?;
+    let category = pyobjects::LAYERSTORE_WARNING.get(py)?;
     for w in warnings {
         PyErr::warn(
             py,
-            &category,
+            category,
             &std::ffi::CString::new(w.replace('\0', "\\0"))?,
             2,
         )?;
@@ -275,36 +276,49 @@ pub(crate) fn layer_id(layer: &Bound<'_, PyAny>) -> PyResult<String> {
 
 #[pymethods]
 impl Store {
+    /// Open the store at `path`, creating it with these settings if it does not exist (an existing
+    /// store keeps the settings it was created with).
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
-    #[pyo3(signature = (path, *, compression_level=3, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None))]
+    #[pyo3(signature = (path, *, compression_level=3, chunk_min=None, chunk_avg=None, chunk_max=None, max_depth=127, limits=None, readonly=false))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         compression_level: i32,
-        chunk_min: Option<u32>,
-        chunk_avg: Option<u32>,
-        chunk_max: Option<u32>,
-        max_depth: usize,
+        chunk_min: Option<i128>,
+        chunk_avg: Option<i128>,
+        chunk_max: Option<i128>,
+        max_depth: i128,
         limits: Option<Limits>,
+        readonly: bool,
     ) -> PyResult<Self> {
         let d = core::chunk::ChunkParams::default();
         let options = core::store::StoreOptions {
             compression_level,
             chunk: core::chunk::ChunkParams {
-                min: chunk_min.unwrap_or(d.min),
-                avg: chunk_avg.unwrap_or(d.avg),
-                max: chunk_max.unwrap_or(d.max),
+                min: args::opt_int("chunk_min", chunk_min, 1)?.unwrap_or(d.min),
+                avg: args::opt_int("chunk_avg", chunk_avg, 1)?.unwrap_or(d.avg),
+                max: args::opt_int("chunk_max", chunk_max, 1)?.unwrap_or(d.max),
             },
-            max_depth,
+            max_depth: args::int("max_depth", max_depth, 1)?,
         };
         let limits = limits.map(|l| l.core()).unwrap_or_default();
         let inner = py
-            .detach(|| core::Store::open(&path, options, limits))
+            .detach(|| match readonly {
+                true => core::Store::open_readonly(&path, limits),
+                false => core::Store::open(&path, options, limits),
+            })
             .py()?;
         Ok(Store {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Whether the store is open read-only (asked for, or because its files cannot be written):
+    /// reads work, writes raise `PermissionError`.
+    #[getter]
+    fn readonly(&self) -> bool {
+        self.inner.readonly()
     }
 
     /// The store's directory.
@@ -327,6 +341,8 @@ impl Store {
         Ok(d)
     }
 
+    /// Import a tar (a path, bytes or a binary file; plain, gzip or zstd, detected) as a layer.
+    /// `expected_diff_id`/`expected_digest`: a mismatch rejects it and stores nothing.
     #[pyo3(signature = (src, /, *, expected_diff_id=None, expected_digest=None, limits=None, progress=None))]
     fn import_tar(
         &self,
@@ -349,6 +365,8 @@ impl Store {
         self.finish_import(py, interrupts.finish(result)?)
     }
 
+    /// Import a directory tree as one layer (all metadata and xattrs; a canonical tar made on the
+    /// fly).
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     #[pyo3(signature = (path, /, *, exclude_xattrs=Vec::new(), expected_diff_id=None, limits=None, progress=None, max_threads=None))]
     fn import_dir(
@@ -359,11 +377,11 @@ impl Store {
         expected_diff_id: Option<String>,
         limits: Option<Limits>,
         progress: Option<Py<PyAny>>,
-        max_threads: Option<usize>,
+        max_threads: Option<i128>,
     ) -> PyResult<Layer> {
         let dir_opts = core::fsio::DirOptions {
             exclude_xattrs: exclude_xattrs.into_iter().map(String::into_bytes).collect(),
-            max_threads,
+            max_threads: args::opt_int("max_threads", max_threads, 1)?,
         };
         let opts = ImportOptions {
             expected_diff_id,
@@ -406,6 +424,7 @@ impl Store {
         Ok(interrupts.finish(result)?.digest)
     }
 
+    /// Every layer in the store.
     fn layers(&self) -> PyResult<Vec<Layer>> {
         let infos = self.inner.layers().py()?;
         Ok(infos
@@ -428,11 +447,13 @@ impl Store {
         })
     }
 
+    /// Delete a layer no tag or recorded stack uses (its chunks go at the next `gc`).
     fn delete(&self, layer: &Bound<'_, PyAny>) -> PyResult<()> {
         let info = self.inner.layer(&layer_id(layer)?).py()?;
         self.inner.delete(&info.id).py()
     }
 
+    /// Logical and stored bytes, chunks, packs and the dedup ratio.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = py.detach(|| self.inner.stats()).py()?;
         let d = PyDict::new(py);
@@ -448,6 +469,8 @@ impl Store {
         Ok(d)
     }
 
+    /// Remove what nothing references (chunks, packs, leftovers of interrupted imports) and compact
+    /// packs that are mostly garbage. Safe while other processes import.
     fn gc<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let r = py.detach(|| self.inner.gc()).py()?;
         let d = PyDict::new(py);
@@ -538,6 +561,7 @@ impl Store {
         Ok(d)
     }
 
+    /// Remove tag `name` (the layers it kept stay until deleted).
     fn untag(&self, name: &str) -> PyResult<()> {
         self.inner.untag(name).py()
     }
@@ -596,6 +620,7 @@ impl Layer {
     fn size(&self) -> u64 {
         self.info.size
     }
+    /// Number of entries in the layer's tar (extension headers not counted).
     #[getter]
     fn entry_count(&self) -> u64 {
         self.info.entry_count
@@ -605,10 +630,12 @@ impl Layer {
     fn compressed_digest(&self) -> Option<&str> {
         self.info.compressed_digest.as_deref()
     }
+    /// The compression of the blob the layer was imported from (`"gzip"`, `"zstd"`), if any.
     #[getter]
     fn compression(&self) -> Option<&str> {
         self.info.compression.as_deref()
     }
+    /// When the layer entered the store (Unix seconds).
     #[getter]
     fn created(&self) -> i64 {
         self.info.created_unix
@@ -668,34 +695,42 @@ impl Entry {
     fn kind(&self) -> &'static str {
         self.e.kind.name()
     }
+    /// The tar typeflag as read (one character).
     #[getter]
     fn typeflag(&self) -> String {
         (self.e.typeflag as char).to_string()
     }
+    /// Permission bits, including setuid, setgid and sticky.
     #[getter]
     fn mode(&self) -> u32 {
         self.e.mode
     }
+    /// Owner user id.
     #[getter]
     fn uid(&self) -> u64 {
         self.e.uid
     }
+    /// Owner group id.
     #[getter]
     fn gid(&self) -> u64 {
         self.e.gid
     }
+    /// Owner user name recorded in the tar.
     #[getter]
     fn uname(&self) -> std::ffi::OsString {
         os_str(&self.e.uname).to_os_string()
     }
+    /// Owner group name recorded in the tar.
     #[getter]
     fn gname(&self) -> std::ffi::OsString {
         os_str(&self.e.gname).to_os_string()
     }
+    /// Content size in bytes (0 for anything but a regular file).
     #[getter]
     fn size(&self) -> u64 {
         self.e.size
     }
+    /// Modification time in nanoseconds since the epoch.
     #[getter]
     fn mtime_ns(&self) -> i64 {
         self.e.mtime_ns
@@ -713,10 +748,12 @@ impl Entry {
             _ => Some(os_str(&self.e.link).to_os_string()),
         }
     }
+    /// Device major number (character and block devices).
     #[getter]
     fn devmajor(&self) -> u32 {
         self.e.devmajor
     }
+    /// Device minor number (character and block devices).
     #[getter]
     fn devminor(&self) -> u32 {
         self.e.devminor
@@ -726,6 +763,7 @@ impl Entry {
     fn rdev(&self) -> u64 {
         self.e.rdev()
     }
+    /// Extended attributes, name to value.
     #[getter]
     fn xattrs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -739,10 +777,12 @@ impl Entry {
     fn digest(&self) -> Option<String> {
         self.e.digest.map(|d: Blake3| d.to_string())
     }
+    /// Number of content chunks the file is stored as.
     #[getter]
     fn chunk_count(&self) -> usize {
         self.e.chunks.len()
     }
+    /// Whether the tar stored the file sparse.
     #[getter]
     fn sparse(&self) -> bool {
         self.e.sparse

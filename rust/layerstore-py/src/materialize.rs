@@ -16,6 +16,7 @@ fn report<'py>(py: Python<'py>, r: &WriteReport) -> PyResult<Bound<'py, PyDict>>
     d.set_item("entries", r.entries)?;
     d.set_item("bytes", r.bytes)?;
     d.set_item("removed", r.removed)?;
+    d.set_item("replaced", r.replaced)?;
     d.set_item("skipped", r.warnings.len())?;
     Ok(d)
 }
@@ -24,17 +25,19 @@ fn report<'py>(py: Python<'py>, r: &WriteReport) -> PyResult<Bound<'py, PyDict>>
 impl crate::Store {
     /// Write the union view of `image` to the new directory `dest` (FileExistsError if it
     /// exists), through a private directory beside it renamed into place when complete.
-    /// Returns counts: entries, bytes, removed, skipped.
+    /// Returns counts: entries, bytes, removed, replaced, skipped.
     #[pyo3(signature = (image, dest, /, *, max_threads=None, progress=None))]
     fn materialize<'py>(
         &self,
         py: Python<'py>,
         image: &Bound<'_, stack::Stack>,
         dest: PathBuf,
-        max_threads: Option<usize>,
+        max_threads: Option<i128>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let opts = WriteOptions { max_threads };
+        let opts = WriteOptions {
+            max_threads: crate::args::opt_int("max_threads", max_threads, 1)?,
+        };
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let stack: &core::stack::Stack = &image.get().inner;
@@ -45,7 +48,7 @@ impl crate::Store {
 
     /// Apply the changeset `layer` onto the existing directory `dest`: its whiteouts and opaque
     /// markers remove what they hide, then its entries are written.
-    /// Returns counts: entries, bytes, removed, skipped.
+    /// Returns counts: entries, bytes, removed, replaced, skipped.
     #[pyo3(signature = (layer, dest, /, *, progress=None))]
     fn apply<'py>(
         &self,

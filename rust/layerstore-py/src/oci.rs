@@ -34,6 +34,17 @@ fn compression(name: Option<&str>) -> PyResult<Option<Compression>> {
 
 #[pymethods]
 impl Store {
+    /// The manifest or config `digest` recorded for an image (`image.digest`,
+    /// `image.config_digest`), byte for byte: (media type, data).
+    fn oci_blob<'py>(
+        &self,
+        py: Python<'py>,
+        digest: &str,
+    ) -> PyResult<(String, Bound<'py, pyo3::types::PyBytes>)> {
+        let (media_type, data) = self.inner.oci_blob(digest).py()?;
+        Ok((media_type, pyo3::types::PyBytes::new(py, &data)))
+    }
+
     /// Import every image of an OCI image layout; returns them by ref name (an image without
     /// one by its manifest digest).
     #[pyo3(signature = (src, /, *, platform=None, progress=None))]

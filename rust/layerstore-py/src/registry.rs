@@ -58,6 +58,7 @@ impl Store {
         signature = (image, reference, /, *, compression=Some("gzip".to_string()), auth=None, tls_verify=true, ca_file=None, progress=None),
         text_signature = "(self, image, reference, /, *, compression='gzip', auth=None, tls_verify=True, ca_file=None, progress=None)"
     )]
+    /// Push `image` to the registry reference `ref`; returns the manifest digest.
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,

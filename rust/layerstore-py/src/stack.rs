@@ -10,7 +10,7 @@ use layerstore_core::cas::FreshChunks;
 use layerstore_core::layer::Kind;
 use layerstore_core::paths;
 use layerstore_core::union::{Node, ViewEntry};
-use pyo3::exceptions::{PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError, PyOSError};
+use layerstore_core::PathProblem;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -46,6 +46,7 @@ fn with_raw<T>(path: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> T) -> PyResult<
     Ok(f(path.extract::<PathBuf>()?.as_os_str().as_bytes()))
 }
 
+/// A normalised path as users see it: absolute.
 fn display(path: &[u8]) -> OsString {
     let mut p = Vec::with_capacity(path.len() + 1);
     p.push(b'/');
@@ -53,8 +54,13 @@ fn display(path: &[u8]) -> OsString {
     OsString::from_vec(p)
 }
 
+/// What is wrong with `path`, as the OS error the core describes.
+fn path_error(problem: PathProblem, path: &[u8]) -> PyErr {
+    crate::errors::to_py(core::Error::path(problem, path))
+}
+
 fn not_found(path: &[u8]) -> PyErr {
-    PyFileNotFoundError::new_err((2, "No such file or directory", display(path)))
+    path_error(PathProblem::NotFound, path)
 }
 
 /// The state of one path in a stack's view.
@@ -94,6 +100,7 @@ fn type_bits(kind: Kind) -> u32 {
 
 #[pymethods]
 impl Stat {
+    /// The path looked up (absolute).
     #[getter]
     fn path(&self, py: Python<'_>) -> OsString {
         display(&self.path_bytes(py))
@@ -103,6 +110,7 @@ impl Stat {
     fn kind(&self) -> &'static str {
         self.view.meta().kind.name()
     }
+    /// Permission bits, including setuid, setgid and sticky.
     #[getter]
     fn mode(&self) -> u32 {
         self.view.meta().mode
@@ -112,22 +120,27 @@ impl Stat {
     fn st_mode(&self) -> u32 {
         type_bits(self.view.meta().kind) | self.view.meta().mode
     }
+    /// Owner user id.
     #[getter]
     fn uid(&self) -> u64 {
         self.view.meta().uid
     }
+    /// Owner group id.
     #[getter]
     fn gid(&self) -> u64 {
         self.view.meta().gid
     }
+    /// Owner user name recorded in the tar.
     #[getter]
     fn uname(&self) -> OsString {
         OsString::from_vec(self.view.meta().uname.clone())
     }
+    /// Owner group name recorded in the tar.
     #[getter]
     fn gname(&self) -> OsString {
         OsString::from_vec(self.view.meta().gname.clone())
     }
+    /// Content size in bytes (0 for anything but a regular file).
     #[getter]
     fn size(&self) -> u64 {
         let m = self.view.meta();
@@ -136,6 +149,7 @@ impl Stat {
             _ => m.size,
         }
     }
+    /// Modification time in nanoseconds since the epoch.
     #[getter]
     fn mtime_ns(&self) -> i64 {
         self.view.meta().mtime_ns
@@ -146,18 +160,22 @@ impl Stat {
         let m = self.view.meta();
         (m.kind == Kind::Symlink).then(|| OsString::from_vec(m.link.clone()))
     }
+    /// Device major number.
     #[getter]
     fn devmajor(&self) -> u32 {
         self.view.meta().devmajor
     }
+    /// Device minor number.
     #[getter]
     fn devminor(&self) -> u32 {
         self.view.meta().devminor
     }
+    /// The device number (`os.makedev(devmajor, devminor)`).
     #[getter]
     fn rdev(&self) -> u64 {
         self.view.meta().rdev()
     }
+    /// Extended attributes, name to value.
     #[getter]
     fn xattrs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -171,6 +189,7 @@ impl Stat {
     fn layer(&self) -> Option<u32> {
         self.view.layer
     }
+    /// Whether no layer declares this directory (a parent only implied by a deeper path).
     #[getter]
     fn implicit(&self) -> bool {
         self.view.is_implicit()
@@ -188,12 +207,15 @@ impl Stat {
     fn hardlink(&self) -> Option<OsString> {
         self.view.target.as_ref().map(|t| display(&t.path))
     }
+    /// Whether this is a directory.
     fn is_dir(&self) -> bool {
         self.view.meta().kind == Kind::Dir
     }
+    /// Whether this is a regular file.
     fn is_file(&self) -> bool {
         self.view.meta().kind == Kind::File
     }
+    /// Whether this is a symbolic link.
     fn is_symlink(&self) -> bool {
         self.view.meta().kind == Kind::Symlink
     }
@@ -325,16 +347,9 @@ impl Stack {
     fn file_entry(&self, path: &[u8]) -> PyResult<Arc<ViewEntry>> {
         let r = self.found(path, true)?;
         match r.node {
-            Node::Dir(_) => Err(PyIsADirectoryError::new_err((
-                21,
-                "Is a directory",
-                display(path),
-            ))),
+            Node::Dir(_) => Err(path_error(PathProblem::IsADirectory, path)),
             Node::Leaf(v) if v.meta().kind == Kind::File => Ok(v),
-            Node::Leaf(_) => Err(PyOSError::new_err(format!(
-                "{}: not a regular file",
-                String::from_utf8_lossy(&display(path).into_vec())
-            ))),
+            Node::Leaf(_) => Err(path_error(PathProblem::NotARegularFile, path)),
         }
     }
 }
@@ -370,17 +385,15 @@ impl Stack {
         Ok(Stack::new(self.store.clone(), inner))
     }
 
+    /// The entry at `path` (symlinks followed unless `follow_symlinks=False`); `FileNotFoundError`
+    /// if absent.
     #[pyo3(signature = (path, /, *, follow_symlinks=true))]
     fn stat(&self, path: &Bound<'_, PyAny>, follow_symlinks: bool) -> PyResult<Stat> {
         let (p, must_be_dir) = norm_query(path)?;
         match self.lookup(&p, follow_symlinks, must_be_dir)? {
             Lookup::Found(stat) => Ok(stat),
             Lookup::Missing => Err(not_found(&p)),
-            Lookup::NotDir => Err(PyNotADirectoryError::new_err((
-                20,
-                "Not a directory",
-                display(&p),
-            ))),
+            Lookup::NotDir => Err(path_error(PathProblem::NotADirectory, &p)),
         }
     }
 
@@ -408,6 +421,7 @@ impl Stack {
         result
     }
 
+    /// Whether `path` exists in the view (symlinks followed).
     #[pyo3(signature = (path, /, *, follow_symlinks=true))]
     fn exists(&self, path: &Bound<'_, PyAny>, follow_symlinks: bool) -> PyResult<bool> {
         let (p, must_be_dir) = norm_query(path)?;
@@ -428,11 +442,7 @@ impl Stack {
                 .into_iter()
                 .map(|(k, _)| OsString::from_vec(k.to_vec()))
                 .collect()),
-            Node::Leaf(_) => Err(PyNotADirectoryError::new_err((
-                20,
-                "Not a directory",
-                display(&p),
-            ))),
+            Node::Leaf(_) => Err(path_error(PathProblem::NotADirectory, &p)),
         }
     }
 
@@ -444,7 +454,7 @@ impl Stack {
         slf: &Bound<'py, Self>,
         top: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let walk = slf.py().import("layerstore._stackio")?.getattr("walk")?;
+        let walk = crate::pyobjects::STACK_WALK.get(slf.py())?;
         match top {
             Some(t) => walk.call1((slf, t)),
             None => walk.call1((slf, "/")),
@@ -456,11 +466,7 @@ impl Stack {
     fn _scandir(&self, path: &Bound<'_, PyAny>) -> PyResult<Vec<(OsString, bool, bool)>> {
         let p = norm(path)?;
         let Node::Dir(d) = self.found(&p, true)?.node else {
-            return Err(PyNotADirectoryError::new_err((
-                20,
-                "Not a directory",
-                display(&p),
-            )));
+            return Err(path_error(PathProblem::NotADirectory, &p));
         };
         let mut out = Vec::with_capacity(d.children.len());
         for (name, child) in d.sorted() {
@@ -482,16 +488,18 @@ impl Stack {
         Ok(out)
     }
 
+    /// The target of symlink `path`.
     fn readlink(&self, path: &Bound<'_, PyAny>) -> PyResult<OsString> {
         let p = norm(path)?;
         let r = self.found(&p, false)?;
         let m = r.node.view().meta();
         if m.kind != Kind::Symlink {
-            return Err(PyOSError::new_err((22, "Invalid argument", display(&p))));
+            return Err(path_error(PathProblem::InvalidArgument, &p));
         }
         Ok(OsString::from_vec(m.link.clone()))
     }
 
+    /// The whole content of regular file `path` (each chunk verified).
     fn read_bytes<'py>(
         &self,
         py: Python<'py>,
@@ -514,9 +522,7 @@ impl Stack {
     /// A seekable binary file object reading the file's chunks lazily.
     fn open<'py>(&self, py: Python<'py>, path: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let raw = Bound::new(py, self._open_raw(path)?)?;
-        py.import("layerstore._stackio")?
-            .getattr("open_file")?
-            .call1((raw,))
+        crate::pyobjects::OPEN_FILE.get(py)?.call1((raw,))
     }
 
     /// A pathlib-like read-only view of `p`.
@@ -525,10 +531,7 @@ impl Stack {
         slf: &Bound<'py, Self>,
         p: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let class = slf
-            .py()
-            .import("layerstore._stackio")?
-            .getattr("StackPath")?;
+        let class = crate::pyobjects::STACK_PATH.get(slf.py())?;
         match p {
             Some(p) => class.call1((slf, p)),
             None => class.call1((slf, "/")),
@@ -591,10 +594,12 @@ pub struct ContentFile {
 
 #[pymethods]
 impl ContentFile {
+    /// The file name (last path component).
     #[getter]
     fn name(&self) -> OsString {
         self.name.clone()
     }
+    /// Size of the file in bytes.
     #[getter]
     fn size(&self) -> u64 {
         self.reader.lock().map(|r| r.size()).unwrap_or(0)

@@ -20,7 +20,8 @@ impl Store {
         meta::oci::latest_image(&*self.conn()?, &stack.chain_id)
     }
 
-    fn oci_blob(&self, digest: &str) -> Result<(String, Vec<u8>)> {
+    /// A manifest or config the store recorded for an image, byte for byte: (media type, data).
+    pub fn oci_blob(&self, digest: &str) -> Result<(String, Vec<u8>)> {
         meta::oci::blob(&*self.conn()?, digest)
     }
 

@@ -55,6 +55,9 @@ impl Store {
     /// out of use and the layers using them marked broken (refused by every read until an
     /// import stores their content again).
     pub fn fsck(&self, repair: bool) -> Result<FsckReport> {
+        if repair {
+            self.check_writable("repair it")?;
+        }
         let conn = self.conn()?;
         let mut report = FsckReport::default();
         let packs = meta::packs(&conn)?;

@@ -35,6 +35,7 @@ impl Store {
     /// files left by interrupted imports (packs, and `tmp/` scratch of dead processes); rewrite
     /// packs that are mostly garbage.
     pub fn gc(&self) -> Result<GcReport> {
+        self.check_writable("collect garbage")?;
         let mut conn = self.conn()?;
         let mut report = GcReport::default();
         // Packs replaced or emptied are retired, not deleted (readers may hold their old

@@ -406,6 +406,15 @@ fn spawn_reader(
                     }
                 }
             }
+            if let Some(name) = compress::unsupported(&head[..got]) {
+                let refused = || {
+                    Error::InvalidLayer(format!(
+                        "{name}-compressed input is not supported (decompress it first)"
+                    ))
+                };
+                let _ = tx.send(Err(io::Error::other(refused())));
+                return Err(refused());
+            }
             let probe = compress::detect_bytes(&head[..got]);
             let chained = io::Cursor::new(head[..got].to_vec()).chain(src);
             let compressed_hasher =

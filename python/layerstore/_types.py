@@ -1,0 +1,71 @@
+"""The shapes of the reports `Store.stats()`, `Store.gc()` and `Store.fsck()` return."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class StoreStats(TypedDict):
+    """What `Store.stats()` returns: sizes in bytes."""
+
+    layers: int
+    chunks: int
+    packs: int
+    logical_bytes: int
+    """Uncompressed tar bytes of every layer."""
+    content_bytes: int
+    """Bytes of every distinct chunk."""
+    stored_bytes: int
+    """Bytes of the pack blocks that hold live chunks (after compression)."""
+    metadata_bytes: int
+    """Encoded entry lists and tar recipes."""
+    disk_bytes: int
+    """Every file of the store, as the file system counts them."""
+    dedup_ratio: float
+    """logical_bytes / (stored_bytes + metadata_bytes)."""
+
+
+class GcReport(TypedDict):
+    """What `Store.gc()` did."""
+
+    chunks_removed: int
+    packs_removed: int
+    packs_rewritten: int
+    bytes_reclaimed: int
+    deferred: bool
+    """Imports in flight held leases, so no chunk was collected this time."""
+
+
+class DamagedChunk(TypedDict):
+    """A chunk `fsck` found damaged, and the files that need it."""
+
+    chunk: str
+    pack: str
+    reason: str
+    used_by: list[tuple[str, str]]
+    """(layer id, absolute path) of each file whose content uses the chunk."""
+
+
+class RepairReport(TypedDict):
+    """What `fsck(repair=True)` changed."""
+
+    chunks_retired: int
+    layers_broken: list[str]
+
+
+class FsckReport(TypedDict):
+    """What `Store.fsck()` found (and, with `repair=True`, did)."""
+
+    ok: bool
+    problems: list[str]
+    garbage: list[str]
+    """Files left by interrupted imports (`gc` removes them); not problems."""
+    chunks_checked: int
+    layers_checked: int
+    damaged: list[DamagedChunk]
+    broken: list[str]
+    """Layers marked broken by a repair (every read of them fails until re-imported)."""
+    repaired: RepairReport | None
+
+
+__all__ = ["DamagedChunk", "FsckReport", "GcReport", "RepairReport", "StoreStats"]
