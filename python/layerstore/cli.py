@@ -712,7 +712,7 @@ def _print_analysis(a: ls.Analysis) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = store_from(args)
     image = _analysis_image(store, args.image)
     analysis = store.analyze(image, files=args.html is not None)
     rules = _ci_rules(args)
@@ -741,7 +741,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = store_from(args)
     a, b = _analysis_image(store, args.a), _analysis_image(store, args.b)
     c = store.compare(a, b)
     if args.json:
