@@ -6,6 +6,7 @@ re-exports its classes and the exception hierarchy.
 
 from __future__ import annotations
 
+from layerstore._analysis import Analysis, Comparison
 from layerstore._config import with_config
 from layerstore._container import Container
 from layerstore._core import (
@@ -36,6 +37,8 @@ from layerstore._types import DamagedChunk, FsckReport, GcReport, RepairReport, 
 __all__ = [
     "FORMAT_VERSION",
     "AmbiguousError",
+    "Analysis",
+    "Comparison",
     "ConflictError",
     "Container",
     "DamagedChunk",

@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from io import BufferedReader
 from typing import IO, final
 
+from layerstore._analysis import Analysis, Comparison
 from layerstore._container import Container
 from layerstore._stackio import StackPath
 from layerstore._types import FsckReport, GcReport, StoreStats
@@ -174,6 +175,8 @@ class Store:
     def get(self, name: str) -> Stack: ...
     def images(self) -> dict[str, Stack]: ...
     def untag(self, name: str) -> None: ...
+    def analyze(self, image: Stack, /, *, files: bool = False) -> Analysis: ...
+    def compare(self, a: Stack, b: Stack) -> Comparison: ...
     def import_oci(
         self,
         src: StrPath,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn, cast
 
 import layerstore as ls
+from layerstore._analysis import evaluate_rules, read_rules
 from layerstore._cliimages import (
     cmd_config,
     cmd_history,
@@ -637,6 +638,129 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Analysis
+
+
+def _analysis_image(store: ls.Store, arg: str) -> ls.Stack:
+    """IMAGE for ``analyze``/``compare``: an OCI layout directory (imported first), else a tag."""
+    if os.path.isdir(arg) and os.path.exists(os.path.join(arg, "oci-layout")):
+        images = store.import_oci(arg)
+        if not images:
+            raise CliError(f"{arg}: the OCI layout holds no image")
+        return next(iter(images.values()))
+    return resolve_image(store, arg)
+
+
+def _ci_rules(args: argparse.Namespace) -> dict[str, str] | None:
+    """The CI rules asked for (a file, then flags over it), or None when no rule was asked for."""
+    flags = {
+        "lowestEfficiency": args.lowest_efficiency,
+        "highestWastedBytes": args.highest_wasted_bytes,
+        "highestUserWastedPercent": args.highest_user_wasted_percent,
+    }
+    if args.ci is None and all(v is None for v in flags.values()):
+        return None
+    rules: dict[str, str] = {}
+    if args.ci is not None:
+        path = args.ci or ".dive-ci"
+        if args.ci or os.path.exists(path):
+            rules.update(read_rules(path))
+    rules.update({k: v for k, v in flags.items() if v is not None})
+    return rules
+
+
+def _print_analysis(a: ls.Analysis) -> None:
+    image = a["image"]
+    rows = [
+        ["#", "size", "added", "modified", "deleted", "meta-only", "wasted", "causes", "command"]
+    ]
+    for layer in a["layer"]:
+        rows.append(
+            [
+                str(layer["index"]),
+                human_bytes(layer["tarBytes"]),
+                f"{layer['filesAdded']:,} ({human_bytes(layer['bytesAdded'])})",
+                f"{layer['filesModified']:,} ({human_bytes(layer['bytesModified'])})",
+                f"{layer['filesDeleted']:,} ({human_bytes(layer['bytesDeleted'])})",
+                f"{layer['metadataOnly']:,}",
+                human_bytes(layer["wastedBytes"]),
+                human_bytes(layer["causedWasteBytes"]),
+                (layer["command"] or "")[:60],
+            ]
+        )
+    print_table(rows, right=frozenset({1, 5, 6, 7}))
+    print()
+    print(
+        f"files shipped: {human_bytes(image['shippedBytes'])}, seen: "
+        f"{human_bytes(image['liveBytes'])} in {image['liveFiles']:,} file(s)"
+    )
+    print(f"wasted: {human_bytes(image['wastedBytes'])}, efficiency {image['efficiency']:.4%}")
+    for kind, total in a["waste"]["totals"].items():
+        print(f"  {kind:<15} {total['count']:>8,}  {human_bytes(total['bytes'])}")
+    print(
+        f"dive: efficiency {image['efficiencyScore']:.4%}, wasted "
+        f"{human_bytes(image['inefficientBytes'])}, user wasted {image['userWastedPercent']:.4%}"
+    )
+    items = a["waste"]["items"][:10]
+    if items:
+        print("largest waste:")
+        for item in items:
+            print(
+                f"  {human_bytes(item['bytes']):>10}  {item['kind']:<15} {item['path']}: "
+                f"{item['reason']}"
+            )
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    store = store_from(args)
+    image = _analysis_image(store, args.image)
+    analysis = store.analyze(image, files=args.html is not None)
+    rules = _ci_rules(args)
+    if args.html is not None:
+        from layerstore._report import write_html
+
+        write_html(analysis, args.html, title=args.image)
+    if args.json:
+        print_json(analysis)
+    elif rules is None or args.html is not None:
+        _print_analysis(analysis)
+    if rules is None:
+        return 0
+    results = evaluate_rules(analysis, rules)
+    failed = [r for r in results if r.status == "fail"]
+    for r in failed:
+        sys.stderr.write(f"FAIL: {r.rule}: {r.message}\n")
+    if not args.json:
+        passed = sum(r.status == "pass" for r in results)
+        skipped = sum(r.status == "skip" for r in results)
+        print(
+            f"CI: {'FAIL' if failed else 'PASS'} [passed: {passed}] [failed: {len(failed)}] "
+            f"[skipped: {skipped}]"
+        )
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    store = store_from(args)
+    a, b = _analysis_image(store, args.a), _analysis_image(store, args.b)
+    c = store.compare(a, b)
+    if args.json:
+        print_json(c)
+        return 0
+    u = c["update"]
+    print(f"shared layers: {len(c['sharedLayers'])} ({human_bytes(c['sharedLayerBytes'])})")
+    print(
+        f"shared chunks: {c['sharedChunks']:,} of {c['bChunks']:,} "
+        f"({human_bytes(c['sharedChunkBytes'])} of {human_bytes(c['bChunkBytes'])})"
+    )
+    print("update cost:")
+    print(f"  as layers: {u['layers']:,} ({human_bytes(u['layerBytes'])})")
+    print(f"  as files:  {u['files']:,} ({human_bytes(u['fileBytes'])})")
+    print(f"  as chunks: {u['chunks']:,} ({human_bytes(u['chunkBytes'])})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Parser and entry point
 
 _LAYER_HELP = (
@@ -1164,6 +1288,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer compression (keep: an imported image's own blobs; default gzip)",
     )
     registry_options(p)
+
+    p = command(
+        "analyze",
+        cmd_analyze,
+        help="where an image's bytes come from, and which are wasted",
+        description="Analyse image IMAGE (a tag, or an OCI layout directory, which is imported "
+        "into the store first) from the store's "
+        "indices: per layer what it adds, modifies and deletes; waste of five kinds, each with "
+        "its reason; dive's efficiency score beside ours. With CI rules (--ci, or a rule flag), "
+        "exit 1 and print one line per broken rule.",
+    )
+    p.add_argument(
+        "image", metavar="IMAGE", help=_IMAGE_HELP + ", or an OCI layout directory (imported)"
+    )
+    p.add_argument(
+        "--ci",
+        metavar="RULES",
+        nargs="?",
+        const="",
+        default=None,
+        help="check dive's CI rules, read from RULES (a .dive-ci file; default ./.dive-ci when "
+        "it exists, else dive's defaults)",
+    )
+    p.add_argument(
+        "--lowest-efficiency",
+        "--lowestEfficiency",
+        default=None,
+        metavar="RATIO",
+        help="fail when dive's efficiency score is below RATIO (0-1; dive's default 0.9)",
+    )
+    p.add_argument(
+        "--highest-wasted-bytes",
+        "--highestWastedBytes",
+        default=None,
+        metavar="BYTES",
+        help="fail when dive's wasted bytes exceed BYTES (20MB, 1.5GiB, 4096; default disabled)",
+    )
+    p.add_argument(
+        "--highest-user-wasted-percent",
+        "--highestUserWastedPercent",
+        default=None,
+        metavar="RATIO",
+        help="fail when wasted bytes / the bytes of every layer but the first exceed RATIO "
+        "(dive's default 0.1)",
+    )
+    p.add_argument("--html", metavar="FILE", default=None, help="write a self-contained report")
+
+    p = command(
+        "compare",
+        cmd_compare,
+        help="what two images share, and what an update costs",
+        description="What images A and B share (by layer and by chunk), and what pulling B "
+        "costs with A present: as whole layers, whole files and chunks.",
+    )
+    p.add_argument("a", metavar="A", help=_IMAGE_HELP)
+    p.add_argument("b", metavar="B", help=_IMAGE_HELP)
 
     p = command(
         "login",

@@ -5,6 +5,7 @@
 //! pieces together; every other module owns exactly one concept and knows nothing of Python.
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod apply;
 pub mod cas;
 pub mod changeset;

@@ -66,6 +66,11 @@ impl Stack {
         self.layers.len()
     }
 
+    /// Each layer's entries (bottom first), as stacked: what `analysis` reads.
+    pub fn layer_entries(&self) -> &[LayerEntries] {
+        &self.entries
+    }
+
     /// This stack with `layer` (whose entries are `entries`) on top.
     pub fn push(&self, layer: LayerInfo, entries: LayerEntries, max_depth: usize) -> Result<Stack> {
         let mut next = self.clone();

@@ -319,6 +319,29 @@ impl Store {
         meta::created_by(&*self.conn()?, id)
     }
 
+    /// The size of the compressed blob a layer was imported from, when an image import
+    /// recorded it.
+    pub fn compressed_size(&self, layer: &LayerInfo) -> Result<Option<u64>> {
+        match &layer.compressed_digest {
+            Some(d) => meta::oci::layer_blob_size(&*self.conn()?, d),
+            None => Ok(None),
+        }
+    }
+
+    /// What `analysis` needs of each of `stack`'s layers beyond its entries.
+    pub fn layer_meta(&self, stack: &Stack) -> Result<Vec<crate::analysis::LayerMeta>> {
+        stack
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(crate::analysis::LayerMeta {
+                    created_by: self.created_by(&l.id)?,
+                    compressed_size: self.compressed_size(l)?,
+                })
+            })
+            .collect()
+    }
+
     pub fn layers(&self) -> Result<Vec<LayerInfo>> {
         meta::list_layers(&*self.conn()?)
     }

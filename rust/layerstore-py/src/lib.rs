@@ -19,6 +19,7 @@ use layerstore_core::tar::Limits as CoreLimits;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+mod analysis;
 mod args;
 mod changes;
 mod container;
