@@ -270,6 +270,27 @@ pub(crate) fn digest_of(algorithm: OciAlgorithm, bytes: &[u8]) -> String {
     }
 }
 
+/// Check bytes read for `d` against its size and digest (`what` names the blob in the error).
+pub(crate) fn check_blob(d: &Descriptor, bytes: &[u8], what: &str) -> Result<()> {
+    let name = d.digest.to_string();
+    if bytes.len() as u64 != d.size {
+        return Err(Error::SizeMismatch {
+            blob: name,
+            expected: d.size,
+            found: bytes.len() as u64,
+        });
+    }
+    let found = digest_of(d.digest.algorithm, bytes);
+    if found != name {
+        return Err(Error::DigestMismatch {
+            what: format!("{what} {name}"),
+            expected: name,
+            found,
+        });
+    }
+    Ok(())
+}
+
 /// Read a small (JSON) blob named by `d`, checking its size and digest.
 pub(crate) fn read_json_blob(src: &dyn Source, d: &Descriptor) -> Result<(Vec<u8>, Value)> {
     let name = d.digest.to_string();
@@ -287,21 +308,7 @@ pub(crate) fn read_json_blob(src: &dyn Source, d: &Descriptor) -> Result<(Vec<u8
         .take(MAX_JSON_BLOB + 1)
         .read_to_end(&mut bytes)
         .ctx(|| format!("reading blob {name}"))?;
-    if bytes.len() as u64 != d.size {
-        return Err(Error::SizeMismatch {
-            blob: name,
-            expected: d.size,
-            found: bytes.len() as u64,
-        });
-    }
-    let found = digest_of(d.digest.algorithm, &bytes);
-    if found != name {
-        return Err(Error::DigestMismatch {
-            what: format!("blob {name}"),
-            expected: name,
-            found,
-        });
-    }
+    check_blob(d, &bytes, "blob")?;
     let v = parse_json(&d.digest.to_string(), &bytes)?;
     Ok((bytes, v))
 }

@@ -70,21 +70,7 @@ impl Store {
         write_blob(&blobs, &docs.config)?;
         write_blob(&blobs, &docs.manifest)?;
         update_index(dest, &docs.entry, opts.tag.as_deref())?;
-        let pending = PendingImage {
-            names: Vec::new(),
-            descriptor: docs.entry.clone(),
-            manifest: (
-                docs.digests.manifest.clone(),
-                docs.digests.media_type.clone(),
-                docs.manifest.clone(),
-            ),
-            config: (
-                docs.digests.config.clone(),
-                OCI_CONFIG.to_string(),
-                docs.config.clone(),
-            ),
-            layers: stack.layers.clone(),
-        };
+        let pending = docs.pending(&stack.layers);
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         record_image(&tx, &pending, &stack.chain_id)?;
@@ -355,6 +341,27 @@ pub(crate) struct ImageDocs {
     pub manifest: Vec<u8>,
     pub digests: ImageDigests,
     pub entry: Value,
+}
+
+impl ImageDocs {
+    /// The record of the image these documents describe, over `layers`.
+    pub(crate) fn pending(&self, layers: &[LayerInfo]) -> PendingImage {
+        PendingImage {
+            names: Vec::new(),
+            descriptor: self.entry.clone(),
+            manifest: (
+                self.digests.manifest.clone(),
+                self.digests.media_type.clone(),
+                self.manifest.clone(),
+            ),
+            config: (
+                self.digests.config.clone(),
+                OCI_CONFIG.to_string(),
+                self.config.clone(),
+            ),
+            layers: layers.to_vec(),
+        }
+    }
 }
 
 impl ImageHead {

@@ -374,21 +374,7 @@ fn fetch_small_blob(client: &Client, d: &Descriptor, opts: &PullOptions) -> Resu
         _ => return Err(a.unexpected("fetching a config")),
     }
     let bytes = a.read_limited(opts.max_json, &name)?;
-    if bytes.len() as u64 != d.size {
-        return Err(Error::SizeMismatch {
-            blob: name,
-            expected: d.size,
-            found: bytes.len() as u64,
-        });
-    }
-    let found = digest_of(d.digest.algorithm, &bytes);
-    if found != name {
-        return Err(Error::DigestMismatch {
-            what: format!("config {name}"),
-            expected: name,
-            found,
-        });
-    }
+    crate::oci::check_blob(d, &bytes, "config")?;
     Ok(bytes)
 }
 

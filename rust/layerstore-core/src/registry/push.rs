@@ -28,9 +28,7 @@ use super::client::{Client, ClientOptions};
 use super::reference::Reference;
 use crate::compress::Compression;
 use crate::error::{Error, ErrorKind, Result};
-use crate::oci::{
-    record_image, record_layer_blob, BlobPlan, ImageDocs, LayerBlob, PendingImage, Rebuild,
-};
+use crate::oci::{record_image, record_layer_blob, BlobPlan, ImageDocs, LayerBlob, Rebuild};
 use crate::stack::Stack;
 use crate::store::{Progress, Store};
 
@@ -174,21 +172,7 @@ fn record(
     descs: &[(String, u64, String)],
     docs: &ImageDocs,
 ) -> Result<()> {
-    let pending = PendingImage {
-        names: Vec::new(),
-        descriptor: docs.entry.clone(),
-        manifest: (
-            docs.digests.manifest.clone(),
-            docs.digests.media_type.clone(),
-            docs.manifest.clone(),
-        ),
-        config: (
-            docs.digests.config.clone(),
-            crate::oci::OCI_CONFIG.to_string(),
-            docs.config.clone(),
-        ),
-        layers: stack.layers.clone(),
-    };
+    let pending = docs.pending(&stack.layers);
     let mut conn = store.conn()?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for (p, (digest, size, _)) in plans.iter().zip(descs) {
