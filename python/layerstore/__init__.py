@@ -14,6 +14,7 @@ from layerstore._core import (
     Entry,
     Layer,
     Limits,
+    Mount,
     Stack,
     Stat,
     Store,
@@ -32,7 +33,14 @@ from layerstore._errors import (
     StackDepthError,
 )
 from layerstore._stackio import StackPath
-from layerstore._types import DamagedChunk, FsckReport, GcReport, RepairReport, StoreStats
+from layerstore._types import (
+    DamagedChunk,
+    FsckReport,
+    GcReport,
+    MountInfo,
+    RepairReport,
+    StoreStats,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,6 +59,8 @@ __all__ = [
     "LayerstoreError",
     "LayerstoreWarning",
     "Limits",
+    "Mount",
+    "MountInfo",
     "NotFoundError",
     "RepairReport",
     "Stack",

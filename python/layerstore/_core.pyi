@@ -8,7 +8,7 @@ from typing import IO, final
 from layerstore._analysis import Analysis, Comparison
 from layerstore._container import Container
 from layerstore._stackio import StackPath
-from layerstore._types import FsckReport, GcReport, StoreStats
+from layerstore._types import FsckReport, GcReport, MountInfo, StoreStats
 
 __all__ = [
     "FORMAT_VERSION",
@@ -16,6 +16,7 @@ __all__ = [
     "Entry",
     "Layer",
     "Limits",
+    "Mount",
     "RawContainer",
     "Stack",
     "Stat",
@@ -310,6 +311,37 @@ class Store:
     def squash_changes(
         self, image: Stack, /, start: int = 0, stop: int | None = None
     ) -> list[tuple[str, str]]: ...
+    def mount(
+        self,
+        image: Stack,
+        target: StrPath,
+        /,
+        *,
+        writable: bool = False,
+        backend: str = "auto",
+    ) -> Mount:
+        """Mount ``image`` at the empty directory ``target``.
+
+        ``backend``: ``overlay`` (kernel overlayfs over layer snapshots that every mount
+        shares; root), ``fuse`` (served straight from the store, nothing extracted; root or
+        access to ``/dev/fuse``) or ``auto`` (overlay as root, else fuse). A writable mount
+        keeps its changes in an upper directory of the store until ``Mount.commit()``.
+        """
+    def mounts(self) -> list[MountInfo]:
+        """The live mounts of this store (what dead processes left is cleaned up first)."""
+    def unmount(
+        self,
+        target: StrPath,
+        /,
+        *,
+        commit: bool = False,
+        created_by: str | None = None,
+        progress: Progress | None = None,
+    ) -> Layer | None:
+        """Unmount this store's mount at ``target`` (made by any process).
+
+        With ``commit=True``, its changes are first stored as a layer, which is returned.
+        """
 
 PathArg = str | bytes | os.PathLike[str]
 
@@ -433,6 +465,42 @@ class RawContainer:
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
+
+@final
+class Mount:
+    """A live mount of an image: a context manager that unmounts on exit."""
+
+    @property
+    def path(self) -> str:
+        """Where the image is mounted."""
+    @property
+    def backend(self) -> str:
+        """``overlay`` or ``fuse``."""
+    @property
+    def writable(self) -> bool:
+        """Whether writes through the mount are allowed (and can be committed)."""
+    @property
+    def image(self) -> Stack:
+        """The image mounted."""
+    @property
+    def mounted(self) -> bool:
+        """Whether the mount is still in place."""
+    def commit(
+        self, *, created_by: str | None = None, progress: Progress | None = None
+    ) -> Layer:
+        """Store what was changed through this writable mount as a new layer.
+
+        The image and the mount are unchanged; the cost follows what changed, and the layer
+        equals ``store.diff(image, mount.path)``.
+        """
+    def unmount(self) -> None:
+        """Unmount (uncommitted changes of a writable mount are discarded)."""
+    def disown(self) -> MountInfo:
+        """Let an overlay mount outlive this process (until ``Store.unmount(path)``)."""
+    def wait(self) -> None:
+        """Serve a FUSE mount until it is unmounted from outside, then clean up."""
+    def __enter__(self) -> Mount: ...
+    def __exit__(self, *args: object) -> bool: ...
 
 def registry_login(
     registry: str,

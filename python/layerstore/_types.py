@@ -34,6 +34,25 @@ class GcReport(TypedDict):
     bytes_reclaimed: int
     deferred: bool
     """Some unreferenced chunks were kept: imports in flight may use them (a later gc frees)."""
+    mounts_reaped: int
+    """Mounts whose owner process died (or that were unmounted from outside) cleaned up."""
+    snapshots_removed: int
+    """Layer snapshots of overlay mounts removed (their layers were deleted)."""
+
+
+class MountInfo(TypedDict):
+    """A live mount of the store, as `Store.mounts()` lists it."""
+
+    id: str
+    target: str
+    backend: str
+    """``overlay`` (kernel overlayfs over layer snapshots) or ``fuse``."""
+    writable: bool
+    owned: bool
+    """True: lives while the process that made it runs; False: until ``umount``."""
+    created: int
+    layers: list[str]
+    """Layer ids, bottom first."""
 
 
 class DamagedChunk(TypedDict):
@@ -68,4 +87,4 @@ class FsckReport(TypedDict):
     repaired: RepairReport | None
 
 
-__all__ = ["DamagedChunk", "FsckReport", "GcReport", "RepairReport", "StoreStats"]
+__all__ = ["DamagedChunk", "FsckReport", "GcReport", "MountInfo", "RepairReport", "StoreStats"]

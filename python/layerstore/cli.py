@@ -22,6 +22,7 @@ from typing import IO, Any, NoReturn, cast
 
 import layerstore as ls
 from layerstore._analysis import evaluate_rules, read_rules
+from layerstore._climount import add_mount_parsers
 from layerstore._cliimages import (
     cmd_config,
     cmd_history,
@@ -570,6 +571,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         f"rewrote {plural(report['packs_rewritten'], 'pack')}, "
         f"reclaimed {human_bytes(report['bytes_reclaimed'])}"
     )
+    if report["mounts_reaped"] or report["snapshots_removed"]:
+        print(
+            f"cleaned up {plural(report['mounts_reaped'], 'stale mount')}, removed "
+            f"{plural(report['snapshots_removed'], 'layer snapshot')}"
+        )
     if report["deferred"]:
         print("imports in progress hold leases: unreferenced chunks were kept; run gc again later")
     return 0
@@ -1243,6 +1249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
     p.add_argument("dir", metavar="DIR", help="the changed root filesystem")
     p.add_argument("--tag", metavar="NAME", required=True, help="the new image's tag")
+
+    add_mount_parsers(command)
 
     def registry_options(p: argparse.ArgumentParser, creds: bool = True) -> None:
         p.add_argument(

@@ -60,6 +60,9 @@ pub fn is_aufs_meta(path: &[u8]) -> bool {
     components(path).any(|c| c.starts_with(AUFS_META_PREFIX) && c != OPAQUE)
 }
 
+/// The xattr that makes a directory of an overlayfs layer opaque (its value: `y`).
+pub const OVERLAY_OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+
 /// Whether an xattr is one overlayfs reads as an instruction (`trusted.overlay.*`, and
 /// `user.overlay.*` for unprivileged mounts). In a layer it is plain data (DESIGN section 3,
 /// rule 7): never written to disk as is, or an overlay mount over the result would obey it.

@@ -115,6 +115,8 @@ struct Walker<'a> {
     root: &'a Path,
     nodes: &'a [FsNode],
     opts: &'a DirDiffOptions,
+    /// Directories (relative paths) that may differ below; the others are compared alone.
+    descend: &'a (dyn Fn(&[u8]) -> bool + Sync),
     out: Vec<DirChange>,
 }
 
@@ -180,8 +182,10 @@ impl Walker<'_> {
                     if !same_meta(&nodes[c], an.view().meta()) {
                         self.out.push(node_change(nodes, c));
                     }
-                    let sub = sub.clone();
-                    self.dir(&nodes[c].rel, &sub, c)?;
+                    if (self.descend)(&nodes[c].rel) {
+                        let sub = sub.clone();
+                        self.dir(&nodes[c].rel, &sub, c)?;
+                    }
                 }
                 (Some(Node::Dir(_)), false) => self.out.push(node_change(nodes, c)),
                 (Some(an @ Node::Leaf(_)), false) => {
@@ -198,6 +202,18 @@ impl Walker<'_> {
 impl DirDiff {
     /// Compare `root` (the new state) with `base` (the old).
     pub fn compare(base: &Stack, root: &Path, opts: &DirDiffOptions) -> Result<DirDiff> {
+        Self::compare_where(base, root, opts, &|_| true)
+    }
+
+    /// [`DirDiff::compare`] where only the directories `descend` accepts can differ below
+    /// themselves (a writable mount's, whose upper directory says which): the walk lists those
+    /// and compares the others' own metadata only, so its cost follows what changed.
+    pub fn compare_where(
+        base: &Stack,
+        root: &Path,
+        opts: &DirDiffOptions,
+        descend: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> Result<DirDiff> {
         let md = std::fs::metadata(root).ctx(|| format!("stat {}", root.display()))?;
         if !md.is_dir() {
             return Err(Error::InvalidLayer(format!(
@@ -211,11 +227,13 @@ impl DirDiff {
             .build()
             .map_err(|e| Error::io("starting the directory walk", io::Error::other(e)))?;
         let mut warnings = Vec::new();
-        let nodes = pool.install(|| fsio::scan_tree(root, &opts.dir, &mut warnings))?;
+        let nodes =
+            pool.install(|| fsio::scan_tree_where(root, &opts.dir, &mut warnings, descend))?;
         let mut walker = Walker {
             root,
             nodes: &nodes,
             opts,
+            descend,
             out: Vec::new(),
         };
         walker.dir(b"", base.index.root(), 0)?;
@@ -329,7 +347,17 @@ impl Store {
         opts: &DirDiffOptions,
         progress: Progress<'_>,
     ) -> Result<Imported> {
-        let mut diff = DirDiff::compare(base, root, opts)?;
+        let diff = DirDiff::compare(base, root, opts)?;
+        self.import_dir_diff(diff, opts, progress)
+    }
+
+    /// Store a directory comparison's changes as a layer.
+    pub fn import_dir_diff(
+        &self,
+        mut diff: DirDiff,
+        opts: &DirDiffOptions,
+        progress: Progress<'_>,
+    ) -> Result<Imported> {
         if let Some(max) = opts.clamp_mtime_ns {
             diff.clamp_mtimes(max);
         }

@@ -237,6 +237,17 @@ pub(crate) fn scan_tree(
     opts: &DirOptions,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Node>> {
+    scan_tree_where(root, opts, warnings, &|_| true)
+}
+
+/// [`scan_tree`] descending only into the directories (relative paths) `descend` accepts: the
+/// others are listed as nodes without children.
+pub(crate) fn scan_tree_where(
+    root: &Path,
+    opts: &DirOptions,
+    warnings: &mut Vec<String>,
+    descend: &(dyn Fn(&[u8]) -> bool + Sync),
+) -> Result<Vec<Node>> {
     let mut nodes = vec![Node::default()]; // the root, never emitted
     let mut level = vec![0usize];
     while !level.is_empty() {
@@ -250,7 +261,7 @@ pub(crate) fn scan_tree(
                 warnings.extend(child.warnings);
                 if let Some(node) = child.node {
                     let id = nodes.len();
-                    if matches!(node.kind, Kind::Dir) {
+                    if matches!(node.kind, Kind::Dir) && descend(&node.rel) {
                         next.push(id);
                     }
                     nodes.push(*node);

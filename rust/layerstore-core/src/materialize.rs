@@ -52,6 +52,11 @@ use crate::union::{Name, Node, ViewEntry};
 pub struct WriteOptions {
     /// Threads writing in parallel; `None` uses one per core. The pool is the call's own.
     pub max_threads: Option<usize>,
+    /// Write the view's `trusted.overlay.opaque` xattrs (a layer snapshot for kernel overlayfs,
+    /// [`crate::mount`]), which are otherwise skipped with a warning. Stored layers never carry
+    /// them as instructions: the snapshot writer strips every overlay xattr an entry carries
+    /// and adds only its own opaque markers.
+    pub overlay_opaque: bool,
 }
 
 /// What a materialize or apply did.
@@ -250,6 +255,8 @@ pub(crate) struct Ctx<'a> {
     pub privs: Privileges,
     pub warnings: Mutex<Vec<String>>,
     pub progress: Progress<'a>,
+    /// Write `trusted.overlay.opaque` (see [`WriteOptions::overlay_opaque`]).
+    pub overlay_opaque: bool,
     bytes: AtomicU64,
     entries: AtomicU64,
     removed: AtomicU64,
@@ -264,6 +271,7 @@ impl<'a> Ctx<'a> {
             privs: Privileges::current(),
             warnings: Mutex::new(Vec::new()),
             progress,
+            overlay_opaque: false,
             bytes: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             removed: AtomicU64::new(0),
@@ -597,7 +605,9 @@ fn xattr_list(
 /// as is, an overlay mount over the tree would take it as an instruction (an opaque directory,
 /// a redirect) instead of the data it is in the layer.
 fn skip_overlay_xattr(ctx: &Ctx<'_>, name: &[u8], path: &[u8]) -> bool {
-    if !crate::changeset::is_overlay_xattr(name) {
+    if !crate::changeset::is_overlay_xattr(name)
+        || (ctx.overlay_opaque && name == crate::changeset::OVERLAY_OPAQUE_XATTR)
+    {
         return false;
     }
     ctx.warn(format!(
@@ -937,6 +947,7 @@ impl Store {
                 .build()
                 .map_err(|e| Error::io("starting the writers", std::io::Error::other(e)))?;
             let mut ctx = Ctx::new(self, progress);
+            ctx.overlay_opaque = opts.overlay_opaque;
             // A setgid parent passes its group and bit on: clear the bit, and chown everything
             // unless the group is the caller's.
             rfs::fchmod(&root, Mode::from_raw_mode(0o700)).map_err(|x| io_err("chmod", &tmp, x))?;

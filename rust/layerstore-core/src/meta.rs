@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+pub mod mounts;
 pub mod oci;
 
 use crate::cas::{ChunkLoc, Codec, LiveBlock};
@@ -137,6 +138,23 @@ CREATE TABLE IF NOT EXISTS layer_history (
     layer TEXT PRIMARY KEY REFERENCES layers(id),
     created_by TEXT NOT NULL           -- the build step that made the layer (\"RUN ...\")
 );
+-- Mounts (meta/mounts.rs): live kernel or FUSE mounts of images, and the layers each uses.
+CREATE TABLE IF NOT EXISTS mounts (
+    id TEXT PRIMARY KEY,               -- the mount's directory under mounts/
+    target TEXT NOT NULL,              -- where it is mounted (absolute)
+    backend TEXT NOT NULL,             -- overlay | fuse
+    writable INTEGER NOT NULL,
+    owned INTEGER NOT NULL,            -- 1: lives while its owner holds mounts/ID.lock; 0: until umount
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mount_layers (
+    mount TEXT NOT NULL,               -- mounts.id
+    pos INTEGER NOT NULL,              -- 0 = bottom
+    layer TEXT NOT NULL,               -- layers.id
+    snapshot TEXT,                     -- its snapshots/ directory (overlay backend)
+    PRIMARY KEY (mount, pos)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS mount_layers_by_layer ON mount_layers(layer);
 ";
 
 /// How long a connection waits for another process's lock.
@@ -802,6 +820,11 @@ pub fn delete_layer(
     if users > 0 {
         return Err(Error::Conflict(format!(
             "layer {id} is used by {users} stack(s); untag or delete them first"
+        )));
+    }
+    if let Some(target) = mounts::mounted_at(&tx, &key)? {
+        return Err(Error::Conflict(format!(
+            "layer {id} is mounted at {target}; unmount it first"
         )));
     }
     let imports = live_pins(&tx, &key, owner, alive)?;

@@ -353,6 +353,8 @@ impl Store {
     /// Delete a layer that no recorded stack uses and no image import in flight has pinned.
     pub fn delete(&self, id: &Blake3) -> Result<()> {
         self.check_writable("delete a layer")?;
+        // A mount whose owner died must not keep its layers from deletion.
+        self.reap_mounts()?;
         meta::delete_layer(&mut *self.conn()?, id, None, &|l| self.lease_alive(l))
     }
 

@@ -25,6 +25,7 @@ mod changes;
 mod container;
 mod errors;
 mod materialize;
+mod mount;
 mod oci;
 mod pyobjects;
 mod registry;
@@ -479,6 +480,8 @@ impl Store {
         d.set_item("packs_rewritten", r.packs_rewritten)?;
         d.set_item("bytes_reclaimed", r.bytes_reclaimed)?;
         d.set_item("deferred", r.deferred)?;
+        d.set_item("mounts_reaped", r.mounts_reaped)?;
+        d.set_item("snapshots_removed", r.snapshots_removed)?;
         Ok(d)
     }
 
@@ -807,6 +810,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stack::Stat>()?;
     m.add_class::<stack::ContentFile>()?;
     m.add_class::<container::RawContainer>()?;
+    m.add_class::<mount::Mount>()?;
     m.add_function(wrap_pyfunction!(registry::registry_login, m)?)?;
     m.add_function(wrap_pyfunction!(registry::registry_logout, m)?)?;
     m.add("FORMAT_VERSION", core::meta::FORMAT_VERSION)?;

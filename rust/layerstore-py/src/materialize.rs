@@ -37,6 +37,7 @@ impl crate::Store {
     ) -> PyResult<Bound<'py, PyDict>> {
         let opts = WriteOptions {
             max_threads: crate::args::opt_int("max_threads", max_threads, 1)?,
+            ..WriteOptions::default()
         };
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();

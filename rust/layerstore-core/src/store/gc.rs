@@ -25,6 +25,10 @@ pub struct GcReport {
     /// Some unreferenced chunks were kept because imports in flight may have deduplicated
     /// against them (a later gc, once those imports end, collects them).
     pub deferred: bool,
+    /// Mounts whose owner died (or that were unmounted from outside) cleaned up.
+    pub mounts_reaped: u64,
+    /// Layer snapshots (overlay mounts) of deleted layers removed.
+    pub snapshots_removed: u64,
 }
 
 /// Packs below this size are merged by `gc` once there are [`SMALL_PACKS_TO_MERGE`] of them.
@@ -120,6 +124,10 @@ impl Store {
         expire_retired(&retired);
         report.bytes_reclaimed += self.gc_image_blobs()?;
         report.bytes_reclaimed += sweep_tmp(&self.root.join("tmp"));
+        report.mounts_reaped = self.reap_mounts()?.mounts;
+        let (snapshots, bytes) = self.gc_snapshots()?;
+        report.snapshots_removed = snapshots;
+        report.bytes_reclaimed += bytes;
         meta::checkpoint(&conn)?;
         Ok(report)
     }
