@@ -51,6 +51,12 @@ def store(tmp_path: Path) -> Iterator[ls.Store]:
         s.unmount(m["target"])
 
 
+def empty_dir(tmp_path: Path, name: str = "mnt") -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    return d
+
+
 def import_recipes(store: ls.Store, recipes: list[ou.Recipe]) -> ls.Stack:
     return store.stack([store.import_tar(ou.recipe_tar(r)) for r in recipes])
 
@@ -100,20 +106,22 @@ def test_127_layers(store: ls.Store, tmp_path: Path, backend: str) -> None:
         for i in range(127)
     ]
     image = store.stack(layers)
-    with store.mount(image, tmp_path, backend=backend) as m:
-        assert (tmp_path / "common").read_bytes() == b"126"
-        assert len(os.listdir(tmp_path)) == 128
+    target = empty_dir(tmp_path)
+    with store.mount(image, target, backend=backend) as m:
+        assert (target / "common").read_bytes() == b"126"
+        assert len(os.listdir(target)) == 128
         assert_same(m.path, image, backend)
 
 
 def test_fuse_mounts_1000_layers(store: ls.Store, tmp_path: Path) -> None:
     layers = [store.import_tar(tar_of({f"d{i % 10}/f{i}": f"{i}".encode()})) for i in range(1000)]
     image = store.stack(layers)
-    with store.mount(image, tmp_path, backend="fuse"):
-        assert sum(len(os.listdir(tmp_path / f"d{k}")) for k in range(10)) == 1000
-        assert (tmp_path / "d7/f997").read_bytes() == b"997"
+    target = empty_dir(tmp_path)
+    with store.mount(image, target, backend="fuse"):
+        assert sum(len(os.listdir(target / f"d{k}")) for k in range(10)) == 1000
+        assert (target / "d7/f997").read_bytes() == b"997"
     with pytest.raises(ValueError, match="at most 500"):
-        store.mount(image, tmp_path, backend="overlay")
+        store.mount(image, target, backend="overlay")
 
 
 def scribble(root: Path, rng: random.Random) -> None:
@@ -194,7 +202,7 @@ def test_eight_mounts_share_one_snapshot_per_layer(store: ls.Store, tmp_path: Pa
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mounted_layers_cannot_be_deleted(store: ls.Store, tmp_path: Path, backend: str) -> None:
     layer = store.import_tar(tar_of({"a": b"1"}))
-    m = store.mount(store.stack([layer]), tmp_path, backend=backend)
+    m = store.mount(store.stack([layer]), empty_dir(tmp_path), backend=backend)
     with pytest.raises(ls.ConflictError, match="mounted at"):
         store.delete(layer)
     m.unmount()
@@ -205,17 +213,18 @@ def test_mounted_layers_cannot_be_deleted(store: ls.Store, tmp_path: Path, backe
 
 def test_bad_requests_are_refused_clearly(store: ls.Store, tmp_path: Path) -> None:
     image = store.stack([store.import_tar(tar_of({"a": b"1"}))])
+    target = empty_dir(tmp_path)
     with pytest.raises(ValueError, match="unknown mount backend"):
-        store.mount(image, tmp_path, backend="nfs")
-    (tmp_path / "x").write_bytes(b"")
+        store.mount(image, target, backend="nfs")
+    (target / "x").write_bytes(b"")
     with pytest.raises(ValueError, match="not an empty directory"):
-        store.mount(image, tmp_path)
+        store.mount(image, target)
     with pytest.raises(FileNotFoundError):
         store.mount(image, tmp_path / "missing")
-    (tmp_path / "x").unlink()
+    (target / "x").unlink()
     ro = ls.Store(store.path, readonly=True)
     with pytest.raises(OSError, match="read-only"):
-        ro.mount(ro.stack(image.layers), tmp_path)
+        ro.mount(ro.stack(image.layers), target)
     assert store.mounts() == []
 
 
@@ -276,13 +285,15 @@ def cli(store: ls.Store, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cli_mount_umount_commit(store: ls.Store, tmp_path: Path, backend: str) -> None:
     store.tag(store.stack([store.import_tar(tar_of({"a": b"1"}))]), "img")
-    r = cli(store, "mount", "img", str(tmp_path), "--rw", "--backend", backend)
+    target = empty_dir(tmp_path)
+    r = cli(store, "mount", "img", str(target), "--rw", "--backend", backend)
     assert r.returncode == 0, r.stderr
-    assert f"mounted img at {tmp_path} ({backend}, read-write)" in r.stdout
-    (tmp_path / "b").write_bytes(b"2")
+    assert f"mounted img at {target} ({backend}, read-write)" in r.stdout
+    (target / "b").write_bytes(b"2")
     listing = cli(store, "mounts")
-    assert str(tmp_path) in listing.stdout and "until umount" in listing.stdout or backend == "fuse"
-    r = cli(store, "umount", str(tmp_path), "--commit", "img2")
+    owner = "until umount" if backend == "overlay" else "process"
+    assert str(target) in listing.stdout and owner in listing.stdout, listing.stdout
+    r = cli(store, "umount", str(target), "--commit", "img2")
     assert r.returncode == 0, r.stderr
     assert store.get("img2").read_bytes("/b") == b"2"
     assert len(store.get("img2").layers) == 2
@@ -290,4 +301,4 @@ def test_cli_mount_umount_commit(store: ls.Store, tmp_path: Path, backend: str) 
     while store.mounts() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert store.mounts() == []
-    assert cli(store, "umount", str(tmp_path)).returncode != 0
+    assert cli(store, "umount", str(target)).returncode != 0

@@ -329,8 +329,10 @@ impl Store {
                     .collect();
                 meta::mounts::insert_mount(&mut *self.conn()?, &m.row, &layers)?;
                 let mut lowers = snapshot::ensure(self, &planned)?;
-                if lowers.is_empty() {
-                    lowers.push(self.empty_lower()?);
+                // Without an upper directory the kernel wants two lowers at least.
+                let least = if opts.writable { 1 } else { 2 };
+                while lowers.len() < least {
+                    lowers.insert(0, self.empty_lower()?);
                 }
                 let spec = overlay::OverlaySpec {
                     lowers: &lowers,
