@@ -51,6 +51,10 @@ def store(tmp_path: Path) -> Iterator[ls.Store]:
         s.unmount(m["target"])
 
 
+def snapshot_dirs(store: ls.Store) -> list[Path]:
+    return [p for p in (Path(store.path) / "snapshots").iterdir() if not p.name.startswith(".")]
+
+
 def empty_dir(tmp_path: Path, name: str = "mnt") -> Path:
     d = tmp_path / name
     d.mkdir()
@@ -155,9 +159,7 @@ def scribble(root: Path, rng: random.Random) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_writable_mount_commits_what_changed(
-    store: ls.Store, tmp_path: Path, backend: str
-) -> None:
+def test_writable_mount_commits_what_changed(store: ls.Store, tmp_path: Path, backend: str) -> None:
     rng = random.Random(f"rw-{backend}")
     gen = ou.StackGen()
     for i in range(4):
@@ -186,8 +188,7 @@ def test_eight_mounts_share_one_snapshot_per_layer(store: ls.Store, tmp_path: Pa
         d = tmp_path / f"m{i}"
         d.mkdir()
         mounts.append(store.mount(image, d, writable=i % 2 == 0, backend="overlay"))
-    snapshots = [p for p in (Path(store.path) / "snapshots").iterdir() if not p.name.startswith(".")]
-    assert len(snapshots) == len(image.layers)
+    assert len(snapshot_dirs(store)) == len(image.layers)
     assert len(store.mounts()) == 8
     for m in mounts:
         m.unmount()
@@ -195,8 +196,7 @@ def test_eight_mounts_share_one_snapshot_per_layer(store: ls.Store, tmp_path: Pa
     # A second image over the same base adds one snapshot only.
     top = store.import_tar(tar_of({"v2": b"two"}))
     with store.mount(image.push(top), tmp_path / "m0", backend="overlay"):
-        snaps = [p for p in (Path(store.path) / "snapshots").iterdir() if not p.name.startswith(".")]
-        assert len(snaps) == len(image.layers) + 1
+        assert len(snapshot_dirs(store)) == len(image.layers) + 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

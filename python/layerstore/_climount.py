@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import layerstore as ls
 from layerstore._cliout import print_json, print_table, short_digest
 from layerstore._clistore import CliError, resolve_image, store_from
 
@@ -55,7 +54,7 @@ def _spawn_server(args: argparse.Namespace, target: str) -> None:
     """Start the FUSE server in its own session and wait until it reports the mount in place."""
     argv = [sys.executable, "-m", "layerstore", "--store", str(args.store), "_serve-mount"]
     argv += [args.image, target] + (["--rw"] if args.rw else [])
-    proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+    proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

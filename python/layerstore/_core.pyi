@@ -485,9 +485,7 @@ class Mount:
     @property
     def mounted(self) -> bool:
         """Whether the mount is still in place."""
-    def commit(
-        self, *, created_by: str | None = None, progress: Progress | None = None
-    ) -> Layer:
+    def commit(self, *, created_by: str | None = None, progress: Progress | None = None) -> Layer:
         """Store what was changed through this writable mount as a new layer.
 
         The image and the mount are unchanged; the cost follows what changed, and the layer

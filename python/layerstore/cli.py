@@ -22,7 +22,6 @@ from typing import IO, Any, NoReturn, cast
 
 import layerstore as ls
 from layerstore._analysis import evaluate_rules, read_rules
-from layerstore._climount import add_mount_parsers
 from layerstore._cliimages import (
     cmd_config,
     cmd_history,
@@ -38,6 +37,7 @@ from layerstore._cliimages import (
     key_value,
 )
 from layerstore._cliimport import cmd_import
+from layerstore._climount import add_mount_parsers
 from layerstore._cliout import (
     format_time,
     human_bytes,

@@ -100,9 +100,9 @@ impl Mount {
                 .inner
                 .lock()
                 .map_err(|_| core::Error::Conflict("mount state poisoned".into()))?;
-            let m = guard
-                .as_ref()
-                .ok_or_else(|| core::Error::InvalidArgument(format!("{} is not mounted", self.path)))?;
+            let m = guard.as_ref().ok_or_else(|| {
+                core::Error::InvalidArgument(format!("{} is not mounted", self.path))
+            })?;
             let imported = m.commit(&|n| interrupts.check(n))?;
             if let Some(text) = &created_by {
                 store.set_created_by(&imported.layer.id, text)?;

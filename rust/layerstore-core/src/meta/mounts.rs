@@ -32,7 +32,11 @@ pub struct MountLayer<'a> {
 }
 
 /// Record a mount about to be made.
-pub fn insert_mount(conn: &mut Connection, row: &MountRow, layers: &[MountLayer<'_>]) -> Result<()> {
+pub fn insert_mount(
+    conn: &mut Connection,
+    row: &MountRow,
+    layers: &[MountLayer<'_>],
+) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT INTO mounts (id, target, backend, writable, owned, created)
@@ -91,7 +95,8 @@ pub fn mounts(conn: &Connection) -> Result<Vec<MountRow>> {
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut layers = conn.prepare_cached("SELECT layer FROM mount_layers WHERE mount = ?1 ORDER BY pos")?;
+    let mut layers =
+        conn.prepare_cached("SELECT layer FROM mount_layers WHERE mount = ?1 ORDER BY pos")?;
     for row in &mut rows {
         let ids = layers
             .query_map([&row.id], |r| r.get::<_, String>(0))?

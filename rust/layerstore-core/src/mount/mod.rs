@@ -167,7 +167,9 @@ impl Mount {
             self.store.forget_mount(&self.row.id);
             return r;
         }
-        Err(Error::InvalidArgument("only a FUSE mount is served by a process".into()))
+        Err(Error::InvalidArgument(
+            "only a FUSE mount is served by a process".into(),
+        ))
     }
 }
 
@@ -247,7 +249,12 @@ pub struct Reaped {
 
 impl Store {
     /// Mount `stack` at `target` (an existing empty directory).
-    pub fn mount(self: &Arc<Self>, stack: &Stack, target: &Path, opts: &MountOptions) -> Result<Mount> {
+    pub fn mount(
+        self: &Arc<Self>,
+        stack: &Stack,
+        target: &Path,
+        opts: &MountOptions,
+    ) -> Result<Mount> {
         self.check_writable("mount an image")?;
         if opts.backend == Backend::Overlay && !is_root() {
             return Err(Error::io(
@@ -494,7 +501,8 @@ impl Store {
         }
         let _guard = snapshot::lock(self.root(), true)?;
         let conn = self.conn()?;
-        let mut keep: HashSet<String> = meta::mounts::snapshots_in_use(&conn)?.into_iter().collect();
+        let mut keep: HashSet<String> =
+            meta::mounts::snapshots_in_use(&conn)?.into_iter().collect();
         keep.insert("empty".into());
         let stored: HashSet<String> = meta::list_layers(&conn)?
             .into_iter()

@@ -105,7 +105,13 @@ pub(crate) fn mount(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
         target,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
-    .map_err(|e| mount_error(&format!("attaching the overlay at {}", target.display()), None, e))?;
+    .map_err(|e| {
+        mount_error(
+            &format!("attaching the overlay at {}", target.display()),
+            None,
+            e,
+        )
+    })?;
     let shown = find(target, spec.source)?.map(|m| m.lowers);
     if shown != Some(spec.lowers.len()) {
         let _ = detach(target);
@@ -120,9 +126,9 @@ pub(crate) fn mount(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
 }
 
 fn path_str(p: &Path) -> Result<String> {
-    p.to_str().map(str::to_string).ok_or_else(|| {
-        Error::InvalidArgument(format!("{}: not a UTF-8 path", p.display()))
-    })
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a UTF-8 path", p.display())))
 }
 
 /// Unmount `target` lazily (it goes once nothing uses it).
@@ -151,7 +157,10 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -180,9 +189,8 @@ fn parse_line(line: &str) -> Option<Shown> {
 
 /// Every mount of this mount namespace.
 pub(crate) fn mounts() -> Result<Vec<Shown>> {
-    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
-        Error::io("reading /proc/self/mountinfo", e)
-    })?;
+    let text = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
     Ok(text.lines().filter_map(parse_line).collect())
 }
 

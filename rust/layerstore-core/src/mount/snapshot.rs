@@ -70,12 +70,7 @@ pub(crate) fn lock(root: &Path, exclusive: bool) -> Result<File> {
 pub(crate) fn plan(stack: &Stack) -> Result<Vec<Planned>> {
     let mut index = Index::default();
     let mut out = Vec::with_capacity(stack.layers.len());
-    for (k, (layer, entries)) in stack
-        .layers
-        .iter()
-        .zip(stack.layer_entries())
-        .enumerate()
-    {
+    for (k, (layer, entries)) in stack.layers.iter().zip(stack.layer_entries()).enumerate() {
         index.apply_mut(k as u32, entries)?;
         let entries = overlay_entries(entries, &index);
         let name = format!("{}-{}", layer.id.hex(), derived_digest(&entries.derived));
@@ -120,7 +115,8 @@ fn view_dir(at: &Index, path: &[u8], opaque: bool) -> Entry {
     e.path = path.to_vec();
     e.xattrs.retain(|k, _| !changeset::is_overlay_xattr(k));
     if opaque {
-        e.xattrs.insert(OVERLAY_OPAQUE_XATTR.to_vec(), b"y".to_vec());
+        e.xattrs
+            .insert(OVERLAY_OPAQUE_XATTR.to_vec(), b"y".to_vec());
     }
     e
 }
