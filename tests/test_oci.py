@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -824,7 +825,12 @@ def test_synthesised_history_names_build_steps(
     image = made.push(layer)
     store.export_oci(image, tmp_path / "o", tag="h")
     history = layout_image(tmp_path / "o", "h")["config"]["history"]
-    assert history[-1] == {"created": "1970-01-01T00:00:00Z", "created_by": layer.created_by}
+    created = datetime.fromtimestamp(layer.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert history[-1] == {"created": created, "created_by": layer.created_by}
+    config = layout_image(tmp_path / "o", "h")["config"]
+    assert config["created"] == max(
+        datetime.fromtimestamp(x.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") for x in image.layers
+    )
     assert history[0]["created_by"] == f"layerstore: layer {made.layers[0].id}"
 
 

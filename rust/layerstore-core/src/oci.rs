@@ -75,8 +75,31 @@ pub(crate) const DOCKER_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
 pub const MAX_JSON_BLOB: u64 = 8 << 20;
 /// Deepest nesting of indexes followed.
 const MAX_INDEX_DEPTH: usize = 8;
-/// Timestamp of everything the store synthesises, so equal inputs give equal digests.
-const EPOCH: &str = "1970-01-01T00:00:00Z";
+/// An RFC 3339 UTC timestamp (`2026-12-07T22:52:38Z`) of seconds since the Unix epoch, as OCI
+/// configs write `created` (proleptic Gregorian calendar, days counted from 0000-03-01).
+pub fn rfc3339(secs: i64) -> String {
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let shifted = days + 719_468; // days from 0000-03-01 to 1970-01-01
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
 
 /// What a layer media type says about the blob's compression; `None` for a type that is not a
 /// layer we know.
@@ -424,6 +447,20 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_dates_match_the_calendar() {
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_796_786_745, "2026-12-09T03:25:45Z"),
+            (-86_400, "1969-12-31T00:00:00Z"),
+            (4_102_444_799, "2099-12-31T23:59:59Z"),
+            (253_402_300_799, "9999-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(rfc3339(secs), text);
+        }
+    }
 
     #[test]
     fn platforms_parse_and_match() {

@@ -419,7 +419,9 @@ fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 /// A minimal valid image config for a stack made in the store: the host's platform, the layers'
-/// diff_ids, one history entry per layer (its recorded build step, if any), fixed timestamps.
+/// diff_ids, one history entry per layer (its recorded build step, if any) dated when the layer
+/// was stored, and the image dated by its newest layer: stored facts, so exporting the same stack
+/// twice gives the same digests.
 fn synth_config(stack: &Stack, steps: &[Option<String>]) -> Vec<u8> {
     let host = Platform::host();
     let history: Vec<Value> = stack
@@ -430,11 +432,17 @@ fn synth_config(stack: &Stack, steps: &[Option<String>]) -> Vec<u8> {
             let by = step
                 .clone()
                 .unwrap_or_else(|| format!("layerstore: layer {}", l.id));
-            json!({"created": EPOCH, "created_by": by})
+            json!({"created": rfc3339(l.created_unix), "created_by": by})
         })
         .collect();
+    let newest = stack
+        .layers
+        .iter()
+        .map(|l| l.created_unix)
+        .max()
+        .unwrap_or(0);
     let config = json!({
-        "created": EPOCH,
+        "created": rfc3339(newest),
         "architecture": host.architecture,
         "os": host.os,
         "config": {},
