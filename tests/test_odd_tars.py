@@ -114,3 +114,35 @@ def test_overlay_xattrs_are_data_never_written_as_overlay_instructions(
     with pytest.warns(ls.LayerstoreWarning, match="trusted.overlay.opaque"):
         store.apply(layer, applied)
     assert "trusted.overlay.opaque" not in os.listxattr(applied / "d")
+
+
+def test_an_entry_beneath_a_symlink_of_the_same_layer_is_refused(store: ls.Store) -> None:
+    """`escape -> /x`, then `escape/p`: extraction would write through the link; refused, naming
+    both, and nothing is stored."""
+    data = tf.py_tar(
+        tarfile.PAX_FORMAT,
+        members=[
+            tf.Member("escape", tarfile.SYMTYPE, linkname="/x", mode=0o777),
+            tf.file_("escape/p", b"through\n"),
+        ],
+    )
+    before = store.stats()["layers"]
+    with pytest.raises(ls.InvalidLayerError, match=r"escape/p.*beneath.*escape.*symlink"):
+        store.import_tar(data)
+    assert store.stats()["layers"] == before
+    # A symlink the same layer then replaced by a directory is a directory: fine.
+    ok = tf.py_tar(
+        tarfile.PAX_FORMAT,
+        members=[
+            tf.Member("d", tarfile.SYMTYPE, linkname="/x", mode=0o777),
+            tf.dir_("d/"),
+            tf.file_("d/p", b"inside\n"),
+        ],
+    )
+    assert store.stack([store.import_tar(ok)]).read_bytes("/d/p") == b"inside\n"
+    # Beneath a symlink of a lower layer is the union's business (the spec's rules), not refused.
+    lower = store.import_tar(
+        tf.py_tar(tarfile.PAX_FORMAT, members=[tf.Member("l", tarfile.SYMTYPE, linkname="/x")])
+    )
+    upper = store.import_tar(tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("l/p", b"u\n")]))
+    assert store.stack([lower, upper]).read_bytes("/l/p") == b"u\n"

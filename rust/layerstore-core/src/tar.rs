@@ -149,6 +149,9 @@ pub struct Splitter<'a, R: Read> {
     warnings: Vec<String>,
     global_pax: BTreeMap<Vec<u8>, Vec<u8>>,
     header_offset: u64,
+    /// Paths this layer made symlinks so far (not replaced since): an entry beneath one would
+    /// be written through the link on extraction, so it is refused.
+    own_symlinks: std::collections::HashSet<Vec<u8>>,
 }
 
 /// What [`Splitter::run`] produced.
@@ -174,6 +177,7 @@ impl<'a, R: Read> Splitter<'a, R> {
             warnings: Vec::new(),
             global_pax: BTreeMap::new(),
             header_offset: 0,
+            own_symlinks: std::collections::HashSet::new(),
         }
     }
 
@@ -505,6 +509,7 @@ impl<'a, R: Read> Splitter<'a, R> {
         if path.is_empty() && !matches!(kind, Kind::Dir) {
             return Err(self.invalid("an entry other than a directory names the root"));
         }
+        self.refuse_beneath_own_symlink(&path, kind)?;
         let link = match kind {
             Kind::Hardlink => {
                 let target = self.normalize(&raw_link)?;
@@ -575,6 +580,37 @@ impl<'a, R: Read> Splitter<'a, R> {
             self.sink.entry(&mut entry, None)?;
         }
         self.entries.push(entry);
+        Ok(())
+    }
+
+    /// Refuse an entry beneath a symlink this layer created (`escape -> /x`, then `escape/p`):
+    /// extracting it would write wherever the link points. Then note what `path` now is.
+    fn refuse_beneath_own_symlink(&mut self, path: &[u8], kind: Kind) -> Result<()> {
+        if !self.own_symlinks.is_empty() {
+            let above = path
+                .iter()
+                .enumerate()
+                .filter(|&(_, &b)| b == b'/')
+                .map(|(i, _)| &path[..i])
+                .find(|p| self.own_symlinks.contains(*p));
+            if let Some(link) = above {
+                return Err(self.invalid(format!(
+                    "{:?} lies beneath {:?}, a symlink this layer created: extracting it would \
+                     write through the link",
+                    String::from_utf8_lossy(path),
+                    String::from_utf8_lossy(link)
+                )));
+            }
+        }
+        match kind {
+            Kind::Symlink => {
+                self.own_symlinks.insert(path.to_vec());
+            }
+            Kind::Whiteout | Kind::Opaque | Kind::Other(_) => {}
+            _ => {
+                self.own_symlinks.remove(path);
+            }
+        }
         Ok(())
     }
 
