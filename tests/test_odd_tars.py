@@ -146,3 +146,24 @@ def test_an_entry_beneath_a_symlink_of_the_same_layer_is_refused(store: ls.Store
     )
     upper = store.import_tar(tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("l/p", b"u\n")]))
     assert store.stack([lower, upper]).read_bytes("/l/p") == b"u\n"
+
+
+def test_invalid_hard_links_are_refused_at_import_or_named_at_stack(store: ls.Store) -> None:
+    """A link to a directory the layer made, or to itself, is refused by import (nothing stored);
+    one to a path no layer below has is refused by stack(), naming the layer and the entry."""
+    before = store.stats()["layers"]
+    to_dir = tf.py_tar(
+        tarfile.PAX_FORMAT,
+        members=[tf.dir_("d/"), tf.Member("l", tarfile.LNKTYPE, linkname="d")],
+    )
+    with pytest.raises(ls.InvalidLayerError, match=r'hardlink "l" points at the directory "d"'):
+        store.import_tar(to_dir)
+    to_self = tf.py_tar(tarfile.PAX_FORMAT, members=[tf.Member("s", tarfile.LNKTYPE, linkname="s")])
+    with pytest.raises(ls.InvalidLayerError, match="points at itself"):
+        store.import_tar(to_self)
+    assert store.stats()["layers"] == before
+    dangling = store.import_tar(
+        tf.py_tar(tarfile.PAX_FORMAT, members=[tf.Member("x", tarfile.LNKTYPE, linkname="gone")])
+    )
+    with pytest.raises(ls.InvalidLayerError, match=rf'layer {dangling.id}: hardlink "x"'):
+        store.stack([dangling])

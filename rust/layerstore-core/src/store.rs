@@ -400,11 +400,19 @@ impl Store {
         }
         let mut stack = Stack::empty();
         for layer in layers {
-            stack.push_mut(
-                layer.clone(),
-                self.layer_entries(&layer.id)?,
-                self.options.max_depth,
-            )?;
+            stack
+                .push_mut(
+                    layer.clone(),
+                    self.layer_entries(&layer.id)?,
+                    self.options.max_depth,
+                )
+                .map_err(|e| match e {
+                    // Name the layer whose entry cannot be stacked.
+                    Error::InvalidLayer(why) => {
+                        Error::InvalidLayer(format!("layer {}: {why}", layer.id))
+                    }
+                    e => e,
+                })?;
         }
         Ok(stack)
     }

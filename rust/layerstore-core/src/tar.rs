@@ -303,6 +303,11 @@ impl<'a, R: Read> Splitter<'a, R> {
                 }
             }
         }
+        check_hardlinks(&self.entries).map_err(|(i, reason)| Error::InvalidTar {
+            reason,
+            entry: i as u64,
+            offset: 0,
+        })?;
         Ok(SplitOutput {
             split: self.split,
             entries: self.entries,
@@ -668,6 +673,47 @@ pub enum BadName {
 /// no empty or `.` components, the root being the empty name. A name with a `..` component is
 /// refused rather than resolved, so a normal name never climbs. Applying it to its own output
 /// gives that output again.
+/// Hard links that can be judged within their layer: one to a directory the layer put at its
+/// target before it, or one to itself with nothing before it there (a link to a lower layer's
+/// file is judged when the layer is stacked). Returns the index of the first bad link and why.
+fn check_hardlinks(entries: &[Entry]) -> std::result::Result<(), (usize, String)> {
+    use std::collections::{HashMap, HashSet};
+    let targets: HashSet<&[u8]> = entries
+        .iter()
+        .filter(|e| e.kind == Kind::Hardlink)
+        .map(|e| e.link.as_slice())
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let mut before: HashMap<&[u8], Kind> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        if e.kind == Kind::Hardlink {
+            let show = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+            match before.get(e.link.as_slice()) {
+                Some(Kind::Dir) => {
+                    return Err((
+                        i,
+                        format!(
+                            "hardlink {:?} points at the directory {:?}",
+                            show(&e.path),
+                            show(&e.link)
+                        ),
+                    ))
+                }
+                None if e.link == e.path => {
+                    return Err((i, format!("hardlink {:?} points at itself", show(&e.path))))
+                }
+                _ => {}
+            }
+        }
+        if targets.contains(e.path.as_slice()) {
+            before.insert(&e.path, e.kind);
+        }
+    }
+    Ok(())
+}
+
 pub fn normalize_name(raw: &[u8]) -> std::result::Result<(Vec<u8>, u32), BadName> {
     if raw.contains(&0) {
         return Err(BadName::Nul);
