@@ -164,7 +164,11 @@ def add_mount_parsers(add: Callable[..., Any]) -> None:
     p.add_argument("--commit", metavar="TAG", default=None, help="commit the changes as TAG")
     p.add_argument("--created-by", default=None, help="the history text of the committed layer")
     add("mounts", cmd_mounts, help="list the store's mounts", description="List live mounts.")
-    p = add("_serve-mount", cmd_serve_mount)
-    p.add_argument("image")
-    p.add_argument("dir")
-    p.add_argument("--rw", action="store_true")
+    p = add(
+        "_serve-mount",
+        cmd_serve_mount,
+        description="(internal) Serve a FUSE mount until it is unmounted; 'mount' starts it.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="the image to serve")
+    p.add_argument("dir", metavar="DIR", help="where to mount it")
+    p.add_argument("--rw", action="store_true", help="a writable overlay over the FUSE view")
