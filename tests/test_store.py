@@ -196,6 +196,8 @@ def test_gc_on_a_clean_store_reclaims_nothing(
         "packs_rewritten": 0,
         "bytes_reclaimed": 0,
         "deferred": False,
+        "mounts_reaped": 0,
+        "snapshots_removed": 0,
     }
     assert pack_files(store) == packs
     assert snapshot(store) == before

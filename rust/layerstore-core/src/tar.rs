@@ -590,8 +590,10 @@ impl<'a, R: Read> Splitter<'a, R> {
 
     /// Refuse an entry beneath a symlink this layer created (`escape -> /x`, then `escape/p`):
     /// extracting it would write wherever the link points. Then note what `path` now is.
+    /// Markers write nothing, so they are not refused.
     fn refuse_beneath_own_symlink(&mut self, path: &[u8], kind: Kind) -> Result<()> {
-        if !self.own_symlinks.is_empty() {
+        let writes = !matches!(kind, Kind::Whiteout | Kind::Opaque | Kind::Other(_));
+        if writes && !self.own_symlinks.is_empty() {
             let above = path
                 .iter()
                 .enumerate()
