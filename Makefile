@@ -46,7 +46,7 @@ test-rust:
 # Debian packages the tests and benchmarks use, as command:package (.ci/run installs the same).
 DEB_TOOLS := tar:tar gzip:gzip zstd:zstd xz:xz-utils setfattr:attr /usr/bin/time:time \
 	b3sum:b3sum casync:casync umoci:umoci skopeo:skopeo debootstrap:debootstrap rsync:rsync \
-	docker-registry:docker-registry htpasswd:apache2-utils chromium:chromium
+	docker-registry:docker-registry htpasswd:apache2-utils chromium:chromium fusermount3:fuse3
 
 .PHONY: system-deps
 system-deps: ## Install the Debian packages the tests and benchmarks use, if any is missing (root)

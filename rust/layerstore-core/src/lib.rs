@@ -19,6 +19,7 @@ pub mod emit;
 pub mod error;
 pub mod frozen;
 pub mod fsio;
+pub mod fusefs;
 pub mod gather;
 pub mod layer;
 mod lease;
