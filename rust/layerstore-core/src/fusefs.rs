@@ -26,8 +26,8 @@
 //! - Lifetime: [`FuseMount::mount`] returns once the kernel has sent INIT; dropping the
 //!   [`FuseMount`] unmounts (lazily, if files are still open) and joins the threads. With
 //!   `auto_unmount`, `fusermount3` mounts and stays as a watchdog that unmounts when the serving
-//!   process dies, so a killed server leaves no hung mount point ([`fusermount`] says how that
-//!   is made reliable). Without it, root mounts with `mount(2)` directly.
+//!   process dies, so a killed server leaves no hung mount point (the `fusermount` submodule
+//!   says how that is made reliable). Without it, root mounts with `mount(2)` directly.
 
 mod fusermount;
 mod inodes;
@@ -238,7 +238,8 @@ impl FuseMount {
         self.stop()
     }
 
-    /// Block until the mount is gone (unmounted from outside, e.g. `fusermount3 -u` / `umount`), for a daemon that serves a CLI mount.
+    /// Block until the mount is gone (unmounted from outside, e.g. `fusermount3 -u` /
+    /// `umount`), for a daemon that serves a CLI mount.
     pub fn wait(mut self) -> Result<()> {
         let Some(serving) = self.serving.take() else {
             return Ok(());
@@ -382,12 +383,14 @@ fn missing(what: String) -> Error {
 fn check_prerequisites(opts: &FuseOptions) -> Result<()> {
     if !Path::new(DEV_FUSE).exists() {
         return Err(missing(format!(
-            "FUSE mount: {DEV_FUSE} is missing (load the fuse kernel module, or give the container the device)"
+            "FUSE mount: {DEV_FUSE} is missing \
+             (load the fuse kernel module, or give the container the device)"
         )));
     }
     if opts.auto_unmount && !on_path(FUSERMOUNT) {
         return Err(missing(format!(
-            "FUSE mount with auto_unmount: the {FUSERMOUNT} helper is not on PATH (install Debian's fuse3 package)"
+            "FUSE mount with auto_unmount: the {FUSERMOUNT} helper is not on PATH \
+             (install Debian's fuse3 package)"
         )));
     }
     Ok(())

@@ -53,7 +53,7 @@ fn open_store(dir: &Path, options: StoreOptions) -> Arc<Store> {
 
 /// One member of a fixture layer.
 struct M {
-    path: &'static str,
+    path: String,
     kind: K,
     mode: u32,
     owner: (u64, u64),
@@ -71,14 +71,14 @@ enum K {
     Fifo,
 }
 
-fn m(path: &'static str, kind: K) -> M {
+fn m(path: impl Into<String>, kind: K) -> M {
     let mode = match kind {
         K::Dir => 0o755,
         K::Symlink(_) => 0o777,
         _ => 0o644,
     };
     M {
-        path,
+        path: path.into(),
         kind,
         mode,
         owner: (0, 0),
@@ -109,11 +109,11 @@ impl M {
     }
 }
 
-fn dir(path: &'static str) -> M {
+fn dir(path: impl Into<String>) -> M {
     m(path, K::Dir)
 }
 
-fn file(path: &'static str, data: &[u8]) -> M {
+fn file(path: impl Into<String>, data: &[u8]) -> M {
     m(path, K::File(data.to_vec()))
 }
 
@@ -660,10 +660,7 @@ fn directory_listings_resume_at_their_offsets() {
     let names: Vec<String> = (0..300)
         .map(|i| format!("entry-with-a-longish-name-{i:04}"))
         .collect();
-    let members: Vec<M> = names
-        .iter()
-        .map(|n| file(Box::leak(format!("d/{n}").into_boxed_str()), b"x"))
-        .collect();
+    let members: Vec<M> = names.iter().map(|n| file(format!("d/{n}"), b"x")).collect();
     let layer = import(&store, &members);
     let mnt = tmp.path().join("mnt");
     let fuse = mount(&store, store.stack(&[layer]).unwrap(), &mnt);
@@ -742,16 +739,14 @@ fn a_thousand_layers_mount() {
     let started = Instant::now();
     let layers: Vec<LayerInfo> = (0..LAYERS)
         .map(|i| {
-            let own: &'static str = Box::leak(format!("layers/{i:04}").into_boxed_str());
-            let top: &'static [u8] =
-                Box::leak(format!("layer {i:04}\n").into_boxed_str()).as_bytes();
-            let mut members = vec![file(own, top), file("top", top)];
+            let top = format!("layer {i:04}\n");
+            let mut members = vec![
+                file(format!("layers/{i:04}"), top.as_bytes()),
+                file("top", top.as_bytes()),
+            ];
             if i % 10 == 9 {
                 // Every tenth layer whites out the file of the layer below it.
-                members.push(file(
-                    Box::leak(format!("layers/.wh.{:04}", i - 1).into_boxed_str()),
-                    b"",
-                ));
+                members.push(file(format!("layers/.wh.{:04}", i - 1), b""));
             }
             import(&store, &members)
         })
