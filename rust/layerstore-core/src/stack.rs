@@ -153,7 +153,10 @@ pub struct ContentReader {
     starts: Vec<u64>,
     size: u64,
     reader: PackReader,
+    /// The last stored chunk read (checked), and which one it is: reads that fall in one chunk
+    /// in turn (a FUSE read-ahead window, small reads of a mapped file) check it once.
     buf: Vec<u8>,
+    held: Option<usize>,
 }
 
 impl ContentReader {
@@ -177,6 +180,7 @@ impl ContentReader {
             size: at,
             reader,
             buf: Vec::new(),
+            held: None,
         }
     }
 
@@ -195,7 +199,11 @@ impl ContentReader {
             let i = self.starts.partition_point(|&s| s <= pos) - 1;
             let bytes: &[u8] = match &self.chunks[i] {
                 Piece::Stored(loc) => {
-                    self.reader.read(loc, &mut self.buf)?;
+                    if self.held != Some(i) {
+                        self.held = None;
+                        self.reader.read(loc, &mut self.buf)?;
+                        self.held = Some(i);
+                    }
                     &self.buf
                 }
                 Piece::Fresh(b) => b,
