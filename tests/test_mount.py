@@ -255,6 +255,7 @@ def test_a_killed_owner_leaves_nothing_gc_does_not_clean(store: ls.Store, tmp_pa
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
+    proc.stdout.close()
     assert len(store.mounts()) == 3  # the owner lives: nothing is reaped
     proc.send_signal(signal.SIGKILL)
     proc.wait()
