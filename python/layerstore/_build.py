@@ -372,7 +372,10 @@ def _config_step(b: _Build, st: _State, ins: Instruction) -> None:
 
 def _build_stage(b: _Build, stage: Stage, total: int, counter: list[int]) -> _State:
     counter[0] += 1
-    b.say(f"STEP {counter[0]}/{total}: FROM {stage.base}" + (f" AS {stage.name}" if stage.name else ""))
+    b.say(
+        f"STEP {counter[0]}/{total}: FROM {stage.base}"
+        + (f" AS {stage.name}" if stage.name else "")
+    )
     st = _base(b, stage.base, stage.line)
     for ins in stage.instructions:
         counter[0] += 1

@@ -81,9 +81,7 @@ def sources(
     for pattern in patterns:
         clean = os.path.normpath("/" + pattern).lstrip("/")
         if any(ch in clean for ch in "*?["):
-            names = sorted(
-                n for n in _context_names(root, ignore) if fnmatch.fnmatchcase(n, clean)
-            )
+            names = sorted(n for n in _context_names(root, ignore) if fnmatch.fnmatchcase(n, clean))
         elif clean in ("", ".") or not ignore.excluded(clean):
             names = [clean] if (root / clean).exists() or (root / clean).is_symlink() else []
         else:

@@ -501,4 +501,3 @@ class DockerIgnore:
     def filter(self, paths: Sequence[str]) -> list[str]:
         """The paths that are not excluded."""
         return [p for p in paths if not self.excluded(p)]
-

@@ -174,14 +174,14 @@ def _forwarding(proc: subprocess.Popen[bytes]) -> Iterator[list[int]]:
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
+    old: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         old[sig] = signal.signal(sig, forward)
     try:
         yield seen
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        for number, handler in old.items():
+            signal.signal(number, handler)
 
 
 def run_in(
@@ -328,10 +328,9 @@ def run(
                 network=network,
                 hostname=image.chain_id.split(":")[-1][:12],
             )
-            if not commit:
-                return status
-            if source_date_epoch is None:
+            layer = None
+            if commit and source_date_epoch is None:
                 layer = mount.commit()
-            else:
+            elif commit:
                 layer = store.diff(image, target, source_date_epoch=source_date_epoch)
-            return status, layer
+    return status if layer is None else (status, layer)

@@ -21,6 +21,7 @@ with status 125; a command that cannot be executed gives 127 (not found) or 126,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -97,10 +98,8 @@ def _status(wait_status: int) -> int:
 
 def _forward_to(pid: int) -> None:
     def handler(signum: int, _frame: object) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
     for sig in FORWARDED:
         signal.signal(sig, handler)
@@ -115,7 +114,13 @@ def _setup_dev(root: str) -> None:
             pass
         _mount("/dev/" + name, node, None, MS_BIND)
     os.mkdir(dev + "/pts", 0o755)
-    _mount("devpts", dev + "/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    _mount(
+        "devpts",
+        dev + "/pts",
+        "devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620",
+    )
     os.symlink("pts/ptmx", dev + "/ptmx")
     os.mkdir(dev + "/shm", 0o1777)
     _mount("shm", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
