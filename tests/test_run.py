@@ -129,7 +129,10 @@ def test_the_network_namespace_holds_only_loopback_unless_host(
 def test_dev_proc_hosts_and_resolv_conf_are_in_place(
     deb: tuple[ls.Store, ls.Stack], tmp_path: Path
 ) -> None:
-    script = "ls /dev | tr '\\n' ' '; echo; echo x > /dev/null; head -c4 /dev/zero | wc -c; cat /etc/resolv.conf"
+    script = (
+        "ls /dev | tr '\\n' ' '; echo; echo x > /dev/null; head -c4 /dev/zero | wc -c; "
+        "cat /etc/resolv.conf"
+    )
     status, out = sh(deb, script, tmp_path)
     assert status == 0
     first, *rest = out.splitlines()
