@@ -251,38 +251,37 @@ class _Lexer:
         return ch
 
     def words(self, split: bool) -> list[str]:
+        """Words at unquoted blanks (when ``split``); an unquoted word that expands to nothing
+        is no word, as in a shell."""
         words: list[str] = []
         current: list[str] = []
-        started = False
+        quoted = False
         while self.pos < len(self.text):
             ch = self.peek()
             if split and ch in " \t\n":
                 self.pos += 1
-                if started:
+                if "".join(current) or quoted:
                     words.append("".join(current))
-                    current, started = [], False
+                current, quoted = [], False
                 continue
-            started = True
+            self.pos += 1
             if ch == "'":
-                self.pos += 1
                 end = self.text.find("'", self.pos)
                 if end < 0:
                     raise DockerfileError("unterminated single quote", self.line)
                 current.append(self.text[self.pos : end])
-                self.pos = end + 1
+                self.pos, quoted = end + 1, True
             elif ch == '"':
-                self.pos += 1
                 current.append(self.double_quoted())
+                quoted = True
             elif ch == self.escape:
-                self.pos += 1
                 current.append(self.take())
+                quoted = True
             elif ch == "$":
-                self.pos += 1
                 current.append(self.variable())
             else:
-                self.pos += 1
                 current.append(ch)
-        if started:
+        if "".join(current) or quoted or not split:
             words.append("".join(current))
         return words
 
