@@ -223,8 +223,17 @@ def _run_step(b: _Build, st: _State, ins: Instruction) -> None:
             )
 
     _layer_step(b, st, ins, key, work)
-    shown = " ".join(argv) if ins.json is None else json.dumps(list(ins.json))
-    _record(b, st, shown if ins.json is None else f"/bin/sh -c {shown}", empty=False)
+    _record(b, st, _run_created_by(ins, argv, st.args), empty=False)
+
+
+def _run_created_by(ins: Instruction, argv: list[str], args: Mapping[str, str]) -> str:
+    """buildah's (and docker's) history text of a RUN: ``|N K=V… `` when build args are in
+    scope, then the shell command (a JSON form as its array)."""
+    shown = " ".join(argv) if ins.json is None else "/bin/sh -c " + json.dumps(list(ins.json))
+    if not args:
+        return shown
+    pairs = " ".join(f"{k}={v}" for k, v in sorted(args.items()))
+    return f"|{len(args)} {pairs} {shown}"
 
 
 def _owner(b: _Build, st: _State, ins: Instruction, root: Path | None) -> Owner:
@@ -330,14 +339,17 @@ def _config_step(b: _Build, st: _State, ins: Instruction) -> None:
     if kw == "ENV":
         st.set_env({k: v or "" for k, v in key_values(ins, scope, b.escape)})
     elif kw == "ARG":
+        names = []
         for name, default in key_values(ins, scope, b.escape):
+            names.append(name)
             if name in b.build_args:
                 st.args[name] = b.build_args[name]
             elif default is not None:
                 st.args[name] = default
             elif name in b.global_args:
                 st.args[name] = b.global_args[name]
-        return  # ARG leaves no history entry, as buildah's
+        _record(b, st, f"{_NOP}ARG {' '.join(names)}", empty=True)  # buildah's text
+        return
     elif kw == "LABEL":
         s["Labels"] = {**(s.get("Labels") or {}), **dict(key_values(ins, scope, b.escape))}
     elif kw == "WORKDIR":

@@ -209,8 +209,16 @@ def copy_into(
         if real.is_dir() or (extract is not None and _is_archive(real)):
             target = _make_parents(root, dest, owner)
             if real.is_dir():
+                dirs = []  # the destination itself keeps its new time, as buildah's does
                 for path, rel in _walk(real, src.name, ignore):
-                    _copy_entry(path, resolve_in_root(root, f"{dest}/{rel}"), owner, follow=False)
+                    copied = resolve_in_root(root, f"{dest}/{rel}")
+                    _copy_entry(path, copied, owner, follow=False)
+                    if path.is_dir() and not path.is_symlink():
+                        dirs.append((path, copied))
+                # Directories get their source's times once their contents are in place.
+                for path, copied in reversed(dirs):
+                    st = path.stat()
+                    os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns))
             else:
                 assert extract is not None
                 extract(real, target)
