@@ -187,15 +187,15 @@ def test_a_rebuild_hits_the_cache_and_a_changed_source_rebuilds_from_its_step(
     ctx = make_context(tmp_path / "ctx", dockerfile)
     lines: list[str] = []
     first = ls.build(store, ctx, tag="cache", progress=lines.append)
-    assert not any("using cache" in line for line in lines)
+    assert not any("using cache blake3" in line for line in lines)
     lines.clear()
     again = ls.build(store, ctx, tag="cache", progress=lines.append)
-    assert sum("using cache" in line for line in lines) == 3
+    assert sum("using cache blake3" in line for line in lines) == 3
     assert again.digest == first.digest
     (ctx / "a.txt").write_bytes(b"changed\n")
     lines.clear()
     changed = ls.build(store, ctx, tag="cache", progress=lines.append)
-    hits = [i for i, line in enumerate(lines) if "using cache" in line]
+    hits = [i for i, line in enumerate(lines) if "using cache blake3" in line]
     assert len(hits) == 1 and lines[hits[0] - 1].startswith("STEP 2/5: RUN")
     assert changed.read_bytes("/copy") == b"changed\n"
     assert changed.layers[:2] == first.layers[:2] and changed.layers[2:] != first.layers[2:]
@@ -212,7 +212,7 @@ def test_a_cache_entry_whose_layer_is_gone_is_a_miss(
     cache.write_text(json.dumps({k: "blake3:" + "0" * 64 for k in entries}))
     lines: list[str] = []
     image = ls.build(store, ctx, tag="gone", progress=lines.append)
-    assert not any("using cache" in line for line in lines)
+    assert not any("using cache blake3" in line for line in lines)
     assert image.read_bytes("/b") == b"bravo\n"
 
 

@@ -10,7 +10,8 @@ from a single-threaded process that imported nothing but the standard library. T
   (``/proc``, a tmpfs ``/dev`` with the host's null, zero, full, random, urandom and tty bound
   in, ``/dev/pts``, ``/dev/shm``, ``/etc/hosts`` and ``/etc/resolv.conf`` bound read-only),
   brings ``lo`` up, ``pivot_root``\\s into it and forks the command; then it forwards signals to
-  the command and reaps every zombie until the command exits, and exits with its status
+  the command (SIGINT to every process of the namespace, as Ctrl-C reaches a terminal's
+  foreground group) and reaps every zombie until the command exits, and exits with its status
   (128 + n for a signal n, as shells say). PID 1 ignores signals it has no handler for, which is
   why the command is PID 2: a ``kill`` reaches it as it would anywhere else;
 * the *command*, which drops to the user's groups, gid and uid and ``execvpe``\\s.
@@ -96,10 +97,15 @@ def _status(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
-def _forward_to(pid: int) -> None:
+def _forward_to(pid: int, *, broadcast_sigint: bool = False) -> None:
+    """Forward the usual signals to ``pid``; in the init (``broadcast_sigint``), SIGINT goes to
+    every process of the namespace (``kill(-1)``), as a terminal's Ctrl-C reaches the whole
+    foreground process group: a shell waiting for ``sleep`` would otherwise wait it out."""
+
     def handler(signum: int, _frame: object) -> None:
+        target = -1 if broadcast_sigint and signum == signal.SIGINT else pid
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+            os.kill(target, signum)
 
     for sig in FORWARDED:
         signal.signal(sig, handler)
@@ -205,7 +211,7 @@ def _init(spec: dict[str, Any]) -> None:
     if command == 0:
         _exec(spec)
     os.close(spec["errfd"])
-    _forward_to(command)
+    _forward_to(command, broadcast_sigint=True)
     while True:
         try:
             pid, wait_status = os.wait()
