@@ -82,7 +82,15 @@ def add_run_parsers(add: Callable[..., Any]) -> None:
     )
     p.add_argument("--rm", action="store_true", help="accepted; nothing is kept anyway")
     p.add_argument("--commit", metavar="TAG", help="store the changes; tag IMAGE + layer TAG")
-    p.add_argument("-e", "--env", type=key_value, action="append", default=[], metavar="K=V")
+    p.add_argument(
+        "-e",
+        "--env",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set an environment variable (repeatable)",
+    )
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the container")
     p.add_argument("-u", "--user", metavar="USER", help="user[:group] (names from the image)")
     p.add_argument(
@@ -102,7 +110,14 @@ def add_run_parsers(add: Callable[..., Any]) -> None:
     )
     p.add_argument("-f", "--file", type=Path, default=None, help="the Dockerfile")
     p.add_argument("-t", "--tag", default=None, metavar="TAG", help="tag the image")
-    p.add_argument("--build-arg", type=key_value, action="append", default=[], metavar="K=V")
+    p.add_argument(
+        "--build-arg",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set an ARG (repeatable)",
+    )
     p.add_argument("--target", default=None, metavar="STAGE", help="stop at this stage")
     p.add_argument("-q", "--quiet", action="store_true", help="no step lines on stderr")
     p.add_argument("context", metavar="CONTEXT", help="the build context directory")
