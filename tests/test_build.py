@@ -240,6 +240,18 @@ def test_dockerignore_leaves_files_out_of_copy(
     assert not image.exists("/ctx/ignored.tmp") and not image.exists("/ctx/d/skip.txt")
 
 
+def test_from_scratch_gives_only_the_copied_files(
+    deb: tuple[ls.Store, ls.Stack], tmp_path: Path
+) -> None:
+    store, _ = deb
+    ctx = make_context(tmp_path / "ctx", 'FROM scratch\nCOPY a.txt /a\nCMD ["/a"]\n')
+    image = ls.build(store, ctx, tag="scratch-based")
+    assert len(image.layers) == 1
+    assert image.listdir("/") == ["a"]
+    assert config_of(store, image)["config"] == {"Cmd": ["/a"]}
+    assert len(config_of(store, image)["history"]) == 2
+
+
 def test_target_stops_at_the_named_stage(deb: tuple[ls.Store, ls.Stack], tmp_path: Path) -> None:
     store, _ = deb
     ctx = make_context(tmp_path / "ctx")

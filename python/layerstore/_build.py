@@ -163,7 +163,7 @@ def _base(b: _Build, name: str, line: int) -> _State:
                 shell=prev.shell,
             )
     if ref == "scratch":
-        raise BuildError(f"line {line}: FROM scratch is not supported yet", line=line)
+        return _State(b.store.stack([]), {}, [], [], 0)
     try:
         image = b.store.get(ref)
     except LookupError as e:
