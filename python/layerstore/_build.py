@@ -25,7 +25,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,11 +133,12 @@ def _command(ins: Instruction, shell: tuple[str, ...]) -> list[str]:
 
 
 @contextmanager
-def _mounted(store: Store, image: Stack) -> Iterator[tuple[Any, Path]]:
+def _mounted(store: Store, image: Stack, *, writable: bool = True) -> Iterator[tuple[Any, Path]]:
+    """A kernel overlay mount of ``image`` in a scratch directory: (the mount, its path)."""
     with tempfile.TemporaryDirectory(prefix="layerstore-build-") as scratch:
         target = Path(scratch) / "root"
         target.mkdir()
-        with store.mount(image, target, writable=True, backend="overlay") as mount:
+        with store.mount(image, target, writable=writable, backend="overlay") as mount:
             yield mount, target
 
 
@@ -186,9 +187,7 @@ def _record(b: _Build, st: _State, created_by: str, *, empty: bool) -> None:
     st.history.append(entry)
 
 
-def _layer_step(
-    b: _Build, st: _State, ins: Instruction, key: str, work: Callable[[Path], None]
-) -> None:
+def _layer_step(b: _Build, st: _State, key: str, work: Callable[[Path], None]) -> None:
     """A layer-making step: the cached layer for ``key``, else ``work`` on a writable mount of
     the stage's image, committed."""
     layer_id = b.cache.layer(key)
@@ -222,7 +221,7 @@ def _run_step(b: _Build, st: _State, ins: Instruction) -> None:
                 status=status,
             )
 
-    _layer_step(b, st, ins, key, work)
+    _layer_step(b, st, key, work)
     _record(b, st, _run_created_by(ins, argv, st.args), empty=False)
 
 
@@ -264,16 +263,15 @@ def _copy_step(b: _Build, st: _State, ins: Instruction) -> None:
     if not dest.startswith("/"):
         workdir = st.settings.get("WorkingDir") or "/"
         dest = workdir.rstrip("/") + "/" + dest + ("/" if dest.endswith("/") else "")
-    from_ = ins.flag("from")
-    context, ignore = b.context, b.ignore
-    src_mount = None
-    if from_ is not None:
-        src_image = _from_image(b, from_, ins.line)
-        src_mount = _mounted(b.store, src_image)
-        context, ignore = Path("/"), DockerIgnore()
-    try:
-        if src_mount is not None:
-            _, context = src_mount.__enter__()
+    with ExitStack() as stack:
+        context, ignore = b.context, b.ignore
+        from_ = ins.flag("from")
+        if from_ is not None:
+            # --from reads a read-only mount of the stage or image, without .dockerignore.
+            _, context = stack.enter_context(
+                _mounted(b.store, _from_image(b, from_, ins.line), writable=False)
+            )
+            ignore = DockerIgnore()
             patterns = [str(resolve_in_root(context, p).relative_to(context)) for p in patterns]
         try:
             srcs = sources(context, patterns, ignore, line=ins.line)
@@ -281,17 +279,14 @@ def _copy_step(b: _Build, st: _State, ins: Instruction) -> None:
             raise BuildError(f"{e}", line=ins.line) from e
         digest = source_digest(srcs, ignore)
         key = step_key(ins.keyword, st.image.chain_id, digest, dest, ins.flags, st.scope)
+        kind = "multi" if len(srcs) > 1 else "dir" if srcs[0].path.is_dir() else "file"
 
         def work(target: Path) -> None:
             owner = _owner(b, st, ins, target)
             extract = _extractor(b) if ins.keyword == "ADD" else None
             copy_into(target, srcs, dest, owner, ignore, extract=extract)
 
-        _layer_step(b, st, ins, key, work)
-    finally:
-        if src_mount is not None:
-            src_mount.__exit__(None, None, None)
-    kind = "file" if len(srcs) == 1 and srcs[0].path.is_file() else "multi"
+        _layer_step(b, st, key, work)
     _record(b, st, f"{_NOP}{ins.keyword} {kind}:{digest[7:]} in {dest} ", empty=False)
 
 
@@ -312,7 +307,7 @@ def _from_image(b: _Build, ref: str, line: int) -> Stack:
         raise BuildError(f"line {line}: --from={ref}: no such stage or image", line=line) from e
 
 
-def _healthcheck(b: _Build, st: _State, ins: Instruction) -> dict[str, Any]:
+def _healthcheck(ins: Instruction) -> dict[str, Any]:
     words = ins.args.split(None, 1)
     if words[0].upper() == "NONE":
         return {"Test": ["NONE"]}
@@ -376,7 +371,7 @@ def _config_step(b: _Build, st: _State, ins: Instruction) -> None:
     elif kw == "STOPSIGNAL":
         s["StopSignal"] = expand_word(ins.args, scope, b.escape, ins.line)
     elif kw == "HEALTHCHECK":
-        s["Healthcheck"] = _healthcheck(b, st, ins)
+        s["Healthcheck"] = _healthcheck(ins)
     elif kw == "MAINTAINER":
         st.author = ins.args
     _record(b, st, _NOP + ins.text, empty=True)
