@@ -252,6 +252,33 @@ def test_from_scratch_gives_only_the_copied_files(
     assert len(config_of(store, image)["history"]) == 2
 
 
+def test_config_only_instructions_write_the_config_and_empty_history(
+    deb: tuple[ls.Store, ls.Stack], tmp_path: Path
+) -> None:
+    store, base = deb
+    dockerfile = (
+        'FROM debian\nMAINTAINER someone\nCMD ["old"]\nENTRYPOINT /bin/true\n'
+        "STOPSIGNAL SIGKILL\nHEALTHCHECK --interval=1m30s --start-period=5s --retries=2 "
+        'CMD ["true"]\nEXPOSE 80 81/udp\n'
+    )
+    image = ls.build(store, make_context(tmp_path / "ctx", dockerfile))
+    config = config_of(store, image)
+    assert image.layers == base.layers
+    assert config["author"] == "someone"
+    settings = config["config"]
+    assert "Cmd" not in settings  # a new ENTRYPOINT resets CMD
+    assert settings["Entrypoint"] == ["/bin/sh", "-c", "/bin/true"]
+    assert settings["StopSignal"] == "SIGKILL"
+    assert settings["Healthcheck"] == {
+        "Test": ["CMD", "true"],
+        "Interval": 90 * 10**9,
+        "StartPeriod": 5 * 10**9,
+        "Retries": 2,
+    }
+    assert settings["ExposedPorts"] == {"80/tcp": {}, "81/udp": {}}
+    assert [h.get("empty_layer") for h in config["history"]] == [None] + [True] * 6
+
+
 def test_target_stops_at_the_named_stage(deb: tuple[ls.Store, ls.Stack], tmp_path: Path) -> None:
     store, _ = deb
     ctx = make_context(tmp_path / "ctx")
