@@ -7,6 +7,7 @@ re-exports its classes and the exception hierarchy.
 from __future__ import annotations
 
 from layerstore._analysis import Analysis, Comparison
+from layerstore._build import BuildError, build
 from layerstore._config import with_config
 from layerstore._container import Container
 from layerstore._core import (
@@ -22,6 +23,7 @@ from layerstore._core import (
     registry_login,
     registry_logout,
 )
+from layerstore._dockerfile import DockerfileError
 from layerstore._errors import (
     AmbiguousError,
     ConflictError,
@@ -32,6 +34,7 @@ from layerstore._errors import (
     NotFoundError,
     StackDepthError,
 )
+from layerstore._run import RunError, run
 from layerstore._stackio import StackPath
 from layerstore._types import (
     DamagedChunk,
@@ -46,10 +49,12 @@ __all__ = [
     "FORMAT_VERSION",
     "AmbiguousError",
     "Analysis",
+    "BuildError",
     "Comparison",
     "ConflictError",
     "Container",
     "DamagedChunk",
+    "DockerfileError",
     "Entry",
     "FsckReport",
     "GcReport",
@@ -63,6 +68,7 @@ __all__ = [
     "MountInfo",
     "NotFoundError",
     "RepairReport",
+    "RunError",
     "Stack",
     "StackDepthError",
     "StackPath",
@@ -70,7 +76,9 @@ __all__ = [
     "Store",
     "StoreStats",
     "__version__",
+    "build",
     "registry_login",
     "registry_logout",
+    "run",
     "with_config",
 ]

@@ -50,6 +50,7 @@ from layerstore._cliout import (
     short_digest,
     warn,
 )
+from layerstore._clirun import add_run_parsers
 from layerstore._clistore import (
     PROG,
     CliError,
@@ -1251,6 +1252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", metavar="NAME", required=True, help="the new image's tag")
 
     add_mount_parsers(command)
+    add_run_parsers(command)
 
     def registry_options(p: argparse.ArgumentParser, creds: bool = True) -> None:
         p.add_argument(
