@@ -344,3 +344,16 @@ def test_the_cli_builds_and_tags(deb: tuple[ls.Store, ls.Stack], tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == store.get("cli").digest
     assert store.get("cli").read_bytes("/v") == b"other7\n"
+
+
+def test_store_build_and_stack_run_are_the_module_functions(
+    deb: tuple[ls.Store, ls.Stack], tmp_path: Path
+) -> None:
+    """``Store.build`` and ``Stack.run`` delegate to ``layerstore.build`` and ``layerstore.run``."""
+    store, _ = deb
+    ctx = make_context(tmp_path / "ctx", "FROM debian\nRUN echo built > /built\n")
+    image = store.build(ctx, tag="by-method")
+    assert store.get("by-method").read_bytes("/built") == b"built\n"
+    assert image.run(["sh", "-c", "exit 7"]) == 7
+    status, layer = image.run(["sh", "-c", "echo ran > /ran"], commit=True)
+    assert status == 0 and image.push(layer).read_bytes("/ran") == b"ran\n"

@@ -856,3 +856,32 @@ def test_gc_and_fsck_know_kept_blobs(store: ls.Store, umoci_image: dict[str, Pat
     store.gc()
     assert not list(kept.iterdir())
     assert store.fsck()["ok"]
+
+
+def test_write_image_records_a_config_over_stored_layers(
+    store: ls.Store, made: ls.Stack, tmp_path: Path
+) -> None:
+    """A config written over layers already stored: recorded, tagged, exported as written."""
+    diff_ids = [layer.diff_id for layer in made.layers]
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["A=1"], "Cmd": ["/bin/tool"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": "one"}, {"created_by": "two"}],
+    }
+    data = json.dumps(config).encode()
+    image = store.write_image(made, data, tag="written")
+    assert image.config_digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert store.get("written").config_digest == image.config_digest
+    assert store.oci_blob(image.config_digest)[1] == data
+    digest = store.export_oci(store.get("written"), tmp_path / "o", tag="w")
+    assert digest == image.digest
+    exported = layout_image(tmp_path / "o", "w")
+    assert exported["config"] == config
+    assert [d["digest"] for d in exported["manifest"]["layers"]] == diff_ids
+    wrong = {**config, "rootfs": {"type": "layers", "diff_ids": diff_ids[:1]}}
+    with pytest.raises(ValueError, match="diff_ids"):
+        store.write_image(made, json.dumps(wrong).encode(), tag="bad")
+    with pytest.raises(ls.NotFoundError):
+        store.get("bad")

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["BuildCache", "rfc3339", "step_key", "write_image"]
 
 CACHE_FILE = "build-cache.json"
-_REF_NAME = "org.opencontainers.image.ref.name"
 
 
 def step_key(*parts: object) -> str:
@@ -97,10 +96,28 @@ class BuildCache:
             raise
 
 
-def _put_blob(blobs: Path, data: bytes) -> tuple[str, int]:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    (blobs / digest.split(":", 1)[1]).write_bytes(data)
-    return digest, len(data)
+def _recorded_config(store: Store, image: Stack) -> dict[str, Any]:
+    """The config recorded for `image` (imported or built), else an empty one."""
+    if image.config_digest is None:
+        return {}
+    _media_type, data = store.oci_blob(image.config_digest)
+    config: dict[str, Any] = json.loads(data)
+    return config
+
+
+def _generated_history(image: Stack, count: int) -> list[dict[str, Any]]:
+    """What the store writes for layers without a recorded history: each layer's build step (or
+    its id) dated when the layer was stored."""
+    return [
+        {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(layer.created)),
+            "created_by": layer.created_by or f"layerstore: layer {layer.id}",
+        }
+        for layer in image.layers[:count]
+    ]
+
+
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
 
 
 def write_image(
@@ -116,42 +133,21 @@ def write_image(
     tag: str,
 ) -> Stack:
     """``image`` with a config of ``settings`` and the history ``base_history`` (None: the
-    store's generated entries for the base layers) + ``history``, imported under ``tag``."""
-    with tempfile.TemporaryDirectory(prefix="layerstore-build-") as scratch:
-        layout = Path(scratch) / "layout"
-        manifest_digest = store.export_oci(image, layout, tag=tag, compression="none")
-        blobs = layout / "blobs" / "sha256"
-        manifest = json.loads((blobs / manifest_digest.split(":", 1)[1]).read_bytes())
-        config = json.loads((blobs / manifest["config"]["digest"].split(":", 1)[1]).read_bytes())
-        if base_history is None:
-            base_history = [h for h in config.get("history") or [] if not h.get("empty_layer")]
-            base_history = base_history[:base_layers]
-        new_config: dict[str, Any] = {"created": created}
-        if author:
-            new_config["author"] = author
-        new_config |= {
-            "architecture": config.get("architecture", "amd64"),
-            "os": config.get("os", "linux"),
-            "config": dict(settings),
-            "rootfs": config["rootfs"],
-            "history": [*base_history, *history],
-        }
-        data = json.dumps(new_config, separators=(",", ":")).encode()
-        digest, size = _put_blob(blobs, data)
-        manifest["config"] = {**manifest["config"], "digest": digest, "size": size}
-        manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
-        new_manifest, manifest_size = _put_blob(blobs, manifest_bytes)
-        index = {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [
-                {
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "digest": new_manifest,
-                    "size": manifest_size,
-                    "annotations": {_REF_NAME: tag},
-                }
-            ],
-        }
-        (layout / "index.json").write_text(json.dumps(index))
-        return store.import_oci(layout)[tag]
+    recorded or generated entries of the base layers) + ``history``, recorded under ``tag``
+    (``Store.write_image``: no layer is read or copied)."""
+    config = _recorded_config(store, image)
+    if base_history is None:
+        recorded = [h for h in config.get("history") or [] if not h.get("empty_layer")]
+        base_history = (recorded or _generated_history(image, base_layers))[:base_layers]
+    new_config: dict[str, Any] = {"created": created}
+    if author:
+        new_config["author"] = author
+    new_config |= {
+        "architecture": config.get("architecture", _ARCH.get(os.uname().machine, "amd64")),
+        "os": config.get("os", "linux"),
+        "config": dict(settings),
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in image.layers]},
+        "history": [*base_history, *history],
+    }
+    data = json.dumps(new_config, separators=(",", ":")).encode()
+    return store.write_image(image, data, tag=tag)

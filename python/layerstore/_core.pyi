@@ -3,7 +3,7 @@
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from io import BufferedReader
-from typing import IO, final
+from typing import IO, Any, final
 
 from layerstore._analysis import Analysis, Comparison
 from layerstore._container import Container
@@ -327,6 +327,14 @@ class Store:
         access to ``/dev/fuse``) or ``auto`` (overlay as root, else fuse). A writable mount
         keeps its changes in an upper directory of the store until ``Mount.commit()``.
         """
+    def write_image(self, image: Stack, config: bytes, /, *, tag: str | None = None) -> Stack:
+        """Record ``config`` (OCI image config JSON) as ``image``'s config, tagged ``tag``.
+
+        The manifest lists the layers as uncompressed blobs (digest = ``diff_id``); no layer is
+        read. The config's ``rootfs.diff_ids`` must be the image's.
+        """
+    def build(self, context: StrPath, dockerfile: StrPath | None = None, **kwargs: Any) -> Stack:
+        """Build a Dockerfile: ``layerstore.build(store, context, dockerfile, **kwargs)``."""
     def mounts(self) -> list[MountInfo]:
         """The live mounts of this store (what dead processes left is cleaned up first)."""
     def unmount(
@@ -434,6 +442,8 @@ class Stack:
         progress: Progress | None = None,
     ) -> Stack: ...
     def container(self) -> Container: ...
+    def run(self, argv: Sequence[str] | None = None, **kwargs: Any) -> int | tuple[int, Layer]:
+        """Run ``argv`` in a container of this image: ``layerstore.run(store, image, argv, ...)``."""
 
 @final
 class RawContainer:

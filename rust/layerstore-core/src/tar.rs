@@ -433,7 +433,26 @@ impl<'a, R: Read> Splitter<'a, R> {
                 secs * 1_000_000_000
             }
         };
-        let mtime_ns = i64::try_from(mtime_ns).map_err(|_| self.invalid("mtime out of range"))?;
+        let mtime_ns = match i64::try_from(mtime_ns) {
+            Ok(ns) => ns,
+            // Beyond 1677-09-21..2262-04-11 (i64 nanoseconds): clamped, and said. The exported
+            // tar still carries the original (its headers are kept byte for byte).
+            Err(_) => {
+                let clamped = if mtime_ns < 0 {
+                    MIN_MTIME_NS
+                } else {
+                    MAX_MTIME_NS
+                };
+                self.warnings.push(format!(
+                    "{}: mtime {} s is beyond what the store keeps; clamped to {} s (export keeps \
+                     the original)",
+                    String::from_utf8_lossy(&path),
+                    mtime_ns / 1_000_000_000,
+                    clamped / 1_000_000_000
+                ));
+                clamped
+            }
+        };
         let uname = pax.get(&b"uname"[..]).cloned().unwrap_or_else(|| {
             header
                 .username_bytes()
@@ -839,6 +858,10 @@ fn parse_pax(
 /// Parse a PAX time (`123`, `123.456`, `-1.5`) into nanoseconds; `None` when it is no number.
 /// A number beyond i128 nanoseconds saturates (the caller refuses anything beyond i64 as out of
 /// range): the arithmetic must not overflow on a hostile record.
+/// The latest and earliest mtimes an entry keeps: whole seconds within i64 nanoseconds.
+const MAX_MTIME_NS: i64 = i64::MAX / 1_000_000_000 * 1_000_000_000;
+const MIN_MTIME_NS: i64 = i64::MIN / 1_000_000_000 * 1_000_000_000;
+
 fn parse_pax_time(v: &[u8]) -> Option<i128> {
     let s = std::str::from_utf8(v).ok()?;
     let (neg, s) = match s.strip_prefix('-') {

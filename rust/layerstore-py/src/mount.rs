@@ -225,3 +225,24 @@ impl Store {
         }
     }
 }
+
+#[pymethods]
+impl stack::Stack {
+    /// Run `argv` in a container of this image, as `layerstore.run(store, image, argv, ...)`.
+    #[pyo3(signature = (argv=None, **kwargs))]
+    fn run<'py>(
+        slf: &Bound<'py, Self>,
+        argv: Option<&Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let store = Bound::new(
+            slf.py(),
+            Store {
+                inner: slf.get().store.clone(),
+            },
+        )?;
+        crate::pyobjects::RUN
+            .get(slf.py())?
+            .call((store, slf, argv), kwargs)
+    }
+}

@@ -86,6 +86,41 @@ impl Store {
         Ok(interrupts.finish(result)?.digests.manifest)
     }
 
+    /// Record `config` (OCI image config JSON) as the image of `image`, over its layers as
+    /// uncompressed blobs (no layer is read), tagged `tag` when given; returns the image.
+    #[pyo3(signature = (image, config, /, *, tag=None))]
+    fn write_image(
+        &self,
+        py: Python<'_>,
+        image: &Bound<'_, Stack>,
+        config: Vec<u8>,
+        tag: Option<&str>,
+    ) -> PyResult<Stack> {
+        image.get().image_only("write an image config for")?;
+        let store = self.inner.clone();
+        let stack = image.get().inner.clone();
+        let inner = py.detach(|| store.write_image(&stack, config, tag)).py()?;
+        Ok(Stack::new(self.inner.clone(), inner))
+    }
+
+    /// Build `dockerfile` (relative to `context` unless absolute) as `layerstore.build` does.
+    #[pyo3(signature = (context, dockerfile=None, **kwargs))]
+    fn build<'py>(
+        slf: &Bound<'py, Self>,
+        context: &Bound<'py, PyAny>,
+        dockerfile: Option<Py<PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let dockerfile = match dockerfile {
+            Some(d) => d,
+            None => "Dockerfile".into_pyobject(py)?.into_any().unbind(),
+        };
+        crate::pyobjects::BUILD
+            .get(py)?
+            .call((slf, context, dockerfile), kwargs)
+    }
+
     /// Import every image of a `docker save` archive (classic or OCI-embedding); returns them by
     /// tag.
     #[pyo3(signature = (src, /, *, progress=None))]

@@ -42,3 +42,6 @@ pub static OPEN_FILE: Cached = Cached::new(STACKIO, "open_file");
 pub static STACK_PATH: Cached = Cached::new(STACKIO, "StackPath");
 
 pub static CONTAINER: Cached = Cached::new("layerstore._container", "Container");
+
+pub static BUILD: Cached = Cached::new("layerstore._build", "build");
+pub static RUN: Cached = Cached::new("layerstore._run", "run");

@@ -78,6 +78,54 @@ impl Store {
         Ok(docs.exported(descs))
     }
 
+    /// Record `config` (an OCI image config, as JSON bytes) as the image of `stack`, under a
+    /// manifest over its layers as uncompressed tar blobs (each blob's digest is the layer's
+    /// `diff_id`): no layer is read. With `tag`, the tag names that image. The config's
+    /// `rootfs.diff_ids` must be the stack's. Returns the stack with its new manifest.
+    pub fn write_image(&self, stack: &Stack, config: Vec<u8>, tag: Option<&str>) -> Result<Stack> {
+        self.check_writable("record an image")?;
+        if stack.layers.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an image needs at least one layer".into(),
+            ));
+        }
+        let doc = parse_json("config", &config)?;
+        let diff_ids: Option<Vec<&str>> = doc
+            .pointer("/rootfs/diff_ids")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_str).collect());
+        let ours: Vec<&str> = stack.layers.iter().map(|l| l.diff_id.as_str()).collect();
+        if diff_ids.as_ref() != Some(&ours) {
+            return Err(Error::InvalidArgument(
+                "the config's rootfs.diff_ids are not the image's layers".into(),
+            ));
+        }
+        let blobs: Vec<(String, u64, String)> = stack
+            .layers
+            .iter()
+            .map(|l| (l.diff_id.clone(), l.size, LAYER_TAR.to_string()))
+            .collect();
+        let head = ImageHead {
+            config,
+            manifest: None,
+            descriptor: None,
+        };
+        let docs = head.finish(&blobs, tag)?;
+        let pending = docs.pending(&stack.layers);
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        record_image(&tx, &pending, &stack.chain_id)?;
+        if let Some(tag) = tag {
+            let ids: Vec<crate::digest::Blake3> = stack.layers.iter().map(|l| l.id).collect();
+            meta::put_ref(&tx, tag, &stack.chain_id, &ids)?;
+            meta::oci::put_oci_ref(&tx, tag, &docs.digests.manifest)?;
+        }
+        tx.commit()?;
+        let mut out = stack.clone();
+        out.image = Some(docs.digests);
+        Ok(out)
+    }
+
     /// What exporting `stack` writes, decided before any blob is: the recorded manifest when it
     /// can be re-emitted as is (no compression asked, or the one it uses), else a synthesised one
     /// over blobs compressed as asked (gzip by default).
