@@ -443,7 +443,7 @@ class Stack:
     ) -> Stack: ...
     def container(self) -> Container: ...
     def run(self, argv: Sequence[str] | None = None, **kwargs: Any) -> int | tuple[int, Layer]:
-        """Run ``argv`` in a container of this image: ``layerstore.run(store, image, argv, ...)``."""
+        """Run ``argv`` in a container of this image (``layerstore.run(store, image, argv)``)."""
 
 @final
 class RawContainer:
