@@ -350,10 +350,13 @@ def test_store_build_and_stack_run_are_the_module_functions(
     deb: tuple[ls.Store, ls.Stack], tmp_path: Path
 ) -> None:
     """``Store.build`` and ``Stack.run`` delegate to ``layerstore.build`` and ``layerstore.run``."""
-    store, _ = deb
-    ctx = make_context(tmp_path / "ctx", "FROM debian\nRUN echo built > /built\n")
-    image = store.build(ctx, tag="by-method")
-    assert store.get("by-method").read_bytes("/built") == b"built\n"
-    assert image.run(["sh", "-c", "exit 7"]) == 7
-    status, layer = image.run(["sh", "-c", "echo ran > /ran"], commit=True)
-    assert status == 0 and image.push(layer).read_bytes("/ran") == b"ran\n"
+    store, base = deb
+    ctx = make_context(tmp_path / "ctx", "FROM debian\nRUN echo built > /built-by-method\n")
+    store.build(ctx, tag="by-method")
+    assert store.get("by-method").read_bytes("/built-by-method") == b"built\n"
+    # A chain of its own: config-only builds above record configs for the base's chain, which
+    # an untagged stack of the same layers would read as its own.
+    fresh = base.push(store.import_dir(make_context(tmp_path / "extra", "x")))
+    assert fresh.run(["sh", "-c", "exit 7"]) == 7
+    status, layer = fresh.run(["sh", "-c", "echo ran > /ran"], commit=True)
+    assert status == 0 and fresh.push(layer).read_bytes("/ran") == b"ran\n"

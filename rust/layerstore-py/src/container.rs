@@ -11,7 +11,7 @@ use pyo3::types::PyBytes;
 
 use crate::errors::CoreResultExt;
 use crate::stack::{PathOrBytes, Stack};
-use crate::{Interrupts, Layer, Store};
+use crate::{Layer, Store};
 
 /// The raw writable layer behind `layerstore.Container`.
 #[pyclass(frozen, module = "layerstore._core")]
@@ -169,9 +169,10 @@ impl RawContainer {
         created_by: Option<String>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Layer> {
-        let interrupts = Interrupts::new(progress);
-        let store = self.store.clone();
-        let result = py.detach(|| {
+        let store = Store {
+            inner: self.store.clone(),
+        };
+        store.commit_layer(py, created_by, progress, |progress| {
             let guard = self
                 .inner
                 .lock()
@@ -179,17 +180,8 @@ impl RawContainer {
             let c = guard
                 .as_ref()
                 .ok_or_else(|| core::Error::InvalidArgument("the container is closed".into()))?;
-            let imported = c.commit(&store, &|n| interrupts.check(n))?;
-            if let Some(text) = &created_by {
-                store.set_created_by(&imported.layer.id, text)?;
-            }
-            Ok(imported)
-        });
-        let imported = interrupts.finish(result)?;
-        Store {
-            inner: self.store.clone(),
-        }
-        .finish_import(py, imported)
+            c.commit(&self.store, progress)
+        })
     }
 
     /// Drop the writable layer (uncommitted changes are discarded).

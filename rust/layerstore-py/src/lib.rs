@@ -575,6 +575,28 @@ impl Store {
 }
 
 impl Store {
+    /// Run `commit` (a container's or a mount's) without the GIL, with Ctrl-C and `progress`
+    /// checked, record `created_by` on the layer it stored, and hand that layer back.
+    pub(crate) fn commit_layer(
+        &self,
+        py: Python<'_>,
+        created_by: Option<String>,
+        progress: Option<Py<PyAny>>,
+        commit: impl FnOnce(core::store::Progress<'_>) -> core::Result<Imported> + Send,
+    ) -> PyResult<Layer> {
+        let interrupts = Interrupts::new(progress);
+        let store = self.inner.clone();
+        let result = py.detach(|| {
+            let imported = commit(&|n| interrupts.check(n))?;
+            if let Some(text) = &created_by {
+                store.set_created_by(&imported.layer.id, text)?;
+            }
+            Ok(imported)
+        });
+        let imported = interrupts.finish(result)?;
+        self.finish_import(py, imported)
+    }
+
     pub(crate) fn finish_import(&self, py: Python<'_>, imported: Imported) -> PyResult<Layer> {
         emit_warnings(py, &imported.warnings)?;
         Ok(Layer {

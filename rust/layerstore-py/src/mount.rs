@@ -93,9 +93,10 @@ impl Mount {
         created_by: Option<String>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Layer> {
-        let interrupts = Interrupts::new(progress);
-        let store = self.store.clone();
-        let result = py.detach(|| {
+        let store = Store {
+            inner: self.store.clone(),
+        };
+        store.commit_layer(py, created_by, progress, |progress| {
             let guard = self
                 .inner
                 .lock()
@@ -103,17 +104,8 @@ impl Mount {
             let m = guard.as_ref().ok_or_else(|| {
                 core::Error::InvalidArgument(format!("{} is not mounted", self.path))
             })?;
-            let imported = m.commit(&|n| interrupts.check(n))?;
-            if let Some(text) = &created_by {
-                store.set_created_by(&imported.layer.id, text)?;
-            }
-            Ok(imported)
-        });
-        let imported = interrupts.finish(result)?;
-        Store {
-            inner: self.store.clone(),
-        }
-        .finish_import(py, imported)
+            m.commit(progress)
+        })
     }
 
     /// Unmount (a writable mount's uncommitted changes are discarded).
