@@ -1,13 +1,15 @@
 """Helpers of the run and build tests: the Debian base image, and a tree walk to compare images.
 
-The base is the Debian bookworm minbase fixture (``/var/tmp/lsfix/rootfs-v1.tar``, made by the
-CI's debootstrap step). Without it the tests that need a shell skip, except under CI
-(``$CI`` set), where a missing fixture is a failure.
+The base is the Debian bookworm minbase fixture (``/var/tmp/lsfix/rootfs-v1.tar``), the one the
+benchmarks use: built here on first need, as root with debootstrap (``benches.fixtures``, a few
+minutes, from Debian's mirror), then cached. Where it cannot be built the tests that need a shell
+skip, except under CI (``$CI`` set), where a missing fixture is a failure.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,21 @@ import pytest
 DEBIAN_TAR = Path(os.environ.get("LAYERSTORE_DEBIAN_TAR", "/var/tmp/lsfix/rootfs-v1.tar"))
 
 
+def _build_debian() -> None:
+    """Build the default fixture when this machine can (root, debootstrap); else leave it."""
+    default = Path(os.environ.get("LAYERSTORE_FIXTURES", "/var/tmp/lsfix")) / "rootfs-v1.tar"
+    if default != DEBIAN_TAR or os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        return
+    from benches import fixtures as fx
+
+    fx.build_rootfs_v1_tar(fx.Fixtures(fx.fixtures_root()))
+
+
 def need_debian() -> Path:
-    """The fixture tar's path; skips (fails under CI) when it is missing."""
+    """The fixture tar's path, built on first need where possible; skips (fails under CI) when
+    it is missing."""
+    if not DEBIAN_TAR.exists():
+        _build_debian()
     if not DEBIAN_TAR.exists():
         message = f"the Debian rootfs fixture {DEBIAN_TAR} is missing (scripts make it)"
         if os.environ.get("CI"):
