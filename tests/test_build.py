@@ -21,6 +21,7 @@ from typing import Any
 import layerstore as ls
 import pytest
 import runutil
+import tarfixtures as tf
 from layerstore._buildstate import CACHE_FILE
 
 pytestmark = pytest.mark.root
@@ -360,3 +361,36 @@ def test_store_build_and_stack_run_are_the_module_functions(
     assert fresh.run(["sh", "-c", "exit 7"]) == 7
     status, layer = fresh.run(["sh", "-c", "echo ran > /ran"], commit=True)
     assert status == 0 and fresh.push(layer).read_bytes("/ran") == b"ran\n"
+
+
+def test_from_a_registry_reference_pulls_the_image(tmp_path: Path) -> None:
+    """FROM an image the store lacks pulls it (docker-registry on loopback), as buildah does."""
+    import registryutil
+
+    if registryutil.REGISTRY is None:
+        pytest.fail("docker-registry is not installed (Debian package docker-registry)")
+    registry = registryutil.Registry(tmp_path / "registry")
+    try:
+        source = ls.Store(tmp_path / "source")
+        base = source.stack(
+            [source.import_tar(tf.simple_tar({"base.txt": b"from the registry\n"}))]
+        )
+        source.push(base, f"{registry.host}/tiny:v1", tls_verify=False)
+        store = ls.Store(tmp_path / "store")
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        (ctx / "a.txt").write_bytes(b"copied\n")
+        (ctx / "Dockerfile").write_text(f"FROM {registry.host}/tiny:v1\nCOPY a.txt /a\n")
+        image = ls.build(store, ctx, tag="pulled", pull_options={"tls_verify": False})
+        assert image.read_bytes("/base.txt") == b"from the registry\n"
+        assert image.read_bytes("/a") == b"copied\n"
+        assert [x.diff_id for x in image.layers[:1]] == [base.layers[0].diff_id]
+        (ctx / "Dockerfile").write_text(f"FROM {registry.host}/missing:v1\nCOPY a.txt /a\n")
+        with pytest.raises(ls.BuildError, match=r"line 1: FROM .*pulling it failed") as err:
+            ls.build(store, ctx, tag="never", pull_options={"tls_verify": False})
+        assert err.value.line == 1
+        with pytest.raises(ls.NotFoundError):
+            store.get("never")
+        assert store.mounts() == []
+    finally:
+        registry.stop()

@@ -109,6 +109,7 @@ class _Build:
     epoch: int | None
     cache: BuildCache
     say: Callable[[str], object]
+    pull_options: Mapping[str, Any] = field(default_factory=dict)
     built: dict[int, _State] = field(default_factory=dict)
     stage_list: list[Stage] = field(default_factory=list)
 
@@ -165,10 +166,7 @@ def _base(b: _Build, name: str, line: int) -> _State:
             )
     if ref == "scratch":
         return _State(b.store.stack([]), {}, [], [], 0)
-    try:
-        image = b.store.get(ref)
-    except LookupError as e:
-        raise BuildError(f"line {line}: FROM {ref}: no such image in the store", line=line) from e
+    image = _stored_or_pulled(b, ref, line)
     settings = image_config(b.store, image)
     history = None
     if image.config_digest is not None:
@@ -178,6 +176,22 @@ def _base(b: _Build, name: str, line: int) -> _State:
     if not env:
         settings["Env"] = [f"PATH={DEFAULT_PATH}", *(settings.get("Env") or [])]
     return _State(image, settings, [], history, len(image.layers))
+
+
+def _stored_or_pulled(b: _Build, ref: str, line: int) -> Stack:
+    """The store's image ``ref``; else ``ref`` pulled from its registry (``Store.pull`` with the
+    build's ``pull_options``), as docker and buildah do for an image they lack."""
+    try:
+        return b.store.get(ref)
+    except LookupError:
+        pass
+    b.say(f"--> pulling {ref}")
+    try:
+        return b.store.pull(ref, **b.pull_options)
+    except (LayerstoreError, OSError, ValueError) as e:
+        raise BuildError(
+            f"line {line}: FROM {ref}: not in the store, and pulling it failed: {e}", line=line
+        ) from e
 
 
 def _record(b: _Build, st: _State, created_by: str, *, empty: bool) -> None:
@@ -301,10 +315,7 @@ def _from_image(b: _Build, ref: str, line: int) -> Stack:
     for stage in b.stage_list:
         if (stage.name == ref.lower() or str(stage.index) == ref) and stage.index in b.built:
             return b.built[stage.index].image
-    try:
-        return b.store.get(ref)
-    except LookupError as e:
-        raise BuildError(f"line {line}: --from={ref}: no such stage or image", line=line) from e
+    return _stored_or_pulled(b, ref, line)
 
 
 def _healthcheck(ins: Instruction) -> dict[str, Any]:
@@ -431,10 +442,13 @@ def build(
     target: str | None = None,
     progress: Callable[[str], object] | None = None,
     source_date_epoch: int | None = None,
+    pull_options: Mapping[str, Any] | None = None,
 ) -> Stack:
     """Build the Dockerfile ``dockerfile`` (relative to ``context`` unless absolute) and tag
     the image ``tag`` (default ``build:<12 hex digits of the config>``); return it.
 
+    An image ``FROM`` (or ``COPY --from``) names that the store lacks is pulled from its registry
+    with ``Store.pull(ref, **pull_options)`` (e.g. ``{"tls_verify": False}``).
     ``build_args`` set ``ARG`` values; ``target`` names the stage to stop at (default: the
     last); ``progress`` receives one line per step. ``source_date_epoch`` (default
     ``$SOURCE_DATE_EPOCH``) makes the result reproducible. Raises :class:`BuildError` for a
@@ -467,6 +481,7 @@ def build(
         source_date_epoch if source_date_epoch is not None else _epoch(),
         BuildCache(store),
         progress or (lambda _line: None),
+        pull_options=dict(pull_options or {}),
         stage_list=stage_list,
     )
     last = stage_list[-1].index
