@@ -294,7 +294,7 @@ def test_target_stops_at_the_named_stage(deb: tuple[ls.Store, ls.Stack], tmp_pat
         ("FROM debian\nFROB x\n", ls.DockerfileError, "line 2: unknown instruction FROB"),
         ("FROM debian\nCOPY missing.txt /\n", ls.BuildError, "line 2: missing.txt: no such file"),
         ("FROM debian\nRUN exit 3\n", ls.BuildError, "line 2: 'RUN exit 3' exited with status 3"),
-        ("FROM nosuchimage\n", ls.BuildError, "line 1: FROM nosuchimage: no such image"),
+        ("FROM nosuchimage\n", ls.BuildError, "line 1: FROM nosuchimage: not in the store"),
         ("FROM debian\nADD http://example.com/x /\n", ls.BuildError, "ADD of a URL"),
     ],
 )
