@@ -235,11 +235,11 @@ def test_analysis_of_a_synthetic_100k_file_20_layer_image(
 
 
 def test_analysis_of_the_debian_rootfs_with_its_update(
-    ls: ModuleType, rootfs_v1_tar: Path, tmp_path: Path, benchmark: Any
+    ls: ModuleType, rootfs_v1_tar: Path, rootfs_v2_tar: Path, tmp_path: Path, benchmark: Any
 ) -> None:
     store = ls.Store(tmp_path / "store")
     v1 = store.stack([store.import_tar(rootfs_v1_tar)])
-    v2 = store.stack([store.import_tar(rootfs_v1_tar.with_name("rootfs-v2.tar"))])
+    v2 = store.stack([store.import_tar(rootfs_v2_tar)])
     update = store.diff(v1, v2)
     image = v1.push(update)
     store.tag(image, "debian:2")
