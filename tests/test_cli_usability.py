@@ -286,12 +286,43 @@ def test_show_and_ls_agree_whatever_name_finds_the_layer(store: Path, tmp_path: 
     assert by_id == by_blob
     assert f"compressed blob    gzip {gz_digest}" in by_id.decode()
     header, row = run("--store", str(store), "ls").stdout.decode().splitlines()
-    assert header.split()[-2:] == ["BLOB", "CREATED"] and row.split()[5] == "gzip"
+    assert header.split()[-2:] == ["BLOBS", "CREATED"] and row.split()[5] == "gzip"
     directory = tmp_path / "tree"
     directory.mkdir()
     run("--store", str(store), "import", str(directory))
     rows = run("--store", str(store), "ls").stdout.decode().splitlines()[1:]
     assert sorted(r.split()[5] for r in rows) == ["-", "gzip"]
+
+
+def test_ls_and_show_list_every_compressed_blob_of_a_layer(store: Path, tmp_path: Path) -> None:
+    raw = tar_bytes({"a": b"a" * 5000})
+    gz, gz9 = tmp_path / "a.tar.gz", tmp_path / "a9.tar.gz"
+    gz.write_bytes(gzip.compress(raw, compresslevel=1, mtime=0))
+    gz9.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
+    doc = json.loads(run("--store", str(store), "--json", "import", str(gz), str(gz9)).stdout)
+    assert doc[0]["id"] == doc[1]["id"]
+    imported = {doc[0]["compressed_digest"], doc[1]["compressed_digest"]}
+    assert len(imported) == 2
+    # An OCI image using a zstd blob of the layer records a third blob, one the store rebuilds
+    # from the layer on demand.
+    run("--store", str(store), "tag", "img", doc[0]["id"])
+    layout = f"oci:{tmp_path / 'layout'}:v1"
+    run("--store", str(store), "export", "img", layout, "--compression", "zstd")
+    run("--store", str(store), "import", layout)
+    listed = json.loads(run("--store", str(store), "--json", "ls").stdout)
+    assert len(listed) == 1
+    blobs = {b["digest"]: b for b in listed[0]["blobs"]}
+    assert all(
+        blobs[d]["origin"] == "imported" and blobs[d]["compression"] == "gzip" for d in imported
+    )
+    exported = [b for d, b in blobs.items() if d not in imported]
+    assert len(exported) == 1 and exported[0]["compression"] == "zstd"
+    assert exported[0]["origin"] != "imported" and exported[0]["size"] > 0
+    header, row = run("--store", str(store), "ls").stdout.decode().splitlines()
+    assert header.split()[5] == "BLOBS" and row.split()[5] == "gzip,zstd"
+    shown = run("--store", str(store), "show", doc[0]["id"]).stdout.decode()
+    for digest, blob in blobs.items():
+        assert f"compressed blob    {blob['compression']} {digest} ({blob['origin']}" in shown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,13 +445,19 @@ def test_progress_bar_counts_compressed_bytes_against_the_file_size(
     raw = tar_bytes({"big": os.urandom(8 << 20)})
     src = tmp_path / "big.tar.gz"
     src.write_bytes(gzip.compress(raw, compresslevel=1))
+    text = drawn_on_a_terminal("--store", str(store), "import", str(src))
+    assert "big.tar.gz:" in text and "%|" in text, text
+    total = tqdm.tqdm.format_sizeof(src.stat().st_size, divisor=1024)
+    assert f"/{total}iB [" in text, text  # the total is the compressed file's size
+    assert " MB" not in text and "kB" not in text
+
+
+def drawn_on_a_terminal(*args: str) -> str:
+    """What the CLI run with `args` draws on a terminal as its stderr (it must succeed)."""
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     proc = subprocess.Popen(
-        [*CLI, "--store", str(store), "import", str(src)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=terminal,
+        [*CLI, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal
     )
     os.close(terminal)
     drawn = b""
@@ -434,11 +471,34 @@ def test_progress_bar_counts_compressed_bytes_against_the_file_size(
         drawn += block
     os.close(controller)
     assert proc.wait(timeout=300) == 0
-    text = drawn.decode(errors="replace")
-    assert "big.tar.gz:" in text and "%|" in text, text
-    total = tqdm.tqdm.format_sizeof(src.stat().st_size, divisor=1024)
-    assert f"/{total}iB [" in text, text  # the total is the compressed file's size
-    assert " MB" not in text and "kB" not in text
+    return drawn.decode(errors="replace")
+
+
+def test_materialize_and_apply_bars_count_against_the_content_they_write(
+    store: Path, tmp_path: Path
+) -> None:
+    """The bars of materialize and apply show a percentage of the file content to write, each
+    hardlinked file once (the total read from the index beforehand)."""
+    big, small = os.urandom(24 << 20), os.urandom(3 << 20)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in (("big", big), ("small", small)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("again")
+        link.type, link.linkname = tarfile.LNKTYPE, "big"
+        t.addfile(link)
+    src = tmp_path / "layer.tar"
+    src.write_bytes(buf.getvalue())
+    layer = json.loads(run("--store", str(store), "--json", "import", str(src)).stdout)[0]["id"]
+    run("--store", str(store), "tag", "img", layer)
+    total = tqdm.tqdm.format_sizeof(len(big) + len(small), divisor=1024)
+    text = drawn_on_a_terminal("--store", str(store), "materialize", "img", str(tmp_path / "m"))
+    assert "img:" in text and "%|" in text and f"/{total}iB [" in text, text
+    (tmp_path / "a").mkdir()
+    text = drawn_on_a_terminal("--store", str(store), "apply", layer, str(tmp_path / "a"))
+    assert "%|" in text and f"/{total}iB [" in text, text
 
 
 def test_layout_import_can_pick_one_ref(

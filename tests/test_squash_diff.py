@@ -12,6 +12,7 @@ without the implicit flag (a squash may declare a directory a lower layer left i
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from collections.abc import Iterator
@@ -236,3 +237,17 @@ def test_source_date_epoch_clamps_mtimes(store: ls.Store, tmp_path: Path) -> Non
     assert {e.mtime_ns for e in from_dir.entries()} == {epoch * 10**9}
     assert store.squash(image, source_date_epoch=epoch).diff_id == clamped.diff_id
     assert image.squash(source_date_epoch=epoch).layers[0].diff_id == clamped.diff_id
+
+
+def test_a_squash_range_beyond_the_stack_counts_its_layers_in_words(store: ls.Store) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        f = tarfile.TarInfo("f")
+        f.size = 2
+        t.addfile(f, io.BytesIO(b"hi"))
+    one = store.stack([store.import_tar(io.BytesIO(buf.getvalue()))])
+    with pytest.raises(ValueError, match=r"not within a stack of 1 layer$"):
+        store.squash(one, 0, 3)
+    two = one.push(store.import_tar(io.BytesIO(buf.getvalue())))
+    with pytest.raises(ValueError, match=r"not within a stack of 2 layers$"):
+        store.squash_changes(two, 1, 5)

@@ -37,6 +37,7 @@ from layerstore._errors import (
 from layerstore._run import RunError, run
 from layerstore._stackio import StackPath
 from layerstore._types import (
+    BlobInfo,
     DamagedChunk,
     FsckReport,
     GcReport,
@@ -49,6 +50,7 @@ __all__ = [
     "FORMAT_VERSION",
     "AmbiguousError",
     "Analysis",
+    "BlobInfo",
     "BuildError",
     "Comparison",
     "ConflictError",

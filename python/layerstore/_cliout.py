@@ -77,13 +77,14 @@ def print_table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset
 
 @contextmanager
 def progress_bar(
-    description: str, total: int | None, enabled: bool
+    description: str, total: int | Callable[[], int | None] | None, enabled: bool
 ) -> Iterator[Callable[[int], None] | None]:
     """Yield a ``progress(bytes_done)`` callback drawing a tqdm bar on stderr, or None.
 
-    With a `total` the bar shows a percentage and an ETA. No bar without a terminal on stderr
-    (or without tqdm). Units are binary, as everywhere else in the CLI: tqdm scales by 1024 and
-    prints "Mi" + "B".
+    With a `total` the bar shows a percentage and an ETA; a callable `total` is called only
+    when a bar is drawn (it may cost a little). No bar without a terminal on stderr (or without
+    tqdm). Units are binary, as everywhere else in the CLI: tqdm scales by 1024 and prints
+    "Mi" + "B".
     """
     if not enabled or sys.stderr is None or not sys.stderr.isatty():
         yield None
@@ -93,6 +94,8 @@ def progress_bar(
     except ImportError:
         yield None
         return
+    if callable(total):
+        total = total()
     bar = tqdm_module.tqdm(
         total=total,
         desc=description,
@@ -139,6 +142,7 @@ def layer_json(layer: ls.Layer) -> dict[str, Any]:
         "entry_count": layer.entry_count,
         "compressed_digest": layer.compressed_digest,
         "compression": layer.compression,
+        "blobs": layer.blobs(),
         "created": layer.created,
     }
 

@@ -1,4 +1,4 @@
-"""The shapes of the reports `Store.stats()`, `Store.gc()` and `Store.fsck()` return."""
+"""The shapes of the reports `Store.stats()`, `gc()`, `fsck()` and `Layer.blobs()` return."""
 
 from __future__ import annotations
 
@@ -53,6 +53,19 @@ class MountInfo(TypedDict):
     created: int
     layers: list[str]
     """Layer ids, bottom first."""
+
+
+class BlobInfo(TypedDict):
+    """A compressed blob known for a layer, as `Layer.blobs()` lists it."""
+
+    digest: str
+    """``sha256:<hex>`` of the compressed bytes."""
+    compression: str
+    size: int | None
+    """Bytes, where recorded (None for a blob the layer was only imported from)."""
+    origin: str
+    """``imported`` (the layer was imported from it), ``kept`` (an image import kept its bytes),
+    or how the store rebuilds it for an image that uses it (``stream``, ``pgzip``)."""
 
 
 class DamagedChunk(TypedDict):

@@ -214,17 +214,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print_json([layer_json(layer) for layer in layers])
         return 0
-    # BLOB: the compression of a compressed blob known for the layer (its digest also finds
-    # the layer), '-' when only the uncompressed tar is known.
-    rows = [["ID", "DIFF ID", "ENTRIES", "SIZE", "BLOB", "CREATED"]]
+    # BLOBS: the compressions of every compressed blob known for the layer (imported from,
+    # exported, pulled or pushed; each digest also finds the layer), '-' when only the
+    # uncompressed tar is known.
+    rows = [["ID", "DIFF ID", "ENTRIES", "SIZE", "BLOBS", "CREATED"]]
     for layer in layers:
+        compressions = sorted({blob["compression"] for blob in layer.blobs()})
         rows.append(
             [
                 layer.id if args.no_trunc else short_digest(layer.id),
                 layer.diff_id if args.no_trunc else short_digest(layer.diff_id),
                 f"{layer.entry_count:,}",
                 human_bytes(layer.size),
-                layer.compression or "-",
+                ",".join(compressions) or "-",
                 format_time(layer.created),
             ]
         )
@@ -246,8 +248,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"tree_id            {layer.tree_id}")
     print(f"size               {human_bytes(layer.size)} ({layer.size:,} bytes)")
     print(f"entries            {layer.entry_count:,}")
-    if layer.compressed_digest:
-        print(f"compressed blob    {layer.compression} {layer.compressed_digest}")
+    for blob in layer.blobs():
+        size = "" if blob["size"] is None else f", {human_bytes(blob['size'])}"
+        print(f"compressed blob    {blob['compression']} {blob['digest']} ({blob['origin']}{size})")
     if layer.created_by:
         print(f"created_by         {layer.created_by}")
     print(f"created            {format_time(layer.created)}")
@@ -425,7 +428,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     """``layerstore materialize IMAGE DEST``: the union view written to a new directory."""
     store = store_from(args)
     image = resolve_image(store, args.image)
-    with progress_bar(args.image, None, args.progress) as progress:
+    with progress_bar(args.image, image.content_bytes, args.progress) as progress:
         report = store.materialize(
             image, args.dest, max_threads=args.max_threads, progress=progress
         )
@@ -440,11 +443,18 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _content_bytes(layer: ls.Layer) -> int:
+    """Bytes of file content a layer's changeset holds (what ``apply`` writes)."""
+    return sum(e.size for e in layer.entries() if e.kind == "file")
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     """``layerstore apply LAYER DEST``: a changeset applied onto an existing directory."""
     store = store_from(args)
     layer = resolve_layer(store, args.layer)
-    with progress_bar(short_digest(layer.id), None, args.progress) as progress:
+    with progress_bar(
+        short_digest(layer.id), lambda: _content_bytes(layer), args.progress
+    ) as progress:
         report = store.apply(layer, args.dest, progress=progress)
     if args.json:
         print_json({"layer": layer.id, "dest": args.dest, **report})

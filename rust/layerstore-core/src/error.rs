@@ -296,6 +296,15 @@ pub(crate) fn path_text(path: &[u8]) -> String {
     format!("/{}", String::from_utf8_lossy(path).trim_start_matches('/'))
 }
 
+/// `n` and a noun, in the plural unless `n` is one: "1 layer", "3 layers".
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Attach a context string to an I/O result.

@@ -34,8 +34,8 @@ impl Store {
     pub fn squash_changes(&self, stack: &Stack, start: usize, stop: usize) -> Result<Vec<Change>> {
         if start > stop || stop > stack.depth() {
             return Err(Error::InvalidArgument(format!(
-                "squash range {start}..{stop} is not within a stack of {} layers",
-                stack.depth()
+                "squash range {start}..{stop} is not within a stack of {}",
+                crate::error::count(stack.depth(), "layer")
             )));
         }
         let below = self.prefix_index(stack, start)?;

@@ -350,6 +350,11 @@ impl Store {
         meta::find_layer(&*self.conn()?, key)
     }
 
+    /// Every compressed blob known for a layer (imported from, exported, pulled or pushed).
+    pub fn known_blobs(&self, id: &Blake3) -> Result<Vec<meta::oci::KnownBlob>> {
+        meta::oci::known_blobs(&*self.conn()?, &id.to_string())
+    }
+
     /// Delete a layer that no recorded stack uses and no image import in flight has pinned.
     pub fn delete(&self, id: &Blake3) -> Result<()> {
         self.check_writable("delete a layer")?;

@@ -518,6 +518,16 @@ impl Index {
         &self.root
     }
 
+    /// Bytes of file content the view shows, each inode once (a hardlink adds nothing): what
+    /// writing the view out writes, the total of a materialize's progress.
+    pub fn content_bytes(&self) -> u64 {
+        self.flat
+            .values()
+            .filter(|v| v.target.is_none() && v.entry.kind == Kind::File)
+            .map(|v| v.entry.size)
+            .sum()
+    }
+
     /// Every path of the view (unordered) with what it shows.
     pub fn paths(&self) -> impl Iterator<Item = (&Name, &Arc<ViewEntry>)> {
         self.flat.iter()

@@ -678,6 +678,25 @@ impl Layer {
         Ok(Some(d))
     }
 
+    /// Every compressed blob known for this layer, each a dict with `digest`, `compression`,
+    /// `size` (None where only the import recorded it) and `origin`: `"imported"` (the layer
+    /// was imported from it), `"kept"` (an image import kept its bytes), or how the store
+    /// rebuilds it for an image that uses it (`"stream"`, `"pgzip"`).
+    fn blobs<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let blobs = py.detach(|| self.store.known_blobs(&self.info.id)).py()?;
+        blobs
+            .into_iter()
+            .map(|b| {
+                let d = PyDict::new(py);
+                d.set_item("digest", b.digest)?;
+                d.set_item("compression", b.compression)?;
+                d.set_item("size", b.size)?;
+                d.set_item("origin", b.origin)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
     /// The changeset: every entry in tar order, whiteouts and opaque markers included.
     fn entries(&self, py: Python<'_>) -> PyResult<Vec<Entry>> {
         let entries = py.detach(|| self.store.entries(&self.info.id)).py()?;

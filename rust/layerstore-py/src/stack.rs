@@ -376,6 +376,12 @@ impl Stack {
         self.inner.depth()
     }
 
+    /// Bytes of file content the view shows, each hardlinked file once: what `materialize`
+    /// writes (from the index; nothing is read).
+    fn content_bytes(&self) -> u64 {
+        self.inner.index.content_bytes()
+    }
+
     /// A new stack with `layer` on top (this one is unchanged).
     fn push(&self, py: Python<'_>, layer: &Bound<'_, PyAny>) -> PyResult<Stack> {
         self.image_only("push onto")?;

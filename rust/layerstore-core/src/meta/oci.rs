@@ -106,6 +106,47 @@ pub fn layer_blob_size(conn: &Connection, digest: &str) -> Result<Option<u64>> {
         .optional()?)
 }
 
+/// A compressed blob known for a layer: one it was imported from, or one an export or pull
+/// recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownBlob {
+    /// `sha256:<hex>` of the compressed bytes.
+    pub digest: String,
+    /// `gzip`, `zstd`, ...
+    pub compression: String,
+    /// Its size in bytes, where recorded (blobs a layer was only imported from have none).
+    pub size: Option<u64>,
+    /// `imported` (the layer came from it), `kept` (its bytes are kept beside the store) or
+    /// how an export rebuilds it (`stream`, `pgzip`).
+    pub origin: String,
+}
+
+/// Every compressed blob known for `layer`, by digest, each once (an export record wins over
+/// the import record of the same digest: it knows the size).
+pub fn known_blobs(conn: &Connection, layer: &str) -> Result<Vec<KnownBlob>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT digest, compression, size, rebuild FROM oci_layer_blobs WHERE layer = ?1
+         UNION ALL
+         SELECT digest, compression, NULL, 'imported' FROM blob_digests
+           WHERE layer = ?1 AND digest NOT IN (SELECT digest FROM oci_layer_blobs)
+         UNION ALL
+         SELECT compressed_digest, compression, NULL, 'imported' FROM layers
+           WHERE id = ?1 AND compressed_digest IS NOT NULL
+             AND compressed_digest NOT IN (SELECT digest FROM oci_layer_blobs)
+             AND compressed_digest NOT IN (SELECT digest FROM blob_digests)
+         ORDER BY 1",
+    )?;
+    let rows = stmt.query_map([layer], |r| {
+        Ok(KnownBlob {
+            digest: r.get(0)?,
+            compression: r.get(1)?,
+            size: r.get(2)?,
+            origin: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 /// A compressed layer blob, as an image import records it.
 pub struct LayerBlobRow<'a> {
     pub digest: &'a str,

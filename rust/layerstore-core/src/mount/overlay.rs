@@ -116,9 +116,9 @@ pub(crate) fn mount(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
     if shown != Some(spec.lowers.len()) {
         let _ = detach(target);
         return Err(Error::Conflict(format!(
-            "the kernel mounted {} of {} layers at {}",
+            "the kernel mounted {} of {} at {}",
             shown.unwrap_or(0),
-            spec.lowers.len(),
+            crate::error::count(spec.lowers.len(), "layer"),
             target.display()
         )));
     }

@@ -237,8 +237,8 @@ impl Store {
             return Err(invalid(
                 config_name,
                 format!(
-                    "rootfs.diff_ids lists {} layers, manifest.json has {}",
-                    diff_ids.len(),
+                    "rootfs.diff_ids lists {}, manifest.json has {}",
+                    crate::error::count(diff_ids.len(), "layer"),
                     layers.len()
                 ),
             ));

@@ -855,8 +855,8 @@ impl Walk<'_> {
             return Err(invalid(
                 &config_name,
                 format!(
-                    "rootfs.diff_ids lists {} layers, manifest {blob} has {}",
-                    diff_ids.len(),
+                    "rootfs.diff_ids lists {}, manifest {blob} has {}",
+                    crate::error::count(diff_ids.len(), "layer"),
                     layers.len()
                 ),
             ));
