@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tarfile
 import termios
+import types
 from pathlib import Path
+from typing import ClassVar
 
 import layerstore as ls
 import pytest
@@ -594,3 +596,42 @@ def test_config_writes_a_new_image_with_the_config_changed(
     assert json.loads(raw)["config"]["Env"] == ["PATH=/bin", "A=1"]
     line = error_line(run(*s, "config", "img", "--env", "NOEQUALS", "--tag", "x", expect=2))
     assert "expected KEY=VALUE" in line
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Bar:
+    """What progress_bar asks of tqdm, recording the count."""
+
+    made: ClassVar[list[_Bar]] = []
+
+    def __init__(self, total: int | None = None, **_: object) -> None:
+        self.total, self.n = total, 0
+        _Bar.made.append(self)
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("parts", "counted"), [(True, 100 + 200 + 150), (False, 200)])
+def test_progress_counts_work_done_in_parts_only_when_told(
+    monkeypatch: pytest.MonkeyPatch, parts: bool, counted: int
+) -> None:
+    """An image export reports each layer from zero (parts: added up); threads of one job may
+    report out of order (no parts: a lower count is ignored, never subtracted or added)."""
+    from layerstore._cliout import progress_bar
+
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=_Bar))
+    _Bar.made.clear()
+    with progress_bar("x", lambda: 450, True, parts=parts) as update:
+        assert update is not None
+        for done in (40, 100, 60, 200, 150, 150):
+            update(done)
+    assert [(bar.total, bar.n) for bar in _Bar.made] == [(450, counted)]

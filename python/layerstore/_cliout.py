@@ -77,14 +77,20 @@ def print_table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset
 
 @contextmanager
 def progress_bar(
-    description: str, total: int | Callable[[], int | None] | None, enabled: bool
+    description: str,
+    total: int | Callable[[], int | None] | None,
+    enabled: bool,
+    *,
+    parts: bool = False,
 ) -> Iterator[Callable[[int], None] | None]:
     """Yield a ``progress(bytes_done)`` callback drawing a tqdm bar on stderr, or None.
 
     With a `total` the bar shows a percentage and an ETA; a callable `total` is called only
-    when a bar is drawn (it may cost a little). No bar without a terminal on stderr (or without
-    tqdm). Units are binary, as everywhere else in the CLI: tqdm scales by 1024 and prints
-    "Mi" + "B".
+    when a bar is drawn (it may cost a little). With `parts`, the work is done in parts (one
+    layer after another) that each count from zero: a count below the last one starts a new
+    part. Without it, a lower count (threads reporting out of order) is ignored. No bar without
+    a terminal on stderr (or without tqdm). Units are binary, as everywhere else in the CLI:
+    tqdm scales by 1024 and prints "Mi" + "B".
     """
     if not enabled or sys.stderr is None or not sys.stderr.isatty():
         yield None
@@ -111,13 +117,18 @@ def progress_bar(
         if total
         else "{desc}: {n_fmt}{unit} [{elapsed}, {rate_fmt}]",
     )
-    last = 0
+    before = last = 0
 
     def update(done: int) -> None:
-        nonlocal last
-        if done > last:
-            bar.update(done - last)
-            last = done
+        nonlocal before, last
+        if done < last:
+            if not parts:
+                return
+            before += last
+        shown = bar.n
+        last = done
+        if before + done > shown:
+            bar.update(before + done - shown)
 
     try:
         yield update

@@ -294,7 +294,8 @@ def cmd_export_image(args: argparse.Namespace) -> int:
     tag = args.tag or args.layer
     if args.dest == "-":
         raise CliError(f"--format {args.format} writes a file or directory, not standard output")
-    with progress_bar(args.layer, None, args.progress) as progress:
+    total = sum(layer.size for layer in image.layers)
+    with progress_bar(args.layer, total, args.progress, parts=True) as progress:
         if args.format == "oci":
             digest = store.export_oci(
                 image, args.dest, tag=tag, compression=args.compression, progress=progress
