@@ -885,3 +885,32 @@ def test_write_image_records_a_config_over_stored_layers(
         store.write_image(made, json.dumps(wrong).encode(), tag="bad")
     with pytest.raises(ls.NotFoundError):
         store.get("bad")
+
+
+def test_a_bare_stack_takes_a_config_only_while_its_layers_have_one(
+    store: ls.Store, made: ls.Stack
+) -> None:
+    """Untagged, a stack of layers has the config recorded for them while there is one; once a
+    config-only image (a build of ENV/CMD lines) shares the layers, a bare stack is neither."""
+    diff_ids = [layer.diff_id for layer in made.layers]
+
+    def config(cmd: str) -> bytes:
+        doc = {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": [cmd]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+        return json.dumps(doc).encode()
+
+    first = store.write_image(made, config("/first"), tag="first")
+    assert store.stack(made.layers).config_digest == first.config_digest
+    again = store.write_image(made, config("/first"), tag="again")
+    assert again.config_digest == first.config_digest
+    assert store.stack(made.layers).config_digest == first.config_digest
+    second = store.write_image(made, config("/second"), tag="second")
+    bare = store.stack(made.layers)
+    assert bare.config_digest is None and bare.digest is None
+    # Tags still name their own images.
+    assert store.get("first").config_digest == first.config_digest
+    assert store.get("second").config_digest == second.config_digest

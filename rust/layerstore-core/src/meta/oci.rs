@@ -35,13 +35,18 @@ pub fn image_for_ref(
         .optional()?)
 }
 
-/// The latest image recorded for a ChainID.
-pub fn latest_image(conn: &Connection, chain_id: &str) -> Result<Option<ImageDigests>> {
+/// The image recorded for a ChainID when every image recorded for it has one config (the
+/// latest manifest of it: they differ only in how layers are compressed); None when images of
+/// different configs share the layers (a config-only build over an image): a bare stack of
+/// those layers is none of them.
+pub fn sole_image(conn: &Connection, chain_id: &str) -> Result<Option<ImageDigests>> {
     Ok(conn
         .query_row(
             "SELECT i.manifest, i.config, b.media_type FROM oci_images i
              JOIN oci_blobs b ON b.digest = i.manifest
-             WHERE i.chain_id = ?1 ORDER BY i.id DESC LIMIT 1",
+             WHERE i.chain_id = ?1
+               AND (SELECT COUNT(DISTINCT config) FROM oci_images WHERE chain_id = ?1) = 1
+             ORDER BY i.id DESC LIMIT 1",
             [chain_id],
             digests_row,
         )

@@ -9,7 +9,8 @@ impl Store {
         meta::oci::image_for_ref(&*self.conn()?, name, chain_id)
     }
 
-    /// The manifest and config recorded for `stack` (its own, else the latest for its ChainID).
+    /// The manifest and config recorded for `stack`: its own (a tag's), else the one recorded
+    /// for its ChainID when all images of those layers have one config.
     pub fn image_digests(&self, stack: &Stack) -> Result<Option<ImageDigests>> {
         if let Some(d) = &stack.image {
             return Ok(Some(d.clone()));
@@ -17,7 +18,7 @@ impl Store {
         if stack.layers.is_empty() {
             return Ok(None);
         }
-        meta::oci::latest_image(&*self.conn()?, &stack.chain_id)
+        meta::oci::sole_image(&*self.conn()?, &stack.chain_id)
     }
 
     /// A manifest or config the store recorded for an image, byte for byte: (media type, data).
