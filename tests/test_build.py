@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -393,5 +394,19 @@ def test_from_a_registry_reference_pulls_the_image(tmp_path: Path) -> None:
         with pytest.raises(ls.NotFoundError):
             store.get("never")
         assert store.mounts() == []
+        # The command line passes its registry options to the pull: the plain-HTTP registry
+        # needs --tls-verify false, and without it the pull (so the build) fails.
+        (ctx / "Dockerfile").write_text(f"FROM {registry.host}/tiny:v1\nCOPY a.txt /b\n")
+        cli = [sys.executable, "-m", "layerstore", "--store", str(tmp_path / "cli")]
+        refused = subprocess.run([*cli, "build", "-q", "-t", "c", str(ctx)], capture_output=True)
+        assert refused.returncode == 1 and b"pulling it failed" in refused.stderr
+        done = subprocess.run(
+            [*cli, "build", "-q", "--tls-verify", "false", "-t", "c", str(ctx)],
+            capture_output=True,
+            check=True,
+        )
+        built = ls.Store(tmp_path / "cli").get("c")
+        assert built.digest is not None and done.stdout.decode().strip() == built.digest
+        assert built.read_bytes("/base.txt") == b"from the registry\n"
     finally:
         registry.stop()

@@ -16,7 +16,8 @@ from typing import Any
 from layerstore._build import build
 from layerstore._cliimages import key_value
 from layerstore._cliout import print_json, short_digest
-from layerstore._clistore import resolve_image, store_from
+from layerstore._cliregistry import add_registry_options, pull_options
+from layerstore._clistore import open_store, resolve_image, store_from
 from layerstore._run import run
 
 __all__ = ["add_run_parsers", "cmd_build", "cmd_run"]
@@ -44,8 +45,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """``layerstore build [-f FILE] [-t TAG] [--build-arg K=V] [--target STAGE] CONTEXT``."""
-    store = store_from(args)
+    """``layerstore build [-f FILE] [-t TAG] [--build-arg K=V] [--target STAGE] CONTEXT``.
+
+    Like ``import`` and ``pull``, a build makes the store when there is none yet."""
+    store = open_store(args.store, create=True)
     say: Callable[[str], object] = (
         (lambda line: print(line, file=sys.stderr)) if not args.quiet else (lambda _line: None)
     )
@@ -57,6 +60,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         build_args=dict(args.build_arg),
         target=args.target,
         progress=say,
+        pull_options=pull_options(args),
     )
     if args.json:
         print_json({"digest": image.digest, "chain_id": image.chain_id, "tag": args.tag})
@@ -120,4 +124,5 @@ def add_run_parsers(add: Callable[..., Any]) -> None:
     )
     p.add_argument("--target", default=None, metavar="STAGE", help="stop at this stage")
     p.add_argument("-q", "--quiet", action="store_true", help="no step lines on stderr")
+    add_registry_options(p)  # for FROM images the store lacks, pulled from their registry
     p.add_argument("context", metavar="CONTEXT", help="the build context directory")

@@ -50,6 +50,7 @@ from layerstore._cliout import (
     short_digest,
     warn,
 )
+from layerstore._cliregistry import add_registry_options, creds
 from layerstore._clirun import add_run_parsers
 from layerstore._clistore import (
     PROG,
@@ -791,26 +792,6 @@ _IMAGE_HELP = (
 )
 
 
-def _bool(text: str) -> bool:
-    """``true``/``false`` (as skopeo spells ``--tls-verify=false``)."""
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-
-
-def _creds(args: argparse.Namespace) -> tuple[str, str] | None:
-    """``--creds USER:PASSWORD`` as the (user, password) pair the API takes."""
-    if args.creds is None:
-        return None
-    user, sep, password = args.creds.partition(":")
-    if not sep or not user:
-        raise CliError("--creds takes USER:PASSWORD")
-    return user, password
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
     """``layerstore pull REF``: an image from a registry into the store, tagged REF."""
     store = open_store(args.store, create=True)
@@ -818,7 +799,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         image = store.pull(
             args.ref,
             platform=args.platform,
-            auth=_creds(args),
+            auth=creds(args),
             tls_verify=args.tls_verify,
             progress=progress,
         )
@@ -842,7 +823,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             image,
             args.ref,
             compression=compression,
-            auth=_creds(args),
+            auth=creds(args),
             tls_verify=args.tls_verify,
             progress=progress,
         )
@@ -1265,22 +1246,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_mount_parsers(command)
     add_run_parsers(command)
 
-    def registry_options(p: argparse.ArgumentParser, creds: bool = True) -> None:
-        p.add_argument(
-            "--tls-verify",
-            type=_bool,
-            default=True,
-            metavar="BOOL",
-            help="verify TLS certificates; false also allows plain HTTP (default true)",
-        )
-        if creds:
-            p.add_argument(
-                "--creds",
-                metavar="USER:PASSWORD",
-                default=None,
-                help="credentials (default: the auth files podman and docker write)",
-            )
-
     p = command(
         "pull",
         cmd_pull,
@@ -1291,7 +1256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ref", metavar="REF", help="the image: host[:port]/repo[:tag][@digest]")
     p.add_argument("--platform", metavar="OS/ARCH", default=None, help="default: this machine's")
-    registry_options(p)
+    add_registry_options(p)
 
     p = command(
         "push",
@@ -1308,7 +1273,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="gzip",
         help="layer compression (keep: an imported image's own blobs; default gzip)",
     )
-    registry_options(p)
+    add_registry_options(p)
 
     p = command(
         "analyze",
@@ -1378,7 +1343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-u", "--username", required=True, help="the user name")
     p.add_argument("-p", "--password", default=None, help="prefer --password-stdin")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    registry_options(p, creds=False)
+    add_registry_options(p, creds=False)
 
     p = command(
         "logout",
