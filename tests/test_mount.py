@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -303,3 +304,90 @@ def test_cli_mount_umount_commit(store: ls.Store, tmp_path: Path, backend: str) 
         time.sleep(0.1)
     assert store.mounts() == []
     assert cli(store, "umount", str(target)).returncode != 0
+
+
+USER_HOLDER = textwrap.dedent(
+    """
+    import os, sys
+    import layerstore as ls
+    store = ls.Store(sys.argv[1])
+    m = store.mount(store.get("img"), sys.argv[2], backend="fuse")
+    # Closed before saying so: this process serves the mount too, and a kill while it waits
+    # on its own server (the close's FLUSH) would leave it stuck in the kernel.
+    with open(os.path.join(m.path, "b", "c"), "rb") as f:
+        data = f.read().decode()
+    print(data, os.getuid(), flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def as_nobody(*argv: str, env: dict[str, str]) -> list[str]:
+    """`argv` run as user nobody with only `env`."""
+    user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+    return [*user, "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
+
+
+def user_python(env: dict[str, str]) -> str:
+    """A Python >= 3.11 that user nobody may run and that imports this layerstore (the venv's
+    may live under /root)."""
+    check = "import sys, layerstore; assert sys.version_info >= (3, 11)"
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        probe = subprocess.run(as_nobody(candidate, "-c", check, env=env), capture_output=True)
+        if probe.returncode == 0:
+            return candidate
+    pytest.fail("no Python >= 3.11 runnable by nobody (Debian's python3 is one)")
+
+
+def test_an_unprivileged_user_mounts_with_fuse_and_a_kill_unmounts() -> None:
+    """Not root: fusermount3 mounts for the user (no allow_other, which fuse.conf does not
+    grant users), the user reads through it, and after a SIGKILL of the user's process the
+    user's next gc unmounts what it left (fusermount3's watchdog cannot: it checks the dead
+    mount as root, whom a mount without allow_other turns away)."""
+    # The device as Debian's udev leaves it (0666); some containers make it root-only.
+    mode = os.stat("/dev/fuse").st_mode & 0o777
+    os.chmod("/dev/fuse", 0o666)
+    top = Path(tempfile.mkdtemp(prefix="ls-user-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        store = ls.Store(top / "store")
+        store.tag(store.stack([store.import_tar(tar_of({"a": b"1", "b/c": b"user"}))]), "img")
+        (top / "mnt").mkdir()
+        subprocess.run(["chown", "-R", "nobody:nogroup", str(top)], check=True)
+        package = str(Path(ls.__file__).resolve().parent.parent)
+        env = {"PYTHONPATH": package, "HOME": str(top), "PATH": os.environ["PATH"]}
+        argv = [user_python(env), "-c", USER_HOLDER, str(top / "store"), str(top / "mnt")]
+        proc = subprocess.Popen(
+            as_nobody(*argv, env=env),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["user"], proc.stderr.read() if proc.stderr else line
+        assert int(line[1]) != 0
+        mounted = [t for t, _ in mounted_sources() if t == str(top / "mnt")]
+        assert mounted == [str(top / "mnt")]
+        # Root may not enter a user's mount that does not allow others: it is the user's alone.
+        with pytest.raises(PermissionError):
+            os.listdir(top / "mnt")
+        proc.kill()
+        proc.communicate(timeout=30)  # reaps it and closes the pipes
+        time.sleep(0.5)  # time for the watchdog to try (and fail)
+        assert str(top / "mnt") in (t for t, _ in mounted_sources()), "left by the kill"
+        gc = "import sys, layerstore as ls; print(ls.Store(sys.argv[1]).gc()['mounts_reaped'])"
+        reaped = subprocess.run(
+            as_nobody(argv[0], "-c", gc, str(top / "store"), env=env),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert reaped.stdout.strip() == "1"
+        assert str(top / "mnt") not in (t for t, _ in mounted_sources())
+        assert store.mounts() == []
+    finally:
+        os.chmod("/dev/fuse", mode)
+        subprocess.run(["fusermount3", "-u", "-z", str(top / "mnt")], capture_output=True)
+        shutil.rmtree(top, ignore_errors=True)

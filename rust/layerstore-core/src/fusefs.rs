@@ -115,7 +115,7 @@ impl FuseOptions {
     /// `fusermount3 -o`'s argument (without `auto_unmount`, which the helper module adds).
     fn helper_options(&self) -> String {
         let mut options: Vec<String> = self.mount_options().into_iter().map(|o| o.1).collect();
-        if self.acl() != SessionACL::Owner {
+        if self.allow_other {
             options.push("allow_other".into());
         }
         options.join(",")
@@ -357,21 +357,29 @@ fn unmount(mountpoint: &Path) -> Result<Unmounted> {
         Err(e) => return Err(Error::io(what(), e.into())),
     }
     // Not root: the setuid helper unmounts what this user mounted.
-    let helper = |args: &[&str]| {
-        let out = std::process::Command::new(FUSERMOUNT)
-            .args(args)
-            .arg("--")
-            .arg(mountpoint)
-            .output();
-        out.is_ok_and(|o| o.status.success())
-    };
-    if helper(&["-u", "-q"]) {
+    if helper_unmount(mountpoint, false) {
         Ok(Unmounted::Gone)
-    } else if helper(&["-u", "-z", "-q"]) {
+    } else if helper_unmount(mountpoint, true) {
         Ok(Unmounted::Detached)
     } else {
         Err(Error::io(what(), rustix::io::Errno::PERM.into()))
     }
+}
+
+/// `fusermount3 -u` (`lazy`: `-z`) of a FUSE mount this user made, for a process that may not
+/// unmount (not root). True when it is unmounted.
+pub(crate) fn helper_unmount(mountpoint: &Path, lazy: bool) -> bool {
+    let out = std::process::Command::new(FUSERMOUNT)
+        .args(if lazy {
+            ["-u", "-z", "-q"].as_slice()
+        } else {
+            ["-u", "-q"].as_slice()
+        })
+        .arg("--")
+        .arg(mountpoint)
+        .stdin(std::process::Stdio::null())
+        .output();
+    out.is_ok_and(|o| o.status.success())
 }
 
 /// An error saying what a FUSE mount needs and is missing (`ENOENT`).

@@ -372,6 +372,10 @@ impl Store {
                     } else {
                         source(&m.row.id)
                     },
+                    // Other users (and root) may enter a mount root makes; a user's own mount
+                    // is theirs alone (fusermount3 allows others only where fuse.conf says
+                    // `user_allow_other`).
+                    allow_other: rustix::process::geteuid().is_root(),
                     ..FuseOptions::default()
                 };
                 let fuse = FuseMount::mount(self.clone(), m.base.clone(), &at, &fuse_opts)?;

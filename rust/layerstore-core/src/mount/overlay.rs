@@ -131,14 +131,20 @@ fn path_str(p: &Path) -> Result<String> {
         .ok_or_else(|| Error::InvalidArgument(format!("{}: not a UTF-8 path", p.display())))
 }
 
-/// Unmount `target` lazily (it goes once nothing uses it).
+/// Unmount `target` lazily (it goes once nothing uses it). Without the privilege to unmount
+/// (not root), a FUSE mount of this user's goes through `fusermount3 -u -z`, as it came.
 pub(crate) fn detach(target: &Path) -> Result<()> {
-    unmount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW).map_err(|e| {
-        Error::io(
-            format!("unmounting {}", target.display()),
-            io::Error::from_raw_os_error(e.raw_os_error()),
-        )
-    })
+    let err = match unmount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    if err == rustix::io::Errno::PERM && crate::fusefs::helper_unmount(target, true) {
+        return Ok(());
+    }
+    Err(Error::io(
+        format!("unmounting {}", target.display()),
+        io::Error::from_raw_os_error(err.raw_os_error()),
+    ))
 }
 
 /// A mount as `/proc/self/mountinfo` shows it.
