@@ -805,6 +805,7 @@ pub fn parse_toc(blob: &str, compressed: &[u8], span: Span, limits: &Limits) -> 
     };
     // Each file's expected size and where its chunk list has reached.
     let mut sizes: HashMap<String, u64> = HashMap::new();
+    let mut ends: HashMap<String, u64> = HashMap::new();
     let mut current: Option<String> = None;
     for e in raw.entries {
         let is_chunk = e.kind == "chunk";
@@ -845,21 +846,27 @@ pub fn parse_toc(blob: &str, compressed: &[u8], span: Span, limits: &Limits) -> 
             (None, Some(d)) if size == file_size => d.clone(),
             _ => return Err(bad(blob, format!("a chunk of {:?} has no digest", e.name))),
         };
-        if size == 0
-            || size > limits.chunk
-            || have + size > file_size
-            || e.end_offset <= e.offset
-            || e.end_offset > data_end
-        {
+        if size == 0 || size > limits.chunk || have + size > file_size {
             return Err(bad(blob, format!("a chunk of {:?} is out of bounds", e.name)));
         }
         let blake3 = match &e.blake3 {
             Some(b) => Some(Blake3::parse(b).map_err(|_| bad(blob, "bad BLAKE3 field"))?),
             None => None,
         };
+        // A file entry's `endOffset` is where its last frame ends; each chunk's frame ends
+        // where the next chunk's begins (or at its own `endOffset`, when it has one).
+        let file_end = *ends.entry(e.name.clone()).or_insert(e.end_offset);
+        if let Some(prev) = list.last_mut() {
+            prev.end = prev.end.min(e.offset);
+        }
+        let end = if is_chunk && e.end_offset != 0 {
+            e.end_offset
+        } else {
+            file_end
+        };
         list.push(TocChunk {
             offset: e.offset,
-            end: e.end_offset,
+            end,
             size,
             sha256: sha256_bytes(blob, &digest)?,
             blake3,
@@ -869,6 +876,9 @@ pub fn parse_toc(blob: &str, compressed: &[u8], span: Span, limits: &Limits) -> 
         let have: u64 = list.iter().map(|c| c.size).sum();
         if have != sizes[name] {
             return Err(bad(blob, format!("chunks of {name:?} do not cover it")));
+        }
+        if list.iter().any(|c| c.end <= c.offset || c.end > data_end) {
+            return Err(bad(blob, format!("a frame of {name:?} is out of bounds")));
         }
     }
     Ok(toc)
