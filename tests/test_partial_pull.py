@@ -4,6 +4,7 @@ partial pulls against a real ``docker-registry`` on loopback behind a byte-count
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -135,7 +136,9 @@ def pushed(
     for tag, files in (("v1", v1_files()), ("v2", v2_files())):
         image = store.stack([store.import_tar(make_tar(files))])
         for repo, compression in (("part/c", "zstd:chunked"), ("part/g", "gzip")):
-            store.push(image, f"{module_proxy.host}/{repo}:{tag}", compression=compression, **NO_TLS)
+            store.push(
+                image, f"{module_proxy.host}/{repo}:{tag}", compression=compression, **NO_TLS
+            )
             out[f"{repo}:{tag}"] = get_manifest(module_proxy.host, repo, tag)
     return out
 
@@ -150,7 +153,8 @@ def read_chunked(blob: bytes) -> tuple[dict[str, Any], list[dict[str, Any]], dic
     assert (magic, size) == (SKIPPABLE, 64)
     fields = struct.unpack("<8Q", blob[-64:])
     assert fields[3] == 1 and fields[7] == FOOTER_MAGIC
-    pos = dict(zip(("toc", "toc_len", "toc_size", "_", "ts", "ts_len", "ts_size"), fields))
+    names = ("toc", "toc_len", "toc_size", "_", "ts", "ts_len", "ts_size", "magic")
+    pos = dict(zip(names, fields, strict=True))
     for key in ("toc", "ts"):
         # Each metadata frame sits in a skippable frame whose header precedes its position.
         head = blob[pos[key] - 8 : pos[key]]
@@ -215,7 +219,6 @@ def test_a_pushed_zstd_chunked_layer_decompresses_to_the_exact_tar_and_its_toc_c
     if ZSTD:
         plain = subprocess.run([ZSTD, "-dc"], input=blob, capture_output=True, check=True).stdout
         assert plain == tar, "zstd -d gives the layer's tar byte for byte"
-    assert zstandard.ZstdDecompressor().decompressobj().decompress(blob) != b"" or not tar
 
     toc, lines, pos = read_chunked(blob)
     ann = layer["annotations"]
@@ -240,7 +243,7 @@ def test_a_pushed_zstd_chunked_layer_decompresses_to_the_exact_tar_and_its_toc_c
     rebuilt = bytearray()
     for line in lines:
         if line["type"] == 2:
-            rebuilt += __import__("base64").b64decode(line["payload"])
+            rebuilt += base64.b64decode(line["payload"])
         elif line.get("size"):
             rebuilt += contents[line["name"]]
     assert bytes(rebuilt) == tar
@@ -363,7 +366,8 @@ def test_a_corrupt_frame_is_an_integrity_error_and_nothing_is_stored(
     proxy: Proxy, pushed: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
     store = pull_v1(proxy, tmp_path)
-    toc_at = int(pushed["part/c:v2"]["layers"][0]["annotations"][ANN + "manifest-position"].split(":")[0])
+    annotations = pushed["part/c:v2"]["layers"][0]["annotations"]
+    toc_at = int(annotations[ANN + "manifest-position"].split(":")[0])
     flipped = []
 
     def flip(range_header: str | None, status: int, data: bytes) -> bytes:

@@ -521,7 +521,8 @@ fn fetch_all(
                 &stats,
                 &report,
             )
-            .map_err(|e| blame_blob(source, blob, e))?;
+            // Not `blame_blob`: its remedy re-downloads the whole blob to hash it.
+            ?;
             if let super::partial::Partial::Done(f) = partial {
                 return Ok(f);
             }
