@@ -389,7 +389,9 @@ impl Store {
                 gz.finish().ctx(|| "finishing the gzip stream".into())?;
                 Ok(())
             }
-            Rebuild::ZstdChunked => zstd_chunked::write_layer(self, info, out, progress).map(|_| ()),
+            Rebuild::ZstdChunked => {
+                zstd_chunked::write_layer(self, info, out, progress).map(|_| ())
+            }
             Rebuild::Kept => Err(Error::InvalidArgument(
                 "a kept blob is copied, not rebuilt".into(),
             )),

@@ -213,7 +213,8 @@ impl<'w> Framer<'w> {
                 self.buf.len()
             )));
         }
-        self.flush_batch().map_err(|e| Error::io("writing a blob", e))?;
+        self.flush_batch()
+            .map_err(|e| Error::io("writing a blob", e))?;
         let ts_json = tar_split_json(entries, split, &self.crcs);
         let ts_z = compress_meta(&ts_json)?;
         // The tar-split's digest goes into the TOC, so the manifest checksum covers it.
@@ -295,7 +296,12 @@ impl<'w> Framer<'w> {
         // Each entry's frames: (offset, end, chunk offset, len, sha256, BLAKE3).
         let mut frames: HashMap<u32, Vec<(u64, u64, u64, u32, [u8; 32], Blake3)>> = HashMap::new();
         for (p, (off, len, sha)) in self.pieces.iter().zip(&self.placed) {
-            if let Piece::Chunk { entry, index, len: n } = *p {
+            if let Piece::Chunk {
+                entry,
+                index,
+                len: n,
+            } = *p
+            {
                 let list = frames.entry(entry).or_default();
                 let at = list.last().map_or(0, |l| l.2 + u64::from(l.3));
                 let b3 = entries[entry as usize].chunks[index as usize].digest;
@@ -412,7 +418,9 @@ impl Write for Framer<'_> {
         }
         self.buf.drain(..start);
         if self.next == self.pieces.len() && !self.buf.is_empty() {
-            return Err(io::Error::other("zstd:chunked: the tar is longer than its recipe"));
+            return Err(io::Error::other(
+                "zstd:chunked: the tar is longer than its recipe",
+            ));
         }
         Ok(data.len())
     }
@@ -564,7 +572,11 @@ fn crc64_update(crc: u64, data: &[u8]) -> u64 {
 /// digest the store recorded for a layer, so a re-push finds the registry has it). Returns
 /// whether the manifest is synthesised (and so takes the blobs' annotations).
 pub(crate) fn plan(store: &Store, plan: &mut super::ImagePlan) -> Result<bool> {
-    if plan.head.manifest.is_some() && plan.blobs.iter().all(|b| b.how == super::Rebuild::ZstdChunked)
+    if plan.head.manifest.is_some()
+        && plan
+            .blobs
+            .iter()
+            .all(|b| b.how == super::Rebuild::ZstdChunked)
     {
         return Ok(false);
     }
@@ -575,9 +587,7 @@ pub(crate) fn plan(store: &Store, plan: &mut super::ImagePlan) -> Result<bool> {
         b.how = super::Rebuild::ZstdChunked;
         b.media_type = super::LAYER_ZSTD.to_string();
         b.digest = crate::meta::chunked::layer_blob(&conn, &b.info.id.to_string(), REBUILD)?
-            .filter(|d| {
-                crate::meta::chunked::annotations(&conn, d).is_ok_and(|a| a.is_some())
-            });
+            .filter(|d| crate::meta::chunked::annotations(&conn, d).is_ok_and(|a| a.is_some()));
     }
     Ok(true)
 }
@@ -664,7 +674,10 @@ pub fn positions_from_annotations(
     };
     let nums = |s: &str| -> Result<Vec<u64>> {
         s.split(':')
-            .map(|n| n.parse::<u64>().map_err(|_| bad(blob, format!("bad position {s:?}"))))
+            .map(|n| {
+                n.parse::<u64>()
+                    .map_err(|_| bad(blob, format!("bad position {s:?}")))
+            })
             .collect()
     };
     let t = nums(toc)?;
@@ -789,8 +802,7 @@ pub fn parse_toc(blob: &str, compressed: &[u8], span: Span, limits: &Limits) -> 
     }
     let json = decompress_bounded(compressed, limits.toc, Some(span.uncompressed))
         .map_err(|e| bad(blob, format!("TOC: {e}")))?;
-    let raw: RawToc =
-        serde_json::from_slice(&json).map_err(|e| bad(blob, format!("TOC: {e}")))?;
+    let raw: RawToc = serde_json::from_slice(&json).map_err(|e| bad(blob, format!("TOC: {e}")))?;
     if raw.version != 1 {
         return Err(bad(blob, format!("TOC version {}", raw.version)));
     }
@@ -847,7 +859,10 @@ pub fn parse_toc(blob: &str, compressed: &[u8], span: Span, limits: &Limits) -> 
             _ => return Err(bad(blob, format!("a chunk of {:?} has no digest", e.name))),
         };
         if size == 0 || size > limits.chunk || have + size > file_size {
-            return Err(bad(blob, format!("a chunk of {:?} is out of bounds", e.name)));
+            return Err(bad(
+                blob,
+                format!("a chunk of {:?} is out of bounds", e.name),
+            ));
         }
         let blake3 = match &e.blake3 {
             Some(b) => Some(Blake3::parse(b).map_err(|_| bad(blob, "bad BLAKE3 field"))?),
@@ -950,8 +965,7 @@ pub fn positions_from_footer(blob: &str, suffix: &[u8], size: u64) -> Result<Pos
     let f = &suffix[n - FOOTER_LEN as usize..];
     let u = |i: usize| u64::from_le_bytes(f[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes"));
     let magic = u32::from_le_bytes(f[..4].try_into().expect("4 bytes"));
-    if magic & 0xffff_fff0 != SKIPPABLE_MAGIC || u(7) != FOOTER_MAGIC || u(3) != MANIFEST_TYPE_TOC
-    {
+    if magic & 0xffff_fff0 != SKIPPABLE_MAGIC || u(7) != FOOTER_MAGIC || u(3) != MANIFEST_TYPE_TOC {
         return Err(bad(blob, "not a zstd:chunked footer"));
     }
     let p = Positions {
@@ -1006,7 +1020,10 @@ mod tests {
     fn crc64_iso_matches_go() {
         // Go: crc64.Checksum([]byte("hello"), crc64.MakeTable(crc64.ISO)) == 0x3c3eeee2d8100000
         assert_eq!(crc64_update(0, b"hello"), 0x3c3e_eee2_d810_0000);
-        assert_eq!(crc64_update(crc64_update(0, b"hel"), b"lo"), 0x3c3e_eee2_d810_0000);
+        assert_eq!(
+            crc64_update(crc64_update(0, b"hel"), b"lo"),
+            0x3c3e_eee2_d810_0000
+        );
         assert_eq!(crc64_update(0, b""), 0);
     }
 
@@ -1019,7 +1036,9 @@ mod tests {
     #[test]
     fn positions_outside_the_blob_are_refused() {
         let a = json!({MANIFEST_POSITION: "10:20:30:1", TARSPLIT_POSITION: "40:5:6"});
-        assert!(positions_from_annotations(Some(&a), "b", 45).unwrap().is_some());
+        assert!(positions_from_annotations(Some(&a), "b", 45)
+            .unwrap()
+            .is_some());
         assert!(positions_from_annotations(Some(&a), "b", 44).is_err());
         let a = json!({MANIFEST_POSITION: "10:20:30:2", TARSPLIT_POSITION: "40:5:6"});
         assert!(positions_from_annotations(Some(&a), "b", 99).is_err());

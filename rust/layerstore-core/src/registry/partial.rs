@@ -95,8 +95,16 @@ pub(crate) fn pull_layer(
     };
     check_digest(&format!("zstd:chunked TOC of {blob}"), &toc_digest, &toc_z)?;
     let toc = zstd_chunked::parse_toc(&blob, &toc_z, pos.toc, &limits)?;
-    if let Some(expected) = toc.tar_split_digest.as_ref().or(pos.tar_split_digest.as_ref()) {
-        check_digest(&format!("zstd:chunked tar-split of {blob}"), expected, &split_z)?;
+    if let Some(expected) = toc
+        .tar_split_digest
+        .as_ref()
+        .or(pos.tar_split_digest.as_ref())
+    {
+        check_digest(
+            &format!("zstd:chunked tar-split of {blob}"),
+            expected,
+            &split_z,
+        )?;
     }
     let items = zstd_chunked::parse_tar_split(&blob, &split_z, pos.tar_split, &limits)?;
     let plan = Plan::new(store, &blob, &toc, items)?;
@@ -356,10 +364,7 @@ fn fetch_metadata(
         (pos.toc.offset, pos.toc.end()),
         (pos.tar_split.offset, pos.tar_split.end()),
     ];
-    let (lo, hi) = (
-        ranges[0].0.min(ranges[1].0),
-        ranges[0].1.max(ranges[1].1),
-    );
+    let (lo, hi) = (ranges[0].0.min(ranges[1].0), ranges[0].1.max(ranges[1].1));
     // Adjacent as our writer puts them: one range; else two.
     let asked: Vec<Range> = if hi - lo <= pos.toc.len + pos.tar_split.len + GAP {
         vec![(lo, hi)]
@@ -415,10 +420,10 @@ fn fetch_frames(
                 let bytes = &data[(f.offset - r.0) as usize..(f.end - r.0) as usize];
                 let content = zstd_chunked::decompress_bounded(bytes, limits.chunk, Some(f.size))
                     .map_err(|e| Error::DigestMismatch {
-                        what: format!("frame at {} of {path}: {e}", f.offset),
-                        expected: crate::digest::sha256_string(&f.sha256),
-                        found: "undecodable".into(),
-                    })?;
+                    what: format!("frame at {} of {path}: {e}", f.offset),
+                    expected: crate::digest::sha256_string(&f.sha256),
+                    found: "undecodable".into(),
+                })?;
                 let sha: [u8; 32] = Sha256::digest(&content).into();
                 if sha != f.sha256 {
                     return Err(Error::DigestMismatch {
@@ -596,9 +601,8 @@ fn read_multipart(
                 }
             }
         }
-        let r = range.ok_or_else(|| {
-            io_err(io::Error::other("a multipart part without Content-Range"))
-        })?;
+        let r = range
+            .ok_or_else(|| io_err(io::Error::other("a multipart part without Content-Range")))?;
         if r.1 - r.0 > MAX_RANGE.max(2 * zstd_chunked::Limits::default().chunk) {
             return Err(io_err(io::Error::other("a multipart part too large")));
         }
@@ -720,7 +724,11 @@ mod tests {
 
     #[test]
     fn close_frames_merge_and_far_ones_do_not() {
-        let frames = [frame(100, 200), frame(0, 50), frame(200 + GAP + 1, 300 + GAP)];
+        let frames = [
+            frame(100, 200),
+            frame(0, 50),
+            frame(200 + GAP + 1, 300 + GAP),
+        ];
         let m = merge(&frames);
         assert_eq!(m.len(), 2);
         assert_eq!(m[0], ((0, 200), vec![1, 0]));
@@ -747,7 +755,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(got, vec![((0, 3), b"abc".to_vec()), ((5, 7), b"fg".to_vec())]);
+        assert_eq!(
+            got,
+            vec![((0, 3), b"abc".to_vec()), ((5, 7), b"fg".to_vec())]
+        );
         let cut = &body[..40];
         assert!(read_multipart(&mut &cut[..], "b", &mut |_, _| Ok(())).is_err());
     }

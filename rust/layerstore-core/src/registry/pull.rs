@@ -511,6 +511,8 @@ fn fetch_all(
         };
         let zstd = d.media_type.as_deref().and_then(layer_compression) == Some(Compression::Zstd);
         if zstd && annotations.is_some() {
+            // Its errors are not passed through `blame_blob`, whose remedy re-downloads the
+            // whole blob to hash it.
             let partial = super::partial::pull_layer(
                 store,
                 staging,
@@ -520,9 +522,7 @@ fn fetch_all(
                 diff_id,
                 &stats,
                 &report,
-            )
-            // Not `blame_blob`: its remedy re-downloads the whole blob to hash it.
-            ?;
+            )?;
             if let super::partial::Partial::Done(f) = partial {
                 return Ok(f);
             }

@@ -356,7 +356,11 @@ fn upload_layer(ctx: &LayerUploads<'_>, p: &BlobPlan) -> Result<(String, u64)> {
 }
 
 /// Write layer blob `p` as zstd:chunked, keeping what the manifest and the record need.
-fn write_chunked(ctx: &LayerUploads<'_>, p: &BlobPlan, out: &mut dyn Write) -> Result<(String, u64)> {
+fn write_chunked(
+    ctx: &LayerUploads<'_>,
+    p: &BlobPlan,
+    out: &mut dyn Write,
+) -> Result<(String, u64)> {
     let w = zstd_chunked::write_layer(ctx.store, &p.info, out, ctx.progress)?;
     if let Some(expected) = &p.digest {
         if *expected != w.digest {
