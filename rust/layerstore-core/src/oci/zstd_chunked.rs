@@ -101,8 +101,11 @@ pub struct Written {
     pub size: u64,
     pub annotations: BTreeMap<String, String>,
     /// (sha256, BLAKE3) of every content chunk, for the store's sha256 index.
-    pub chunk_digests: Vec<([u8; 32], Blake3)>,
+    pub chunk_digests: Vec<ChunkDigests>,
 }
+
+/// A chunk's sha256 (as the TOC names it) and BLAKE3 (as the store names it).
+pub type ChunkDigests = ([u8; 32], Blake3);
 
 /// One piece of the tar, in order: a run of raw bytes or one content chunk.
 #[derive(Clone, Copy, Debug)]
@@ -293,8 +296,7 @@ impl<'w> Framer<'w> {
     /// The TOC: one entry per tar entry (in tar order), plus a `chunk` entry per content chunk
     /// after the first.
     fn toc(&self, entries: &[Entry]) -> Value {
-        // Each entry's frames: (offset, end, chunk offset, len, sha256, BLAKE3).
-        let mut frames: HashMap<u32, Vec<(u64, u64, u64, u32, [u8; 32], Blake3)>> = HashMap::new();
+        let mut frames: HashMap<u32, Vec<FrameOf>> = HashMap::new();
         for (p, (off, len, sha)) in self.pieces.iter().zip(&self.placed) {
             if let Piece::Chunk {
                 entry,
@@ -392,10 +394,13 @@ impl<'w> Framer<'w> {
     }
 }
 
+/// A content frame of an entry: (offset, end, chunk offset, len, sha256, BLAKE3).
+type FrameOf = (u64, u64, u64, u32, [u8; 32], Blake3);
+
 /// What [`Framer::finish`] knows; the caller adds the blob's digest and size.
 pub struct Written0 {
     pub annotations: BTreeMap<String, String>,
-    pub chunk_digests: Vec<([u8; 32], Blake3)>,
+    pub chunk_digests: Vec<ChunkDigests>,
 }
 
 impl Write for Framer<'_> {

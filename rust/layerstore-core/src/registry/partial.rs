@@ -41,12 +41,14 @@ use crate::oci::zstd_chunked::{self, Limits, Positions, SplitItem, Toc, TocChunk
 use crate::oci::{Descriptor, FetchedLayer, LayerBlob, Rebuild, Staging, WantedBlob};
 use crate::store::{Progress, Store};
 
-/// Frames closer than this are fetched in one range.
-pub const GAP: u64 = 32 << 10;
+/// Frames closer than this are fetched in one range. Small, since a bridged gap is paid in
+/// bytes while an extra range costs only a part header and rides in a request with up to
+/// [`MAX_RANGES`] others.
+pub const GAP: u64 = 4 << 10;
 /// Largest merged range (one range is read whole into memory to be checked).
 pub const MAX_RANGE: u64 = 8 << 20;
 /// Most ranges in one request (keeps the `Range` header well under servers' header limits).
-pub const MAX_RANGES: usize = 64;
+pub const MAX_RANGES: usize = 128;
 /// When more than this share of the blob's bytes would be fetched, pull it plainly.
 pub const FALLBACK_SHARE: f64 = 0.85;
 /// Range requests in flight at once.
@@ -54,8 +56,8 @@ const JOBS: usize = 4;
 
 /// What a partial pull did (or why it did not happen).
 pub(crate) enum Partial {
-    /// The layer, imported.
-    Done(FetchedLayer),
+    /// The layer, imported (boxed: the other variant is empty).
+    Done(Box<FetchedLayer>),
     /// Pull the blob plainly instead (the module head says when).
     Fallback,
 }
@@ -157,15 +159,15 @@ pub(crate) fn pull_layer(
                 .unwrap_or_default();
             crate::meta::chunked::put_annotations(&conn, &blob, &annotations)?;
             let info = fetched.info.clone();
-            return Ok(Partial::Done(fetched.rebuilt_as(LayerBlob {
+            return Ok(Partial::Done(Box::new(fetched.rebuilt_as(LayerBlob {
                 digest: blob.clone(),
                 layer: info.id.to_string(),
                 compression: "zstd",
                 size: d.size,
                 rebuild: Rebuild::ZstdChunked,
-            })));
+            }))));
         }
-        Ok(Partial::Done(fetched))
+        Ok(Partial::Done(Box::new(fetched)))
     })();
     let _ = std::fs::remove_file(&spool_path);
     result
@@ -402,7 +404,7 @@ fn fetch_frames(
     spool: &File,
     limits: &Limits,
     stats: &PartialStats,
-) -> Result<Option<Vec<([u8; 32], Blake3)>>> {
+) -> Result<Option<Vec<zstd_chunked::ChunkDigests>>> {
     let merged = merge(&plan.remote);
     let requests: Vec<&[(Range, Vec<usize>)]> = merged.chunks(MAX_RANGES).collect();
     let fresh = Mutex::new(Vec::with_capacity(plan.remote.len()));

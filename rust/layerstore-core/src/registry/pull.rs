@@ -524,7 +524,7 @@ fn fetch_all(
                 &report,
             )?;
             if let super::partial::Partial::Done(f) = partial {
-                return Ok(f);
+                return Ok(*f);
             }
         }
         staging
