@@ -10,8 +10,9 @@ A store holding v1 (pulled) then pulls v2:
   reader that reuses whole files fetches). Also the compressed size of the v2 chunks that v1
   lacks (the floor for any chunk-level reader).
 - blob sizes: the zstd:chunked blob of each tar against ``gzip -6`` and ``zstd -3`` of it.
-- time on loopback: the partial pull against a full pull of the gzip image, each into a copy of
-  the store holding v1 (a constrained link with ``tc netem`` is not set up here).
+- time on loopback, and through the proxy throttled to 100 Mbit/s (bandwidth only: no added
+  delay; a ``tc netem`` link is not set up here): the partial pull against a full pull of the
+  gzip image, each into a copy of the store holding v1.
 """
 
 from __future__ import annotations
@@ -168,5 +169,32 @@ def test_partial_pull_time_vs_full_pull_on_loopback(setup: dict[str, Any]) -> No
     p, f = sorted(partial)[ROUNDS // 2], sorted(full)[ROUNDS // 2]
     report(
         f"loopback, v2 with v1 stored: partial pull {p:.2f} s, full gzip pull {f:.2f} s "
+        f"({f / p:.2f}x)"
+    )
+
+
+def test_partial_pull_time_vs_full_pull_on_a_throttled_link(setup: dict[str, Any]) -> None:
+    """The proxy sends each blob body at 100 Mbit/s (no added delay: not `tc netem`). It throttles
+    each answer, not the link: the partial pull's parallel range requests get 100 Mbit/s each
+    (for about 6 MB of ranges here, at most ~0.4 s it would otherwise spend)."""
+    ls, proxy, root = setup["ls"], setup["proxy"], setup["root"]
+    work = root / "throttled"
+
+    def fresh() -> None:
+        fresh_copy(setup["v1"], work)
+
+    def pull(repo: str) -> None:
+        ls.Store(work).pull(f"{proxy.host}/{repo}:v2", **NO_TLS)
+
+    proxy.reset()
+    proxy.throttle = 100e6 / 8
+    try:
+        partial = time_rounds(lambda: pull("b/c"), setup=fresh, rounds=ROUNDS)
+        full = time_rounds(lambda: pull("b/g"), setup=fresh, rounds=ROUNDS)
+    finally:
+        proxy.throttle = None
+    p, f = sorted(partial)[ROUNDS // 2], sorted(full)[ROUNDS // 2]
+    report(
+        f"100 Mbit/s proxy, v2 with v1 stored: partial pull {p:.2f} s, full gzip pull {f:.2f} s "
         f"({f / p:.2f}x)"
     )
