@@ -144,6 +144,10 @@ class Proxy:
         self.requests: list[tuple[str, str, int]] = []
         self.auth_schemes: Counter[str] = Counter()
         self.faults = Faults()
+        #: Drop `Range` from requests (a registry without range support answers 200).
+        self.strip_range = False
+        #: Rewrites blob bodies the registry sent: (Range asked, status, body) -> body.
+        self.mangle: Callable[[str | None, int, bytes], bytes] | None = None
         self.lock = threading.Lock()
         proxy = self
 
@@ -175,6 +179,8 @@ class Proxy:
             self.requests.clear()
             self.auth_schemes.clear()
             self.faults = Faults()
+            self.strip_range = False
+            self.mangle = None
 
     def blob_bytes_down(self) -> int:
         return self.counts["blob GET"]
@@ -206,7 +212,8 @@ class Proxy:
             h.connection.shutdown(socket.SHUT_RDWR)
             return
         conn = http.client.HTTPConnection(self.upstream, timeout=60)
-        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection",)}
+        dropped = ("connection", "range") if self.strip_range else ("connection",)
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in dropped}
         if self.add_auth:
             headers["Authorization"] = self.add_auth
         conn.request(h.command, path, body=body, headers=headers)
@@ -220,6 +227,8 @@ class Proxy:
         }
         with self.lock:
             self.requests.append((h.command, path, resp.status))
+        if self.mangle and h.command == "GET" and kind == "blob":
+            data = self.mangle(h.headers.get("Range"), resp.status, data)
         if h.command == "GET" and kind == "blob" and resp.status in (200, 206):
             with self.lock:
                 sent = len(data) // 2 if fault == "truncate" and len(data) > 1 else len(data)

@@ -219,8 +219,10 @@ class Store:
 
         `platform` (``"linux/arm64"``) picks from an index (default: this machine's); `auth` is
         ``(user, password)`` (default: the auth files podman and docker write); ``tls_verify=False``
-        also allows plain HTTP. Layers the store holds are not downloaded; every blob is
-        size- and digest-checked, and a failure leaves nothing stored or tagged. Raises
+        also allows plain HTTP. Layers the store holds are not downloaded; of a zstd:chunked
+        layer (see `push`) only the chunks the store lacks are fetched, with range requests
+        (a registry without range support gets a plain pull). Every blob is size- and
+        digest-checked, and a failure leaves nothing stored or tagged. Raises
         ``NotFoundError`` (unknown image or platform), ``PermissionError`` (401/403),
         ``IntegrityError`` (a blob that is not what the manifest says), ``OSError`` (network).
         """
@@ -240,7 +242,10 @@ class Store:
 
         Blobs the registry already has are not sent; an imported or pulled image keeps its
         manifest and blob digests when its layers already use `compression` (``None`` keeps
-        whatever they use); other layers are compressed deterministically. Errors as for `pull`.
+        whatever they use); other layers are compressed deterministically. `compression` is
+        ``"gzip"``, ``"zstd"``, ``"zstd:chunked"`` (containers/storage's seekable format, cut at
+        the store's chunk boundaries: other stores pull only the chunks they lack) or
+        ``"none"``. Errors as for `pull`.
         """
     def export_docker_archive(
         self,

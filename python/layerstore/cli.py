@@ -1269,9 +1269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF", help="where to: host[:port]/repo[:tag]")
     p.add_argument(
         "--compression",
-        choices=["gzip", "zstd", "none", "keep"],
+        choices=["gzip", "zstd", "zstd:chunked", "none", "keep"],
         default="gzip",
-        help="layer compression (keep: an imported image's own blobs; default gzip)",
+        help="layer compression (zstd:chunked: other stores pull only the chunks they lack; "
+        "keep: an imported image's own blobs; default gzip)",
     )
     add_registry_options(p)
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+pub mod chunked;
 pub mod mounts;
 pub mod oci;
 

@@ -25,9 +25,10 @@ mod export;
 mod layout;
 pub mod pgzip;
 pub mod source;
+pub mod zstd_chunked;
 
 pub(crate) use export::{merged_index, synth_manifest, OCI_LAYOUT_FILE};
-pub(crate) use export::{BlobPlan, ImageDocs};
+pub(crate) use export::{BlobPlan, ImageDocs, ImagePlan};
 #[doc(hidden)] // for `crate::fuzzing`
 pub use layout::find_image_layers;
 pub(crate) use layout::{
@@ -346,6 +347,8 @@ pub(crate) enum Rebuild {
     ParGzip,
     /// Copy the bytes kept at import (`STORE/blobs/sha256/<hex>`).
     Kept,
+    /// Write the stored layer as a zstd:chunked blob ([`zstd_chunked`]).
+    ZstdChunked,
 }
 
 impl Rebuild {
@@ -354,6 +357,7 @@ impl Rebuild {
             Rebuild::Tar(_) => "stream",
             Rebuild::ParGzip => "pgzip",
             Rebuild::Kept => "kept",
+            Rebuild::ZstdChunked => zstd_chunked::REBUILD,
         }
     }
 
@@ -362,6 +366,7 @@ impl Rebuild {
             "stream" => Ok(Rebuild::Tar(c)),
             "pgzip" => Ok(Rebuild::ParGzip),
             "kept" => Ok(Rebuild::Kept),
+            zstd_chunked::REBUILD => Ok(Rebuild::ZstdChunked),
             other => Err(Error::Corrupt(format!("unknown blob rebuild {other:?}"))),
         }
     }
@@ -383,6 +388,9 @@ impl Store {
                 self.export_tar(&info.id, &mut gz, Compression::None, progress)?;
                 gz.finish().ctx(|| "finishing the gzip stream".into())?;
                 Ok(())
+            }
+            Rebuild::ZstdChunked => {
+                zstd_chunked::write_layer(self, info, out, progress).map(|_| ())
             }
             Rebuild::Kept => Err(Error::InvalidArgument(
                 "a kept blob is copied, not rebuilt".into(),

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use layerstore_core as core;
-use layerstore_core::compress::Compression;
 use layerstore_core::registry::{ClientOptions, Credentials, PullOptions, PushOptions};
 use pyo3::prelude::*;
 
@@ -71,14 +70,14 @@ impl Store {
         ca_file: Option<PathBuf>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<String> {
-        let opts = PushOptions {
-            compression: compression
-                .map(|c| Compression::parse(Some(&c)))
-                .transpose()
-                .py()?,
+        let mut opts = PushOptions {
+            compression: None,
             client: client_options(auth, tls_verify, ca_file),
             ..PushOptions::default()
         };
+        if let Some(c) = &compression {
+            opts.set_compression(c).py()?;
+        }
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let stack = &image.get().inner;

@@ -376,12 +376,12 @@ pub(crate) struct ImagePlan {
 
 /// The JSON part of a planned export.
 pub(crate) struct ImageHead {
-    config: Vec<u8>,
+    pub config: Vec<u8>,
     /// The recorded manifest and its media type, re-emitted as is; `None`: one is synthesised
     /// over the blobs written.
-    manifest: Option<(Vec<u8>, String)>,
+    pub manifest: Option<(Vec<u8>, String)>,
     /// The recorded index entry, kept (annotations and all) with its digest and size updated.
-    descriptor: Option<Value>,
+    pub descriptor: Option<Value>,
 }
 
 /// An exported image's JSON documents and its entry in `index.json`.

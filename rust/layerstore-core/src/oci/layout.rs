@@ -44,6 +44,15 @@ pub(crate) struct FetchedLayer {
     blob: Option<LayerBlob>,
 }
 
+impl FetchedLayer {
+    /// Say how the store rebuilds the compressed blob this layer came from, for a layer imported
+    /// from a tar the import saw uncompressed (a partial pull's).
+    pub(crate) fn rebuilt_as(mut self, blob: LayerBlob) -> Self {
+        self.blob.get_or_insert(blob);
+        self
+    }
+}
+
 /// The original bytes of a blob: the copy made while importing it when that copy is whole
 /// (so a remote source is not read twice), else the source again.
 struct Original<'a> {

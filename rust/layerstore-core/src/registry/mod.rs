@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod partial;
 pub mod pull;
 pub mod push;
 pub mod reference;

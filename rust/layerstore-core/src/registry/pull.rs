@@ -154,6 +154,8 @@ struct Resolved {
     config_type: String,
     config_bytes: Vec<u8>,
     layers: Vec<Descriptor>,
+    /// Each layer descriptor's annotations (zstd:chunked positions live there).
+    layer_annotations: Vec<Option<Value>>,
     diff_ids: Vec<String>,
 }
 
@@ -311,13 +313,18 @@ fn manifest_and_config(
             "config type {config_type:?} is not an image config (an artifact?)"
         )));
     }
-    let layers = m
+    let raw_layers = m
         .get("layers")
         .and_then(Value::as_array)
-        .ok_or_else(|| invalid("manifest has no \"layers\" array"))?
+        .ok_or_else(|| invalid("manifest has no \"layers\" array"))?;
+    let layers = raw_layers
         .iter()
         .map(|l| descriptor(l, &digest))
         .collect::<Result<Vec<_>>>()?;
+    let layer_annotations = raw_layers
+        .iter()
+        .map(|l| l.get("annotations").cloned())
+        .collect();
     for l in &layers {
         let mt = l.media_type.as_deref().unwrap_or("");
         if layer_compression(mt).is_none() {
@@ -349,6 +356,7 @@ fn manifest_and_config(
         config_type,
         config_bytes,
         layers,
+        layer_annotations,
         diff_ids: ids,
     })
 }
@@ -389,7 +397,12 @@ fn layers(
     progress: Progress<'_>,
 ) -> Result<(Vec<LayerInfo>, usize)> {
     let mut wanted: Vec<Wanted<'_>> = Vec::new();
-    for (d, diff_id) in image.layers.iter().zip(&image.diff_ids) {
+    for ((d, diff_id), ann) in image
+        .layers
+        .iter()
+        .zip(&image.diff_ids)
+        .zip(&image.layer_annotations)
+    {
         let member = blob_path(&d.digest);
         let blob = d.digest.to_string();
         if staging.layers.contains_key(&member) || wanted.iter().any(|w| w.0 == member) {
@@ -405,14 +418,14 @@ fn layers(
             }
             continue;
         }
-        wanted.push((member, blob, d, diff_id.as_str()));
+        wanted.push((member, blob, d, diff_id.as_str(), ann.as_ref()));
     }
     let source = RegistrySource {
         client: client.clone(),
         tmp: store.root().join("tmp"),
         own: staging.dir.clone(),
     };
-    let fetched = fetch_all(staging, &source, &wanted, opts.jobs, progress);
+    let fetched = fetch_all(store, staging, &source, &wanted, opts.jobs, progress);
     let mut first_error = None;
     for (w, result) in wanted.iter().zip(fetched) {
         match result {
@@ -472,6 +485,7 @@ fn held(
 /// Fetch `wanted` with up to `jobs` threads; a result per entry (`None`: not started, because
 /// another failed first).
 fn fetch_all(
+    store: &Store,
     staging: &Staging<'_>,
     source: &RegistrySource,
     wanted: &[Wanted<'_>],
@@ -479,7 +493,8 @@ fn fetch_all(
     progress: Progress<'_>,
 ) -> Vec<Option<Result<FetchedLayer>>> {
     let total = AtomicU64::new(0);
-    super::bounded_map(wanted, jobs, |(member, blob, d, diff_id)| {
+    let stats = super::partial::PartialStats::default();
+    super::bounded_map(wanted, jobs, |(member, blob, d, diff_id, annotations)| {
         let want = WantedBlob {
             member,
             blob,
@@ -494,14 +509,32 @@ fn fetch_all(
             let sum = total.fetch_add(n.saturating_sub(before), Ordering::SeqCst) + n - before;
             progress(sum)
         };
+        let zstd = d.media_type.as_deref().and_then(layer_compression) == Some(Compression::Zstd);
+        if zstd && annotations.is_some() {
+            // Its errors are not passed through `blame_blob`, whose remedy re-downloads the
+            // whole blob to hash it.
+            let partial = super::partial::pull_layer(
+                store,
+                staging,
+                &source.client,
+                d,
+                *annotations,
+                diff_id,
+                &stats,
+                &report,
+            )?;
+            if let super::partial::Partial::Done(f) = partial {
+                return Ok(*f);
+            }
+        }
         staging
             .fetch(source, &want, &report)
             .map_err(|e| blame_blob(source, blob, e))
     })
 }
 
-/// A layer blob to download: its member name, digest, descriptor and diff_id.
-type Wanted<'a> = (String, String, &'a Descriptor, &'a str);
+/// A layer blob to download: its member name, digest, descriptor, diff_id and annotations.
+type Wanted<'a> = (String, String, &'a Descriptor, &'a str, Option<&'a Value>);
 
 /// A blob that fails as a layer (bad gzip, bad tar) may simply not be the blob the manifest
 /// names: the import stops at the first bad byte, before the digest is known. Hash the blob

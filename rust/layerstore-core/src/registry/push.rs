@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use rusqlite::TransactionBehavior;
 use ureq::http::Method;
@@ -28,7 +29,9 @@ use super::client::{Client, ClientOptions};
 use super::reference::Reference;
 use crate::compress::Compression;
 use crate::error::{Error, ErrorKind, Result};
-use crate::oci::{record_image, record_layer_blob, BlobPlan, ImageDocs, LayerBlob, Rebuild};
+use crate::oci::{
+    record_image, record_layer_blob, zstd_chunked, BlobPlan, ImageDocs, LayerBlob, Rebuild,
+};
 use crate::stack::Stack;
 use crate::store::{Progress, Store};
 
@@ -42,6 +45,18 @@ pub struct PushOptions {
     pub jobs: usize,
     /// Blobs larger than this go up in `PATCH`es of this size.
     pub chunk_size: usize,
+    /// Push zstd:chunked layers ([`zstd_chunked`]; `compression` is then zstd).
+    pub zstd_chunked: bool,
+}
+
+impl PushOptions {
+    /// Set the compression from its name: `gzip`, `zstd`, `zstd:chunked` or `none`.
+    pub fn set_compression(&mut self, name: &str) -> Result<()> {
+        self.zstd_chunked = name == "zstd:chunked";
+        let name = if self.zstd_chunked { "zstd" } else { name };
+        self.compression = Some(Compression::parse(Some(name))?);
+        Ok(())
+    }
 }
 
 impl Default for PushOptions {
@@ -51,6 +66,7 @@ impl Default for PushOptions {
             client: ClientOptions::default(),
             jobs: 4,
             chunk_size: 8 << 20,
+            zstd_chunked: false,
         }
     }
 }
@@ -76,7 +92,8 @@ pub fn push(
     progress: Progress<'_>,
 ) -> Result<Pushed> {
     let r = Reference::parse(reference)?;
-    let plan = store.plan_image(stack, opts.compression)?;
+    let mut plan = store.plan_image(stack, opts.compression)?;
+    let annotate = opts.zstd_chunked && zstd_chunked::plan(store, &mut plan)?;
     let client = Client::connect(&r.registry, r.api_host(), &r.repository, &opts.client, true)?;
     let counters = Counters::default();
     let mounts = mount_sources(store, &r)?;
@@ -87,9 +104,18 @@ pub fn push(
         counters: &counters,
         mounts: &mounts,
         progress,
+        chunked: Mutex::default(),
     };
     let descs = upload_layers(&ctx, &plan.blobs, opts.jobs)?;
-    let docs = plan.head.finish(&descs, None)?;
+    let chunked = ctx.chunked.into_inner().expect("not poisoned");
+    let mut docs = plan.head.finish(&descs, None)?;
+    if annotate {
+        let by_digest = chunked
+            .iter()
+            .map(|(d, w)| (d.clone(), w.annotations.clone()))
+            .collect();
+        docs = zstd_chunked::annotate(docs, &by_digest)?;
+    }
     upload_bytes(&client, &docs.config, &docs.digests.config, &counters)?;
     if let Some(pinned) = &r.digest {
         if *pinned != docs.digests.manifest {
@@ -118,7 +144,7 @@ pub fn push(
             });
         }
     }
-    record(store, stack, &plan.blobs, &descs, &docs)?;
+    record(store, stack, &plan.blobs, &descs, &docs, &chunked)?;
     Ok(Pushed {
         manifest_digest: docs.digests.manifest,
         blobs_uploaded: counters.blobs.load(Ordering::SeqCst),
@@ -162,6 +188,9 @@ struct LayerUploads<'a> {
     counters: &'a Counters,
     mounts: &'a HashMap<String, String>,
     progress: Progress<'a>,
+    /// The zstd:chunked blobs of this push, by digest: annotations (and, for those written,
+    /// their chunks' digests).
+    chunked: Mutex<HashMap<String, zstd_chunked::Written>>,
 }
 
 /// Record the pushed image, and how to rebuild the blobs compressed for this push.
@@ -171,6 +200,7 @@ fn record(
     plans: &[BlobPlan],
     descs: &[(String, u64, String)],
     docs: &ImageDocs,
+    chunked: &HashMap<String, zstd_chunked::Written>,
 ) -> Result<()> {
     let pending = docs.pending(&stack.layers);
     let mut conn = store.conn()?;
@@ -179,6 +209,13 @@ fn record(
         let compression = match p.how {
             Rebuild::ParGzip => Compression::Gzip,
             Rebuild::Tar(c @ (Compression::Gzip | Compression::Zstd)) => c,
+            Rebuild::ZstdChunked => {
+                if let Some(w) = chunked.get(digest) {
+                    crate::meta::chunked::put_annotations(&tx, digest, &w.annotations)?;
+                    crate::meta::chunked::put_sha256(&tx, &w.chunk_digests)?;
+                }
+                Compression::Zstd
+            }
             _ => continue,
         };
         if p.digest.is_none() {
@@ -249,6 +286,20 @@ fn upload_layer(ctx: &LayerUploads<'_>, p: &BlobPlan) -> Result<(String, u64)> {
     } = *ctx;
     let mut session = None;
     if let Some(d) = &p.digest {
+        if p.how == Rebuild::ZstdChunked {
+            // The manifest needs the blob's annotations, recorded when it was first written.
+            let annotations = zstd_chunked::recorded_annotations(store, d)?
+                .ok_or_else(|| Error::Corrupt(format!("annotations of {d} are missing")))?;
+            ctx.chunked.lock().expect("not poisoned").insert(
+                d.clone(),
+                zstd_chunked::Written {
+                    digest: d.clone(),
+                    size: 0,
+                    annotations,
+                    chunk_digests: Vec::new(),
+                },
+            );
+        }
         if let Some(size) = remote_size(client, d)? {
             return Ok((d.clone(), size));
         }
@@ -285,7 +336,11 @@ fn upload_layer(ctx: &LayerUploads<'_>, p: &BlobPlan) -> Result<(String, u64)> {
             buf: Vec::new(),
             chunk,
         };
-        let written = store.write_planned_blob(p, &mut chunks, progress);
+        let written = if p.how == Rebuild::ZstdChunked {
+            write_chunked(ctx, p, &mut chunks)
+        } else {
+            store.write_planned_blob(p, &mut chunks, progress)
+        };
         let last = std::mem::take(&mut chunks.buf);
         drop(chunks);
         // A failed PATCH explains a failed write best.
@@ -298,6 +353,28 @@ fn upload_layer(ctx: &LayerUploads<'_>, p: &BlobPlan) -> Result<(String, u64)> {
     })?;
     counters.blobs.fetch_add(1, Ordering::SeqCst);
     Ok((digest, size))
+}
+
+/// Write layer blob `p` as zstd:chunked, keeping what the manifest and the record need.
+fn write_chunked(
+    ctx: &LayerUploads<'_>,
+    p: &BlobPlan,
+    out: &mut dyn Write,
+) -> Result<(String, u64)> {
+    let w = zstd_chunked::write_layer(ctx.store, &p.info, out, ctx.progress)?;
+    if let Some(expected) = &p.digest {
+        if *expected != w.digest {
+            return Err(Error::DigestMismatch {
+                what: format!("rebuilt zstd:chunked blob of {}", p.info.diff_id),
+                expected: expected.clone(),
+                found: w.digest,
+            });
+        }
+    }
+    let out = (w.digest.clone(), w.size);
+    let mut known = ctx.chunked.lock().expect("not poisoned");
+    known.insert(w.digest.clone(), w);
+    Ok(out)
 }
 
 /// A small blob (the config): asked for, then sent in one request if missing.
