@@ -330,7 +330,7 @@ def as_nobody(*argv: str, env: dict[str, str]) -> list[str]:
 
 def user_python(env: dict[str, str]) -> str:
     """A Python >= 3.11 that user nobody may run and that imports this layerstore (the venv's
-    may live under /root)."""
+    may live under /root; Debian's python3 is the other candidate)."""
     check = "import sys, layerstore; assert sys.version_info >= (3, 11)"
     for candidate in (sys.executable, "/usr/bin/python3"):
         probe = subprocess.run(as_nobody(candidate, "-c", check, env=env), capture_output=True)
@@ -354,8 +354,10 @@ def test_an_unprivileged_user_mounts_with_fuse_and_a_kill_unmounts() -> None:
         store.tag(store.stack([store.import_tar(tar_of({"a": b"1", "b/c": b"user"}))]), "img")
         (top / "mnt").mkdir()
         subprocess.run(["chown", "-R", "nobody:nogroup", str(top)], check=True)
-        package = str(Path(ls.__file__).resolve().parent.parent)
-        env = {"PYTHONPATH": package, "HOME": str(top), "PATH": os.environ["PATH"]}
+        # A copy of the package the user can read, wherever this checkout lives.
+        shutil.copytree(Path(ls.__file__).resolve().parent, top / "pkg" / "layerstore")
+        subprocess.run(["chown", "-R", "nobody:nogroup", str(top)], check=True)
+        env = {"PYTHONPATH": str(top / "pkg"), "HOME": str(top), "PATH": os.environ["PATH"]}
         argv = [user_python(env), "-c", USER_HOLDER, str(top / "store"), str(top / "mnt")]
         proc = subprocess.Popen(
             as_nobody(*argv, env=env),
