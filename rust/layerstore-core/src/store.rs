@@ -12,6 +12,7 @@ mod export;
 mod fsck;
 mod gc;
 mod import;
+mod space;
 
 pub use export::Exported;
 pub use fsck::{DamagedChunk, FsckReport, Repaired};
@@ -196,7 +197,9 @@ impl Store {
             ("max_depth", options.max_depth.to_string()),
         ];
         let settings = meta::init(&mut conn, &defaults)?;
-        Self::with_connection(root, (conn, settings), limits, false)
+        let store = Self::with_connection(root, (conn, settings), limits, false)?;
+        store.make_reserve();
+        Ok(store)
     }
 
     /// The store over an open database and the settings read from it.
@@ -353,9 +356,13 @@ impl Store {
     /// Delete a layer that no recorded stack uses and no image import in flight has pinned.
     pub fn delete(&self, id: &Blake3) -> Result<()> {
         self.check_writable("delete a layer")?;
-        // A mount whose owner died must not keep its layers from deletion.
-        self.reap_mounts()?;
-        meta::delete_layer(&mut *self.conn()?, id, None, &|l| self.lease_alive(l))
+        // Freeing space starts here: it works on a full disk too (see space.rs).
+        self.with_room(|| {
+            // A mount whose owner died must not keep its layers from deletion.
+            self.reap_mounts()?;
+            meta::delete_layer(&mut *self.conn()?, id, None, &|l| self.lease_alive(l))
+        })
+        .1
     }
 
     /// [`Store::delete`] on behalf of the import holding `lease`: its own pins do not count.
@@ -504,7 +511,9 @@ impl Store {
 
     pub fn untag(&self, name: &str) -> Result<()> {
         self.check_writable("remove a tag")?;
-        meta::delete_ref(&mut *self.conn()?, name)
+        // Freeing space starts here: it works on a full disk too (see space.rs).
+        self.with_room(|| meta::delete_ref(&mut *self.conn()?, name))
+            .1
     }
 
     pub fn entries(&self, id: &Blake3) -> Result<Vec<Entry>> {

@@ -482,6 +482,7 @@ impl Store {
         d.set_item("deferred", r.deferred)?;
         d.set_item("mounts_reaped", r.mounts_reaped)?;
         d.set_item("snapshots_removed", r.snapshots_removed)?;
+        d.set_item("packs_not_rewritten", r.packs_not_rewritten)?;
         Ok(d)
     }
 
