@@ -389,7 +389,17 @@ impl Store {
         if let Some(e) = cached {
             return Ok(e);
         }
-        let entries: LayerEntries = Arc::new(self.entries(id)?.into_iter().map(Arc::new).collect());
+        let entries = self.entries(id)?;
+        // A GNU sparse file imported before they were refused: its stored content is its sparse
+        // map and data regions, so no view may show it (its export stays byte-exact).
+        if let Some(e) = entries.iter().find(|e| e.sparse) {
+            return Err(Error::InvalidLayer(format!(
+                "layer {id}: {} is a GNU sparse file, stored unexpanded by an older layerstore; \
+                 it cannot be stacked (re-archive it without --sparse and import it again)",
+                crate::error::path_text(&e.path)
+            )));
+        }
+        let entries: LayerEntries = Arc::new(entries.into_iter().map(Arc::new).collect());
         if let Ok(mut cache) = self.entry_cache.lock() {
             cache.retain(|_, w| w.strong_count() > 0);
             cache.insert(*id, Arc::downgrade(&entries));

@@ -1,7 +1,7 @@
 //! Streaming tar splitter: the exact-reconstruction half of a layer (tar-split style).
 //!
 //! A tar stream is cut into *raw* segments — every 512-byte header exactly as read, PAX `x`/`g`
-//! records, GNU `L`/`K` blocks, GNU sparse extension blocks, padding (even non-zero), the
+//! records, GNU `L`/`K` blocks, padding (even non-zero), the
 //! end-of-archive blocks and every byte after them — and *payload* segments: the data of each
 //! entry that carries data, exactly its effective size (a PAX `size` wins over the header field).
 //! Only payloads go to the chunker. Writing the raw bytes and the payloads back in order
@@ -10,7 +10,8 @@
 //! Parsing of header fields uses the `tar` crate's accessors (octal, base-256); the framing
 //! (which block is what, how much data follows) is ours, since the crate hides raw bytes.
 //! Header-only typeflags (`1`–`6`) never carry data, whatever their size field says (as Go's
-//! archive/tar and Python's tarfile read them).
+//! archive/tar and Python's tarfile read them). GNU sparse files, in each of their encodings, are
+//! refused: what they archive is a map and the data regions, not the file's content.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -473,27 +474,18 @@ impl<'a, R: Read> Splitter<'a, R> {
         }
 
         let has_data = !matches!(typeflag, b'1' | b'2' | b'3' | b'4' | b'5' | b'6');
-        let sparse = typeflag == b'S' || pax.contains_key(&b"GNU.sparse.major"[..]);
-        if typeflag == b'S' && block[482] != 0 {
-            // Old GNU sparse: extension blocks follow the header, before the data.
-            let mut ext = [0u8; BLOCK];
-            loop {
-                if !self.read_block(&mut ext)? {
-                    return Err(self.invalid("truncated: GNU sparse extension missing"));
-                }
-                self.split.push_raw(&ext);
-                if ext[504] == 0 {
-                    break;
-                }
-            }
+        // GNU sparse files hold a map of data regions and only those regions: their archived
+        // bytes are not their content. Until the view can expand them, they are refused rather
+        // than shown wrong (issue 14: never a silently wrong file).
+        if let Some(format) = sparse_format(typeflag, &pax) {
+            let shown = pax.get(&b"GNU.sparse.name"[..]).map_or(&path, |n| n);
+            return Err(self.invalid(format!(
+                "{}: a GNU sparse file ({format}), which layerstore does not expand: refused \
+                 rather than stored with its sparse map and data regions as its content \
+                 (archive it without --sparse)",
+                String::from_utf8_lossy(shown)
+            )));
         }
-        if sparse {
-            self.warnings.push(format!(
-                "{}: GNU sparse entry stored as archived; its content is the sparse data, not expanded",
-                String::from_utf8_lossy(&path)
-            ));
-        }
-
         let name = path.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
         // A marker is a leaf: nothing can live beneath a whiteout or an opaque marker (AUFS
         // metadata directories such as `.wh..wh.plnk/` do hold entries).
@@ -573,7 +565,9 @@ impl<'a, R: Read> Splitter<'a, R> {
             xattrs,
             chunks: Vec::new(),
             digest: None,
-            sparse,
+            // Stores written before sparse files were refused may hold some (see
+            // `Store::layer_entries`, which refuses to stack them).
+            sparse: false,
         };
         let index = self.entries.len() as u32;
         if has_data && data_size > 0 {
@@ -861,6 +855,29 @@ fn parse_pax(
 /// The latest and earliest mtimes an entry keeps: whole seconds within i64 nanoseconds.
 const MAX_MTIME_NS: i64 = i64::MAX / 1_000_000_000 * 1_000_000_000;
 const MIN_MTIME_NS: i64 = i64::MIN / 1_000_000_000 * 1_000_000_000;
+
+/// Which GNU sparse encoding an entry uses, if any: old GNU (typeflag `S`, its map in the header
+/// and extension blocks), PAX 0.0 (`GNU.sparse.offset`/`numbytes` records), PAX 0.1
+/// (`GNU.sparse.map`) or PAX 1.0 (`GNU.sparse.major`/`minor`, its map at the start of the data).
+fn sparse_format(typeflag: u8, pax: &BTreeMap<Vec<u8>, Vec<u8>>) -> Option<String> {
+    if typeflag == b'S' {
+        return Some("old GNU format".into());
+    }
+    let get = |k: &str| {
+        pax.get(k.as_bytes())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    if let Some(major) = get("GNU.sparse.major") {
+        let minor = get("GNU.sparse.minor").unwrap_or_default();
+        return Some(format!("PAX {major}.{minor}"));
+    }
+    if pax.contains_key(&b"GNU.sparse.map"[..]) {
+        return Some("PAX 0.1".into());
+    }
+    pax.keys()
+        .any(|k| k.starts_with(b"GNU.sparse."))
+        .then(|| "PAX 0.0".into())
+}
 
 fn parse_pax_time(v: &[u8]) -> Option<i128> {
     let s = std::str::from_utf8(v).ok()?;
