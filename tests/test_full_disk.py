@@ -38,8 +38,10 @@ def free(path: Path) -> int:
 
 
 def fill(disk: Path) -> Path:
-    """Take every byte left on `disk` (a file written until the disk refuses)."""
+    """Take every byte left on `disk` (files written until the disk refuses)."""
     filler = disk / "filler"
+    while filler.exists():
+        filler = filler.with_name(filler.name + "+")
     with open(filler, "wb", buffering=0) as f:
         for block in (MiB, 4096, 512, 1):
             try:
@@ -92,3 +94,25 @@ def test_gc_says_which_rewrites_the_disk_had_no_room_for(disk: Path) -> None:
     assert (report["packs_rewritten"], report["packs_not_rewritten"]) == (1, 0), report
     assert export_bytes(store, kept) == tf.simple_tar(keep)
     assert store.fsck()["ok"]
+
+
+def test_io_errors_name_the_store_file_they_are_about(disk: Path) -> None:
+    """With no reserve left to give up, a full disk fails imports and deletes with ENOSPC, each
+    naming the file of the store it could not write (before: 'metadata database: database or
+    disk is full', naming nothing)."""
+    root = disk / "store"
+    store = ls.Store(root)
+    layer = store.import_tar(layer_tar("small", 10_000))
+    (root / "reserve").unlink(missing_ok=True)
+    filler = fill(disk)
+    os.truncate(filler, filler.stat().st_size - 256 * 1024)  # room for the lease, not the pack
+    with pytest.raises(OSError) as info:
+        store.import_tar(layer_tar("big", MiB))
+    assert info.value.errno == 28
+    assert f"writing pack {root / 'packs'}/" in str(info.value)
+    fill(disk)
+    with pytest.raises(OSError) as info:
+        store.delete(layer)
+    assert info.value.errno == 28
+    assert f"metadata database {root / 'meta.db'}: " in str(info.value)
+    assert store.layers() == [layer]

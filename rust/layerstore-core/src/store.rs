@@ -261,6 +261,12 @@ impl Store {
         &self.root
     }
 
+    /// `r`, its error said to concern this store where it does not say which file it is about
+    /// ([`Error::in_store`]): callers at the API's edge pass results through here.
+    pub fn locate<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| e.in_store(&self.root))
+    }
+
     pub fn options(&self) -> &StoreOptions {
         &self.options
     }

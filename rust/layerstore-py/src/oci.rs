@@ -68,7 +68,7 @@ impl Store {
         let store = self.inner.clone();
         let result =
             py.detach(|| store.import_oci(&src, platform.as_deref(), &|n| interrupts.check(n)));
-        let images = interrupts.finish(result)?;
+        let images = interrupts.finish(self.inner.locate(result))?;
         images_by_name(py, &self.inner, images)
     }
 
@@ -142,7 +142,7 @@ impl Store {
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let result = py.detach(|| store.import_docker_archive(&src, &|n| interrupts.check(n)));
-        let images = interrupts.finish(result)?;
+        let images = interrupts.finish(self.inner.locate(result))?;
         images_by_name(py, &self.inner, images)
     }
 

@@ -135,8 +135,9 @@ impl Store {
             }
         }
         let known: HashSet<String> = meta::packs(&tx)?.into_iter().map(|(n, _)| n).collect();
-        for entry in fs::read_dir(self.packs_dir()).ctx(|| "listing packs".into())? {
-            let entry = entry.ctx(|| "listing packs".into())?;
+        let listing = || format!("listing {}", self.packs_dir().display());
+        for entry in fs::read_dir(self.packs_dir()).ctx(listing)? {
+            let entry = entry.ctx(listing)?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let is_file = entry.file_type().is_ok_and(|t| t.is_file());
             if is_file
@@ -269,8 +270,8 @@ impl Store {
             .create_new(true)
             .open(new_path)
             .ctx(|| format!("creating {}", new_path.display()))?;
-        out.write_all(cas::PACK_MAGIC)
-            .ctx(|| "writing pack".into())?;
+        let writing = || format!("writing {}", new_path.display());
+        out.write_all(cas::PACK_MAGIC).ctx(writing)?;
         // The row exists before chunks point at it (foreign key); its size is set at the end.
         meta::insert_pack(tx, new_name, 0)?;
         let mut offset = cas::PACK_MAGIC.len() as u64;
@@ -280,7 +281,7 @@ impl Store {
                       offset: &mut u64,
                       (codec, bytes, chunks): cas::RegroupedBlock|
          -> Result<()> {
-            out.write_all(&bytes).ctx(|| "writing pack".into())?;
+            out.write_all(&bytes).ctx(writing)?;
             let moved: Vec<cas::ChunkLoc> = chunks
                 .into_iter()
                 .map(|(digest, inner_offset, len)| cas::ChunkLoc {
@@ -312,8 +313,8 @@ impl Store {
                 }
                 buf.resize(block.len as usize, 0);
                 std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf, block.offset)
-                    .ctx(|| format!("reading pack {name}"))?;
-                out.write_all(&buf).ctx(|| "writing pack".into())?;
+                    .ctx(|| format!("reading {}", self.packs_dir().join(name).display()))?;
+                out.write_all(&buf).ctx(writing)?;
                 meta::move_block(tx, (name, block.offset), (new_name, offset))?;
                 offset += block.len;
             }
@@ -324,7 +325,8 @@ impl Store {
         for name in names {
             meta::delete_pack(tx, name)?;
         }
-        out.sync_all().ctx(|| "syncing pack".into())?;
+        out.sync_all()
+            .ctx(|| format!("syncing {}", new_path.display()))?;
         cas::sync_dir(&self.packs_dir())?;
         meta::set_pack_size(tx, new_name, offset)?;
         Ok(offset)
