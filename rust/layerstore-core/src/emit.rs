@@ -244,6 +244,7 @@ impl Store {
                 split,
                 mut entries,
                 warnings,
+                ..
             } = parsed?;
             if entries.len() != changes.len() {
                 return Err(Error::Corrupt(format!(

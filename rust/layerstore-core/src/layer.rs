@@ -176,17 +176,24 @@ pub struct ImageDigests {
 }
 
 /// The stored form of a layer's entry list or recipe: postcard, then zstd with a checksum.
+/// The postcard bytes stream into the compressor (never held whole: for a layer of a million
+/// entries they are hundreds of MiB).
 pub(crate) fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
-    use std::io::Write as _;
-    let bytes = postcard::to_stdvec(value)
+    let enc = blob_encoder().ctx(|| "compressing metadata".into())?;
+    // postcard writes field by field: buffered, the compressor sees large writes.
+    let buffered = postcard::to_io(value, std::io::BufWriter::with_capacity(1 << 16, enc))
         .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
-    let mut enc =
-        zstd::stream::Encoder::new(Vec::new(), 3).ctx(|| "compressing metadata".into())?;
-    enc.include_checksum(true)
-        .ctx(|| "compressing metadata".into())?;
-    enc.write_all(&bytes)
-        .ctx(|| "compressing metadata".into())?;
+    let enc = buffered
+        .into_inner()
+        .map_err(|e| Error::io("compressing metadata", e.into_error()))?;
     enc.finish().ctx(|| "compressing metadata".into())
+}
+
+/// The compressor of stored blobs ([`encode_blob`]): zstd level 3 with a checksum.
+pub(crate) fn blob_encoder() -> std::io::Result<zstd::stream::write::Encoder<'static, Vec<u8>>> {
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 3)?;
+    enc.include_checksum(true)?;
+    Ok(enc)
 }
 
 pub(crate) fn decode_blob<T: serde::de::DeserializeOwned>(blob: &[u8]) -> Result<T> {

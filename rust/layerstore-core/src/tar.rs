@@ -69,16 +69,60 @@ pub struct TarSplit {
 }
 
 impl TarSplit {
-    fn push_raw(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.raw.extend_from_slice(bytes);
-        if let Some(Op::Raw(n)) = self.ops.last_mut() {
-            *n += bytes.len() as u64;
+    /// Note `n` more raw bytes in the recipe (the bytes themselves go to `raw` or a [`Packed`]).
+    fn note_raw(&mut self, n: usize) {
+        if let Some(Op::Raw(m)) = self.ops.last_mut() {
+            *m += n as u64;
         } else {
-            self.ops.push(Op::Raw(bytes.len() as u64));
+            self.ops.push(Op::Raw(n as u64));
         }
+    }
+}
+
+/// The raw bytes of a split kept compressed as they stream in, so that an import's memory does
+/// not hold every header and padding block of the tar (about 1 KiB per small file). At the end
+/// they become the stored blob of the recipe ([`Packed::finish`]), the same `TarSplit` bytes
+/// that [`crate::layer::encode_blob`] would have written.
+struct Packed {
+    raw: zstd::stream::write::Encoder<'static, Vec<u8>>,
+    len: u64,
+}
+
+/// zstd level for the raw bytes in flight (headers and padding: fast is small enough).
+const PACKED_LEVEL: i32 = 1;
+
+impl Packed {
+    fn new() -> Result<Self> {
+        let raw = zstd::stream::write::Encoder::new(Vec::new(), PACKED_LEVEL)
+            .map_err(|e| Error::io("compressing the tar's headers", e))?;
+        Ok(Packed { raw, len: 0 })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write as _;
+        self.raw
+            .write_all(bytes)
+            .map_err(|e| Error::io("compressing the tar's headers", e))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The stored blob of `TarSplit { raw, ops }`: zstd of its postcard encoding, which is the
+    /// raw bytes as a byte string (a varint length, then the bytes) followed by the ops.
+    fn finish(self, ops: &[Op]) -> Result<Vec<u8>> {
+        use std::io::Write as _;
+        let ctx = |e| Error::io("encoding the tar's recipe", e);
+        let compressed = self.raw.finish().map_err(ctx)?;
+        let mut out = crate::layer::blob_encoder().map_err(ctx)?;
+        let head = postcard::to_stdvec(&self.len)
+            .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
+        out.write_all(&head).map_err(ctx)?;
+        let mut raw = zstd::stream::read::Decoder::new(compressed.as_slice()).map_err(ctx)?;
+        io::copy(&mut raw, &mut out).map_err(ctx)?;
+        let ops = postcard::to_stdvec(ops)
+            .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
+        out.write_all(&ops).map_err(ctx)?;
+        out.finish().map_err(ctx)
     }
 }
 
@@ -146,6 +190,8 @@ pub struct Splitter<'a, R: Read> {
     sink: &'a mut dyn EntrySink,
     skip: Option<SkipPayload<'a>>,
     split: TarSplit,
+    /// Where the raw bytes go when kept compressed ([`Splitter::pack_raw`]).
+    packed: Option<Packed>,
     entries: Vec<Entry>,
     warnings: Vec<String>,
     global_pax: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -157,7 +203,10 @@ pub struct Splitter<'a, R: Read> {
 
 /// What [`Splitter::run`] produced.
 pub struct SplitOutput {
+    /// The recipe; its `raw` is empty when the splitter packed it ([`SplitOutput::packed`]).
     pub split: TarSplit,
+    /// With [`Splitter::pack_raw`]: the recipe's stored blob, ready for the database.
+    pub packed: Option<Vec<u8>>,
     pub entries: Vec<Entry>,
     pub warnings: Vec<String>,
 }
@@ -174,12 +223,32 @@ impl<'a, R: Read> Splitter<'a, R> {
             sink,
             skip: None,
             split: TarSplit::default(),
+            packed: None,
             entries: Vec::new(),
             warnings: Vec::new(),
             global_pax: BTreeMap::new(),
             header_offset: 0,
             own_symlinks: std::collections::HashSet::new(),
         }
+    }
+
+    /// Keep the raw bytes compressed as they come (an import, which stores them and needs them
+    /// no more): [`SplitOutput::packed`] holds the stored recipe and `split.raw` stays empty.
+    pub fn pack_raw(mut self) -> Result<Self> {
+        self.packed = Some(Packed::new()?);
+        Ok(self)
+    }
+
+    fn push_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        match self.packed.as_mut() {
+            Some(p) => p.write(bytes)?,
+            None => self.split.raw.extend_from_slice(bytes),
+        }
+        self.split.note_raw(bytes.len());
+        Ok(())
     }
 
     /// Payloads the sink leaves unread are skipped by `skip` instead of read and dropped.
@@ -262,7 +331,7 @@ impl<'a, R: Read> Splitter<'a, R> {
         if !self.read_block(&mut data)? {
             return Err(self.invalid("truncated: extension record missing"));
         }
-        self.split.push_raw(&data);
+        self.push_raw(&data)?;
         data.truncate(size as usize);
         Ok(data)
     }
@@ -276,12 +345,12 @@ impl<'a, R: Read> Splitter<'a, R> {
                 return Err(self.invalid("truncated: no end-of-archive marker"));
             }
             if block.iter().all(|&b| b == 0) {
-                self.split.push_raw(&block);
+                self.push_raw(&block)?;
                 self.finish_trailer()?;
                 break;
             }
             self.check_checksum(&block)?;
-            self.split.push_raw(&block);
+            self.push_raw(&block)?;
             let header = tar::Header::from_byte_slice(&block);
             let typeflag = block[156];
             let size = self.unsigned_field(&block, Field::SIZE, "size")?;
@@ -309,8 +378,13 @@ impl<'a, R: Read> Splitter<'a, R> {
             entry: i as u64,
             offset: 0,
         })?;
+        let packed = match self.packed.take() {
+            Some(p) => Some(p.finish(&self.split.ops)?),
+            None => None,
+        };
         Ok(SplitOutput {
             split: self.split,
+            packed,
             entries: self.entries,
             warnings: self.warnings,
         })
@@ -367,7 +441,7 @@ impl<'a, R: Read> Splitter<'a, R> {
                 return Err(self.limit("bytes after end-of-archive", rest.len() as u64, limit));
             }
         }
-        self.split.push_raw(&rest);
+        self.push_raw(&rest)?;
         Ok(())
     }
 
@@ -593,7 +667,7 @@ impl<'a, R: Read> Splitter<'a, R> {
             if pad > 0 && !self.read_block(&mut padding[..pad])? {
                 return Err(self.invalid("truncated: entry padding missing"));
             }
-            self.split.push_raw(&padding[..pad]);
+            self.push_raw(&padding[..pad])?;
         } else {
             self.sink.entry(&mut entry, None)?;
         }
@@ -920,6 +994,45 @@ mod tests {
         let old = postcard::to_stdvec(&(split.raw.clone(), split.ops.clone())).unwrap();
         assert_eq!(postcard::to_stdvec(&split).unwrap(), old);
         assert_eq!(postcard::from_bytes::<TarSplit>(&old).unwrap(), split);
+    }
+
+    /// An import keeps the raw bytes compressed as they stream in ([`Splitter::pack_raw`]); the
+    /// blob it stores decodes to exactly the recipe an unpacked split holds.
+    #[test]
+    fn a_packed_split_stores_the_same_recipe() {
+        struct Drain;
+        impl EntrySink for Drain {
+            fn entry(&mut self, _: &mut Entry, payload: Option<&mut dyn Read>) -> Result<()> {
+                if let Some(p) = payload {
+                    io::copy(p, &mut io::sink())?;
+                }
+                Ok(())
+            }
+        }
+        let mut builder = ::tar::Builder::new(Vec::new());
+        for i in 0..300u32 {
+            let data = vec![i as u8; (i as usize * 37) % 1500];
+            let mut h = ::tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            builder
+                .append_data(&mut h, format!("d{}/f{i}", i % 7), data.as_slice())
+                .unwrap();
+        }
+        let tar = builder.into_inner().unwrap();
+        let plain = Splitter::new(tar.as_slice(), Limits::default(), &mut Drain)
+            .run()
+            .unwrap();
+        let packed = Splitter::new(tar.as_slice(), Limits::default(), &mut Drain)
+            .pack_raw()
+            .unwrap()
+            .run()
+            .unwrap();
+        assert!(plain.packed.is_none() && packed.split.raw.is_empty());
+        assert_eq!(packed.split.ops, plain.split.ops);
+        let stored: TarSplit = crate::layer::decode_blob(&packed.packed.unwrap()).unwrap();
+        assert_eq!(stored, plain.split);
     }
 
     #[test]
