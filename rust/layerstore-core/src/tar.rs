@@ -126,6 +126,95 @@ impl Packed {
     }
 }
 
+/// A stored recipe read without holding its raw bytes: its ops, then the raw bytes streamed
+/// from the blob in order ([`RawStream::take`]). An export of a layer of a million small files
+/// would otherwise hold the whole recipe twice (decompressed, then decoded).
+pub struct StoredSplit<'b> {
+    pub ops: Vec<Op>,
+    pub raw: RawStream<'b>,
+}
+
+impl<'b> StoredSplit<'b> {
+    /// Open the blob [`crate::layer::encode_blob`] (or [`Splitter::pack_raw`]) stored: one pass
+    /// skips the raw bytes to decode the ops behind them, the stream then rereads them.
+    pub fn open(blob: &'b [u8]) -> Result<Self> {
+        let mut skip = RawStream::new(blob)?;
+        io::copy(&mut (&mut skip.dec).take(skip.left), &mut io::sink()).map_err(corrupt)?;
+        let mut rest = Vec::new();
+        skip.dec.read_to_end(&mut rest).map_err(corrupt)?;
+        let ops: Vec<Op> = postcard::from_bytes(&rest)
+            .map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))?;
+        Ok(StoredSplit {
+            ops,
+            raw: RawStream::new(blob)?,
+        })
+    }
+}
+
+/// The raw bytes of a stored recipe, decompressed a block at a time.
+pub struct RawStream<'b> {
+    dec: zstd::stream::read::Decoder<'static, io::BufReader<&'b [u8]>>,
+    /// Raw bytes not yet decompressed.
+    left: u64,
+    block: std::sync::Arc<Vec<u8>>,
+    pos: usize,
+}
+
+fn corrupt(e: io::Error) -> Error {
+    Error::Corrupt(format!("layer metadata: {e}"))
+}
+
+/// Raw bytes decompressed at a time.
+const RAW_BLOCK: u64 = 1 << 20;
+
+impl<'b> RawStream<'b> {
+    fn new(blob: &'b [u8]) -> Result<Self> {
+        let mut dec = zstd::stream::read::Decoder::new(blob).map_err(corrupt)?;
+        // postcard's varint (LEB128) of the raw length.
+        let mut left = 0u64;
+        for shift in (0..64).step_by(7) {
+            let mut b = [0u8; 1];
+            dec.read_exact(&mut b).map_err(corrupt)?;
+            left |= u64::from(b[0] & 0x7f) << shift;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        Ok(RawStream {
+            dec,
+            left,
+            block: std::sync::Arc::new(Vec::new()),
+            pos: 0,
+        })
+    }
+
+    /// Hand the next `n` raw bytes to `f`, as ranges of shared blocks (one or more).
+    pub fn take(
+        &mut self,
+        mut n: u64,
+        mut f: impl FnMut(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        while n > 0 {
+            if self.pos == self.block.len() {
+                let want = self.left.min(RAW_BLOCK);
+                if want == 0 {
+                    return Err(Error::Corrupt("raw segment out of range".into()));
+                }
+                let mut block = vec![0u8; want as usize];
+                self.dec.read_exact(&mut block).map_err(corrupt)?;
+                self.left -= want;
+                self.block = std::sync::Arc::new(block);
+                self.pos = 0;
+            }
+            let k = (self.block.len() - self.pos).min(usize::try_from(n).unwrap_or(usize::MAX));
+            f(self.block.clone(), self.pos..self.pos + k)?;
+            self.pos += k;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+}
+
 /// Receives entries as the splitter finds them.
 pub trait EntrySink {
     /// `payload` yields exactly `entry.size` bytes when present; the sink should read it to the
@@ -1033,6 +1122,43 @@ mod tests {
         assert_eq!(packed.split.ops, plain.split.ops);
         let stored: TarSplit = crate::layer::decode_blob(&packed.packed.unwrap()).unwrap();
         assert_eq!(stored, plain.split);
+    }
+
+    /// A stored recipe read as a stream gives the same ops and raw bytes as decoding it whole,
+    /// whatever the segment sizes (segments cross the stream's 1 MiB blocks here).
+    #[test]
+    fn a_stored_split_streams_its_raw_bytes_in_order() {
+        let split = TarSplit {
+            raw: (0..3_000_000u32).map(|i| (i % 251) as u8).collect(),
+            ops: vec![
+                Op::Raw(700_000),
+                Op::Payload(0),
+                Op::Raw(1_500_000),
+                Op::Raw(1),
+                Op::Payload(1),
+                Op::Raw(799_999),
+            ],
+        };
+        let blob = crate::layer::encode_blob(&split).unwrap();
+        let mut stored = StoredSplit::open(&blob).unwrap();
+        assert_eq!(stored.ops, split.ops);
+        let mut raw = Vec::new();
+        for op in &stored.ops {
+            if let Op::Raw(n) = *op {
+                stored
+                    .raw
+                    .take(n, |b, r| {
+                        raw.extend_from_slice(&b[r]);
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+        }
+        assert_eq!(raw, split.raw);
+        assert!(
+            stored.raw.take(1, |_, _| Ok(())).is_err(),
+            "no byte past the end"
+        );
     }
 
     #[test]
