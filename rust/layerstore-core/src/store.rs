@@ -395,7 +395,9 @@ impl Store {
         if let Some(e) = cached {
             return Ok(e);
         }
-        let entries = self.entries(id)?;
+        let blob = meta::layer_entries_blob(&*self.conn()?, id)?;
+        let layer::SharedEntries(entries) = layer::decode_blob(&blob)?;
+        drop(blob);
         // A GNU sparse file imported before they were refused: its stored content is its sparse
         // map and data regions, so no view may show it (its export stays byte-exact).
         if let Some(e) = entries.iter().find(|e| e.sparse) {
@@ -405,7 +407,7 @@ impl Store {
                 crate::error::path_text(&e.path)
             )));
         }
-        let entries: LayerEntries = Arc::new(entries.into_iter().map(Arc::new).collect());
+        let entries: LayerEntries = Arc::new(entries);
         if let Ok(mut cache) = self.entry_cache.lock() {
             cache.retain(|_, w| w.strong_count() > 0);
             cache.insert(*id, Arc::downgrade(&entries));
@@ -533,8 +535,7 @@ impl Store {
     }
 
     pub fn entries(&self, id: &Blake3) -> Result<Vec<Entry>> {
-        let (entries, _) = meta::layer_blobs(&*self.conn()?, id)?;
-        layer::decode_blob(&entries)
+        layer::decode_blob(&meta::layer_entries_blob(&*self.conn()?, id)?)
     }
 
     /// `e`, met reading content for `path` of a layer being written, said to be about the
