@@ -753,3 +753,55 @@ def test_without_root_devices_are_skipped_with_a_warning(store: ls.Store) -> Non
         assert "/dev/null" in text and "/dev/sda" in text and "trusted.k" in text
     finally:
         shutil.rmtree(work)
+
+
+def read_beneath(root: Path, rel: str) -> bytes:
+    """A file's bytes, opened one component at a time (its path is beyond PATH_MAX)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        *dirs, name = rel.split("/")
+        for c in dirs:
+            nfd = os.open(c, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        leaf = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+        try:
+            return os.read(leaf, 1 << 16)
+        finally:
+            os.close(leaf)
+    finally:
+        os.close(fd)
+
+
+def test_a_view_deeper_than_path_max_materializes_and_applies(
+    store: ls.Store, tmp_path: Path
+) -> None:
+    """A path of 5,000 bytes (20 components of 250): materialize and apply open directories a
+    stretch of components at a time. (Before: OSError [Errno 36] opening the deep directory.)"""
+    deep = "/".join(f"d{i:03}" + "x" * 246 for i in range(20))
+    assert len(deep) > os.pathconf("/", "PC_PATH_MAX")
+    members = [tf.file_(f"{deep}/leaf", b"deep\n", mode=0o600), tf.file_("top", b"top\n")]
+    layer = store.import_tar(tf.py_tar(tarfile.PAX_FORMAT, members=members))
+    out = tmp_path / "out"
+    store.materialize(store.stack([layer]), out)
+    assert read_beneath(out, f"{deep}/leaf") == b"deep\n"
+    assert (out / "top").read_bytes() == b"top\n"
+    applied = tmp_path / "applied"
+    applied.mkdir()
+    store.apply(layer, applied)
+    assert read_beneath(applied, f"{deep}/leaf") == b"deep\n"
+
+
+def test_a_name_beyond_name_max_is_an_os_error_naming_the_entry(
+    store: ls.Store, tmp_path: Path
+) -> None:
+    """A 300-byte name imports (a tar may hold it) but no Linux file system takes it: materialize
+    raises OSError ENAMETOOLONG naming the entry, and leaves nothing at (or beside) dest."""
+    name = "n" * 300
+    members = [tf.file_("a/ok", b"ok\n"), tf.file_(f"a/{name}", b"long\n")]
+    layer = store.import_tar(tf.py_tar(tarfile.PAX_FORMAT, members=members))
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=f"/a/{name}") as info:
+        store.materialize(store.stack([layer]), out)
+    assert info.value.errno == 36  # ENAMETOOLONG
+    assert sorted(os.listdir(tmp_path)) == ["store"]

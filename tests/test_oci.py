@@ -13,10 +13,12 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from typing import Any
 
 import layerstore as ls
 import pytest
+import tarfixtures as tf
 from storeutil import export_bytes
 
 UMOCI = shutil.which("umoci")
@@ -440,6 +443,33 @@ def test_compressions_round_trip(
     assert not kept.exists() or not list(kept.iterdir())
     again = tmp_path / "again"
     assert fresh.export_oci(image, again) == digest
+
+
+@pytest.mark.parametrize("kind", ["oci", "docker-oci", "docker-classic"])
+def test_image_imports_report_what_import_tar_reports(
+    store: ls.Store, tmp_path: Path, kind: str
+) -> None:
+    """A layer with an absolute member name warns through every import path, naming the layer
+    blob (before, import_oci and import_docker_archive said nothing)."""
+    members = [tf.file_("/abs", b"absolute\n"), tf.file_("rel", b"relative\n")]
+    data = tf.py_tar(tarfile.GNU_FORMAT, members=members)
+    with pytest.warns(ls.LayerstoreWarning, match="leading '/' removed") as direct:
+        layer = store.import_tar(data)
+    image = store.stack([layer])
+    dest = tmp_path / "image"
+    fresh = ls.Store(tmp_path / "fresh")
+    with pytest.warns(ls.LayerstoreWarning) as said:
+        if kind == "oci":
+            store.export_oci(image, dest, tag="example.com/app:v1")
+            images = fresh.import_oci(dest)
+        else:
+            store.export_docker_archive(
+                image, dest, tag="example.com/app:v1", format=kind.split("-")[1]
+            )
+            images = fresh.import_docker_archive(dest)
+    assert len(said) == len(direct) == 1
+    assert re.fullmatch(rf"layer \S+: {re.escape(str(direct[0].message))}", str(said[0].message))
+    assert images["example.com/app:v1"].read_bytes("/abs") == b"absolute\n"
 
 
 # --------------------------------------------------------------------------------------------

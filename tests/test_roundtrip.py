@@ -385,8 +385,23 @@ def test_other_gnu_tar_formats(store: ls.Store, tmp_path: Path, fmt: str) -> Non
     assert_entries_match_tarfile(layer, data)
 
 
-@pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "posix"])
-def test_gnu_sparse_files_roundtrip_with_warning(store: ls.Store, tmp_path: Path, fmt: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "encoding"),
+    [
+        (["--format=gnu"], "old GNU format"),
+        (["--format=oldgnu"], "old GNU format"),
+        (["--format=posix", "--sparse-version=0.0"], "PAX 0.0"),
+        (["--format=posix", "--sparse-version=0.1"], "PAX 0.1"),
+        (["--format=posix", "--sparse-version=1.0"], "PAX 1.0"),
+    ],
+    ids=["gnu", "oldgnu", "pax-0.0", "pax-0.1", "pax-1.0"],
+)
+def test_gnu_sparse_files_are_refused_naming_the_entry(
+    store: ls.Store, tmp_path: Path, args: list[str], encoding: str
+) -> None:
+    """GNU sparse files archive a map and their data regions, not their content: every
+    encoding is refused with a typed error naming the entry (before, the view and materialize
+    showed the map and regions as the content), and the store is left as it was."""
     root = tmp_path / "tree"
     root.mkdir()
     with open(root / "sparse", "wb") as f:
@@ -395,17 +410,15 @@ def test_gnu_sparse_files_roundtrip_with_warning(store: ls.Store, tmp_path: Path
         f.seek(3 << 20)
         f.write(b"end")
     res = subprocess.run(
-        ["tar", f"--format={fmt}", "--sparse", "-C", str(root), "-cf", "-", "sparse"],
+        ["tar", *args, "--sparse", "-C", str(root), "-cf", "-", "sparse"],
         capture_output=True,
         check=True,
     )
-    data = res.stdout
-    with pytest.warns(ls.LayerstoreWarning, match="sparse"):
-        layer = store.import_tar(data)
-    assert export_bytes(store, layer) == data
-    (e,) = layer.entries()
-    assert e.sparse is True
-    assert e.kind == "file"
+    before = store.layers()
+    with pytest.raises(ls.InvalidLayerError, match=rf"sparse: a GNU sparse file \({encoding}\)"):
+        store.import_tar(res.stdout)
+    assert store.layers() == before
+    assert store.fsck()["ok"]
 
 
 def test_gnutar_negative_mtime_base256(store: ls.Store, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import layerstore as ls
 import pytest
+import tarfixtures as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_union_props import PROPS, Op, import_all, layer_ops, model_stack, stack_view
@@ -200,6 +201,52 @@ def test_a_changed_hardlink_brings_its_whole_group(store: ls.Store, tmp_path: Pa
     pushed = image.push(store.diff(image, root))
     assert pushed.stat("/two").mode == pushed.stat("/d/one").mode == 0o600
     assert pushed.stat("/two").hardlink == "/d/one"
+
+
+def test_a_hardlinked_symlink_keeps_its_link_group_through_squash(
+    store: ls.Store, tmp_path: Path
+) -> None:
+    """A hard link to a symlink (GNU tar archives ``cp -al`` trees so) and, from tarfile, to a
+    fifo: the squashed tar links them as GNU tar does, and extracting it (GNU tar, materialize)
+    gives one inode per group, as extracting the original does. (Before, the squash wrote two
+    independent symlinks.)"""
+    import subprocess
+
+    root = tmp_path / "tree"
+    (root / "d").mkdir(parents=True)
+    os.symlink("target", root / "d/link")
+    os.link(root / "d/link", root / "d/link2", follow_symlinks=False)
+    fifos = [
+        tf.Member("fifo", tarfile.FIFOTYPE, mode=0o600),
+        tf.Member("fifo2", tarfile.LNKTYPE, linkname="fifo"),
+    ]
+    image = store.stack(
+        [
+            store.import_tar(tf.py_tar(tarfile.PAX_FORMAT, members=[tf.file_("base", b"b")])),
+            store.import_tar(tf.gnu_tar(root, "gnu")),
+            store.import_tar(tf.py_tar(tarfile.PAX_FORMAT, members=fifos)),
+        ]
+    )
+    flat = store.squash(image)
+    out = tmp_path / "flat.tar"
+    store.export_tar(flat, out)
+    with tarfile.open(out) as t:
+        kinds = {m.name: (m.type, m.linkname) for m in t.getmembers()}
+    assert kinds["d/link"] == (tarfile.SYMTYPE, "target")
+    assert kinds["d/link2"] == (tarfile.LNKTYPE, "d/link")
+    assert kinds["fifo"][0] == tarfile.FIFOTYPE
+    assert kinds["fifo2"] == (tarfile.LNKTYPE, "fifo")
+    untarred = tmp_path / "untarred"
+    untarred.mkdir()
+    subprocess.run(["tar", "-C", str(untarred), "-xf", str(out)], check=True)
+    materialized = tmp_path / "materialized"
+    store.materialize(store.stack([flat]), materialized)
+    for dest in (untarred, materialized):
+        for a, b in (("d/link", "d/link2"), ("fifo", "fifo2")):
+            sa, sb = os.lstat(dest / a), os.lstat(dest / b)
+            assert (sa.st_ino, sa.st_nlink) == (sb.st_ino, 2), (dest.name, a, b)
+        assert os.readlink(dest / "d/link2") == "target"
+    assert store.stack([flat]).stat("/d/link2", follow_symlinks=False).hardlink == "/d/link"
 
 
 def test_a_changed_root_directory_is_squashed_as_dot_slash(store: ls.Store) -> None:

@@ -198,6 +198,7 @@ def test_gc_on_a_clean_store_reclaims_nothing(
         "deferred": False,
         "mounts_reaped": 0,
         "snapshots_removed": 0,
+        "packs_not_rewritten": 0,
     }
     assert pack_files(store) == packs
     assert snapshot(store) == before

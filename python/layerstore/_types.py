@@ -38,6 +38,8 @@ class GcReport(TypedDict):
     """Mounts whose owner process died (or that were unmounted from outside) cleaned up."""
     snapshots_removed: int
     """Layer snapshots of overlay mounts removed (their layers were deleted)."""
+    packs_not_rewritten: int
+    """Packs worth compacting left as they were: the disk had no room for the new pack."""
 
 
 class MountInfo(TypedDict):

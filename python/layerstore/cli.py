@@ -589,6 +589,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"cleaned up {plural(report['mounts_reaped'], 'stale mount')}, removed "
             f"{plural(report['snapshots_removed'], 'layer snapshot')}"
         )
+    if report["packs_not_rewritten"]:
+        print(
+            f"left {plural(report['packs_not_rewritten'], 'pack')} uncompacted: the disk has no "
+            "room for the rewritten pack; free space and run gc again"
+        )
     if report["deferred"]:
         print("imports in progress hold leases: unreferenced chunks were kept; run gc again later")
     return 0

@@ -213,7 +213,7 @@ impl PackWriter {
         };
         crash("after-pack-write");
         file.sync_all()
-            .ctx(|| format!("syncing pack {}", self.name))?;
+            .ctx(|| format!("syncing pack {}", self.dir.join(&self.name).display()))?;
         sync_dir(&self.dir)?;
         crash("after-sync");
         self.name.clear(); // committed: Drop must not remove it
@@ -307,14 +307,14 @@ fn write_blocks(
                     .open(path)
                     .ctx(|| format!("creating pack {}", path.display()))?;
                 f.write_all(PACK_MAGIC)
-                    .ctx(|| "writing pack header".into())?;
+                    .ctx(|| format!("writing pack {}", path.display()))?;
                 w.offset = PACK_MAGIC.len() as u64;
                 flush = EarlyFlush::new(&f);
                 w.file = Some(f);
             }
             let file = w.file.as_mut().expect("opened above");
             file.write_all(&bytes)
-                .ctx(|| format!("writing pack {name}"))?;
+                .ctx(|| format!("writing pack {}", path.display()))?;
             if let Some(flush) = flush.as_mut() {
                 flush.written(bytes.len() as u64);
             }

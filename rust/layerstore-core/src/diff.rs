@@ -10,8 +10,8 @@
 //!   and recreated), gets an opaque marker and its full `b` content instead of one whiteout per
 //!   child.
 //! - Hard-link groups of `b` survive: when one member changes, every member is emitted, the first
-//!   in archive order as the regular file and the others as links to it; a link whose group has
-//!   one member left becomes a regular file.
+//!   in archive order as the inode (a regular file, or a symlink, device or fifo) and the others
+//!   as links to it; a link whose group has one member left becomes a plain entry.
 //! - Implicit directories of `b` are not emitted where their children imply them and they
 //!   replace nothing.
 //! - Changes come in archive order: depth-first, siblings sorted by member name bytes.
@@ -179,8 +179,10 @@ fn keep_link_groups(b: &Index, out: &mut Vec<Change>) {
         .paths()
         .filter_map(|(_, v)| v.target.as_ref().map(|t| (Arc::as_ptr(t), ())))
         .collect();
+    // A group's inode is a regular file, or a symlink, device or fifo (GNU tar archives
+    // hardlinked symlinks as links): every kind a link can share, never a directory.
     let key = |c: &Change| match &c.what {
-        What::Entry(e) if e.kind == Kind::File => Some(Arc::as_ptr(e)),
+        What::Entry(e) if e.kind != Kind::Dir => Some(Arc::as_ptr(e)),
         _ => None,
     };
     let touched: Vec<*const Entry> = out
@@ -197,7 +199,7 @@ fn keep_link_groups(b: &Index, out: &mut Vec<Change>) {
     let mut metas: HashMap<*const Entry, Arc<Entry>> = HashMap::new();
     for (path, v) in b.paths() {
         let m = view_meta(v);
-        if v.meta().kind != Kind::File {
+        if v.meta().kind == Kind::Dir {
             continue;
         }
         if let Some(members) = groups.get_mut(&Arc::as_ptr(&m)) {

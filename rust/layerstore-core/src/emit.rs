@@ -23,7 +23,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::layer::{self, Entry, Kind, LayerInfo};
 use crate::meta;
 use crate::store::{Imported, Progress, Store};
-use crate::tar::{EntrySink, Op, SplitOutput, Splitter, TarSplit};
+use crate::tar::{EntrySink, Op, SplitOutput, Splitter, StoredSplit};
 use crate::tarwrite::{self, Member, MemberKind};
 
 fn entry_member<'a>(path: &'a [u8], e: &'a Entry, kind: MemberKind<'a>) -> Member<'a> {
@@ -234,17 +234,22 @@ impl Store {
                 }
                 None => false,
             };
+            // The recipe's raw bytes are kept compressed as they come (see Splitter::pack_raw).
             let parsed = Splitter::new(&mut stream, self.limits(), &mut sink)
                 .skip_payloads_with(&skip)
-                .run();
+                .pack_raw()
+                .and_then(Splitter::run);
             if let Some(e) = stream.error.take() {
                 return Err(e);
             }
             let SplitOutput {
-                split,
+                packed,
                 mut entries,
                 warnings,
+                ..
             } = parsed?;
+            let split_blob = packed
+                .ok_or_else(|| Error::Corrupt("the changeset's recipe was not packed".into()))?;
             if entries.len() != changes.len() {
                 return Err(Error::Corrupt(format!(
                     "changeset of {} changes parsed as {} entries",
@@ -254,18 +259,9 @@ impl Store {
             }
             let split_done = started.elapsed() - planned;
             let rendering = Instant::now();
-            // The split is final: encode it for the database while the tar renders.
-            let (digests, split_blob) = std::thread::scope(|s| {
-                let blob = s.spawn(|| crate::layer::encode_blob(&split));
-                let digests = self.render(&split, &mut entries, plan, chunks, tee, progress);
-                let blob = blob.join().unwrap_or_else(|_| {
-                    Err(Error::Panicked {
-                        what: "split encoder",
-                    })
-                });
-                (digests, blob)
-            });
-            let (digests, split_blob) = (digests?, split_blob?);
+            // The tar renders from the stored recipe, its raw bytes streamed back out of it.
+            let mut split = StoredSplit::open(&split_blob)?;
+            let digests = self.render(&mut split, &mut entries, plan, chunks, tee, progress)?;
             let render_time = rendering.elapsed();
             let info = LayerInfo {
                 id: digests.blake3,
@@ -317,7 +313,7 @@ impl Store {
     /// by `chunks`) into the stream hasher and `tee`; returns its digests.
     fn render(
         &self,
-        split: &TarSplit,
+        split: &mut StoredSplit<'_>,
         entries: &mut [Entry],
         plan: Vec<Source>,
         mut chunks: cas::OrderedChunks,
@@ -346,13 +342,12 @@ impl Store {
             Ok(())
         };
         let mut sources = plan.into_iter();
-        let mut raw_pos = 0usize;
         for op in &split.ops {
             match *op {
                 Op::Raw(n) => {
-                    let end = raw_pos + n as usize;
-                    emit(&split.raw[raw_pos..end], &mut batch)?;
-                    raw_pos = end;
+                    split
+                        .raw
+                        .take(n, |block, range| emit(&block[range], &mut batch))?;
                     done += n;
                 }
                 Op::Payload(i) => {

@@ -245,6 +245,31 @@ impl Error {
         }
     }
 
+    /// This error, said to concern the store at `root` where its message does not say which
+    /// file it is about: an OS failure of the metadata database names `root/meta.db`.
+    pub fn in_store(self, root: &std::path::Path) -> Self {
+        match self {
+            Error::Io { context, source } if context.starts_with(DATABASE) => Error::Io {
+                context: format!(
+                    "{DATABASE} {}{}",
+                    root.join("meta.db").display(),
+                    &context[DATABASE.len()..]
+                ),
+                source,
+            },
+            Error::InEntry {
+                layer,
+                path,
+                source,
+            } => Error::InEntry {
+                layer,
+                path,
+                source: Box::new(source.in_store(root)),
+            },
+            other => other,
+        }
+    }
+
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -268,10 +293,8 @@ impl From<rusqlite::Error> for Error {
             _ => None,
         };
         match errno {
-            Some(n) => Error::io(
-                format!("metadata database: {e}"),
-                io::Error::from_raw_os_error(n),
-            ),
+            // The database's file is named where the store is known ([`Error::in_store`]).
+            Some(n) => Error::io(format!("{DATABASE}: {e}"), io::Error::from_raw_os_error(n)),
             None => Error::Database(e),
         }
     }
@@ -290,6 +313,9 @@ impl From<io::Error> for Error {
         }
     }
 }
+
+/// How an OS failure of the metadata database begins (see [`Error::in_store`]).
+const DATABASE: &str = "metadata database";
 
 /// An entry path as users see it: absolute, lossily decoded.
 pub(crate) fn path_text(path: &[u8]) -> String {

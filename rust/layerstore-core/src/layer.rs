@@ -176,17 +176,53 @@ pub struct ImageDigests {
 }
 
 /// The stored form of a layer's entry list or recipe: postcard, then zstd with a checksum.
+/// The postcard bytes stream into the compressor (never held whole: for a layer of a million
+/// entries they are hundreds of MiB).
 pub(crate) fn encode_blob<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
-    use std::io::Write as _;
-    let bytes = postcard::to_stdvec(value)
+    let enc = blob_encoder().ctx(|| "compressing metadata".into())?;
+    // postcard writes field by field: buffered, the compressor sees large writes.
+    let buffered = postcard::to_io(value, std::io::BufWriter::with_capacity(1 << 16, enc))
         .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
-    let mut enc =
-        zstd::stream::Encoder::new(Vec::new(), 3).ctx(|| "compressing metadata".into())?;
-    enc.include_checksum(true)
-        .ctx(|| "compressing metadata".into())?;
-    enc.write_all(&bytes)
-        .ctx(|| "compressing metadata".into())?;
+    let enc = buffered
+        .into_inner()
+        .map_err(|e| Error::io("compressing metadata", e.into_error()))?;
     enc.finish().ctx(|| "compressing metadata".into())
+}
+
+/// The compressor of stored blobs ([`encode_blob`]): zstd level 3 with a checksum.
+pub(crate) fn blob_encoder() -> std::io::Result<zstd::stream::write::Encoder<'static, Vec<u8>>> {
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 3)?;
+    enc.include_checksum(true)?;
+    Ok(enc)
+}
+
+/// A stored entry list decoded straight into shared entries: each entry is decoded into its own
+/// allocation, never into a `Vec<Entry>` first (which a stack of a million entries would hold
+/// beside the shared copies: some 240 MiB more at its peak).
+pub(crate) struct SharedEntries(pub Vec<std::sync::Arc<Entry>>);
+
+impl<'de> Deserialize<'de> for SharedEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Seq;
+        impl<'de> serde::de::Visitor<'de> for Seq {
+            type Value = SharedEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence of entries")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<SharedEntries, A::Error> {
+                // The count comes from the blob: reserve no more than a sane amount up front.
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(e) = seq.next_element::<Entry>()? {
+                    out.push(std::sync::Arc::new(e));
+                }
+                Ok(SharedEntries(out))
+            }
+        }
+        d.deserialize_seq(Seq)
+    }
 }
 
 pub(crate) fn decode_blob<T: serde::de::DeserializeOwned>(blob: &[u8]) -> Result<T> {
@@ -198,6 +234,30 @@ pub(crate) fn decode_blob<T: serde::de::DeserializeOwned>(blob: &[u8]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Entries decoded straight into shared allocations are the entries decoded as a list.
+    #[test]
+    fn shared_entries_decode_as_the_list_does() {
+        let entries: Vec<Entry> = (0..1000u32)
+            .map(|i| {
+                let mut e = Entry::new(
+                    format!("d{}/f{i}", i % 9).into_bytes(),
+                    Kind::File,
+                    b'0',
+                    0o644,
+                );
+                e.size = u64::from(i);
+                e.xattrs
+                    .insert(b"user.i".to_vec(), i.to_le_bytes().to_vec());
+                e
+            })
+            .collect();
+        let blob = encode_blob(&entries).unwrap();
+        let SharedEntries(shared) = decode_blob(&blob).unwrap();
+        let plain: Vec<Entry> = decode_blob(&blob).unwrap();
+        assert_eq!(plain, entries);
+        assert!(shared.iter().map(|e| &**e).eq(entries.iter()));
+    }
 
     /// Byte strings are encoded as slices (`serde_bytes`); stores written when they were plain
     /// sequences of u8 must still decode. Postcard writes both as a length and the bytes, and a

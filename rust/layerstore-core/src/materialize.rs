@@ -206,13 +206,43 @@ fn timestamps(e: &Entry) -> Timestamps {
 }
 
 /// The directory `rel` (relative, normalised; empty for `root` itself) beneath `root`, opened for
-/// reading and metadata changes, following no symlink and never leaving `root`.
+/// reading and metadata changes, following no symlink and never leaving `root`. A path longer
+/// than the kernel takes in one call (`PATH_MAX`) is opened a stretch of components at a time,
+/// each beneath the directory the last one opened, so views deeper than `PATH_MAX` materialize.
 pub(crate) fn open_dir(root: BorrowedFd<'_>, rel: &[u8]) -> rustix::io::Result<OwnedFd> {
-    let path: &[u8] = if rel.is_empty() { b"." } else { rel };
+    if rel.len() < PATH_MAX {
+        return open_beneath(root, if rel.is_empty() { b"." } else { rel });
+    }
+    let mut dir: Option<OwnedFd> = None;
+    let mut rest = rel;
+    while !rest.is_empty() {
+        // The longest run of whole components that fits; a single component longer than that
+        // is refused by the kernel (ENAMETOOLONG) like any over-long name.
+        let cut = if rest.len() < PATH_MAX {
+            rest.len()
+        } else {
+            rest[..PATH_MAX]
+                .iter()
+                .rposition(|&b| b == b'/')
+                .filter(|&i| i > 0)
+                .unwrap_or(PATH_MAX)
+        };
+        let at = dir.as_ref().map_or(root, AsFd::as_fd);
+        dir = Some(open_beneath(at, &rest[..cut])?);
+        rest = rest.get(cut + 1..).unwrap_or_default();
+    }
+    dir.map_or_else(|| open_beneath(root, b"."), Ok)
+}
+
+/// Linux's `PATH_MAX`: the longest path (with its NUL) one system call takes.
+const PATH_MAX: usize = 4096;
+
+/// `openat2` of the directory `path` beneath `dir`, no symlink followed, no way out of `dir`.
+fn open_beneath(dir: BorrowedFd<'_>, path: &[u8]) -> rustix::io::Result<OwnedFd> {
     let mut tries = 0;
     loop {
         let r = rfs::openat2(
-            root,
+            dir,
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),

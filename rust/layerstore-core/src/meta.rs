@@ -631,6 +631,17 @@ pub fn layer_blobs(conn: &Connection, id: &Blake3) -> Result<(Vec<u8>, Vec<u8>)>
     .ok_or_else(|| Error::NotFound(format!("no layer {id}")))
 }
 
+/// A layer's entry list blob alone (a stack needs no recipe).
+pub fn layer_entries_blob(conn: &Connection, id: &Blake3) -> Result<Vec<u8>> {
+    conn.query_row(
+        "SELECT entries FROM layers WHERE id = ?1",
+        [id.to_string()],
+        |r| r.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| Error::NotFound(format!("no layer {id}")))
+}
+
 pub fn layer_chunk_set(conn: &Connection, id: &Blake3) -> Result<Vec<Blake3>> {
     let blob: Option<Vec<u8>> = conn
         .query_row(

@@ -135,6 +135,10 @@ pub use crate::layer::ImageDigests;
 pub struct ImportedImage {
     pub name: String,
     pub stack: Stack,
+    /// What importing its layers' tars reported (as [`crate::store::Imported::warnings`],
+    /// each naming its layer blob); a layer the store already held was not read, and says
+    /// nothing.
+    pub warnings: Vec<String>,
 }
 
 /// What an export wrote.

@@ -12,6 +12,7 @@ mod export;
 mod fsck;
 mod gc;
 mod import;
+mod space;
 
 pub use export::Exported;
 pub use fsck::{DamagedChunk, FsckReport, Repaired};
@@ -196,7 +197,9 @@ impl Store {
             ("max_depth", options.max_depth.to_string()),
         ];
         let settings = meta::init(&mut conn, &defaults)?;
-        Self::with_connection(root, (conn, settings), limits, false)
+        let store = Self::with_connection(root, (conn, settings), limits, false)?;
+        store.make_reserve();
+        Ok(store)
     }
 
     /// The store over an open database and the settings read from it.
@@ -256,6 +259,12 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// `r`, its error said to concern this store where it does not say which file it is about
+    /// ([`Error::in_store`]): callers at the API's edge pass results through here.
+    pub fn locate<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| e.in_store(&self.root))
     }
 
     pub fn options(&self) -> &StoreOptions {
@@ -358,9 +367,13 @@ impl Store {
     /// Delete a layer that no recorded stack uses and no image import in flight has pinned.
     pub fn delete(&self, id: &Blake3) -> Result<()> {
         self.check_writable("delete a layer")?;
-        // A mount whose owner died must not keep its layers from deletion.
-        self.reap_mounts()?;
-        meta::delete_layer(&mut *self.conn()?, id, None, &|l| self.lease_alive(l))
+        // Freeing space starts here: it works on a full disk too (see space.rs).
+        self.with_room(|| {
+            // A mount whose owner died must not keep its layers from deletion.
+            self.reap_mounts()?;
+            meta::delete_layer(&mut *self.conn()?, id, None, &|l| self.lease_alive(l))
+        })
+        .1
     }
 
     /// [`Store::delete`] on behalf of the import holding `lease`: its own pins do not count.
@@ -387,7 +400,19 @@ impl Store {
         if let Some(e) = cached {
             return Ok(e);
         }
-        let entries: LayerEntries = Arc::new(self.entries(id)?.into_iter().map(Arc::new).collect());
+        let blob = meta::layer_entries_blob(&*self.conn()?, id)?;
+        let layer::SharedEntries(entries) = layer::decode_blob(&blob)?;
+        drop(blob);
+        // A GNU sparse file imported before they were refused: its stored content is its sparse
+        // map and data regions, so no view may show it (its export stays byte-exact).
+        if let Some(e) = entries.iter().find(|e| e.sparse) {
+            return Err(Error::InvalidLayer(format!(
+                "layer {id}: {} is a GNU sparse file, stored unexpanded by an older layerstore; \
+                 it cannot be stacked (re-archive it without --sparse and import it again)",
+                crate::error::path_text(&e.path)
+            )));
+        }
+        let entries: LayerEntries = Arc::new(entries);
         if let Ok(mut cache) = self.entry_cache.lock() {
             cache.retain(|_, w| w.strong_count() > 0);
             cache.insert(*id, Arc::downgrade(&entries));
@@ -509,12 +534,13 @@ impl Store {
 
     pub fn untag(&self, name: &str) -> Result<()> {
         self.check_writable("remove a tag")?;
-        meta::delete_ref(&mut *self.conn()?, name)
+        // Freeing space starts here: it works on a full disk too (see space.rs).
+        self.with_room(|| meta::delete_ref(&mut *self.conn()?, name))
+            .1
     }
 
     pub fn entries(&self, id: &Blake3) -> Result<Vec<Entry>> {
-        let (entries, _) = meta::layer_blobs(&*self.conn()?, id)?;
-        layer::decode_blob(&entries)
+        layer::decode_blob(&meta::layer_entries_blob(&*self.conn()?, id)?)
     }
 
     /// `e`, met reading content for `path` of a layer being written, said to be about the

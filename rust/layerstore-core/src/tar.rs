@@ -1,7 +1,7 @@
 //! Streaming tar splitter: the exact-reconstruction half of a layer (tar-split style).
 //!
 //! A tar stream is cut into *raw* segments — every 512-byte header exactly as read, PAX `x`/`g`
-//! records, GNU `L`/`K` blocks, GNU sparse extension blocks, padding (even non-zero), the
+//! records, GNU `L`/`K` blocks, padding (even non-zero), the
 //! end-of-archive blocks and every byte after them — and *payload* segments: the data of each
 //! entry that carries data, exactly its effective size (a PAX `size` wins over the header field).
 //! Only payloads go to the chunker. Writing the raw bytes and the payloads back in order
@@ -10,7 +10,8 @@
 //! Parsing of header fields uses the `tar` crate's accessors (octal, base-256); the framing
 //! (which block is what, how much data follows) is ours, since the crate hides raw bytes.
 //! Header-only typeflags (`1`–`6`) never carry data, whatever their size field says (as Go's
-//! archive/tar and Python's tarfile read them).
+//! archive/tar and Python's tarfile read them). GNU sparse files, in each of their encodings, are
+//! refused: what they archive is a map and the data regions, not the file's content.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -68,16 +69,149 @@ pub struct TarSplit {
 }
 
 impl TarSplit {
-    fn push_raw(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.raw.extend_from_slice(bytes);
-        if let Some(Op::Raw(n)) = self.ops.last_mut() {
-            *n += bytes.len() as u64;
+    /// Note `n` more raw bytes in the recipe (the bytes themselves go to `raw` or a [`Packed`]).
+    fn note_raw(&mut self, n: usize) {
+        if let Some(Op::Raw(m)) = self.ops.last_mut() {
+            *m += n as u64;
         } else {
-            self.ops.push(Op::Raw(bytes.len() as u64));
+            self.ops.push(Op::Raw(n as u64));
         }
+    }
+}
+
+/// The raw bytes of a split kept compressed as they stream in, so that an import's memory does
+/// not hold every header and padding block of the tar (about 1 KiB per small file). At the end
+/// they become the stored blob of the recipe ([`Packed::finish`]), the same `TarSplit` bytes
+/// that [`crate::layer::encode_blob`] would have written.
+struct Packed {
+    raw: zstd::stream::write::Encoder<'static, Vec<u8>>,
+    len: u64,
+}
+
+/// zstd level for the raw bytes in flight (headers and padding: fast is small enough).
+const PACKED_LEVEL: i32 = 1;
+
+impl Packed {
+    fn new() -> Result<Self> {
+        let raw = zstd::stream::write::Encoder::new(Vec::new(), PACKED_LEVEL)
+            .map_err(|e| Error::io("compressing the tar's headers", e))?;
+        Ok(Packed { raw, len: 0 })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write as _;
+        self.raw
+            .write_all(bytes)
+            .map_err(|e| Error::io("compressing the tar's headers", e))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The stored blob of `TarSplit { raw, ops }`: zstd of its postcard encoding, which is the
+    /// raw bytes as a byte string (a varint length, then the bytes) followed by the ops.
+    fn finish(self, ops: &[Op]) -> Result<Vec<u8>> {
+        use std::io::Write as _;
+        let ctx = |e| Error::io("encoding the tar's recipe", e);
+        let compressed = self.raw.finish().map_err(ctx)?;
+        let mut out = crate::layer::blob_encoder().map_err(ctx)?;
+        let head = postcard::to_stdvec(&self.len)
+            .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
+        out.write_all(&head).map_err(ctx)?;
+        let mut raw = zstd::stream::read::Decoder::new(compressed.as_slice()).map_err(ctx)?;
+        io::copy(&mut raw, &mut out).map_err(ctx)?;
+        let ops = postcard::to_stdvec(ops)
+            .map_err(|e| Error::Corrupt(format!("encoding metadata: {e}")))?;
+        out.write_all(&ops).map_err(ctx)?;
+        out.finish().map_err(ctx)
+    }
+}
+
+/// A stored recipe read without holding its raw bytes: its ops, then the raw bytes streamed
+/// from the blob in order ([`RawStream::take`]). An export of a layer of a million small files
+/// would otherwise hold the whole recipe twice (decompressed, then decoded).
+pub struct StoredSplit<'b> {
+    pub ops: Vec<Op>,
+    pub raw: RawStream<'b>,
+}
+
+impl<'b> StoredSplit<'b> {
+    /// Open the blob [`crate::layer::encode_blob`] (or [`Splitter::pack_raw`]) stored: one pass
+    /// skips the raw bytes to decode the ops behind them, the stream then rereads them.
+    pub fn open(blob: &'b [u8]) -> Result<Self> {
+        let mut skip = RawStream::new(blob)?;
+        io::copy(&mut (&mut skip.dec).take(skip.left), &mut io::sink()).map_err(corrupt)?;
+        let mut rest = Vec::new();
+        skip.dec.read_to_end(&mut rest).map_err(corrupt)?;
+        let ops: Vec<Op> = postcard::from_bytes(&rest)
+            .map_err(|e| Error::Corrupt(format!("layer metadata: {e}")))?;
+        Ok(StoredSplit {
+            ops,
+            raw: RawStream::new(blob)?,
+        })
+    }
+}
+
+/// The raw bytes of a stored recipe, decompressed a block at a time.
+pub struct RawStream<'b> {
+    dec: zstd::stream::read::Decoder<'static, io::BufReader<&'b [u8]>>,
+    /// Raw bytes not yet decompressed.
+    left: u64,
+    block: std::sync::Arc<Vec<u8>>,
+    pos: usize,
+}
+
+fn corrupt(e: io::Error) -> Error {
+    Error::Corrupt(format!("layer metadata: {e}"))
+}
+
+/// Raw bytes decompressed at a time.
+const RAW_BLOCK: u64 = 1 << 20;
+
+impl<'b> RawStream<'b> {
+    fn new(blob: &'b [u8]) -> Result<Self> {
+        let mut dec = zstd::stream::read::Decoder::new(blob).map_err(corrupt)?;
+        // postcard's varint (LEB128) of the raw length.
+        let mut left = 0u64;
+        for shift in (0..64).step_by(7) {
+            let mut b = [0u8; 1];
+            dec.read_exact(&mut b).map_err(corrupt)?;
+            left |= u64::from(b[0] & 0x7f) << shift;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        Ok(RawStream {
+            dec,
+            left,
+            block: std::sync::Arc::new(Vec::new()),
+            pos: 0,
+        })
+    }
+
+    /// Hand the next `n` raw bytes to `f`, as ranges of shared blocks (one or more).
+    pub fn take(
+        &mut self,
+        mut n: u64,
+        mut f: impl FnMut(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        while n > 0 {
+            if self.pos == self.block.len() {
+                let want = self.left.min(RAW_BLOCK);
+                if want == 0 {
+                    return Err(Error::Corrupt("raw segment out of range".into()));
+                }
+                let mut block = vec![0u8; want as usize];
+                self.dec.read_exact(&mut block).map_err(corrupt)?;
+                self.left -= want;
+                self.block = std::sync::Arc::new(block);
+                self.pos = 0;
+            }
+            let k = (self.block.len() - self.pos).min(usize::try_from(n).unwrap_or(usize::MAX));
+            f(self.block.clone(), self.pos..self.pos + k)?;
+            self.pos += k;
+            n -= k as u64;
+        }
+        Ok(())
     }
 }
 
@@ -145,6 +279,8 @@ pub struct Splitter<'a, R: Read> {
     sink: &'a mut dyn EntrySink,
     skip: Option<SkipPayload<'a>>,
     split: TarSplit,
+    /// Where the raw bytes go when kept compressed ([`Splitter::pack_raw`]).
+    packed: Option<Packed>,
     entries: Vec<Entry>,
     warnings: Vec<String>,
     global_pax: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -156,7 +292,10 @@ pub struct Splitter<'a, R: Read> {
 
 /// What [`Splitter::run`] produced.
 pub struct SplitOutput {
+    /// The recipe; its `raw` is empty when the splitter packed it ([`SplitOutput::packed`]).
     pub split: TarSplit,
+    /// With [`Splitter::pack_raw`]: the recipe's stored blob, ready for the database.
+    pub packed: Option<Vec<u8>>,
     pub entries: Vec<Entry>,
     pub warnings: Vec<String>,
 }
@@ -173,12 +312,32 @@ impl<'a, R: Read> Splitter<'a, R> {
             sink,
             skip: None,
             split: TarSplit::default(),
+            packed: None,
             entries: Vec::new(),
             warnings: Vec::new(),
             global_pax: BTreeMap::new(),
             header_offset: 0,
             own_symlinks: std::collections::HashSet::new(),
         }
+    }
+
+    /// Keep the raw bytes compressed as they come (an import, which stores them and needs them
+    /// no more): [`SplitOutput::packed`] holds the stored recipe and `split.raw` stays empty.
+    pub fn pack_raw(mut self) -> Result<Self> {
+        self.packed = Some(Packed::new()?);
+        Ok(self)
+    }
+
+    fn push_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        match self.packed.as_mut() {
+            Some(p) => p.write(bytes)?,
+            None => self.split.raw.extend_from_slice(bytes),
+        }
+        self.split.note_raw(bytes.len());
+        Ok(())
     }
 
     /// Payloads the sink leaves unread are skipped by `skip` instead of read and dropped.
@@ -261,7 +420,7 @@ impl<'a, R: Read> Splitter<'a, R> {
         if !self.read_block(&mut data)? {
             return Err(self.invalid("truncated: extension record missing"));
         }
-        self.split.push_raw(&data);
+        self.push_raw(&data)?;
         data.truncate(size as usize);
         Ok(data)
     }
@@ -275,12 +434,12 @@ impl<'a, R: Read> Splitter<'a, R> {
                 return Err(self.invalid("truncated: no end-of-archive marker"));
             }
             if block.iter().all(|&b| b == 0) {
-                self.split.push_raw(&block);
+                self.push_raw(&block)?;
                 self.finish_trailer()?;
                 break;
             }
             self.check_checksum(&block)?;
-            self.split.push_raw(&block);
+            self.push_raw(&block)?;
             let header = tar::Header::from_byte_slice(&block);
             let typeflag = block[156];
             let size = self.unsigned_field(&block, Field::SIZE, "size")?;
@@ -308,8 +467,13 @@ impl<'a, R: Read> Splitter<'a, R> {
             entry: i as u64,
             offset: 0,
         })?;
+        let packed = match self.packed.take() {
+            Some(p) => Some(p.finish(&self.split.ops)?),
+            None => None,
+        };
         Ok(SplitOutput {
             split: self.split,
+            packed,
             entries: self.entries,
             warnings: self.warnings,
         })
@@ -366,7 +530,7 @@ impl<'a, R: Read> Splitter<'a, R> {
                 return Err(self.limit("bytes after end-of-archive", rest.len() as u64, limit));
             }
         }
-        self.split.push_raw(&rest);
+        self.push_raw(&rest)?;
         Ok(())
     }
 
@@ -473,27 +637,18 @@ impl<'a, R: Read> Splitter<'a, R> {
         }
 
         let has_data = !matches!(typeflag, b'1' | b'2' | b'3' | b'4' | b'5' | b'6');
-        let sparse = typeflag == b'S' || pax.contains_key(&b"GNU.sparse.major"[..]);
-        if typeflag == b'S' && block[482] != 0 {
-            // Old GNU sparse: extension blocks follow the header, before the data.
-            let mut ext = [0u8; BLOCK];
-            loop {
-                if !self.read_block(&mut ext)? {
-                    return Err(self.invalid("truncated: GNU sparse extension missing"));
-                }
-                self.split.push_raw(&ext);
-                if ext[504] == 0 {
-                    break;
-                }
-            }
+        // GNU sparse files hold a map of data regions and only those regions: their archived
+        // bytes are not their content. Until the view can expand them, they are refused rather
+        // than shown wrong (issue 14: never a silently wrong file).
+        if let Some(format) = sparse_format(typeflag, &pax) {
+            let shown = pax.get(&b"GNU.sparse.name"[..]).map_or(&path, |n| n);
+            return Err(self.invalid(format!(
+                "{}: a GNU sparse file ({format}), which layerstore does not expand: refused \
+                 rather than stored with its sparse map and data regions as its content \
+                 (archive it without --sparse)",
+                String::from_utf8_lossy(shown)
+            )));
         }
-        if sparse {
-            self.warnings.push(format!(
-                "{}: GNU sparse entry stored as archived; its content is the sparse data, not expanded",
-                String::from_utf8_lossy(&path)
-            ));
-        }
-
         let name = path.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
         // A marker is a leaf: nothing can live beneath a whiteout or an opaque marker (AUFS
         // metadata directories such as `.wh..wh.plnk/` do hold entries).
@@ -573,7 +728,9 @@ impl<'a, R: Read> Splitter<'a, R> {
             xattrs,
             chunks: Vec::new(),
             digest: None,
-            sparse,
+            // Stores written before sparse files were refused may hold some (see
+            // `Store::layer_entries`, which refuses to stack them).
+            sparse: false,
         };
         let index = self.entries.len() as u32;
         if has_data && data_size > 0 {
@@ -599,7 +756,7 @@ impl<'a, R: Read> Splitter<'a, R> {
             if pad > 0 && !self.read_block(&mut padding[..pad])? {
                 return Err(self.invalid("truncated: entry padding missing"));
             }
-            self.split.push_raw(&padding[..pad]);
+            self.push_raw(&padding[..pad])?;
         } else {
             self.sink.entry(&mut entry, None)?;
         }
@@ -862,6 +1019,29 @@ fn parse_pax(
 const MAX_MTIME_NS: i64 = i64::MAX / 1_000_000_000 * 1_000_000_000;
 const MIN_MTIME_NS: i64 = i64::MIN / 1_000_000_000 * 1_000_000_000;
 
+/// Which GNU sparse encoding an entry uses, if any: old GNU (typeflag `S`, its map in the header
+/// and extension blocks), PAX 0.0 (`GNU.sparse.offset`/`numbytes` records), PAX 0.1
+/// (`GNU.sparse.map`) or PAX 1.0 (`GNU.sparse.major`/`minor`, its map at the start of the data).
+fn sparse_format(typeflag: u8, pax: &BTreeMap<Vec<u8>, Vec<u8>>) -> Option<String> {
+    if typeflag == b'S' {
+        return Some("old GNU format".into());
+    }
+    let get = |k: &str| {
+        pax.get(k.as_bytes())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    if let Some(major) = get("GNU.sparse.major") {
+        let minor = get("GNU.sparse.minor").unwrap_or_default();
+        return Some(format!("PAX {major}.{minor}"));
+    }
+    if pax.contains_key(&b"GNU.sparse.map"[..]) {
+        return Some("PAX 0.1".into());
+    }
+    pax.keys()
+        .any(|k| k.starts_with(b"GNU.sparse."))
+        .then(|| "PAX 0.0".into())
+}
+
 fn parse_pax_time(v: &[u8]) -> Option<i128> {
     let s = std::str::from_utf8(v).ok()?;
     let (neg, s) = match s.strip_prefix('-') {
@@ -903,6 +1083,82 @@ mod tests {
         let old = postcard::to_stdvec(&(split.raw.clone(), split.ops.clone())).unwrap();
         assert_eq!(postcard::to_stdvec(&split).unwrap(), old);
         assert_eq!(postcard::from_bytes::<TarSplit>(&old).unwrap(), split);
+    }
+
+    /// An import keeps the raw bytes compressed as they stream in ([`Splitter::pack_raw`]); the
+    /// blob it stores decodes to exactly the recipe an unpacked split holds.
+    #[test]
+    fn a_packed_split_stores_the_same_recipe() {
+        struct Drain;
+        impl EntrySink for Drain {
+            fn entry(&mut self, _: &mut Entry, payload: Option<&mut dyn Read>) -> Result<()> {
+                if let Some(p) = payload {
+                    io::copy(p, &mut io::sink())?;
+                }
+                Ok(())
+            }
+        }
+        let mut builder = ::tar::Builder::new(Vec::new());
+        for i in 0..300u32 {
+            let data = vec![i as u8; (i as usize * 37) % 1500];
+            let mut h = ::tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            builder
+                .append_data(&mut h, format!("d{}/f{i}", i % 7), data.as_slice())
+                .unwrap();
+        }
+        let tar = builder.into_inner().unwrap();
+        let plain = Splitter::new(tar.as_slice(), Limits::default(), &mut Drain)
+            .run()
+            .unwrap();
+        let packed = Splitter::new(tar.as_slice(), Limits::default(), &mut Drain)
+            .pack_raw()
+            .unwrap()
+            .run()
+            .unwrap();
+        assert!(plain.packed.is_none() && packed.split.raw.is_empty());
+        assert_eq!(packed.split.ops, plain.split.ops);
+        let stored: TarSplit = crate::layer::decode_blob(&packed.packed.unwrap()).unwrap();
+        assert_eq!(stored, plain.split);
+    }
+
+    /// A stored recipe read as a stream gives the same ops and raw bytes as decoding it whole,
+    /// whatever the segment sizes (segments cross the stream's 1 MiB blocks here).
+    #[test]
+    fn a_stored_split_streams_its_raw_bytes_in_order() {
+        let split = TarSplit {
+            raw: (0..3_000_000u32).map(|i| (i % 251) as u8).collect(),
+            ops: vec![
+                Op::Raw(700_000),
+                Op::Payload(0),
+                Op::Raw(1_500_000),
+                Op::Raw(1),
+                Op::Payload(1),
+                Op::Raw(799_999),
+            ],
+        };
+        let blob = crate::layer::encode_blob(&split).unwrap();
+        let mut stored = StoredSplit::open(&blob).unwrap();
+        assert_eq!(stored.ops, split.ops);
+        let mut raw = Vec::new();
+        for op in &stored.ops {
+            if let Op::Raw(n) = *op {
+                stored
+                    .raw
+                    .take(n, |b, r| {
+                        raw.extend_from_slice(&b[r]);
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+        }
+        assert_eq!(raw, split.raw);
+        assert!(
+            stored.raw.take(1, |_, _| Ok(())).is_err(),
+            "no byte past the end"
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ impl RawContainer {
         let c = guard
             .as_mut()
             .ok_or_else(|| PyValueError::new_err("I/O operation on a closed container"))?;
-        f(c, &self.store).py()
+        self.store.locate(f(c, &self.store)).py()
     }
 }
 

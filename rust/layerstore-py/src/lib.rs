@@ -363,7 +363,7 @@ impl Store {
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let result = py.detach(|| store.import_tar(reader, &opts, &|n| interrupts.check(n)));
-        self.finish_import(py, interrupts.finish(result)?)
+        self.finish_import(py, interrupts.finish(self.inner.locate(result))?)
     }
 
     /// Import a directory tree as one layer (all metadata and xattrs; a canonical tar made on the
@@ -393,7 +393,7 @@ impl Store {
         let store = self.inner.clone();
         let result =
             py.detach(|| store.import_dir(&path, &dir_opts, &opts, &|n| interrupts.check(n)));
-        self.finish_import(py, interrupts.finish(result)?)
+        self.finish_import(py, interrupts.finish(self.inner.locate(result))?)
     }
 
     /// Write a layer as a tar; returns the digest of the bytes written.
@@ -451,7 +451,7 @@ impl Store {
     /// Delete a layer no tag or recorded stack uses (its chunks go at the next `gc`).
     fn delete(&self, layer: &Bound<'_, PyAny>) -> PyResult<()> {
         let info = self.inner.layer(&layer_id(layer)?).py()?;
-        self.inner.delete(&info.id).py()
+        self.inner.locate(self.inner.delete(&info.id)).py()
     }
 
     /// Logical and stored bytes, chunks, packs and the dedup ratio.
@@ -473,7 +473,7 @@ impl Store {
     /// Remove what nothing references (chunks, packs, leftovers of interrupted imports) and compact
     /// packs that are mostly garbage. Safe while other processes import.
     fn gc<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let r = py.detach(|| self.inner.gc()).py()?;
+        let r = py.detach(|| self.inner.locate(self.inner.gc())).py()?;
         let d = PyDict::new(py);
         d.set_item("chunks_removed", r.chunks_removed)?;
         d.set_item("packs_removed", r.packs_removed)?;
@@ -482,6 +482,7 @@ impl Store {
         d.set_item("deferred", r.deferred)?;
         d.set_item("mounts_reaped", r.mounts_reaped)?;
         d.set_item("snapshots_removed", r.snapshots_removed)?;
+        d.set_item("packs_not_rewritten", r.packs_not_rewritten)?;
         Ok(d)
     }
 
@@ -489,7 +490,9 @@ impl Store {
     /// use and mark the layers using them broken (see `broken_layers`).
     #[pyo3(signature = (*, repair = false))]
     fn fsck<'py>(&self, py: Python<'py>, repair: bool) -> PyResult<Bound<'py, PyDict>> {
-        let r = py.detach(|| self.inner.fsck(repair)).py()?;
+        let r = py
+            .detach(|| self.inner.locate(self.inner.fsck(repair)))
+            .py()?;
         let d = PyDict::new(py);
         d.set_item("ok", r.problems.is_empty())?;
         d.set_item("problems", r.problems)?;
@@ -544,7 +547,8 @@ impl Store {
     /// Point tag `name` at `image` (its layers cannot be deleted while tagged).
     fn tag(&self, image: &Bound<'_, stack::Stack>, name: &str) -> PyResult<()> {
         image.get().image_only("tag")?;
-        self.inner.tag(&image.get().inner, name).py()
+        let inner = &self.inner;
+        inner.locate(inner.tag(&image.get().inner, name)).py()
     }
 
     /// The image tagged `name`.
@@ -566,7 +570,7 @@ impl Store {
 
     /// Remove tag `name` (the layers it kept stay until deleted).
     fn untag(&self, name: &str) -> PyResult<()> {
-        self.inner.untag(name).py()
+        self.inner.locate(self.inner.untag(name)).py()
     }
 
     fn __repr__(&self) -> String {

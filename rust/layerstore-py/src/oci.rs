@@ -20,10 +20,19 @@ fn images_by_name<'py>(
     store: &Arc<core::Store>,
     images: Vec<ImportedImage>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    // An import's images may share layers: each layer's warnings are said once.
+    let mut said = std::collections::HashSet::new();
+    let warnings: Vec<String> = images
+        .iter()
+        .flat_map(|i| &i.warnings)
+        .filter(|w| said.insert(*w))
+        .cloned()
+        .collect();
     let d = PyDict::new(py);
     for image in images {
         d.set_item(image.name, Stack::new(store.clone(), image.stack))?;
     }
+    crate::emit_warnings(py, &warnings)?;
     Ok(d)
 }
 
@@ -59,7 +68,7 @@ impl Store {
         let store = self.inner.clone();
         let result =
             py.detach(|| store.import_oci(&src, platform.as_deref(), &|n| interrupts.check(n)));
-        let images = interrupts.finish(result)?;
+        let images = interrupts.finish(self.inner.locate(result))?;
         images_by_name(py, &self.inner, images)
     }
 
@@ -133,7 +142,7 @@ impl Store {
         let interrupts = Interrupts::new(progress);
         let store = self.inner.clone();
         let result = py.detach(|| store.import_docker_archive(&src, &|n| interrupts.check(n)));
-        let images = interrupts.finish(result)?;
+        let images = interrupts.finish(self.inner.locate(result))?;
         images_by_name(py, &self.inner, images)
     }
 

@@ -42,6 +42,8 @@ pub(crate) struct FetchedLayer {
     pub info: LayerInfo,
     created: bool,
     blob: Option<LayerBlob>,
+    /// What its tar import reported (sanitised entries, clamped times), naming the blob.
+    warnings: Vec<String>,
 }
 
 impl FetchedLayer {
@@ -96,6 +98,8 @@ pub(crate) struct Staging<'s> {
     pub layers: HashMap<String, LayerInfo>,
     pub blobs: Vec<LayerBlob>,
     known_blobs: HashSet<String>,
+    /// The warnings of the layers this import read, by layer: each image reports its layers'.
+    warnings: HashMap<crate::digest::Blake3, Vec<String>>,
 }
 
 impl<'s> Staging<'s> {
@@ -115,6 +119,7 @@ impl<'s> Staging<'s> {
             layers: HashMap::new(),
             blobs: Vec::new(),
             known_blobs: HashSet::new(),
+            warnings: HashMap::new(),
         })
     }
 
@@ -223,6 +228,11 @@ impl<'s> Staging<'s> {
             }
         };
         let created = !imported.existed;
+        let warnings = imported
+            .warnings
+            .iter()
+            .map(|w| format!("layer {blob}: {w}"))
+            .collect();
         let info = imported.layer;
         let kept = self.kept_blob(src, member, &info, &tee_path, size);
         let _ = fs::remove_file(&tee_path);
@@ -231,6 +241,7 @@ impl<'s> Staging<'s> {
                 info,
                 created,
                 blob,
+                warnings,
             }),
             Err(e) => {
                 if created {
@@ -285,6 +296,10 @@ impl<'s> Staging<'s> {
     pub fn record(&mut self, member: &str, fetched: FetchedLayer) -> LayerInfo {
         if fetched.created {
             self.created.push(fetched.info.clone());
+        }
+        if !fetched.warnings.is_empty() {
+            let said = self.warnings.entry(fetched.info.id).or_default();
+            said.extend(fetched.warnings);
         }
         if let Some(b) = fetched.blob {
             if self.known_blobs.insert(b.digest.clone()) {
@@ -399,10 +414,18 @@ impl<'s> Staging<'s> {
                 config: image.config.0.clone(),
                 media_type: image.manifest.1.clone(),
             });
+            let warnings: Vec<String> = image
+                .layers
+                .iter()
+                .filter_map(|l| self.warnings.get(&l.id))
+                .flatten()
+                .cloned()
+                .collect();
             for name in &image.names {
                 out.push(ImportedImage {
                     name: name.clone(),
                     stack: stack.clone(),
+                    warnings: warnings.clone(),
                 });
             }
         }

@@ -19,7 +19,7 @@ use crate::fsio;
 use crate::gather::Gather;
 use crate::layer::Entry;
 use crate::meta;
-use crate::tar::{Op, TarSplit};
+use crate::tar::{Op, StoredSplit};
 
 #[derive(Debug, Clone)]
 pub struct Exported {
@@ -41,8 +41,11 @@ impl Store {
     ) -> Result<Exported> {
         let info = meta::find_layer(&*self.conn()?, &id.to_string())?;
         self.refuse_broken(id)?;
-        let (entries, split) = self.load(id)?;
-        let plan = self.chunk_plan(id, &entries, &split)?;
+        let (entries, split) = meta::layer_blobs(&*self.conn()?, id)?;
+        let entries: Vec<Entry> = crate::layer::decode_blob(&entries)?;
+        // The recipe's raw bytes stream from its blob as they go out (never held whole).
+        let mut split = StoredSplit::open(&split)?;
+        let plan = self.chunk_plan(id, &entries, &split.ops)?;
         let mut chunks = cas::OrderedChunks::new(&self.packs_dir(), plan);
         let mut counted = HashingWriter {
             inner: out,
@@ -54,22 +57,20 @@ impl Store {
         // hasher sees the same pieces, shared rather than copied.
         let mut out = Gather::new(enc);
         let hasher = StreamHasher::spawn(false);
-        let raw = Arc::new(split.raw);
-        let mut raw_pos = 0usize;
         let mut done = 0u64;
         for op in &split.ops {
             match *op {
                 Op::Raw(n) => {
-                    let range = raw_pos..raw_pos + n as usize;
-                    if range.end > raw.len() {
-                        return Err(Error::Corrupt(format!(
-                            "layer {id}: raw segment out of range"
-                        )));
-                    }
-                    hasher.update(SharedSlice(raw.clone(), range.clone()));
-                    out.shared(raw.clone(), range.clone())
-                        .ctx(|| "writing the export".into())?;
-                    raw_pos = range.end;
+                    split
+                        .raw
+                        .take(n, |block, range| {
+                            hasher.update(SharedSlice(block.clone(), range.clone()));
+                            out.shared(block, range).ctx(|| "writing the export".into())
+                        })
+                        .map_err(|e| match e {
+                            Error::Corrupt(why) => Error::Corrupt(format!("layer {id}: {why}")),
+                            e => e,
+                        })?;
                     done += n;
                 }
                 Op::Payload(i) => {
@@ -114,18 +115,13 @@ impl Store {
     }
 
     /// Where every payload chunk of a layer lives, in export order.
-    fn chunk_plan(
-        &self,
-        id: &Blake3,
-        entries: &[Entry],
-        split: &TarSplit,
-    ) -> Result<Vec<cas::ChunkLoc>> {
+    fn chunk_plan(&self, id: &Blake3, entries: &[Entry], ops: &[Op]) -> Result<Vec<cas::ChunkLoc>> {
         let wanted = entries
             .iter()
             .flat_map(|e| e.chunks.iter().map(|c| &c.digest));
         let locs = meta::chunk_locs(&*self.conn()?, wanted)?;
         let mut plan = Vec::new();
-        for op in &split.ops {
+        for op in ops {
             if let Op::Payload(i) = *op {
                 let entry = entries.get(i as usize).ok_or_else(|| {
                     Error::Corrupt(format!("layer {id}: payload of missing entry {i}"))

@@ -157,13 +157,16 @@ impl Store {
             reported: 0,
             progress,
         };
-        let split = Splitter::new(input, limits, &mut sink).run();
+        let split = Splitter::new(input, limits, &mut sink)
+            .pack_raw()
+            .and_then(Splitter::run);
         // Stop the reader (it may be blocked sending) before looking at its result.
         let reader_out = reader.join().map_err(|_| Error::Panicked {
             what: "reader thread",
         })?;
         let SplitOutput {
-            split,
+            split: _,
+            packed,
             entries,
             warnings,
         } = split?;
@@ -196,7 +199,9 @@ impl Store {
             compression: compression.name().map(str::to_string),
             created_unix: meta::now(),
         };
-        let (row, chunk_set) = meta::layer_row(info.clone(), &entries, &split)?;
+        let packed =
+            packed.ok_or_else(|| Error::Corrupt("the import's recipe was not packed".into()))?;
+        let (row, chunk_set) = meta::layer_row_with(info.clone(), &entries, packed)?;
         let finishing = Instant::now();
         let pack = writer.finish(crate::crash_point)?;
         let pack_finish = finishing.elapsed();
